@@ -1,0 +1,171 @@
+"""Attention kernels, explicit-memory containers, the context KV cache and masks.
+
+Pure tensor math. `attention_reference` is the one reference implementation; the SDPA
+path is a faster route tested against it. Knows nothing about tokenizers, files, banks or
+retrieval: memories arrive as tensors in a `Memory`, already selected and encoded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Plain softmax attention with grouped-query heads, computed in float32.
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool, broadcastable
+    to (B, H, T, S), True = may attend. A row with no visible key returns zeros.
+    Returns (B, H, T, D) in q's dtype.
+    """
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(group, dim=1)
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(D)  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:  # fully masked rows: softmax gives NaN, define them as zero
+        probs = torch.where(mask.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+    return (probs @ v.float()).to(q.dtype)
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """The same function through torch's fused scaled_dot_product_attention.
+
+    Callers guarantee every row sees at least one key (a token always sees itself).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+ATTENTION_IMPLS = {"reference": attention_reference, "sdpa": attention_sdpa}
+
+
+@dataclass
+class MemoryEncoding:
+    """Explicit memories of R references, as produced by the memory encoder.
+
+    kv:        (R, L, 2, Hkv, k, D)  post-RoPE keys [.., 0] and values [.., 1] of the selected
+                                      tokens, L = number of memory layers
+    valid:     (R, L, Hkv, k) bool    False where a reference had fewer than k candidate tokens
+    positions: (R, L, Hkv, k) long    absolute position of each selected token (prefix length +
+                                      index in the reference); -1 where not valid
+    """
+
+    kv: Tensor
+    valid: Tensor
+    positions: Tensor
+
+    def __len__(self) -> int:
+        return self.kv.shape[0]
+
+
+@dataclass
+class Memory:
+    """The explicit memories one forward call may read.
+
+    kv:      (B, S, L, 2, Hkv, k, D)  S memory slots per sequence (one reference each)
+    valid:   (B, S, L, Hkv, k) bool   which selected tokens are real (padding slots: all False)
+    sink:    (n_layers, 2, Hkv, p, D) KV of the reference prefix, the attention sink placed in
+                                      front of the memories at every layer (`encode_prefix`)
+    visible: (B, T, S) bool or None   query token t may read slot s; None = every token reads
+                                      every slot (one chunk, e.g. a decoding step)
+
+    A query token that sees no valid memory sees no sink either, so an empty memory is the
+    same as no memory.
+    """
+
+    kv: Tensor
+    valid: Tensor
+    sink: Tensor
+    visible: Tensor | None = None
+
+    @property
+    def n_slots(self) -> int:
+        return self.kv.shape[1]
+
+    def readable(self) -> bool:
+        """True when some query token may read some real memory token."""
+        if self.n_slots == 0:
+            return False
+        slot_has = self.valid.flatten(2).any(-1)  # (B, S)
+        if self.visible is None:
+            return bool(slot_has.any())
+        return bool((self.visible & slot_has.to(self.visible.device)[:, None, :]).any())
+
+    @classmethod
+    def from_encodings(cls, per_sequence: list[MemoryEncoding], sink: Tensor,
+                       visible: Tensor | None = None) -> "Memory":
+        """Stack each sequence's references into slots, padding with empty slots."""
+        S = max((len(e) for e in per_sequence), default=0)
+        B = len(per_sequence)
+        ref = next((e for e in per_sequence if len(e)), None)
+        if ref is None:  # no memory at all: zero slots
+            hkv, d = sink.shape[2], sink.shape[4]
+            kv = sink.new_zeros((B, 0, 1, 2, hkv, 1, d))
+            valid = torch.zeros((B, 0, 1, hkv, 1), dtype=torch.bool, device=sink.device)
+            return cls(kv=kv, valid=valid, sink=sink, visible=visible)
+        kv = ref.kv.new_zeros((B, S) + tuple(ref.kv.shape[1:]))
+        valid = torch.zeros((B, S) + tuple(ref.valid.shape[1:]), dtype=torch.bool, device=ref.kv.device)
+        for b, e in enumerate(per_sequence):
+            kv[b, : len(e)] = e.kv
+            valid[b, : len(e)] = e.valid
+        return cls(kv=kv, valid=valid, sink=sink, visible=visible)
+
+
+def chunk_visibility(token_chunk: Tensor, slot_chunk: Tensor, window: int) -> Tensor:
+    """Which memory slots each token may read, as one tensor expression (no loop over chunks).
+
+    token_chunk: (B, T) or (T,) chunk index of each query token.
+    slot_chunk:  (B, S) chunk index that retrieved each slot; -1 marks an empty slot.
+    window:      a token of chunk c reads slots of chunks c-window..c (training: 4; inference: 0).
+    Returns (B, T, S) bool.
+    """
+    if token_chunk.dim() == 1:
+        token_chunk = token_chunk.unsqueeze(0).expand(slot_chunk.shape[0], -1)
+    d = token_chunk[:, :, None] - slot_chunk[:, None, :]  # (B, T, S)
+    return (d >= 0) & (d <= window) & (slot_chunk[:, None, :] >= 0)
+
+
+def training_visibility(seq_len: int, n_slots_per_chunk: int, batch: int, chunk_length: int,
+                        window: int, device: torch.device | str = "cpu") -> Tensor:
+    """The training block mask: chunk c reads the memories of chunks c-window..c.
+
+    Slots are laid out chunk by chunk: slot s belongs to chunk s // n_slots_per_chunk.
+    Returns (batch, seq_len, n_chunks * n_slots_per_chunk) bool.
+    """
+    n_chunks = -(-seq_len // chunk_length)
+    token_chunk = torch.arange(seq_len, device=device) // chunk_length  # (T,)
+    slot_chunk = torch.arange(n_chunks * n_slots_per_chunk, device=device) // n_slots_per_chunk
+    return chunk_visibility(token_chunk, slot_chunk.unsqueeze(0).expand(batch, -1), window)
+
+
+class KVCache:
+    """Context keys/values per layer, post-RoPE, shape (B, Hkv, T_seen, D).
+
+    Holds only the context: memories and the prefix sink are passed anew with every call, so
+    the cache stays valid when a chunk's memories change.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        k = self.keys[0]
+        return 0 if k is None else k.shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this call's keys/values for `layer`; return all keys/values seen so far."""
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]

@@ -1,0 +1,182 @@
+"""Model configuration: one typed dataclass, its presets, and its JSON form.
+
+Knows the architecture and the explicit-memory hyper-parameters of DESIGN §2–3.
+Does not import torch and knows nothing about weights, tokenizers or files beyond
+turning itself into / out of a JSON-compatible dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_FORMAT = "m3-model-config"
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class M3Config:
+    # --- decoder --------------------------------------------------------------------------
+    vocab_size: int  # number of token embeddings (may be padded beyond the tokenizer's size)
+    hidden_size: int  # width of the residual stream
+    n_layers: int  # number of decoder layers
+    n_heads: int  # query heads per layer
+    n_kv_heads: int  # key/value heads per layer (grouped-query attention); divides n_heads
+    head_dim: int  # width of one attention head
+    intermediate_size: int  # width of the gated (SwiGLU) MLP
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # output head shares the input embedding matrix
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    context_length: int = 2048  # longest context (in tokens) the model is meant to read
+    # --- explicit memory (DESIGN §2 "Explicit memory", §3) ---------------------------------
+    memory_layers: tuple[int, ...] | None = None  # layers that read memory; None = first half
+    memory_top_k: int = 8  # tokens kept per memory layer and KV head
+    reference_length: int = 128  # longest reference, in tokens, excluding the prefix
+    chunk_length: int = 64  # context tokens per chunk; each chunk reads its own memories
+    memories_per_chunk: int = 5  # memories retrieved per chunk at inference
+    train_prev_chunks: int = 4  # in training, chunk c also sees the memories of c-4..c-1
+    reference_prefix: str = "Reference:"  # text prepended to every reference when encoded
+    # token ids of BOS + reference_prefix; set from the tokenizer when a model dir is made.
+    # Its KV is the attention sink in front of memories. Empty = memory cannot be used yet.
+    reference_prefix_ids: tuple[int, ...] = ()
+    # --- identity -----------------------------------------------------------------------------
+    name: str = "custom"  # preset or source the model came from (informational)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, e.g. source config
+
+    def __post_init__(self) -> None:
+        # normalise JSON lists into tuples so that configs compare and hash consistently
+        if self.memory_layers is not None and not isinstance(self.memory_layers, tuple):
+            object.__setattr__(self, "memory_layers", tuple(int(x) for x in self.memory_layers))
+        if not isinstance(self.reference_prefix_ids, tuple):
+            object.__setattr__(self, "reference_prefix_ids", tuple(int(x) for x in self.reference_prefix_ids))
+        positive = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                    "intermediate_size", "context_length", "memory_top_k", "reference_length",
+                    "chunk_length", "memories_per_chunk")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.train_prev_chunks < 0:
+            raise ConfigError(f"train_prev_chunks must be >= 0, got {self.train_prev_chunks}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ConfigError("rope_theta and norm_eps must be positive")
+        layers = self.memory_layers
+        if layers is not None:
+            if len(set(layers)) != len(layers) or sorted(layers) != list(layers):
+                raise ConfigError(f"memory_layers must be strictly increasing, got {list(layers)}")
+            if layers and (layers[0] < 0 or layers[-1] >= self.n_layers):
+                raise ConfigError(f"memory_layers must lie in 0..{self.n_layers - 1}, got {list(layers)}")
+        if any(i < 0 or i >= self.vocab_size for i in self.reference_prefix_ids):
+            raise ConfigError("reference_prefix_ids must be valid token ids")
+
+    # --- derived values ---------------------------------------------------------------------
+    @property
+    def mem_layers(self) -> tuple[int, ...]:
+        """The memory layers, resolved (default: the first half, layers 0..n_layers/2-1)."""
+        if self.memory_layers is None:
+            return tuple(range(self.n_layers // 2))
+        return self.memory_layers
+
+    @property
+    def n_mem_layers(self) -> int:
+        return len(self.mem_layers)
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self.reference_prefix_ids)
+
+    @property
+    def context_offset(self) -> int:
+        """Position of the first context token: prefix 0..p-1, memories [p, p+ref_len), context after."""
+        return self.prefix_length + self.reference_length
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of one reference's explicit memory: (memory_layers, 2, kv_heads, top_k, head_dim)."""
+        return (self.n_mem_layers, 2, self.n_kv_heads, self.memory_top_k, self.head_dim)
+
+    def memory_bytes(self, bytes_per_value: int = 2) -> int:
+        """Bytes of one memory, bf16 by default."""
+        n = 1
+        for s in self.memory_shape:
+            n *= s
+        return n * bytes_per_value
+
+    # --- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["memory_layers"] = None if self.memory_layers is None else list(self.memory_layers)
+        d["reference_prefix_ids"] = list(self.reference_prefix_ids)
+        return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "M3Config":
+        if not isinstance(d, dict):
+            raise ConfigError("config must be a JSON object")
+        d = dict(d)
+        fmt = d.pop("format", None)
+        version = d.pop("version", None)
+        if fmt != CONFIG_FORMAT:
+            raise ConfigError(f"not an m3 model config (format={fmt!r}, expected {CONFIG_FORMAT!r})")
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"unsupported m3 config version {version!r} (this m3 reads version {CONFIG_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # missing required fields
+            raise ConfigError(f"incomplete config: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "M3Config":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> "M3Config":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, M3Config] = {
+    # The paper's Memory3-2.4B (DESIGN §2): 44 layers, 40/8 heads of 80, gated MLP of width
+    # 3200, vocab 60416 -> ~2.4B non-embedding parameters; memory (22, 2, 8, 8, 80).
+    "memory3-2.4b": M3Config(
+        name="memory3-2.4b", vocab_size=60416, hidden_size=3200, n_layers=44, n_heads=40,
+        n_kv_heads=8, head_dim=80, intermediate_size=3200, context_length=2048,
+    ),
+    # For unit tests: a few hundred thousand parameters.
+    "tiny": M3Config(
+        name="tiny", vocab_size=512, hidden_size=64, n_layers=4, n_heads=4, n_kv_heads=2,
+        head_dim=16, intermediate_size=128, context_length=512, memory_top_k=4, tie_embeddings=True,
+    ),
+    # A CPU demo model (~20M parameters with an 8k vocabulary).
+    "small": M3Config(
+        name="small", vocab_size=8192, hidden_size=384, n_layers=8, n_heads=6, n_kv_heads=2,
+        head_dim=64, intermediate_size=1024, context_length=1024, tie_embeddings=True,
+    ),
+}
+
+
+def preset(name: str) -> M3Config:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

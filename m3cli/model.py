@@ -1,0 +1,318 @@
+"""The Memory3 model: a Llama-family decoder whose memory layers read explicit memories,
+and the memory encoder that turns references into sparse key/values.
+
+Pure tensor math: tensors in, tensors out. Knows nothing about files, tokenizers, banks,
+retrieval, devices chosen by the user, accelerate or the CLI. Positions follow DESIGN §3.4:
+reference prefix 0..p-1, memories inside [p, p+reference_length), context from
+p+reference_length on, whether or not memory is read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import ATTENTION_IMPLS, KVCache, Memory, MemoryEncoding
+from .config import M3Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for positions (T,) or (B, T): (..., T, head_dim), angles in float64."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by the (T, D) or (B, T, D) tables; half-split convention as in HF Llama."""
+    if cos.dim() == 3:  # per-sequence positions
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: M3Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, attn_fn,
+                extra_kv: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0, capture: dict | None = None) -> Tensor:
+        """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
+
+        mask covers [extra | cached context | this call's tokens]. `capture`, when given,
+        receives the pre-RoPE q/k and the post-RoPE k and v of this call's tokens.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if capture is not None:
+            capture["q"], capture["k"] = q, k
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if capture is not None:
+            capture["k_rope"], capture["v"] = k, v
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if extra_kv is not None:
+            k = torch.cat([extra_kv[0].to(k.dtype), k], dim=2)
+            v = torch.cat([extra_kv[1].to(v.dtype), v], dim=2)
+        out = attn_fn(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: M3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: M3Config) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, attn_fn, **kw) -> Tensor:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, attn_fn, **kw)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Memory3Model(nn.Module):
+    """Decoder LM with explicit memory.
+
+    forward(input_ids, memory=None, cache=None) -> logits (B, T, vocab)
+    encode_prefix() -> the sink KV (n_layers, 2, Hkv, p, D)
+    encode_references(ids, lengths) -> MemoryEncoding for each reference
+    """
+
+    def __init__(self, cfg: M3Config, attn_impl: str = "sdpa") -> None:
+        super().__init__()
+        self.config = cfg
+        self.attn_impl = attn_impl
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._mem_index = {layer: i for i, layer in enumerate(cfg.mem_layers)}
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+
+    @property
+    def attn_fn(self):
+        return ATTENTION_IMPLS[self.attn_impl]
+
+    def output_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    # --- ordinary forward, with or without memory ------------------------------------------
+    def forward(self, input_ids: Tensor, memory: Memory | None = None, cache: KVCache | None = None,
+                position_ids: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or final hidden states if return_hidden.
+
+        memory: explicit memories read by the memory layers (see `Memory`); None or an empty
+        memory gives the plain causal LM. cache: context KV cache, extended in place.
+        position_ids (B, T): override the default context positions (tests, experiments).
+        """
+        B, T = input_ids.shape
+        cfg = self.config
+        past = cache.length if cache is not None else 0
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device) + cfg.context_offset  # (T,)
+        h = self.embed(input_ids)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        ctx_mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)  # (T, past+T)
+        if memory is not None and not memory.readable():
+            memory = None  # an empty memory, or one no token may read, is no memory
+        plan = None if memory is None else self._memory_plan(memory, ctx_mask, B, T)
+        attn_fn = self.attn_fn
+        for i, layer in enumerate(self.layers):
+            if plan is None:
+                mask, extra = ctx_mask, None
+            else:
+                mask, extra = plan(i)
+            h = layer(h, cos, sin, mask, attn_fn, extra_kv=extra, cache=cache, layer=i)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return F.linear(h, self.output_weight())
+
+    def _memory_plan(self, memory: Memory, ctx_mask: Tensor, B: int, T: int):
+        """Per-layer (mask, extra_kv) for a call that reads memory.
+
+        Memory layers attend to [sink | memories | context], the others to [sink | context].
+        Masks are (B, H, T, keys) bool, built with tensor ops only.
+        """
+        cfg = self.config
+        group = cfg.n_heads // cfg.n_kv_heads
+        S = memory.n_slots
+        device = ctx_mask.device
+        dtype = self.embed.weight.dtype
+        slot_has = memory.valid.flatten(2).any(-1)  # (B, S)
+        if memory.visible is None:
+            visible = slot_has[:, None, :].expand(B, T, S)  # (B, T, S)
+        else:
+            visible = memory.visible.to(device) & slot_has[:, None, :]
+        sink_rows = visible.any(-1)  # (B, T): a row that reads no memory gets no sink
+        p = memory.sink.shape[3]
+        sink_mask = sink_rows[:, None, :, None].expand(B, 1, T, p)  # (B, 1, T, p)
+        ctx = ctx_mask[None, None].expand(B, 1, T, ctx_mask.shape[1])  # (B, 1, T, past+T)
+        plain_mask = torch.cat([sink_mask, ctx], dim=-1)  # (B, 1, T, p+past+T)
+        k_top = memory.kv.shape[5]
+
+        def plan(layer: int):
+            sink_k = memory.sink[layer, 0].to(dtype)[None].expand(B, -1, -1, -1)  # (B, Hkv, p, D)
+            sink_v = memory.sink[layer, 1].to(dtype)[None].expand(B, -1, -1, -1)
+            m = self._mem_index.get(layer)
+            if m is None:
+                return plain_mask, (sink_k, sink_v)
+            kv = memory.kv[:, :, m].to(dtype)  # (B, S, 2, Hkv, k, D)
+            mem_k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)  # (B, Hkv, S*k, D)
+            mem_v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)
+            valid = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, 1, S * k_top)
+            vis = visible.repeat_interleave(k_top, dim=-1)[:, None]  # (B, 1, T, S*k)
+            mem_mask = (vis & valid).repeat_interleave(group, dim=1)  # (B, H, T, S*k)
+            mask = torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem_mask,
+                              ctx.expand(B, cfg.n_heads, T, ctx.shape[-1])], dim=-1)
+            return mask, (torch.cat([sink_k, mem_k], dim=2), torch.cat([sink_v, mem_v], dim=2))
+
+        return plan
+
+    # --- the reference prefix (attention sink) ---------------------------------------------
+    def encode_prefix(self) -> Tensor:
+        """KV of the reference prefix at positions 0..p-1 in every layer: (n_layers, 2, Hkv, p, D)."""
+        ids = self._prefix_ids(1)
+        p = ids.shape[1]
+        positions = torch.arange(p, device=ids.device)
+        mask = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
+        captures = self._run_captured(ids, positions, mask, range(self.config.n_layers))
+        return torch.stack([torch.stack([c["k_rope"][0], c["v"][0]]) for c in captures])
+
+    def _prefix_ids(self, batch: int) -> Tensor:
+        prefix = self.config.reference_prefix_ids
+        if not prefix:
+            raise ValueError("this model has no reference prefix (config.reference_prefix_ids is empty); "
+                             "it is set from the tokenizer when a model dir is created")
+        return torch.tensor(prefix, device=self.embed.weight.device).unsqueeze(0).expand(batch, -1)
+
+    def _run_captured(self, ids: Tensor, positions: Tensor, mask: Tensor, layers, on_layer=None) -> list[dict]:
+        """Run layers 0..max(layers) over ids; capture q/k/v of the listed layers."""
+        layers = set(layers)
+        h = self.embed(ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        captures = []
+        for i, layer in enumerate(self.layers[: max(layers) + 1]):
+            capture = {} if i in layers else None
+            h = layer(h, cos, sin, mask, self.attn_fn, capture=capture)
+            if capture is not None:
+                if on_layer is not None:
+                    on_layer(i, capture)  # consume now, keep nothing
+                else:
+                    captures.append(capture)
+        return captures
+
+    # --- the memory encoder ------------------------------------------------------------------
+    def encode_references(self, ref_ids: Tensor, lengths: Tensor, top_k: int | None = None) -> MemoryEncoding:
+        """Encode R references into sparse explicit memories.
+
+        ref_ids (R, N): reference tokens without the prefix, right-padded, N <= reference_length.
+        lengths (R,): real token counts. Each reference is read as [prefix, reference] in one
+        causal pass. Per memory layer and KV head, the top_k tokens by the total attention they
+        receive from all reference tokens (exact softmax over prefix + reference keys, no causal
+        mask, no RoPE, summed over the query heads of the group) are kept; prefix and padding are
+        never selected. Returns their post-RoPE keys, values and positions.
+        """
+        cfg = self.config
+        k_top = cfg.memory_top_k if top_k is None else top_k
+        R, N = ref_ids.shape
+        if N > cfg.reference_length:
+            raise ValueError(f"references are limited to {cfg.reference_length} tokens, got {N}")
+        device = ref_ids.device
+        prefix = self._prefix_ids(R)
+        p = prefix.shape[1]
+        ids = torch.cat([prefix, ref_ids], dim=1)  # (R, p+N)
+        L = p + N
+        positions = torch.arange(L, device=device)
+        real = torch.arange(L, device=device)[None] < (p + lengths.to(device))[:, None]  # (R, L) non-padding
+        is_ref = real.clone()
+        is_ref[:, :p] = False  # (R, L) reference tokens: queries of the score, candidates
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        mask = (causal[None] & real[:, None, :])[:, None]  # (R, 1, L, L); padding rows still see the prefix
+        kk = min(k_top, L)
+        kv_out, valid_out, pos_out = [], [], []
+
+        def select(_layer: int, c: dict) -> None:
+            q, k = c["q"].float(), c["k"].float()  # pre-RoPE (R, H, L, D), (R, Hkv, L, D)
+            group = q.shape[1] // k.shape[1]
+            scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (R, H, L, L)
+            scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1) * is_ref[:, None, :, None]  # only reference queries count
+            received = probs.sum(dim=2)  # (R, H, L)
+            received = received.view(R, k.shape[1], group, L).sum(dim=2)  # (R, Hkv, L)
+            received = received.masked_fill(~is_ref[:, None, :], float("-inf"))
+            top, idx = received.topk(kk, dim=-1)  # (R, Hkv, kk)
+            ok = torch.isfinite(top)
+            order = torch.where(ok, idx, L + idx).argsort(dim=-1)  # selected tokens by position
+            idx, ok = idx.gather(-1, order), ok.gather(-1, order)
+            if kk < k_top:  # fewer tokens than k: pad with invalid entries
+                pad = k_top - kk
+                idx = F.pad(idx, (0, pad))
+                ok = F.pad(ok, (0, pad), value=False)
+            gidx = idx[..., None].expand(-1, -1, -1, q.shape[-1])  # (R, Hkv, k, D)
+            sel_k = c["k_rope"].gather(2, gidx) * ok[..., None]
+            sel_v = c["v"].gather(2, gidx) * ok[..., None]
+            kv_out.append(torch.stack([sel_k, sel_v], dim=1))  # (R, 2, Hkv, k, D)
+            valid_out.append(ok)
+            pos_out.append(torch.where(ok, idx, torch.full_like(idx, -1)))
+
+        self._run_captured(ids, positions, mask, cfg.mem_layers, on_layer=select)
+        return MemoryEncoding(kv=torch.stack(kv_out, dim=1), valid=torch.stack(valid_out, dim=1),
+                              positions=torch.stack(pos_out, dim=1))
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if self.lm_head is not None:
+                n -= self.lm_head.weight.numel()
+        return n
