@@ -1,0 +1,57 @@
+"""Atomic writes: a target path holds either its old content or the complete new one.
+
+Files and directories are written under a temporary name beside the target and renamed
+into place only when complete; on any error the temporary is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import M3Error
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target`."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise M3Error(f"{target} already exists; pass --force to replace it")
+    if target.exists() and not target.is_dir():
+        raise M3Error(f"{target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, mode: str = "wb") -> Iterator:
+    """Yield an open temporary file; on success it is fsynced and renamed onto `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

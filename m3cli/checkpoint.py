@@ -1,0 +1,136 @@
+"""Model directories: `config.json` (m3's config), `model.safetensors`, tokenizer files.
+
+Saving is atomic; loading uses safetensors and JSON only (no pickle) and turns every
+problem with the directory into a one-line M3Error. Knows nothing about training or banks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .config import ConfigError, M3Config
+from .errors import M3Error
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def reference_prefix_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """BOS (if the tokenizer has one) + the tokens of the reference prefix text (DESIGN §3.3)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        raise M3Error(f"the tokenizer turns the reference prefix {text!r} into no tokens")
+    return tuple(int(i) for i in ids)
+
+
+def save_model_dir(model, tokenizer, out: Path, overwrite: bool = False) -> Path:
+    """Write config, weights (safetensors) and tokenizer into `out`, atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "m3"})
+        (tmp / CONFIG_FILE).write_text(model.config.to_json())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out)
+
+
+def read_config(model_dir: Path) -> M3Config:
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise M3Error(f"model dir {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise M3Error(f"{model_dir} is not a directory (a model dir holds config.json and model.safetensors)")
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise M3Error(f"{model_dir} has no {CONFIG_FILE}; is it an m3 model dir? (create one with `m3 convert`)")
+    try:
+        return M3Config.from_json(path.read_text(encoding="utf-8"))
+    except (ConfigError, UnicodeDecodeError) as e:
+        raise M3Error(f"{path}: {e}") from None
+
+
+def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   attn_impl: str = "sdpa"):
+    """Build the model from a model dir; weights via safetensors, checked key by key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import Memory3Model
+
+    cfg = read_config(model_dir)
+    path = Path(model_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise M3Error(f"{model_dir} has no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise M3Error(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = Memory3Model(cfg, attn_impl=attn_impl)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise M3Error(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise M3Error(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, config says {shape}")
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(model_dir: Path):
+    """The model dir's tokenizer, loaded from local files only (no remote code)."""
+    if not has_tokenizer(model_dir):
+        raise M3Error(f"{model_dir} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise M3Error(f"cannot load the tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
+
+
+def config_summary(cfg: M3Config) -> dict:
+    """Parameter counts and memory geometry, computed on the meta device (no weights needed)."""
+    from .model import Memory3Model
+
+    with torch.device("meta"):
+        model = Memory3Model(cfg)
+    return {
+        "name": cfg.name,
+        "parameters": model.num_parameters(),
+        "non_embedding_parameters": model.num_parameters(non_embedding=True),
+        "layers": cfg.n_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.context_length,
+        "memory_layers": list(cfg.mem_layers),
+        "memory_top_k": cfg.memory_top_k,
+        "memory_shape": list(cfg.memory_shape),
+        "memory_bytes_bf16": cfg.memory_bytes(2),
+        "reference_prefix": cfg.reference_prefix,
+        "reference_prefix_ids": list(cfg.reference_prefix_ids),
+    }
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=True)

