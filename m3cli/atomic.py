@@ -16,15 +16,28 @@ from typing import Iterator
 from .errors import M3Error
 
 
+def make_parent(target: Path) -> None:
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise M3Error(f"cannot create the directory for {target}: {e.strerror}") from None
+
+
 @contextlib.contextmanager
-def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `target`."""
+def atomic_dir(target: Path, overwrite: bool = False, replaceable=None) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target`.
+
+    An existing target is replaced only with `overwrite` and, when `replaceable` is given, only
+    if replaceable(target) is true (so --force cannot delete an unrelated directory).
+    """
     target = Path(target)
     if target.exists() and not overwrite:
         raise M3Error(f"{target} already exists; pass --force to replace it")
     if target.exists() and not target.is_dir():
         raise M3Error(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and replaceable is not None and not replaceable(target):
+        raise M3Error(f"{target} exists and is not a model dir m3 wrote; refusing to replace it")
+    make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -44,7 +57,7 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
 def atomic_file(target: Path, mode: str = "wb") -> Iterator:
     """Yield an open temporary file; on success it is fsynced and renamed onto `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
         with os.fdopen(fd, mode) as f:

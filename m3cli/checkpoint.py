@@ -36,12 +36,23 @@ def save_model_dir(model, tokenizer, out: Path, overwrite: bool = False) -> Path
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite=overwrite, replaceable=is_model_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "m3"})
         (tmp / CONFIG_FILE).write_text(model.config.to_json())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def is_model_dir(path: Path) -> bool:
+    """True for an empty dir or one whose config.json is an m3 model config."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == "m3-model-config"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_config(model_dir: Path) -> M3Config:
@@ -134,3 +145,39 @@ def config_summary(cfg: M3Config) -> dict:
 
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=True)
+
+
+FINGERPRINT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
+                               "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of a model dir as format_spec.md defines it: config (without name/extra),
+    weights and tokenizer files. Any change to them changes the fingerprint."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir).to_dict()
+    cfg.pop("name", None)
+    cfg.pop("extra", None)
+    h = hashlib.sha256()
+
+    def part(name: str, data: bytes) -> None:
+        h.update(name.encode() + b"\0" + data + b"\0")
+
+    part("config", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
+    part("weights", _file_sha256(model_dir / WEIGHTS_FILE).encode())
+    for name in FINGERPRINT_TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            part(name, _file_sha256(model_dir / name).encode())
+    return "sha256:" + h.hexdigest()

@@ -17,7 +17,7 @@ from .errors import M3Error
 
 app = typer.Typer(
     name="m3",
-    help="Memory3 language models with explicit memory: convert, score, inspect (and soon encode, "
+    help="Memory3 language models with explicit memory: convert, score, encode, inspect (and soon "
          "index, generate, pretrain).",
     no_args_is_help=True,
     add_completion=True,
@@ -97,8 +97,7 @@ def convert(
     cfg = run(src, output, dtype=dtype, overwrite=force)
     info = config_summary(cfg)
     typer.echo(f"wrote {output}: {cfg.n_layers} layers, {info['parameters']:,} parameters, "
-               f"memory layers {cfg.mem_layers[0]}-{cfg.mem_layers[-1]}, reference prefix ids "
-               f"{list(cfg.reference_prefix_ids)}")
+               f"memory layers {list(cfg.mem_layers)}, reference prefix ids {list(cfg.reference_prefix_ids)}")
 
 
 @app.command(epilog="Examples:\n\n  m3 score --model models/smollm2 \"The capital of France is Paris.\"\n\n"
@@ -132,29 +131,78 @@ def score(
     typer.echo(f"perplexity {result['perplexity']:.4f} over {len(result['logprobs'])} tokens")
 
 
-@app.command(epilog="Examples:\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16")
+@app.command(epilog="Examples:\n\n  m3 encode samples/corpus.jsonl -o kb.m3bank --model out/smollm2\n\n"
+                    "  cat docs.jsonl | m3 encode - -o kb.m3bank --model out/smollm2 --codec int8")
+@user_errors
+def encode(
+    corpus: Annotated[str, typer.Argument(help="Parquet (column text; optional id, title, source), JSONL with the "
+                                               "same fields, or - for JSONL on standard input.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .m3bank file to write.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir that encodes the memories.")],
+    codec: Annotated[str, typer.Option(help="KV codec: bf16 (exact) or int8 (per-vector scale).")] = "bf16",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="References encoded per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Encode a corpus into an .m3bank of sparse explicit memories.
+
+    Documents are cut into references of at most 128 tokens at sentence boundaries; each
+    reference's memory is computed by the model and written with its text. The output path never
+    holds a half-written bank.
+    """
+    from .bank import CODECS
+    from .encode import encode_corpus
+
+    if codec not in CODECS:
+        raise M3Error(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
+                            dtype=dtype, overwrite=force, show_progress=not quiet)
+    typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
+               f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
+
+
+@app.command(epilog="Examples:\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16\n\n"
+                    "  m3 inspect kb.m3bank --verify\n\n  m3 inspect kb.m3bank --ref 3 --model out/smollm2")
 @user_errors
 def inspect(
-    target: Annotated[str, typer.Argument(help="An m3 model dir or a preset name (memory3-2.4b, small, tiny).")],
+    target: Annotated[str, typer.Argument(help="An .m3bank file, an m3 model dir, or a preset name "
+                                               "(memory3-2.4b, small, tiny).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ref: Annotated[Optional[int], typer.Option("--ref", help="Bank: show reference N and the tokens kept "
+                                                             "per memory layer and KV head.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Bank --ref: model dir whose tokenizer "
+                                                                        "turns kept positions into token strings.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Bank: recompute every checksum and check every "
+                                                          "record; exit 1 on any problem.")] = False,
 ) -> None:
-    """Describe a model: parameters, memory layers, the shape and size of one memory."""
+    """Describe a bank (counts, model, codec, sections) or a model (parameters, memory geometry)."""
     from .checkpoint import config_summary, read_config
     from .config import PRESETS
 
     path = Path(target)
+    if path.is_file():
+        from .inspect_bank import inspect_bank
+
+        inspect_bank(path, as_json=as_json, ref=ref, model_dir=model, verify=verify, echo=typer.echo)
+        return
+    if ref is not None or verify:
+        raise M3Error("--ref and --verify apply to .m3bank files")
     if path.is_dir():
         cfg, kind = read_config(path), "model_dir"
     elif target in PRESETS:
         cfg, kind = PRESETS[target], "preset"
-    elif path.is_file():
-        raise M3Error(f"{target} is a file; reading .m3bank files arrives with `m3 encode` (issue #3)")
     else:
-        raise M3Error(f"{target} is neither a model dir nor a preset ({', '.join(PRESETS)})")
+        raise M3Error(f"{target} is neither a bank, a model dir nor a preset ({', '.join(PRESETS)})")
     info = {"kind": kind, "source": target, **config_summary(cfg)}
     if as_json:
         typer.echo(json.dumps(info))
         return
+    print_fields(info)
+
+
+def print_fields(info: dict) -> None:
     width = max(len(k) for k in info)
     for key, value in info.items():
         if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
@@ -171,7 +219,6 @@ def _not_yet(name: str, issue: int, what: str):
 
 
 _not_yet("pretrain", 6, "two-stage training (warmup, continual with memory) through accelerate")
-_not_yet("encode", 3, "encoding a corpus into an .m3bank of sparse explicit memories")
 _not_yet("index", 4, "building the FAISS retrieval index inside a bank")
 _not_yet("generate", 5, "generation that reads explicit memory")
 

@@ -54,6 +54,8 @@ class M3Config:
         # normalise JSON lists into tuples so that configs compare and hash consistently
         if self.memory_layers is not None and not isinstance(self.memory_layers, tuple):
             object.__setattr__(self, "memory_layers", tuple(int(x) for x in self.memory_layers))
+        if not isinstance(self.reference_prefix_ids, (tuple, list)):
+            raise ConfigError("reference_prefix_ids must be a list of token ids")
         if not isinstance(self.reference_prefix_ids, tuple):
             object.__setattr__(self, "reference_prefix_ids", tuple(int(x) for x in self.reference_prefix_ids))
         positive = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -73,6 +75,8 @@ class M3Config:
             raise ConfigError("rope_theta and norm_eps must be positive")
         layers = self.memory_layers
         if layers is not None:
+            if not layers:
+                raise ConfigError("memory_layers must name at least one layer (or be null for the first half)")
             if len(set(layers)) != len(layers) or sorted(layers) != list(layers):
                 raise ConfigError(f"memory_layers must be strictly increasing, got {list(layers)}")
             if layers and (layers[0] < 0 or layers[-1] >= self.n_layers):
@@ -85,7 +89,7 @@ class M3Config:
     def mem_layers(self) -> tuple[int, ...]:
         """The memory layers, resolved (default: the first half, layers 0..n_layers/2-1)."""
         if self.memory_layers is None:
-            return tuple(range(self.n_layers // 2))
+            return tuple(range(max(1, self.n_layers // 2)))
         return self.memory_layers
 
     @property
@@ -140,8 +144,8 @@ class M3Config:
             raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
         try:
             return cls(**d)
-        except TypeError as e:  # missing required fields
-            raise ConfigError(f"incomplete config: {e}") from None
+        except (TypeError, ValueError) as e:  # missing fields, values of the wrong type
+            raise ConfigError(f"invalid config: {e}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "M3Config":

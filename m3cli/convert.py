@@ -41,18 +41,32 @@ def config_from_hf(hf: dict, prefix_ids: tuple[int, ...], name: str) -> M3Config
     if model_type not in SUPPORTED:
         raise M3Error(f"unsupported architecture {model_type!r}: m3 converts Llama-family checkpoints "
                       f"({', '.join(SUPPORTED)}; SmolLM is llama)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise M3Error(f"RoPE scaling {rope_type!r} is not supported by m3 yet (only plain RoPE)")
-    theta = hf.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None) or 10000.0
+    theta = hf.get("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise M3Error(f"{key} in the checkpoint's config is not an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise M3Error(f"RoPE scaling {rope_type!r} is not supported by m3 yet (only plain RoPE)")
+        theta = theta or rope.get("rope_theta")
+    theta = theta or 10000.0
     if hf.get("mlp_bias"):
         raise M3Error("checkpoints with MLP biases are not supported")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise M3Error(f"activation {act!r} is not supported (m3's MLP is SwiGLU with SiLU)")
     if model_type == "llama" and hf.get("attention_bias"):
         raise M3Error("Llama checkpoints with attention biases (incl. o_proj) are not supported")
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
     try:
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        context = int(hf.get("max_position_embeddings") or 2048)
+        window = hf.get("sliding_window")
+        if window and (model_type == "mistral" or hf.get("use_sliding_window")) and int(window) < context:
+            context = int(window)  # within the window, sliding-window attention is full attention
         return M3Config(
             name=name,
             vocab_size=int(hf["vocab_size"]),
@@ -66,12 +80,12 @@ def config_from_hf(hf: dict, prefix_ids: tuple[int, ...], name: str) -> M3Config
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
-            context_length=int(hf.get("max_position_embeddings", 2048)),
+            context_length=context,
             reference_prefix_ids=prefix_ids,
             extra={"source_model_type": model_type},
         )
-    except (KeyError, ConfigError) as e:
-        raise M3Error(f"cannot translate the checkpoint's config: {e}") from None
+    except (KeyError, ValueError, TypeError, ConfigError) as e:
+        raise M3Error(f"cannot translate the checkpoint's config: {type(e).__name__}: {e}") from None
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: M3Config) -> dict[str, torch.Tensor]:
@@ -102,8 +116,11 @@ def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError("file names must be strings")
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise M3Error(f"{index} is not a valid safetensors index: {e}") from None
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -114,9 +131,9 @@ def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
         raise M3Error(f"{src} has no model.safetensors")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        path = (src / name).resolve()
-        if src.resolve() not in path.parents:
+        if Path(name).is_absolute() or len(Path(name).parts) != 1 or name in (".", ".."):
             raise M3Error(f"safetensors index names a file outside {src}: {name}")
+        path = src / name  # may be a symlink, as in the Hugging Face cache
         try:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as e:
@@ -175,6 +192,9 @@ def convert(src: Path, out: Path, dtype: str = "auto", overwrite: bool = False) 
     from .model import Memory3Model
 
     kind, path = resolve_source(src)
+    source_dir, target = path.resolve() if kind == "hf" else path.parent.resolve(), Path(out).resolve()
+    if target == source_dir or target in source_dir.parents:
+        raise M3Error(f"the output {out} would contain or replace the source checkpoint; choose another path")
     if kind == "hf":
         try:
             hf = json.loads((path / "config.json").read_text(encoding="utf-8"))

@@ -266,6 +266,8 @@ class Memory3Model(nn.Module):
         R, N = ref_ids.shape
         if N > cfg.reference_length:
             raise ValueError(f"references are limited to {cfg.reference_length} tokens, got {N}")
+        if lengths.shape != (R,) or bool((lengths < 1).any()) or bool((lengths > N).any()):
+            raise ValueError(f"lengths must be R={R} values in 1..{N}, got {lengths.tolist()}")
         device = ref_ids.device
         prefix = self._prefix_ids(R)
         p = prefix.shape[1]

@@ -25,6 +25,10 @@ def score_ids(model, ids: list[int]) -> list[float]:
 
 def score_text(model, tokenizer, text: str) -> dict:
     """{"token_ids", "logprobs", "perplexity"} of `text` as the tokenizer encodes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise M3Error("the text is not valid UTF-8") from None
     ids = [int(i) for i in tokenizer(text)["input_ids"]]
     if len(ids) < 2:
         raise M3Error("the text has fewer than 2 tokens: nothing to score")

@@ -26,7 +26,8 @@ def build_tokenizer():
 
 def build_hf_checkpoint(path, arch: str, seed: int = 0):
     """Save a random tiny LlamaForCausalLM / Qwen2ForCausalLM (safetensors) with a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -34,6 +35,8 @@ def build_hf_checkpoint(path, arch: str, seed: int = 0):
                   bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False))
+    elif arch == "mistral":  # a sliding window shorter than the context
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=32, tie_word_embeddings=False))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False))
     else:

@@ -35,7 +35,7 @@ def test_converted_model_matches_transformers(fixture, request, tmp_path):
     out = tmp_path / "m3-model"
     result = m3("convert", src, "-o", out)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) >= ["config.json", "model.safetensors", "tokenizer.json"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     model = load_model_dir(out)
     ids = torch.randint(0, 64, (2, 37))
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_score_and_inspect_errors(tmp_path, llama_dir):
     (out / "config.json").write_text("{not json")
     assert_user_error(m3("score", "--model", out, "hello"), "not valid JSON")
     assert_user_error(m3("inspect", out), "not valid JSON")
-    assert_user_error(m3("inspect", "no-such-preset"), "neither a model dir nor a preset")
+    assert_user_error(m3("inspect", "no-such-preset"), "neither a bank, a model dir nor a preset")
 
 
 def test_inspect_reproduces_the_paper():
@@ -154,7 +154,7 @@ def test_inspect_model_dir(llama_dir, tmp_path):
 
 
 def test_unfinished_commands_say_so():
-    for name in ("pretrain", "encode", "index", "generate"):
+    for name in ("pretrain", "index", "generate"):
         assert_user_error(m3(name, "whatever", "--flag"), "not available yet")
 
 
@@ -184,3 +184,66 @@ def test_smollm2_converts_and_scores_like_transformers(tmp_path):
     nll = -sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)) / (len(ids) - 1)
     assert abs(data["perplexity"] / math.exp(nll) - 1) < 0.01
     assert data["perplexity"] < 50  # a real language model, not noise
+
+
+def test_mistral_with_sliding_window_is_capped_to_the_window(tmp_path):
+    from conftest import build_hf_checkpoint
+
+    src = tmp_path / "hf-mistral"
+    hf_model = build_hf_checkpoint(src, "mistral")
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    assert read_config(out).context_length == 32
+    ids = torch.randint(0, 64, (1, 32))
+    with torch.no_grad():
+        assert (load_model_dir(out)(ids) - hf_model(ids).logits).abs().max() <= 1e-4
+
+
+def test_convert_refuses_what_it_cannot_run_exactly(tmp_path, llama_dir):
+    src, _ = llama_dir
+    cfg = json.loads((src / "config.json").read_text())
+    for change, fragment in [({"hidden_act": "gelu"}, "activation 'gelu'"),
+                             ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+                             ({"num_attention_heads": "four"}, "cannot translate"),
+                             ({"num_attention_heads": None}, "cannot translate")]:
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        for f in src.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+        assert_user_error(m3("convert", bad, "-o", tmp_path / "o"), fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_force_never_deletes_what_m3_did_not_write(tmp_path, llama_dir):
+    src, _ = llama_dir
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert_user_error(m3("convert", src, "-o", precious, "--force"), "not a model dir m3 wrote")
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert_user_error(m3("convert", src, "-o", src, "--force"), "contain or replace the source")
+    assert_user_error(m3("convert", src, "-o", src.parent, "--force"), "contain or replace the source")
+    assert (src / "config.json").is_file()
+
+
+def test_one_layer_model_and_symlinked_cache_layout(tmp_path):
+    """A 1-layer model still gets one memory layer; weights reached through symlinks (as in the
+    Hugging Face cache) convert."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tokenizer
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1))
+    model.save_pretrained(blobs)
+    build_tokenizer().save_pretrained(blobs)
+    for f in blobs.iterdir():
+        (snap / f.name).symlink_to(f)
+    out = tmp_path / "m3"
+    result = m3("convert", snap, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert read_config(out).mem_layers == (0,)

@@ -1,0 +1,523 @@
+"""The `.m3bank` file: writing (streaming, atomic) and reading (memory-mapped, bounds-checked).
+
+`format_spec.md` is the contract; the constants below are checked against it by a test.
+Knows the byte layout and the KV codecs; knows nothing about models, tokenizers or corpora:
+it stores tensors, texts and metadata handed to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import M3Error
+
+MAGIC = b"\x89M3BANK\n"
+MAJOR = 1
+MINOR = 0
+PREAMBLE_SIZE = 64
+SECTION_ENTRY_SIZE = 128
+MAX_SECTIONS = 256
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+ALIGNMENT = 64
+REF_RECORD_SIZE = 32
+DOC_RECORD_SIZE = 32
+SECTION_FLAG_REQUIRED = 1
+
+CODECS = ("bf16", "int8")
+SECTION_CODECS = ("raw", "zstd")
+KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.data", "kv.positions")
+_NAME_RE = re.compile(r"^[a-z0-9._-]{1,32}$")
+_PREAMBLE = struct.Struct("<8sHHIQQIII16sI")  # magic, major, minor, flags, hdr off, hdr len, count, crcs, pad, crc
+_ENTRY = struct.Struct("<32sQQQ8sI28s32s")
+_REF = struct.Struct("<QIIII8s")
+_DOC = struct.Struct("<QIIIIII")
+assert _PREAMBLE.size == PREAMBLE_SIZE and _ENTRY.size == SECTION_ENTRY_SIZE
+assert _REF.size == REF_RECORD_SIZE and _DOC.size == DOC_RECORD_SIZE
+
+
+class BankError(M3Error):
+    """The file is not a valid .m3bank (or not one this m3 can read)."""
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def record_bytes(codec: str, shape: tuple[int, int, int, int, int]) -> int:
+    """Bytes of one reference's kv.data record for a memory of `shape` (L, 2, H, K, d)."""
+    L, two, H, K, d = shape
+    if codec == "bf16":
+        return 2 * L * two * H * K * d
+    if codec == "int8":
+        return L * two * H * K * (d + 2)
+    raise M3Error(f"unknown KV codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
+def encode_kv(kv: torch.Tensor, codec: str) -> bytes:
+    """kv (L, 2, H, K, d) float -> one kv.data record."""
+    if codec == "bf16":
+        return kv.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().astype("<i2").tobytes()
+    if codec == "int8":
+        x = kv.detach().float().cpu()
+        scale = x.abs().amax(dim=-1) / 127.0  # (L, 2, H, K)
+        scale = scale.to(torch.float16).float()  # stored precision
+        q = torch.where(scale[..., None] > 0, torch.round(x / scale.clamp_min(1e-30)[..., None]), torch.zeros_like(x))
+        q = q.clamp(-127, 127).to(torch.int8)
+        return q.numpy().tobytes() + scale.to(torch.float16).numpy().astype("<f2").tobytes()
+    raise M3Error(f"unknown KV codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
+def decode_kv(buf: np.ndarray, codec: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Records (n, record_bytes) uint8 -> float32 tensor (n, L, 2, H, K, d)."""
+    n = buf.shape[0]
+    if codec == "bf16":
+        raw = np.ascontiguousarray(buf).view("<i2").reshape((n,) + tuple(shape))
+        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).float()
+    if codec == "int8":
+        L, two, H, K, d = shape
+        nv = L * two * H * K * d
+        q = np.ascontiguousarray(buf[:, :nv]).view(np.int8).reshape((n,) + tuple(shape))
+        s = np.ascontiguousarray(buf[:, nv:]).view("<f2").reshape((n, L, two, H, K, 1))
+        return torch.from_numpy(q.astype(np.float32) * s.astype(np.float32))
+    raise BankError(f"unknown KV codec {codec!r} in the bank")
+
+
+# --- writing -------------------------------------------------------------------------------------
+class BankWriter:
+    """Streams references into spool files beside the target; `finish()` assembles the bank
+    and renames it into place. The target never holds a partial bank. Use as a context manager:
+    leaving it with an exception removes every temporary."""
+
+    def __init__(self, path: Path, header: dict, codec: str, memory_shape: tuple[int, int, int, int, int],
+                 overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise M3Error(f"{self.path} already exists; pass --force to replace it")
+        if self.path.is_dir():
+            raise M3Error(f"{self.path} is a directory")
+        self.codec, self.shape = codec, tuple(memory_shape)
+        self.record_bytes = record_bytes(codec, self.shape)
+        self.header = dict(header)
+        from .atomic import make_parent
+
+        make_parent(self.path)
+        self._dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.spool-", dir=self.path.parent))
+        self._files = {name: open(self._dir / name, "wb") for name in KNOWN_SECTIONS}
+        self.n_refs = self.n_docs = self.n_tokens = 0
+        self._text_bytes = self._doc_bytes = 0
+        self._doc_refs: list[int] = []  # per open document: [first_ref, count]
+        self._pending_doc: tuple | None = None
+
+    def __enter__(self) -> "BankWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add_document(self, doc_id: str, title: str = "", source: str = "") -> int:
+        """Start a document; the references added next belong to it. Returns its index."""
+        self._flush_document()
+        strings = [s.encode("utf-8") for s in (doc_id, title, source)]
+        self._files["docs.strings"].write(b"".join(strings))
+        self._pending_doc = (self._doc_bytes, *(len(s) for s in strings), self.n_refs)
+        self._doc_bytes += sum(len(s) for s in strings)
+        self.n_docs += 1
+        return self.n_docs - 1
+
+    def _flush_document(self) -> None:
+        if self._pending_doc is not None:
+            off, li, lt, ls, first = self._pending_doc
+            self._files["docs.table"].write(_DOC.pack(off, li, lt, ls, first, self.n_refs - first, 0))
+            self._pending_doc = None
+
+    def add_reference(self, text: str, token_count: int, kv: torch.Tensor, positions: torch.Tensor,
+                      index_in_doc: int) -> int:
+        """Append one reference: its text, token count, memory kv (L, 2, H, K, d), positions (L, H, K)."""
+        if self._pending_doc is None:
+            raise ValueError("add_document() must come before add_reference()")
+        if tuple(kv.shape) != self.shape:
+            raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
+        data = text.encode("utf-8")
+        self._files["refs.text"].write(data)
+        self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs - 1,
+                                                  index_in_doc, b"\0" * 8))
+        self._text_bytes += len(data)
+        record = encode_kv(kv, self.codec)
+        assert len(record) == self.record_bytes
+        self._files["kv.data"].write(record)
+        self._files["kv.positions"].write(positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes())
+        self.n_refs += 1
+        self.n_tokens += int(token_count)
+        return self.n_refs - 1
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def finish(self) -> Path:
+        """Assemble preamble, table, header and sections into a temp file; rename onto the target."""
+        self._flush_document()
+        for f in self._files.values():
+            f.close()
+        header = {**self.header, "m3.format": "m3bank", "m3.bank.references": self.n_refs,
+                  "m3.bank.documents": self.n_docs, "m3.bank.tokens": self.n_tokens,
+                  "m3.memory.codec": self.codec, "m3.memory.record_bytes": self.record_bytes}
+        sections = []
+        for name in KNOWN_SECTIONS:
+            spool = self._dir / name
+            codec = "raw"
+            if name == "docs.strings":  # small, read whole: compress
+                import zstandard
+
+                raw = spool.read_bytes()
+                packed = zstandard.ZstdCompressor(level=10).compress(raw)
+                if len(packed) < len(raw):
+                    spool.write_bytes(packed)
+                    codec = "zstd"
+                sections.append((name, spool, codec, len(raw)))
+            else:
+                sections.append((name, spool, codec, spool.stat().st_size))
+        try:
+            write_bank_file(self.path, header, sections)
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        return self.path
+
+
+def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, str, int]]) -> None:
+    """Lay out a bank from section files [(name, file, codec, decoded_length)], atomically."""
+    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise M3Error("bank header too large")
+    count = len(sections)
+    header_off = PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE
+    offset = _align(header_off + len(header_bytes))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(b"\0" * offset)
+            entries = []
+            for name, spool, codec, decoded in sections:
+                h = hashlib.sha256()
+                length = 0
+                out.seek(offset)
+                with open(spool, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        h.update(chunk)
+                        out.write(chunk)
+                        length += len(chunk)
+                entries.append(_ENTRY.pack(name.encode("ascii"), offset, length, decoded, codec.encode("ascii"),
+                                           SECTION_FLAG_REQUIRED, b"\0" * 28, h.digest()))
+                offset = _align(offset + length)
+            out.truncate(max(offset, out.tell()))
+            table = b"".join(entries)
+            head = struct.pack("<8sHHIQQIII16s", MAGIC, MAJOR, MINOR, 0, header_off, len(header_bytes), count,
+                               zlib.crc32(table), zlib.crc32(header_bytes), b"\0" * 16)
+            out.seek(0)
+            out.write(head + struct.pack("<I", zlib.crc32(head)) + table + header_bytes)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- reading -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Section:
+    name: str
+    offset: int
+    length: int
+    decoded_length: int
+    codec: str
+    flags: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class Reference:
+    index: int
+    text: str
+    token_count: int
+    doc_index: int
+    index_in_doc: int
+
+
+@dataclass(frozen=True)
+class Document:
+    index: int
+    id: str
+    title: str
+    source: str
+    first_ref: int
+    n_refs: int
+
+
+def _int(header: dict, key: str, lo: int = 0, hi: int = 2**63) -> int:
+    v = header.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise BankError(f"header key {key} is missing or out of range ({v!r})")
+    return v
+
+
+class Bank:
+    """A read-only, memory-mapped .m3bank. Opening validates the structure (see format_spec.md
+    "Reading rules"); `verify()` also recomputes checksums and checks every record."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise M3Error(f"bank {self.path} does not exist")
+        if not self.path.is_file():
+            raise M3Error(f"{self.path} is not a file")
+        self._fh = open(self.path, "rb")
+        try:
+            self.size = os.fstat(self._fh.fileno()).st_size
+            if self.size < PREAMBLE_SIZE:
+                raise BankError(f"{self.path} is too short to be an .m3bank ({self.size} bytes)")
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # numpy views still alive; the OS unmaps at exit
+                pass
+        self._fh.close()
+
+    def __enter__(self) -> "Bank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # structure -------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        mm, size = self._mm, self.size
+        pre = mm[:PREAMBLE_SIZE]
+        magic, major, minor, flags, hoff, hlen, count, table_crc, header_crc, _pad, pre_crc = _PREAMBLE.unpack(pre)
+        if magic != MAGIC:
+            raise BankError(f"{self.path} is not an .m3bank (bad magic)")
+        if major != MAJOR:
+            raise BankError(f"{self.path} is .m3bank version {major}.{minor}; this m3 reads version {MAJOR}.x")
+        if zlib.crc32(pre[:60]) != pre_crc:
+            raise BankError("preamble checksum mismatch (file damaged)")
+        if flags:
+            raise BankError(f"unknown file flags 0x{flags:x} (written by a newer m3?)")
+        self.version = (major, minor)
+        if count > MAX_SECTIONS:
+            raise BankError(f"section count {count} exceeds {MAX_SECTIONS}")
+        if hoff != PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE:
+            raise BankError("header offset does not follow the section table")
+        if not 1 <= hlen <= MAX_HEADER_BYTES or hoff + hlen > size:
+            raise BankError(f"header length {hlen} is out of bounds for a {size}-byte file")
+        table = mm[PREAMBLE_SIZE:hoff]
+        if zlib.crc32(table) != table_crc:
+            raise BankError("section table checksum mismatch (file damaged)")
+        header_bytes = mm[hoff:hoff + hlen]
+        if zlib.crc32(header_bytes) != header_crc:
+            raise BankError("header checksum mismatch (file damaged)")
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BankError(f"header is not valid JSON: {e}") from None
+        if not isinstance(header, dict) or header.get("m3.format") != "m3bank":
+            raise BankError("header is not an m3bank header")
+        self.header = header
+        self.sections: dict[str, Section] = {}
+        spans = []
+        for i in range(count):
+            raw_name, off, length, decoded, codec, sflags, _res, digest = _ENTRY.unpack_from(table, i * SECTION_ENTRY_SIZE)
+            name = raw_name.rstrip(b"\0").decode("ascii", "replace")
+            codec_s = codec.rstrip(b"\0").decode("ascii", "replace")
+            if not _NAME_RE.match(name) or name in self.sections:
+                raise BankError(f"invalid or duplicate section name {name!r}")
+            if off % ALIGNMENT or off < hoff + hlen or off + length > size:
+                raise BankError(f"section {name} (offset {off}, length {length}) lies outside the file")
+            if codec_s not in SECTION_CODECS:
+                raise BankError(f"section {name} uses unknown codec {codec_s!r}")
+            if codec_s == "raw" and decoded != length:
+                raise BankError(f"section {name}: raw section with decoded length {decoded} != {length}")
+            if name not in KNOWN_SECTIONS and sflags & SECTION_FLAG_REQUIRED:
+                raise BankError(f"required section {name!r} is unknown to this m3 (upgrade m3)")
+            spans.append((off, off + length, name))
+            self.sections[name] = Section(name, off, length, decoded, codec_s, sflags, digest)
+        spans.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise BankError(f"sections {an} and {bn} overlap")
+        missing = [n for n in KNOWN_SECTIONS if n not in self.sections]
+        if missing:
+            raise BankError(f"required sections missing: {', '.join(missing)}")
+        self._check_geometry()
+
+    def _check_geometry(self) -> None:
+        h = self.header
+        self.n_refs = _int(h, "m3.bank.references", 0, 2**40)
+        self.n_docs = _int(h, "m3.bank.documents", 0, 2**32 - 1)
+        self.codec = h.get("m3.memory.codec")
+        if self.codec not in CODECS:
+            raise BankError(f"unknown KV codec {self.codec!r} in the header")
+        self.memory_shape = (_int(h, "m3.memory.layers", 1, 4096), 2, _int(h, "m3.memory.kv_heads", 1, 4096),
+                             _int(h, "m3.memory.top_k", 1, 4096), _int(h, "m3.memory.head_dim", 1, 4096))
+        self.record_bytes = _int(h, "m3.memory.record_bytes", 1, 2**40)
+        if self.record_bytes != record_bytes(self.codec, self.memory_shape):
+            raise BankError("m3.memory.record_bytes does not match codec and memory shape")
+        self.reference_length = _int(h, "m3.memory.reference_length", 1, 2**16)
+        L, _, H, K, _d = self.memory_shape
+        expect = {"refs.table": self.n_refs * REF_RECORD_SIZE, "docs.table": self.n_docs * DOC_RECORD_SIZE,
+                  "kv.data": self.n_refs * self.record_bytes, "kv.positions": self.n_refs * L * H * K * 2}
+        for name, n in expect.items():
+            if self.sections[name].decoded_length != n or self.sections[name].codec != "raw":
+                raise BankError(f"section {name} has {self.sections[name].length} bytes, the header implies {n}")
+        for name in ("refs.text", "docs.strings"):
+            if self.sections[name].decoded_length > 2**40:
+                raise BankError(f"section {name} is implausibly large")
+        self._docs_strings: bytes | None = None
+
+    # access ----------------------------------------------------------------------------------
+    def raw(self, name: str) -> memoryview:
+        s = self.sections[name]
+        return memoryview(self._mm)[s.offset:s.offset + s.length]
+
+    def decoded(self, name: str) -> bytes:
+        """A whole section, decoded (for small sections)."""
+        s = self.sections[name]
+        if s.codec == "raw":
+            return bytes(self.raw(name))
+        import zstandard
+
+        try:
+            out = zstandard.ZstdDecompressor().decompress(bytes(self.raw(name)), max_output_size=s.decoded_length)
+        except zstandard.ZstdError as e:
+            raise BankError(f"section {name} does not decompress: {e}") from None
+        if len(out) != s.decoded_length:
+            raise BankError(f"section {name} decompresses to {len(out)} bytes, table says {s.decoded_length}")
+        return out
+
+    def _index(self, i: int, n: int, what: str) -> int:
+        if not isinstance(i, int) or not 0 <= i < n:
+            raise M3Error(f"{what} {i} is out of range (the bank has {n})")
+        return i
+
+    def reference(self, i: int) -> Reference:
+        i = self._index(i, self.n_refs, "reference")
+        off, length, tokens, doc, idx, _ = _REF.unpack_from(self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE)
+        text_sec = self.sections["refs.text"]
+        if off + length > text_sec.length or doc >= self.n_docs or tokens > self.reference_length:
+            raise BankError(f"reference {i} has an invalid record (text {off}+{length}, doc {doc}, tokens {tokens})")
+        try:
+            text = bytes(self._mm[text_sec.offset + off:text_sec.offset + off + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BankError(f"reference {i}: text is not valid UTF-8") from None
+        return Reference(i, text, tokens, doc, idx)
+
+    def document(self, j: int) -> Document:
+        j = self._index(j, self.n_docs, "document")
+        if self._docs_strings is None:
+            self._docs_strings = self.decoded("docs.strings")
+        off, li, lt, ls, first, n, _ = _DOC.unpack_from(self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE)
+        blob = self._docs_strings
+        if off + li + lt + ls > len(blob) or first + n > self.n_refs:
+            raise BankError(f"document {j} has an invalid record")
+        try:
+            parts = [blob[a:b].decode("utf-8") for a, b in ((off, off + li), (off + li, off + li + lt),
+                                                             (off + li + lt, off + li + lt + ls))]
+        except UnicodeDecodeError:
+            raise BankError(f"document {j}: strings are not valid UTF-8") from None
+        return Document(j, parts[0], parts[1], parts[2], first, n)
+
+    def positions(self, indices) -> torch.Tensor:
+        """(n, L, H, K) int16 positions; -1 = empty slot."""
+        L, _, H, K, _ = self.memory_shape
+        idx = self._indices(indices)
+        per = L * H * K
+        arr = np.frombuffer(self._mm, dtype="<i2", count=self.n_refs * per,
+                            offset=self.sections["kv.positions"].offset).reshape(self.n_refs, L, H, K)
+        return torch.from_numpy(arr[idx].astype(np.int16))
+
+    def _indices(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_refs):
+            raise M3Error(f"reference index out of range (the bank has {self.n_refs})")
+        return idx
+
+    def memories(self, indices, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """Decode the memories of `indices` -> MemoryEncoding (kv (n, L, 2, H, K, d), valid, positions)."""
+        from .attention import MemoryEncoding
+
+        idx = self._indices(indices)
+        records = np.frombuffer(self._mm, dtype=np.uint8, count=self.n_refs * self.record_bytes,
+                                offset=self.sections["kv.data"].offset).reshape(self.n_refs, self.record_bytes)
+        kv = decode_kv(records[idx], self.codec, self.memory_shape)
+        pos = self.positions(idx).long()
+        return MemoryEncoding(kv=kv.to(device=device, dtype=dtype), valid=(pos >= 0).to(device),
+                              positions=pos.to(device))
+
+    def verify(self, progress=None) -> list[str]:
+        """Recompute every checksum and check every record; returns the problems found."""
+        problems = []
+        for s in self.sections.values():
+            h = hashlib.sha256()
+            view = memoryview(self._mm)[s.offset:s.offset + s.length]
+            for start in range(0, s.length, 1 << 24):
+                h.update(view[start:start + (1 << 24)])
+            if h.digest() != s.sha256:
+                problems.append(f"section {s.name}: SHA-256 mismatch")
+            if progress:
+                progress(s.name)
+        if problems:
+            return problems
+        for j in range(self.n_docs):
+            try:
+                d = self.document(j)
+            except M3Error as e:
+                problems.append(str(e))
+                continue
+            for i in range(d.first_ref, d.first_ref + d.n_refs):
+                if self.reference(i).doc_index != j:
+                    problems.append(f"reference {i} does not belong to document {j} as the table says")
+        p = self.header.get("m3.model.reference_prefix_ids")
+        prefix = len(p) if isinstance(p, list) else 0
+        for start in range(0, self.n_refs, 4096):
+            idx = list(range(start, min(start + 4096, self.n_refs)))
+            pos = self.positions(idx)
+            for k, i in enumerate(idx):
+                try:
+                    ref = self.reference(i)
+                except M3Error as e:
+                    problems.append(str(e))
+                    continue
+                real = pos[k][pos[k] >= 0]
+                if real.numel() and (int(real.min()) < prefix or int(real.max()) >= prefix + ref.token_count):
+                    problems.append(f"reference {i}: kept positions outside the reference")
+        return problems
+
+
+def require_same_model(bank: Bank, fingerprint: str, allow_mismatch: bool = False) -> None:
+    """A bank belongs to exactly one model: refuse another one, naming both fingerprints."""
+    recorded = bank.header.get("m3.model.fingerprint")
+    if recorded != fingerprint and not allow_mismatch:
+        raise M3Error(f"{bank.path} was encoded by model {recorded}, not by this model {fingerprint}; "
+                      "re-encode the corpus with this model")

@@ -1,0 +1,135 @@
+"""Reading corpora and cutting documents into references.
+
+Corpora: Parquet (column `text`; optional `id`, `title`, `source`), JSONL (one object per line
+with the same fields), or `-` for JSONL on standard input. Documents stream one at a time, so
+memory use does not grow with the corpus. References are ≤ max_tokens tokens, cut at sentence
+boundaries where possible. Knows nothing about models beyond a tokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import M3Error
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。])\s+")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    source: str
+    text: str
+
+
+def _document(obj, where: str, n: int) -> Document:
+    if not isinstance(obj, dict):
+        raise M3Error(f"{where}: line {n} is not a JSON object")
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise M3Error(f"{where}: record {n} has no string field 'text'")
+    return Document(id=str(obj.get("id") if obj.get("id") is not None else n), title=str(obj.get("title") or ""),
+                    source=str(obj.get("source") or ""), text=text)
+
+
+def _jsonl(stream, where: str) -> Iterator[Document]:
+    for n, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            raise M3Error(f"{where}: line {n} is not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise M3Error(f"{where}: line {n} is not valid JSON ({e.msg})") from None
+        yield _document(obj, where, n)
+
+
+def _parquet(path: Path) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise M3Error(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    names = set(pf.schema_arrow.names)
+    if "text" not in names:
+        raise M3Error(f"{path} has no 'text' column (columns: {', '.join(sorted(names)) or 'none'})")
+    columns = [c for c in ("id", "title", "source", "text") if c in names]
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for row in batch.to_pylist():
+                n += 1
+                yield _document(row, str(path), n)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise M3Error(f"{path}: cannot read row {n + 1} ({str(e).splitlines()[0]})") from None
+
+
+def read_corpus(source: str | Path) -> Iterator[Document]:
+    """Documents of a corpus path (.parquet, .jsonl/.json/other = JSONL) or '-' (JSONL on stdin)."""
+    if str(source) == "-":
+        yield from _jsonl(io.BufferedReader(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else sys.stdin, "stdin")
+        return
+    path = Path(source)
+    if not path.exists():
+        raise M3Error(f"corpus {path} does not exist")
+    if not path.is_file():
+        raise M3Error(f"corpus {path} is not a file")
+    with open(path, "rb") as f:
+        is_parquet = f.read(4) == b"PAR1"
+    if is_parquet or path.suffix == ".parquet":
+        if not is_parquet:
+            raise M3Error(f"{path} is not a readable Parquet file (bad magic)")
+        yield from _parquet(path)
+    else:
+        with open(path, "rb") as f:
+            yield from _jsonl(f, str(path))
+
+
+def split_references(text: str, tokenizer, max_tokens: int) -> list[tuple[str, list[int]]]:
+    """Cut a document into references of ≤ max_tokens tokens: whole sentences packed greedily;
+    a sentence longer than max_tokens is cut between tokens. Returns (text, token_ids) pairs."""
+    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    refs: list[tuple[str, list[int]]] = []
+    current: list[str] = []
+
+    def ids_of(t: str) -> list[int]:
+        return list(tokenizer(t, add_special_tokens=False)["input_ids"])
+
+    def flush() -> None:
+        if current:
+            joined = " ".join(current)
+            refs.append((joined, ids_of(joined)))
+            current.clear()
+
+    for sentence in sentences:
+        if len(ids_of(sentence)) > max_tokens:
+            flush()
+            enc = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            for start in range(0, len(ids), max_tokens):
+                a, b = offsets[start][0], offsets[min(start + max_tokens, len(ids)) - 1][1]
+                piece = sentence[a:b].strip()
+                piece_ids = ids_of(piece)
+                if len(piece_ids) > max_tokens:  # re-tokenisation grew: keep the exact token slice
+                    piece_ids = ids[start:start + max_tokens]
+                if piece_ids:
+                    refs.append((piece, piece_ids))
+            continue
+        candidate = " ".join(current + [sentence])
+        if current and len(ids_of(candidate)) > max_tokens:
+            flush()
+        current.append(sentence)
+    flush()
+    return [(t, ids) for t, ids in refs if ids]

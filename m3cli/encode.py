@@ -1,0 +1,138 @@
+"""Corpus -> .m3bank: cut documents into references, encode their sparse memories in batches
+with the model, stream them into a BankWriter.
+
+Knows the pipeline; the byte layout is bank.py's, reading corpora is corpus.py's, the math is
+model.py's. Memory use is bounded by the batch, not the corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .bank import BankWriter
+from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
+from .corpus import Document, read_corpus, split_references
+from .device import resolve_device, resolve_dtype
+from .errors import M3Error
+
+
+@dataclass
+class EncodeSummary:
+    path: Path
+    documents: int
+    references: int
+    tokens: int
+    codec: str
+    fingerprint: str
+
+
+def bank_header(cfg, fingerprint: str) -> dict:
+    """The model-describing part of a bank header (format_spec.md, "Header")."""
+    return {
+        "m3.memory.layers": cfg.n_mem_layers,
+        "m3.memory.layer_ids": list(cfg.mem_layers),
+        "m3.memory.kv_heads": cfg.n_kv_heads,
+        "m3.memory.top_k": cfg.memory_top_k,
+        "m3.memory.head_dim": cfg.head_dim,
+        "m3.memory.reference_length": cfg.reference_length,
+        "m3.model.fingerprint": fingerprint,
+        "m3.model.name": cfg.name,
+        "m3.model.reference_prefix": cfg.reference_prefix,
+        "m3.model.reference_prefix_ids": list(cfg.reference_prefix_ids),
+        "m3.model.rope_theta": cfg.rope_theta,
+        "m3.encode.producer": f"m3 {__version__}",
+    }
+
+
+def _count_documents(corpus: str) -> int | None:
+    """Cheap total for the progress bar: Parquet row count or JSONL line count; None for stdin."""
+    if corpus == "-":
+        return None
+    path = Path(corpus)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PAR1":
+                import pyarrow.parquet as pq
+
+                return pq.ParquetFile(path).metadata.num_rows
+            f.seek(0)
+            return sum(1 for line in f if line.strip())
+    except Exception:  # the real reader reports the problem properly
+        return None
+
+
+@torch.inference_mode()
+def _encode_batch(model, refs: list[list[int]]):
+    device = model.embed.weight.device
+    n = max(len(r) for r in refs)
+    ids = torch.zeros(len(refs), n, dtype=torch.long, device=device)
+    for i, r in enumerate(refs):
+        ids[i, : len(r)] = torch.tensor(r, device=device)
+    lengths = torch.tensor([len(r) for r in refs], device=device)
+    enc = model.encode_references(ids, lengths)
+    return enc.kv.float().cpu(), enc.positions.cpu()
+
+
+def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
+                  device: str = "auto", dtype: str = "auto", overwrite: bool = False,
+                  show_progress: bool = True) -> EncodeSummary:
+    if batch_size < 1:
+        raise M3Error("--batch-size must be at least 1")
+    cfg = read_config(model_dir)
+    if not has_tokenizer(model_dir):
+        raise M3Error(f"{model_dir} has no tokenizer files: cannot cut a corpus into references")
+    if not cfg.reference_prefix_ids:
+        raise M3Error(f"{model_dir} has no reference prefix ids in its config; re-create it with `m3 convert`")
+    if str(corpus) != "-" and not Path(corpus).exists():
+        raise M3Error(f"corpus {corpus} does not exist")
+    tokenizer = load_tokenizer(model_dir)
+    dev = resolve_device(device)
+    model = load_model_dir(model_dir, dev, resolve_dtype(dev, dtype))
+    fingerprint = model_fingerprint(model_dir)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    total = _count_documents(str(corpus))
+    progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+                        TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True), disable=not show_progress)
+    writer = BankWriter(out, bank_header(cfg, fingerprint), codec, cfg.memory_shape, overwrite=overwrite)
+    with writer, progress:
+        task = progress.add_task("encode", total=total, refs=0, rate="-")
+        pending: list[tuple[Document, list[tuple[str, list[int]]]]] = []
+        n_pending = 0
+
+        def flush() -> None:
+            nonlocal n_pending
+            flat = [ids for _, refs in pending for _, ids in refs]
+            results = []
+            for start in range(0, len(flat), batch_size):
+                results.append(_encode_batch(model, flat[start:start + batch_size]))
+            kv = torch.cat([r[0] for r in results]) if results else None
+            pos = torch.cat([r[1] for r in results]) if results else None
+            k = 0
+            for doc, refs in pending:
+                writer.add_document(doc.id, doc.title, doc.source)
+                for j, (text, ids) in enumerate(refs):
+                    writer.add_reference(text, len(ids), kv[k], pos[k], j)
+                    k += 1
+            progress.update(task, advance=len(pending), refs=writer.n_refs,
+                            rate=f"{writer.n_refs / max(progress.tasks[0].elapsed or 1e-9, 1e-9):.1f}")
+            pending.clear()
+            n_pending = 0
+
+        for doc in read_corpus(corpus):
+            refs = split_references(doc.text, tokenizer, cfg.reference_length)
+            pending.append((doc, refs))
+            n_pending += len(refs)
+            if n_pending >= batch_size:
+                flush()
+        flush()
+        if writer.n_refs == 0:
+            raise M3Error(f"corpus {corpus} holds no text to encode")
+        writer.finish()
+    return EncodeSummary(Path(out), writer.n_docs, writer.n_refs, writer.n_tokens, codec, fingerprint)
