@@ -64,7 +64,16 @@ def atomic_file(target: Path, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        publish(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def publish(tmp: str | Path, target: Path) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and rename
+    it onto the target."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, target)

@@ -232,7 +232,9 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, st
             out.write(head + struct.pack("<I", zlib.crc32(head)) + table + header_bytes)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        from .atomic import publish
+
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,0 +1,228 @@
+"""The .m3bank format: round trips, golden bytes, spec/code sync, hostile files, model binding."""
+
+import hashlib
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3cli import bank as B
+from m3cli.bank import Bank, BankError, BankWriter, require_same_model
+from m3cli.errors import M3Error
+
+DATA = Path(__file__).parent / "data"
+SPEC = Path(__file__).parent.parent / "format_spec.md"
+SHAPE = (2, 2, 1, 3, 4)  # (L, 2, H, K, d)
+
+
+def golden_header():
+    return {"m3.memory.layers": 2, "m3.memory.layer_ids": [0, 1], "m3.memory.kv_heads": 1, "m3.memory.top_k": 3,
+            "m3.memory.head_dim": 4, "m3.memory.reference_length": 128,
+            "m3.model.fingerprint": "sha256:" + "ab" * 32, "m3.model.name": "golden",
+            "m3.model.reference_prefix": "Reference:", "m3.model.reference_prefix_ids": [1, 7],
+            "m3.model.rope_theta": 10000.0, "m3.encode.producer": "m3 test"}
+
+
+def write_golden(path: Path, codec: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic 2-reference bank: values k/8 - 1 are exact in bf16."""
+    kv = (torch.arange(2 * 48, dtype=torch.float32).reshape(2, *SHAPE) % 17) / 8 - 1
+    pos = torch.tensor([[[[2, 3, 4]], [[2, 4, -1]]], [[[2, 3, -1]], [[3, -1, -1]]]], dtype=torch.int16)  # (2, L, H, K)
+    kv = kv * (pos >= 0)[:, :, None, :, :, None]
+    with BankWriter(path, golden_header(), codec, SHAPE) as w:
+        w.add_document("doc-1", "First", "unit test")
+        w.add_reference("Alpha beta gamma.", 3, kv[0], pos[0], 0)
+        w.add_document("doc-2", "Second ✓", "")
+        w.add_reference("Delta\u00e9.", 2, kv[1], pos[1], 0)
+        w.finish()
+    return kv, pos
+
+
+def test_golden_bytes(tmp_path):
+    path = tmp_path / "g.m3bank"
+    kv, pos = write_golden(path)
+    assert path.read_bytes() == (DATA / "golden-2ref.m3bank").read_bytes(), \
+        "the bytes of a 2-reference bank changed: a format change needs a version bump and new golden bytes"
+    with Bank(DATA / "golden-2ref.m3bank") as bank:
+        assert bank.version == (1, 0) and bank.n_refs == 2 and bank.n_docs == 2
+        mem = bank.memories([1, 0])
+        assert torch.equal(mem.kv, kv[[1, 0]])
+        assert torch.equal(mem.positions, pos[[1, 0]].long()) and torch.equal(mem.valid, pos[[1, 0]] >= 0)
+        assert bank.reference(1).text == "Delta\u00e9." and bank.reference(1).token_count == 2
+        doc = bank.document(1)
+        assert (doc.id, doc.title, doc.source, doc.first_ref, doc.n_refs) == ("doc-2", "Second ✓", "", 1, 1)
+        assert bank.verify() == []
+
+
+def test_preamble_layout_by_hand():
+    data = (DATA / "golden-2ref.m3bank").read_bytes()
+    assert data[:8] == bytes.fromhex("894D3342414E4B0A")
+    major, minor, flags, hoff, hlen, count = struct.unpack_from("<HHIQQI", data, 8)
+    assert (major, minor, flags, count) == (1, 0, 0, 6) and hoff == 64 + 6 * 128
+    assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
+    name, off, length = struct.unpack_from("<32sQQ", data, 64)
+    assert name.rstrip(b"\0") == b"refs.table" and off % 64 == 0 and length == 2 * 32
+    assert hashlib.sha256(data[off:off + length]).digest() == data[64 + 96:64 + 128]
+
+
+@pytest.mark.parametrize("codec,tol", [("bf16", 1e-2), ("int8", 2e-2)])
+def test_round_trip_random(tmp_path, codec, tol):
+    torch.manual_seed(0)
+    shape = (3, 2, 2, 8, 16)
+    path = tmp_path / f"{codec}.m3bank"
+    kvs = [torch.randn(shape) for _ in range(5)]
+    pos = torch.arange(3 * 2 * 8).reshape(3, 2, 8).to(torch.int16) % 20 + 2
+    header = {**golden_header(), "m3.memory.layers": 3, "m3.memory.kv_heads": 2, "m3.memory.top_k": 8,
+              "m3.memory.head_dim": 16}
+    with BankWriter(path, header, codec, shape) as w:
+        for i, kv in enumerate(kvs):
+            if i % 2 == 0:
+                w.add_document(f"d{i}", "", "")
+            w.add_reference("t" * (i + 30), 30, kv, pos, i % 2)
+        w.finish()
+    with Bank(path) as bank:
+        got = bank.memories(range(5)).kv
+        for i in range(5):
+            assert (got[i] - kvs[i]).abs().max() <= tol * kvs[i].abs().max()
+        assert bank.record_bytes == B.record_bytes(codec, shape)
+        assert bank.verify() == []
+        assert [bank.document(j).n_refs for j in range(bank.n_docs)] == [2, 2, 1]
+
+
+def spec_constants() -> dict[str, str]:
+    text = SPEC.read_text()
+    block = text.split("## Constants", 1)[1].split("##", 1)[0]
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]+)`", block, flags=re.M))
+
+
+def test_spec_constants_match_the_code():
+    consts = spec_constants()
+    assert consts, "no constants table found in format_spec.md"
+    assert bytes.fromhex(consts.pop("MAGIC")) == B.MAGIC
+    for name, value in consts.items():
+        assert int(value) == getattr(B, name), name
+    text = SPEC.read_text()
+    for section in B.KNOWN_SECTIONS:
+        assert f"**`{section}`**" in text, section
+    for codec in B.CODECS:
+        assert f"`{codec}`" in text
+
+
+def test_spec_lists_every_header_key_the_encoder_writes():
+    from m3cli.config import preset
+    from m3cli.encode import bank_header
+
+    written = set(bank_header(preset("tiny").replace(reference_prefix_ids=(1,)), "sha256:x"))
+    written |= {"m3.format", "m3.bank.references", "m3.bank.documents", "m3.bank.tokens", "m3.memory.codec",
+                "m3.memory.record_bytes"}
+    text = SPEC.read_text()
+    missing = sorted(k for k in written if f"`{k}`" not in text)
+    assert not missing, f"header keys missing from format_spec.md: {missing}"
+
+
+# --- hostile files ------------------------------------------------------------------------------
+def patch(data: bytes, offset: int, new: bytes) -> bytearray:
+    out = bytearray(data)
+    out[offset:offset + len(new)] = new
+    return out
+
+
+def refresh_crcs(buf: bytearray) -> bytes:
+    """Recompute table/header/preamble CRCs so that only the deliberate damage remains."""
+    hoff, hlen, count = struct.unpack_from("<QQI", buf, 16)
+    struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[64:hoff])), zlib.crc32(bytes(buf[hoff:hoff + hlen])))
+    struct.pack_into("<I", buf, 60, zlib.crc32(bytes(buf[:60])))
+    return bytes(buf)
+
+
+def entry_offset(i: int) -> int:
+    return 64 + i * 128
+
+
+@pytest.fixture
+def golden() -> bytes:
+    return (DATA / "golden-2ref.m3bank").read_bytes()
+
+
+def open_bytes(tmp_path, data: bytes):
+    path = tmp_path / "x.m3bank"
+    path.write_bytes(data)
+    return Bank(path)
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda d: d[:40], "too short"),
+    (lambda d: b"NOTABANK" + d[8:], "bad magic"),
+    (lambda d: refresh_crcs(patch(d, 8, struct.pack("<H", 2))), "version 2.0"),
+    (lambda d: refresh_crcs(patch(d, 12, struct.pack("<I", 4))), "unknown file flags"),
+    (lambda d: patch(d, 100, b"\xff"), "section table checksum"),
+    (lambda d: patch(d, 20, b"\x01"), "preamble checksum"),
+    (lambda d: refresh_crcs(patch(d, 24, struct.pack("<Q", 2**40))), "header length"),
+    (lambda d: refresh_crcs(patch(d, 32, struct.pack("<I", 10**6))), "section count"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 40, struct.pack("<Q", 2**50))), "outside the file"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 64 * 3))), "outside the file"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 1))), "outside the file"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(1), b"refs.table\0")), "duplicate section"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(5), b"kv.future\0\0\0")), "unknown to this m3"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(2) + 56, b"lz4\0\0")), "unknown codec"),
+])
+def test_hostile_files_are_refused(tmp_path, golden, damage, fragment):
+    with pytest.raises(BankError, match=fragment):
+        open_bytes(tmp_path, damage(golden))
+
+
+def test_overlapping_sections_are_refused(tmp_path, golden):
+    off = struct.unpack_from("<Q", golden, entry_offset(0) + 32)[0]
+    data = refresh_crcs(patch(golden, entry_offset(1) + 32, struct.pack("<Q", off)))
+    with pytest.raises(BankError, match="overlap|has .* bytes"):
+        open_bytes(tmp_path, data)
+
+
+def test_unknown_optional_section_is_ignored(tmp_path, golden):
+    data = refresh_crcs(patch(patch(golden, entry_offset(5), b"x.later\0\0\0\0\0\0"), entry_offset(5) + 64,
+                              struct.pack("<I", 0)))
+    with pytest.raises(BankError, match="required sections missing: kv.positions"):
+        open_bytes(tmp_path, data)  # it was kv.positions: now missing, but the unknown name itself is fine
+
+
+def test_sizes_must_match_the_header(tmp_path, golden):
+    hoff, hlen = struct.unpack_from("<QQ", golden, 16)
+    header = golden[hoff:hoff + hlen].replace(b'"m3.bank.references":2', b'"m3.bank.references":3')
+    data = refresh_crcs(patch(golden, hoff, header))
+    with pytest.raises(BankError, match="header implies"):
+        open_bytes(tmp_path, data)
+
+
+def test_record_offsets_are_checked_and_verify_finds_damage(tmp_path, golden):
+    table_off = struct.unpack_from("<Q", golden, entry_offset(0) + 32)[0]
+    data = patch(golden, table_off + 32, struct.pack("<Q", 10**9))  # reference 1's text offset
+    bank = open_bytes(tmp_path, bytes(data))
+    with pytest.raises(BankError, match="invalid record"):
+        bank.reference(1)
+    assert any("SHA-256 mismatch" in p for p in bank.verify())
+    bank.close()
+    kv_off = struct.unpack_from("<Q", golden, entry_offset(4) + 32)[0]
+    bank = open_bytes(tmp_path, bytes(patch(golden, kv_off + 5, b"\x7f")))
+    assert bank.verify() == ["section kv.data: SHA-256 mismatch"]
+    with pytest.raises(M3Error, match="out of range"):
+        bank.memories([2])
+    bank.close()
+
+
+def test_writer_leaves_nothing_on_error(tmp_path):
+    path = tmp_path / "b.m3bank"
+    with pytest.raises(RuntimeError):
+        with BankWriter(path, golden_header(), "bf16", SHAPE) as w:
+            w.add_document("d", "", "")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bank_is_bound_to_its_model():
+    with Bank(DATA / "golden-2ref.m3bank") as bank:
+        require_same_model(bank, "sha256:" + "ab" * 32)
+        with pytest.raises(M3Error, match="sha256:abab.*sha256:cdcd"):
+            require_same_model(bank, "sha256:" + "cd" * 32)
+        require_same_model(bank, "sha256:" + "cd" * 32, allow_mismatch=True)
