@@ -7,6 +7,7 @@ model.py's. Memory use is bounded by the batch, not the corpus.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     if str(corpus) != "-" and not Path(corpus).exists():
         raise M3Error(f"corpus {corpus} does not exist")
     tokenizer = load_tokenizer(model_dir)
+    documents = read_corpus(corpus)
+    first = next(documents, None)  # surface an unreadable corpus before loading the model
+    documents = itertools.chain([first] if first is not None else [], documents)
     dev = resolve_device(device)
     model = load_model_dir(model_dir, dev, resolve_dtype(dev, dtype))
     fingerprint = model_fingerprint(model_dir)
@@ -97,9 +101,10 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     total = _count_documents(str(corpus))
+    console = Console(stderr=True)
     progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
                         TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=Console(stderr=True), disable=not show_progress)
+                        TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
     writer = BankWriter(out, bank_header(cfg, fingerprint), codec, cfg.memory_shape, overwrite=overwrite)
     with writer, progress:
         task = progress.add_task("encode", total=total, refs=0, rate="-")
@@ -125,7 +130,7 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
             pending.clear()
             n_pending = 0
 
-        for doc in read_corpus(corpus):
+        for doc in documents:
             refs = split_references(doc.text, tokenizer, cfg.reference_length)
             pending.append((doc, refs))
             n_pending += len(refs)

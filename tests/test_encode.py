@@ -1,0 +1,184 @@
+"""`m3 encode` and `m3 inspect BANK`: corpora in, a bank that holds what the model computed."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from m3cli.bank import Bank
+from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint
+from m3cli.cli import app
+from m3cli.corpus import split_references
+
+runner = CliRunner()
+
+DOCS = [
+    {"id": "fr", "title": "France", "text": "the capital of france is paris . paris is a city in france ."},
+    {"id": "it", "title": "Italy", "source": "atlas", "text": "the capital of italy is rome . rome was a city ."},
+    {"id": "hw", "text": "hello world . " * 30},  # longer than one reference of the tiny config
+]
+
+
+def m3(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert err.startswith("m3: error:") and "\n" not in err and "Traceback" not in result.output, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def model_dir(llama_dir, tmp_path):
+    """The tiny converted Llama, with a short reference length so that documents split."""
+    src, _ = llama_dir
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["reference_length"] = 16
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def test_encode_jsonl_stores_what_the_model_computes(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    bank_path = tmp_path / "kb.m3bank"
+    result = m3("encode", corpus, "-o", bank_path, "--model", model_dir, "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    model, tok = load_model_dir(model_dir), load_tokenizer(model_dir)
+    with Bank(bank_path) as bank:
+        assert bank.header["m3.model.fingerprint"] == model_fingerprint(model_dir)
+        assert bank.n_docs == 3
+        refs = [(d, r) for d in DOCS for r in split_references(d["text"], tok, 16)]
+        assert bank.n_refs == len(refs) > 3
+        assert max(len(ids) for _, (_, ids) in refs) <= 16
+        for i, (doc, (text, ids)) in enumerate(refs):
+            ref = bank.reference(i)
+            assert ref.text == text and ref.token_count == len(ids)
+            assert bank.document(ref.doc_index).id == doc["id"]
+            with torch.no_grad():
+                want = model.encode_references(torch.tensor([ids]), torch.tensor([len(ids)]))
+            got = bank.memories([i])
+            assert torch.equal(got.positions, want.positions)
+            torch.testing.assert_close(got.kv, want.kv.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
+        assert bank.document(1).source == "atlas" and bank.document(0).title == "France"
+    info = json.loads(m3("inspect", bank_path, "--json").stdout)
+    assert info["references"] == len(refs) and info["codec"] == "bf16"
+    assert info["bytes_per_reference"] == info["bytes_per_reference_bf16"]
+    assert {s["name"] for s in info["sections"]} >= {"kv.data", "refs.text"}
+    ok = m3("inspect", bank_path, "--verify")
+    assert ok.exit_code == 0 and ok.stdout.startswith("ok:")
+
+
+def test_encode_is_deterministic_and_formats_agree(model_dir, tmp_path):
+    jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": d["id"], "title": d.get("title"), "source": d.get("source"),
+                                          "text": d["text"]} for d in DOCS]), parquet)
+    a, b, c = tmp_path / "a.m3bank", tmp_path / "b.m3bank", tmp_path / "c.m3bank"
+    assert m3("encode", jsonl, "-o", a, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", parquet, "-o", b, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", "-", "-o", c, "-m", model_dir, "-q", input=jsonl.read_text()).exit_code == 0
+    assert a.read_bytes() == b.read_bytes() == c.read_bytes()
+
+
+def test_int8_codec_is_smaller_and_close(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    a, b = tmp_path / "bf16.m3bank", tmp_path / "int8.m3bank"
+    assert m3("encode", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "int8").exit_code == 0
+    with Bank(a) as x, Bank(b) as y:
+        assert y.record_bytes < x.record_bytes
+        ka, kb = x.memories(range(x.n_refs)).kv, y.memories(range(y.n_refs)).kv
+        assert (ka - kb).abs().max() <= 0.02 * ka.abs().max()
+
+
+def test_inspect_ref_shows_kept_tokens(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:1])
+    bank_path = tmp_path / "kb.m3bank"
+    assert m3("encode", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
+    detail = json.loads(m3("inspect", bank_path, "--ref", "0", "--model", model_dir, "--json").stdout)
+    assert detail["document"]["id"] == "fr" and detail["text"].startswith("the capital")
+    words = set(detail["text"].split())
+    for layer in detail["kept"]:
+        for head in layer["heads"]:
+            assert len(head["tokens"]) == min(8, detail["token_count"])
+            assert set(head["tokens"]) <= words
+    human = m3("inspect", bank_path, "--ref", "0")
+    assert human.exit_code == 0 and "layer" in human.stdout
+    assert_user_error(m3("inspect", bank_path, "--ref", "99"), "out of range")
+
+
+def test_inspect_escapes_control_characters(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "x\x1b[31m", "title": "t\x07", "text": "hello \x1b]0;pwned\x07 world ."}])
+    bank_path = tmp_path / "kb.m3bank"
+    assert m3("encode", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
+    out = m3("inspect", bank_path, "--ref", "0").stdout
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+
+
+def test_encode_errors_leave_nothing(model_dir, tmp_path):
+    out = tmp_path / "out" / "kb.m3bank"
+
+    def check(result, fragment):
+        assert_user_error(result, fragment)
+        assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+    check(m3("encode", tmp_path / "missing.jsonl", "-o", out, "-m", model_dir), "does not exist")
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"PAR1 this is not parquet")
+    check(m3("encode", bad_parquet, "-o", out, "-m", model_dir), "not a readable Parquet file")
+    no_text = tmp_path / "notext.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), no_text)
+    check(m3("encode", no_text, "-o", out, "-m", model_dir), "no 'text' column")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    check(m3("encode", empty, "-o", out, "-m", model_dir), "no text to encode")
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": "   "}])
+    check(m3("encode", blank, "-o", out, "-m", model_dir), "no text to encode")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(write_jsonl(tmp_path / "ok.jsonl", DOCS).read_bytes() + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    check(m3("encode", latin1, "-o", out, "-m", model_dir), "line 4 is not valid UTF-8")
+    not_json = tmp_path / "bad.jsonl"
+    not_json.write_text('{"text": "fine"}\n{oops\n')
+    check(m3("encode", not_json, "-o", out, "-m", model_dir), "line 2 is not valid JSON")
+    no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"body": "x"}])
+    check(m3("encode", no_field, "-o", out, "-m", model_dir), "no string field 'text'")
+    no_tok = tmp_path / "no-tok"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes((model_dir / name).read_bytes())
+    check(m3("encode", write_jsonl(tmp_path / "c.jsonl", DOCS), "-o", out, "-m", no_tok), "no tokenizer")
+    check(m3("encode", tmp_path / "c.jsonl", "-o", out, "-m", model_dir, "--codec", "zip"), "unknown codec")
+    check(m3("encode", "-", "-o", out, "-m", model_dir, input=""), "no text to encode")
+
+
+def test_encode_refuses_to_overwrite_without_force(model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    bank_path = tmp_path / "kb.m3bank"
+    bank_path.write_bytes(b"precious")
+    assert_user_error(m3("encode", corpus, "-o", bank_path, "-m", model_dir), "already exists")
+    assert bank_path.read_bytes() == b"precious"
+    assert m3("encode", corpus, "-o", bank_path, "-m", model_dir, "-q", "--force").exit_code == 0
+    with Bank(bank_path) as bank:
+        assert bank.n_docs == 3
+
+
+def test_split_references_respects_sentences_and_limits(model_dir):
+    tok = load_tokenizer(model_dir)
+    text = "the capital of france is paris . rome is a city . " + "hello world " * 20 + "."
+    refs = split_references(text, tok, 8)
+    assert refs[0][0] == "the capital of france is paris ."  # a whole sentence
+    assert all(0 < len(ids) <= 8 for _, ids in refs)
+    assert " ".join(t for t, _ in refs).split() == text.split()  # nothing lost
