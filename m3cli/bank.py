@@ -97,81 +97,123 @@ def decode_kv(buf: np.ndarray, codec: str, shape: tuple[int, ...]) -> torch.Tens
 
 # --- writing -------------------------------------------------------------------------------------
 class BankWriter:
-    """Streams references into spool files beside the target; `finish()` assembles the bank
-    and renames it into place. The target never holds a partial bank. Use as a context manager:
-    leaving it with an exception removes every temporary."""
+    """Streams documents and their references into spool files beside the target; `finish()`
+    assembles the bank and renames it into place, so the target never holds a partial bank.
+
+    The spools live in `.<name>.partial/` next to the target. `checkpoint()` makes them durable
+    with a state file; a writer opened with `resume=True` truncates the spools to the last
+    checkpoint and continues, so a killed job resumes and yields the same bytes. Leaving the
+    context manager with an error removes the spools; an interrupt (Ctrl-C) keeps them.
+    """
+
+    STATE = "state.json"
 
     def __init__(self, path: Path, header: dict, codec: str, memory_shape: tuple[int, int, int, int, int],
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, resume: bool = False, resume_key: dict | None = None) -> None:
+        from .atomic import make_parent
+
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise M3Error(f"{self.path} already exists; pass --force to replace it")
         if self.path.is_dir():
             raise M3Error(f"{self.path} is a directory")
+        if self.path.exists() and not overwrite:
+            raise M3Error(f"{self.path} already exists; pass --force to replace it")
         self.codec, self.shape = codec, tuple(memory_shape)
         self.record_bytes = record_bytes(codec, self.shape)
         self.header = dict(header)
-        from .atomic import make_parent
-
+        self.spool = self.path.parent / f".{self.path.name}.partial"
+        self._key = {"header": self.header, "codec": codec, "shape": list(self.shape), **(resume_key or {})}
+        self.resumed: dict = {}
         make_parent(self.path)
-        self._dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.spool-", dir=self.path.parent))
-        self._files = {name: open(self._dir / name, "wb") for name in KNOWN_SECTIONS}
-        self.n_refs = self.n_docs = self.n_tokens = 0
-        self._text_bytes = self._doc_bytes = 0
-        self._doc_refs: list[int] = []  # per open document: [first_ref, count]
-        self._pending_doc: tuple | None = None
+        state = self._load_state() if self.spool.exists() else None
+        if self.spool.exists() and not resume:
+            if not overwrite:
+                raise M3Error(f"an interrupted encode of {self.path} exists ({self.spool}); pass --resume to "
+                              "continue it or --force to start over")
+            shutil.rmtree(self.spool)
+        if state is not None and resume:
+            if state.get("key") != json.loads(json.dumps(self._key)):
+                raise M3Error(f"the interrupted encode in {self.spool} used other inputs or settings (model, "
+                              "corpus, codec or batch size); rerun it as before, or pass --force to start over")
+            self._files = {}
+            for name in KNOWN_SECTIONS:
+                f = open(self.spool / name, "r+b")
+                f.truncate(state["sizes"][name])
+                f.seek(0, os.SEEK_END)
+                self._files[name] = f
+            self.n_refs, self.n_docs, self.n_tokens = state["n_refs"], state["n_docs"], state["n_tokens"]
+            self._text_bytes, self._doc_bytes = state["text_bytes"], state["doc_bytes"]
+            self.resumed = state.get("progress", {})
+        else:
+            if self.spool.exists():
+                shutil.rmtree(self.spool)
+            self.spool.mkdir()
+            self._files = {name: open(self.spool / name, "wb") for name in KNOWN_SECTIONS}
+            self.n_refs = self.n_docs = self.n_tokens = 0
+            self._text_bytes = self._doc_bytes = 0
+
+    def _load_state(self) -> dict | None:
+        try:
+            state = json.loads((self.spool / self.STATE).read_text())
+            sizes = state["sizes"]
+            if not all(os.path.getsize(self.spool / n) >= sizes[n] for n in KNOWN_SECTIONS):
+                return None
+            return state
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no checkpoint yet: nothing to resume
 
     def __enter__(self) -> "BankWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
+        if exc_type is None:
+            return
+        for f in self._files.values():
+            f.close()
+        if not issubclass(exc_type, KeyboardInterrupt):
+            shutil.rmtree(self.spool, ignore_errors=True)
 
-    def add_document(self, doc_id: str, title: str = "", source: str = "") -> int:
-        """Start a document; the references added next belong to it. Returns its index."""
-        self._flush_document()
+    def add_document(self, doc_id: str, title: str, source: str,
+                     refs: list[tuple[str, int, torch.Tensor, torch.Tensor]]) -> int:
+        """Append a document with its references: (text, token_count, kv (L, 2, H, K, d),
+        positions (L, H, K)) each. Returns the document's index."""
         strings = [s.encode("utf-8") for s in (doc_id, title, source)]
         self._files["docs.strings"].write(b"".join(strings))
-        self._pending_doc = (self._doc_bytes, *(len(s) for s in strings), self.n_refs)
+        self._files["docs.table"].write(_DOC.pack(self._doc_bytes, *(len(s) for s in strings), self.n_refs,
+                                                  len(refs), 0))
         self._doc_bytes += sum(len(s) for s in strings)
+        for j, (text, token_count, kv, positions) in enumerate(refs):
+            if tuple(kv.shape) != self.shape:
+                raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
+            data = text.encode("utf-8")
+            self._files["refs.text"].write(data)
+            self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs, j,
+                                                      b"\0" * 8))
+            self._text_bytes += len(data)
+            record = encode_kv(kv, self.codec)
+            assert len(record) == self.record_bytes
+            self._files["kv.data"].write(record)
+            self._files["kv.positions"].write(positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes())
+            self.n_refs += 1
+            self.n_tokens += int(token_count)
         self.n_docs += 1
         return self.n_docs - 1
 
-    def _flush_document(self) -> None:
-        if self._pending_doc is not None:
-            off, li, lt, ls, first = self._pending_doc
-            self._files["docs.table"].write(_DOC.pack(off, li, lt, ls, first, self.n_refs - first, 0))
-            self._pending_doc = None
-
-    def add_reference(self, text: str, token_count: int, kv: torch.Tensor, positions: torch.Tensor,
-                      index_in_doc: int) -> int:
-        """Append one reference: its text, token count, memory kv (L, 2, H, K, d), positions (L, H, K)."""
-        if self._pending_doc is None:
-            raise ValueError("add_document() must come before add_reference()")
-        if tuple(kv.shape) != self.shape:
-            raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
-        data = text.encode("utf-8")
-        self._files["refs.text"].write(data)
-        self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs - 1,
-                                                  index_in_doc, b"\0" * 8))
-        self._text_bytes += len(data)
-        record = encode_kv(kv, self.codec)
-        assert len(record) == self.record_bytes
-        self._files["kv.data"].write(record)
-        self._files["kv.positions"].write(positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes())
-        self.n_refs += 1
-        self.n_tokens += int(token_count)
-        return self.n_refs - 1
-
-    def abort(self) -> None:
-        for f in self._files.values():
-            f.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+    def checkpoint(self, progress: dict) -> None:
+        """Make everything written so far durable; `progress` comes back as `resumed` on resume."""
+        sizes = {}
+        for name, f in self._files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            sizes[name] = f.tell()
+        state = {"key": self._key, "sizes": sizes, "n_refs": self.n_refs, "n_docs": self.n_docs,
+                 "n_tokens": self.n_tokens, "text_bytes": self._text_bytes, "doc_bytes": self._doc_bytes,
+                 "progress": progress}
+        tmp = self.spool / (self.STATE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.spool / self.STATE)
 
     def finish(self) -> Path:
         """Assemble preamble, table, header and sections into a temp file; rename onto the target."""
-        self._flush_document()
         for f in self._files.values():
             f.close()
         header = {**self.header, "m3.format": "m3bank", "m3.bank.references": self.n_refs,
@@ -179,7 +221,7 @@ class BankWriter:
                   "m3.memory.codec": self.codec, "m3.memory.record_bytes": self.record_bytes}
         sections = []
         for name in KNOWN_SECTIONS:
-            spool = self._dir / name
+            spool = self.spool / name
             codec = "raw"
             if name == "docs.strings":  # small, read whole: compress
                 import zstandard
@@ -187,15 +229,14 @@ class BankWriter:
                 raw = spool.read_bytes()
                 packed = zstandard.ZstdCompressor(level=10).compress(raw)
                 if len(packed) < len(raw):
+                    spool = self.spool / (name + ".zst")  # the spool itself stays resumable
                     spool.write_bytes(packed)
                     codec = "zstd"
                 sections.append((name, spool, codec, len(raw)))
             else:
                 sections.append((name, spool, codec, spool.stat().st_size))
-        try:
-            write_bank_file(self.path, header, sections)
-        finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        write_bank_file(self.path, header, sections)
+        shutil.rmtree(self.spool, ignore_errors=True)
         return self.path
 
 

@@ -143,22 +143,29 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size", help="References encoded per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT (and discard an interrupted run).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command "
+                                                          "from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Encode a corpus into an .m3bank of sparse explicit memories.
 
     Documents are cut into references of at most 128 tokens at sentence boundaries; each
     reference's memory is computed by the model and written with its text. The output path never
-    holds a half-written bank.
+    holds a half-written bank; a killed run continues with --resume and gives the same bytes.
     """
     from .bank import CODECS
     from .encode import encode_corpus
 
     if codec not in CODECS:
         raise M3Error(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-    summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
-                            dtype=dtype, overwrite=force, show_progress=not quiet)
+    try:
+        summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
+                                dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet)
+    except KeyboardInterrupt:
+        typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
+                   err=True)
+        raise typer.Exit(130)
     typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
                f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
 

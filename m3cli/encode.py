@@ -8,6 +8,7 @@ model.py's. Memory use is bounded by the batch, not the corpus.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fin
 from .corpus import Document, read_corpus, split_references
 from .device import resolve_device, resolve_dtype
 from .errors import M3Error
+
+
+CHECKPOINT_SECONDS = 2.0  # how often a running encode makes its progress durable for --resume
 
 
 @dataclass
@@ -78,9 +82,18 @@ def _encode_batch(model, refs: list[list[int]]):
     return enc.kv.float().cpu(), enc.positions.cpu()
 
 
+def _corpus_identity(corpus: str) -> dict:
+    if corpus == "-":
+        return {"corpus": "-"}
+    st = Path(corpus).stat()
+    return {"corpus": str(Path(corpus).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
-                  device: str = "auto", dtype: str = "auto", overwrite: bool = False,
+                  device: str = "auto", dtype: str = "auto", overwrite: bool = False, resume: bool = False,
                   show_progress: bool = True) -> EncodeSummary:
+    """Encode `corpus` into the bank `out`. With `resume`, an interrupted run of the same
+    command continues from its last checkpoint (one per batch) and gives the same bytes."""
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
     cfg = read_config(model_dir)
@@ -105,14 +118,20 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
                         TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
-    writer = BankWriter(out, bank_header(cfg, fingerprint), codec, cfg.memory_shape, overwrite=overwrite)
+    key = {**_corpus_identity(str(corpus)), "batch_size": batch_size}
+    writer = BankWriter(out, bank_header(cfg, fingerprint), codec, cfg.memory_shape, overwrite=overwrite,
+                        resume=resume, resume_key=key)
+    skip = int(writer.resumed.get("docs_done", 0))
     with writer, progress:
-        task = progress.add_task("encode", total=total, refs=0, rate="-")
+        task = progress.add_task("encode", total=total, refs=writer.n_refs, rate="-", completed=skip)
+        docs_done, start_refs = skip, writer.n_refs
         pending: list[tuple[Document, list[tuple[str, list[int]]]]] = []
         n_pending = 0
 
+        last_checkpoint = time.monotonic()
+
         def flush() -> None:
-            nonlocal n_pending
+            nonlocal n_pending, docs_done, last_checkpoint
             flat = [ids for _, refs in pending for _, ids in refs]
             results = []
             for start in range(0, len(flat), batch_size):
@@ -121,16 +140,19 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
             pos = torch.cat([r[1] for r in results]) if results else None
             k = 0
             for doc, refs in pending:
-                writer.add_document(doc.id, doc.title, doc.source)
-                for j, (text, ids) in enumerate(refs):
-                    writer.add_reference(text, len(ids), kv[k], pos[k], j)
-                    k += 1
+                writer.add_document(doc.id, doc.title, doc.source,
+                                    [(text, len(ids), kv[k + j], pos[k + j]) for j, (text, ids) in enumerate(refs)])
+                k += len(refs)
+            docs_done += len(pending)
+            if pending and time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+                writer.checkpoint({"docs_done": docs_done})  # always at a batch boundary
+                last_checkpoint = time.monotonic()
             progress.update(task, advance=len(pending), refs=writer.n_refs,
-                            rate=f"{writer.n_refs / max(progress.tasks[0].elapsed or 1e-9, 1e-9):.1f}")
+                            rate=f"{(writer.n_refs - start_refs) / max(progress.tasks[0].elapsed or 1e-9, 1e-9):.1f}")
             pending.clear()
             n_pending = 0
 
-        for doc in documents:
+        for doc in itertools.islice(documents, skip, None):
             refs = split_references(doc.text, tokenizer, cfg.reference_length)
             pending.append((doc, refs))
             n_pending += len(refs)

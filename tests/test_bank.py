@@ -32,10 +32,8 @@ def write_golden(path: Path, codec: str = "bf16") -> tuple[torch.Tensor, torch.T
     pos = torch.tensor([[[[2, 3, 4]], [[2, 4, -1]]], [[[2, 3, -1]], [[3, -1, -1]]]], dtype=torch.int16)  # (2, L, H, K)
     kv = kv * (pos >= 0)[:, :, None, :, :, None]
     with BankWriter(path, golden_header(), codec, SHAPE) as w:
-        w.add_document("doc-1", "First", "unit test")
-        w.add_reference("Alpha beta gamma.", 3, kv[0], pos[0], 0)
-        w.add_document("doc-2", "Second ✓", "")
-        w.add_reference("Delta\u00e9.", 2, kv[1], pos[1], 0)
+        w.add_document("doc-1", "First", "unit test", [("Alpha beta gamma.", 3, kv[0], pos[0])])
+        w.add_document("doc-2", "Second ✓", "", [("Delta\u00e9.", 2, kv[1], pos[1])])
         w.finish()
     return kv, pos
 
@@ -77,10 +75,8 @@ def test_round_trip_random(tmp_path, codec, tol):
     header = {**golden_header(), "m3.memory.layers": 3, "m3.memory.kv_heads": 2, "m3.memory.top_k": 8,
               "m3.memory.head_dim": 16}
     with BankWriter(path, header, codec, shape) as w:
-        for i, kv in enumerate(kvs):
-            if i % 2 == 0:
-                w.add_document(f"d{i}", "", "")
-            w.add_reference("t" * (i + 30), 30, kv, pos, i % 2)
+        for i in range(0, 5, 2):
+            w.add_document(f"d{i}", "", "", [("t" * (j + 30), 30, kvs[j], pos) for j in range(i, min(i + 2, 5))])
         w.finish()
     with Bank(path) as bank:
         got = bank.memories(range(5)).kv
@@ -215,7 +211,7 @@ def test_writer_leaves_nothing_on_error(tmp_path):
     path = tmp_path / "b.m3bank"
     with pytest.raises(RuntimeError):
         with BankWriter(path, golden_header(), "bf16", SHAPE) as w:
-            w.add_document("d", "", "")
+            w.add_document("d", "", "", [])
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 

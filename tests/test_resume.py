@@ -1,0 +1,103 @@
+"""`m3 encode --resume`: a killed encode continues and yields the same bank as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from m3cli.bank import BankWriter
+from m3cli.cli import app
+
+runner = CliRunner()
+WORDS = "the capital of france is paris rome italy city country born hello world memory model answer".split()
+
+
+def m3(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def corpus(path, n_docs):
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            text = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5 + i % 23)) + " ."
+            f.write(json.dumps({"id": f"d{i}", "title": f"doc {i}", "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture
+def model_dir(llama_dir, tmp_path):
+    src, _ = llama_dir
+    out = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", out).exit_code == 0
+    return out
+
+
+def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monkeypatch):
+    c = corpus(tmp_path / "c.jsonl", 60)
+    reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
+    assert m3("encode", c, "-o", reference, "-m", model_dir, "--batch-size", "4", "-q").exit_code == 0
+
+    real_checkpoint, calls = BankWriter.checkpoint, []
+
+    def interrupted(self, progress):
+        real_checkpoint(self, progress)
+        calls.append(progress)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BankWriter, "checkpoint", interrupted)
+    monkeypatch.setattr("m3cli.encode.CHECKPOINT_SECONDS", 0.0)
+    result = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
+    assert result.exit_code == 130 and "--resume" in result.stderr
+    assert not target.exists() and (tmp_path / ".kb.m3bank.partial").is_dir()
+    monkeypatch.setattr(BankWriter, "checkpoint", real_checkpoint)
+
+    again = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
+    assert again.exit_code == 1 and "--resume" in again.stderr  # no silent restart
+    other = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "8", "-q", "--resume")
+    assert other.exit_code == 1 and "other inputs or settings" in other.stderr
+    resumed = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert target.read_bytes() == reference.read_bytes()
+    assert not (tmp_path / ".kb.m3bank.partial").exists()
+
+
+def test_resume_without_partial_starts_fresh_and_force_discards(model_dir, tmp_path):
+    c = corpus(tmp_path / "c.jsonl", 10)
+    target = tmp_path / "kb.m3bank"
+    assert m3("encode", c, "-o", target, "-m", model_dir, "-q", "--resume").exit_code == 0
+    partial = tmp_path / ".x.m3bank.partial"
+    partial.mkdir()
+    (partial / "junk").write_text("x")
+    assert m3("encode", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q").exit_code == 1
+    assert m3("encode", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q", "--force").exit_code == 0
+    assert (tmp_path / "x.m3bank").read_bytes() == target.read_bytes()
+
+
+def test_sigkill_then_resume(model_dir, tmp_path):
+    """A real SIGKILL in the middle of encoding; --resume finishes it with the same bytes."""
+    c = corpus(tmp_path / "c.jsonl", 1500)
+    reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
+    args = [sys.executable, "-m", "m3cli", "encode", str(c), "-m", str(model_dir), "--batch-size", "2", "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args + ["-o", str(target)], env=env, stderr=subprocess.PIPE)
+    state = tmp_path / ".kb.m3bank.partial" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"encode ended before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    done = json.loads(state.read_text())["progress"]["docs_done"]
+    assert 0 < done < 1500
+    subprocess.run(args + ["-o", str(target), "--resume"], env=env, check=True)
+    subprocess.run(args + ["-o", str(reference)], env=env, check=True)
+    assert target.read_bytes() == reference.read_bytes()
