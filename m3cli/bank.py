@@ -182,17 +182,23 @@ class BankWriter:
                                                   len(refs), 0))
         self._doc_bytes += sum(len(s) for s in strings)
         for j, (text, token_count, kv, positions) in enumerate(refs):
-            if tuple(kv.shape) != self.shape:
-                raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
+            if isinstance(kv, torch.Tensor):
+                if tuple(kv.shape) != self.shape:
+                    raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
+                record = encode_kv(kv, self.codec)
+                positions = positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes()
+            else:  # already-encoded kv.data and kv.positions records (merging banks)
+                record, positions = bytes(kv), bytes(positions)
+            L, _, H, K, _ = self.shape
+            if len(record) != self.record_bytes or len(positions) != L * H * K * 2:
+                raise ValueError("memory record has the wrong size for this bank")
             data = text.encode("utf-8")
             self._files["refs.text"].write(data)
             self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs, j,
                                                       b"\0" * 8))
             self._text_bytes += len(data)
-            record = encode_kv(kv, self.codec)
-            assert len(record) == self.record_bytes
             self._files["kv.data"].write(record)
-            self._files["kv.positions"].write(positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes())
+            self._files["kv.positions"].write(positions)
             self.n_refs += 1
             self.n_tokens += int(token_count)
         self.n_docs += 1
@@ -518,6 +524,15 @@ class Bank:
         return MemoryEncoding(kv=kv.to(device=device, dtype=dtype), valid=(pos >= 0).to(device),
                               positions=pos.to(device))
 
+    def records(self, i: int) -> tuple[bytes, bytes]:
+        """Reference i's kv.data and kv.positions records, as stored."""
+        i = self._index(i, self.n_refs, "reference")
+        L, _, H, K, _ = self.memory_shape
+        kv, pos = self.sections["kv.data"].offset, self.sections["kv.positions"].offset
+        per = L * H * K * 2
+        return (bytes(self._mm[kv + i * self.record_bytes:kv + (i + 1) * self.record_bytes]),
+                bytes(self._mm[pos + i * per:pos + (i + 1) * per]))
+
     def verify(self, progress=None) -> list[str]:
         """Recompute every checksum and check every record; returns the problems found."""
         problems = []
@@ -564,3 +579,35 @@ def require_same_model(bank: Bank, fingerprint: str, allow_mismatch: bool = Fals
     if recorded != fingerprint and not allow_mismatch:
         raise M3Error(f"{bank.path} was encoded by model {recorded}, not by this model {fingerprint}; "
                       "re-encode the corpus with this model")
+
+
+_COUNT_KEYS = ("m3.bank.references", "m3.bank.documents", "m3.bank.tokens")
+
+
+def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False) -> Path:
+    """Merge shard banks whose documents were dealt round-robin (document i of the corpus is
+    document i // W of part i % W) back into one bank in corpus order, copying records as stored."""
+    banks = [Bank(p) for p in parts]
+    try:
+        first = banks[0]
+        same = {k: v for k, v in first.header.items() if k not in _COUNT_KEYS}
+        for b in banks[1:]:
+            if {k: v for k, v in b.header.items() if k not in _COUNT_KEYS} != same:
+                raise BankError(f"{b.path} was not written with the same model and settings as {first.path}")
+        header = {k: v for k, v in same.items() if not k.startswith("m3.bank.") and k != "m3.format"
+                  and k not in ("m3.memory.codec", "m3.memory.record_bytes")}
+        total = sum(b.n_docs for b in banks)
+        with BankWriter(out, header, first.codec, first.memory_shape, overwrite=overwrite) as w:
+            for i in range(total):
+                b = banks[i % len(banks)]
+                doc = b.document(i // len(banks))
+                refs = []
+                for r in range(doc.first_ref, doc.first_ref + doc.n_refs):
+                    ref = b.reference(r)
+                    refs.append((ref.text, ref.token_count, *b.records(r)))
+                w.add_document(doc.id, doc.title, doc.source, refs)
+            w.finish()
+    finally:
+        for b in banks:
+            b.close()
+    return out

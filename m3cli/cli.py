@@ -166,8 +166,9 @@ def encode(
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)
         raise typer.Exit(130)
-    typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
-               f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
+    if summary is not None:  # None on the non-main processes of a sharded encode
+        typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
+                   f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
 
 
 @app.command(epilog="Examples:\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16\n\n"

@@ -8,6 +8,7 @@ model.py's. Memory use is bounded by the batch, not the corpus.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .bank import BankWriter
+from .bank import Bank, BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
 from .corpus import Document, read_corpus, split_references
 from .device import resolve_device, resolve_dtype
@@ -89,11 +90,31 @@ def _corpus_identity(corpus: str) -> dict:
     return {"corpus": str(Path(corpus).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def distributed_state():
+    """accelerate's process state when launched with several processes (accelerate launch,
+    torchrun), else None. On a machine without CUDA the processes form a CPU (gloo) group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part-{rank:05d}-of-{world:05d}")
+
+
 def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
                   device: str = "auto", dtype: str = "auto", overwrite: bool = False, resume: bool = False,
-                  show_progress: bool = True) -> EncodeSummary:
+                  show_progress: bool = True) -> EncodeSummary | None:
     """Encode `corpus` into the bank `out`. With `resume`, an interrupted run of the same
-    command continues from its last checkpoint (one per batch) and gives the same bytes."""
+    command continues from its last checkpoint and gives the same bytes.
+
+    Launched as several processes (`accelerate launch`), rank r encodes documents r, r+W, …
+    into a part bank; rank 0 then merges the parts into `out` in corpus order and returns the
+    summary (other ranks return None).
+    """
+    out = Path(out)
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
     cfg = read_config(model_dir)
@@ -103,39 +124,76 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
         raise M3Error(f"{model_dir} has no reference prefix ids in its config; re-create it with `m3 convert`")
     if str(corpus) != "-" and not Path(corpus).exists():
         raise M3Error(f"corpus {corpus} does not exist")
+    if out.exists() and not overwrite:
+        raise M3Error(f"{out} already exists; pass --force to replace it")
+    state = distributed_state()
+    world, rank = (state.num_processes, state.process_index) if state else (1, 0)
+    if world > 1 and str(corpus) == "-":
+        raise M3Error("a sharded encode needs a corpus file (every process reads it); stdin cannot be shared")
     tokenizer = load_tokenizer(model_dir)
     documents = read_corpus(corpus)
     first = next(documents, None)  # surface an unreadable corpus before loading the model
     documents = itertools.chain([first] if first is not None else [], documents)
-    dev = resolve_device(device)
+    dev = state.device if state else resolve_device(device)
     model = load_model_dir(model_dir, dev, resolve_dtype(dev, dtype))
     fingerprint = model_fingerprint(model_dir)
+    header = bank_header(cfg, fingerprint)
+    if world == 1:
+        n_docs, n_refs, n_tokens = _write_bank(documents, out, model, tokenizer, cfg, header, codec, batch_size,
+                                               _count_documents(str(corpus)), overwrite, resume,
+                                               {**_corpus_identity(str(corpus)), "batch_size": batch_size},
+                                               show_progress, empty_error=f"corpus {corpus} holds no text to encode")
+        return EncodeSummary(out, n_docs, n_refs, n_tokens, codec, fingerprint)
+
+    parts = [part_path(out, r, world) for r in range(world)]
+    mine = parts[rank]
+    if not (resume and mine.exists()):  # a finished part is kept by --resume
+        total = _count_documents(str(corpus))
+        share = None if total is None else len(range(rank, total, world))
+        key = {**_corpus_identity(str(corpus)), "batch_size": batch_size, "rank": rank, "world": world}
+        _write_bank((d for i, d in enumerate(documents) if i % world == rank), mine, model, tokenizer, cfg, header,
+                    codec, batch_size, share, True, resume, key, show_progress and state.is_main_process)
+    state.wait_for_everyone()
+    summary = None
+    if state.is_main_process:
+        merge_interleaved(parts, out, overwrite=overwrite)
+        for p in parts:
+            p.unlink()
+        with Bank(out) as bank:
+            summary = EncodeSummary(out, bank.n_docs, bank.n_refs, bank.header["m3.bank.tokens"], codec, fingerprint)
+    state.wait_for_everyone()
+    if summary is not None and summary.references == 0:
+        out.unlink()
+        raise M3Error(f"corpus {corpus} holds no text to encode")
+    return summary
+
+
+def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec: str, batch_size: int,
+                total: int | None, overwrite: bool, resume: bool, resume_key: dict,
+                show_progress: bool, empty_error: str | None = None) -> tuple[int, int, int]:
+    """Cut, encode and write documents into one bank; returns (documents, references, tokens).
+    With `empty_error`, a bank without references is an error (and nothing is written)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    total = _count_documents(str(corpus))
     console = Console(stderr=True)
     progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
                         TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
-    key = {**_corpus_identity(str(corpus)), "batch_size": batch_size}
-    writer = BankWriter(out, bank_header(cfg, fingerprint), codec, cfg.memory_shape, overwrite=overwrite,
-                        resume=resume, resume_key=key)
+    writer = BankWriter(out, header, codec, cfg.memory_shape, overwrite=overwrite, resume=resume,
+                        resume_key=resume_key)
     skip = int(writer.resumed.get("docs_done", 0))
     with writer, progress:
         task = progress.add_task("encode", total=total, refs=writer.n_refs, rate="-", completed=skip)
         docs_done, start_refs = skip, writer.n_refs
         pending: list[tuple[Document, list[tuple[str, list[int]]]]] = []
         n_pending = 0
-
         last_checkpoint = time.monotonic()
 
         def flush() -> None:
             nonlocal n_pending, docs_done, last_checkpoint
             flat = [ids for _, refs in pending for _, ids in refs]
-            results = []
-            for start in range(0, len(flat), batch_size):
-                results.append(_encode_batch(model, flat[start:start + batch_size]))
+            results = [_encode_batch(model, flat[s:s + batch_size]) for s in range(0, len(flat), batch_size)]
             kv = torch.cat([r[0] for r in results]) if results else None
             pos = torch.cat([r[1] for r in results]) if results else None
             k = 0
@@ -147,8 +205,9 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
             if pending and time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
                 writer.checkpoint({"docs_done": docs_done})  # always at a batch boundary
                 last_checkpoint = time.monotonic()
+            elapsed = max(progress.tasks[0].elapsed or 1e-9, 1e-9)
             progress.update(task, advance=len(pending), refs=writer.n_refs,
-                            rate=f"{(writer.n_refs - start_refs) / max(progress.tasks[0].elapsed or 1e-9, 1e-9):.1f}")
+                            rate=f"{(writer.n_refs - start_refs) / elapsed:.1f}")
             pending.clear()
             n_pending = 0
 
@@ -159,7 +218,7 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
             if n_pending >= batch_size:
                 flush()
         flush()
-        if writer.n_refs == 0:
-            raise M3Error(f"corpus {corpus} holds no text to encode")
+        if writer.n_refs == 0 and empty_error:
+            raise M3Error(empty_error)
         writer.finish()
-    return EncodeSummary(Path(out), writer.n_docs, writer.n_refs, writer.n_tokens, codec, fingerprint)
+    return writer.n_docs, writer.n_refs, writer.n_tokens
