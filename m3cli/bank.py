@@ -36,9 +36,10 @@ REF_RECORD_SIZE = 32
 DOC_RECORD_SIZE = 32
 SECTION_FLAG_REQUIRED = 1
 
-CODECS = ("bf16", "int8")
+CODECS = ("bf16", "int8", "vq")
 SECTION_CODECS = ("raw", "zstd")
 KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.data", "kv.positions")
+VQ_SECTION = "codec.vq"  # PQ codebooks, present with the vq codec
 _NAME_RE = re.compile(r"^[a-z0-9._-]{1,32}$")
 _PREAMBLE = struct.Struct("<8sHHIQQIII16sI")  # magic, major, minor, flags, hdr off, hdr len, count, crcs, pad, crc
 _ENTRY = struct.Struct("<32sQQQ8sI28s32s")
@@ -56,13 +57,17 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def record_bytes(codec: str, shape: tuple[int, int, int, int, int]) -> int:
+def record_bytes(codec: str, shape: tuple[int, int, int, int, int], subquantizers: int | None = None) -> int:
     """Bytes of one reference's kv.data record for a memory of `shape` (L, 2, H, K, d)."""
     L, two, H, K, d = shape
     if codec == "bf16":
         return 2 * L * two * H * K * d
     if codec == "int8":
         return L * two * H * K * (d + 2)
+    if codec == "vq":
+        if not subquantizers or d % subquantizers:
+            raise M3Error(f"vq needs a number of sub-quantizers that divides the head dim {d}")
+        return L * two * H * K * subquantizers
     raise M3Error(f"unknown KV codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
@@ -109,17 +114,25 @@ class BankWriter:
     STATE = "state.json"
 
     def __init__(self, path: Path, header: dict, codec: str, memory_shape: tuple[int, int, int, int, int],
-                 overwrite: bool = False, resume: bool = False, resume_key: dict | None = None) -> None:
+                 overwrite: bool = False, resume: bool = False, resume_key: dict | None = None,
+                 vq_subquantizers: int | None = None, device: str | torch.device = "cpu") -> None:
         from .atomic import make_parent
+        from .vq import default_subquantizers
 
         self.path = Path(path)
         if self.path.is_dir():
             raise M3Error(f"{self.path} is a directory")
         if self.path.exists() and not overwrite:
             raise M3Error(f"{self.path} already exists; pass --force to replace it")
-        self.codec, self.shape = codec, tuple(memory_shape)
-        self.record_bytes = record_bytes(codec, self.shape)
+        self.codec, self.shape, self.device = codec, tuple(memory_shape), device
         self.header = dict(header)
+        if codec == "vq":
+            self.subquantizers = vq_subquantizers or default_subquantizers(self.shape[4])
+            record_bytes(codec, self.shape, self.subquantizers)  # validates
+            self.header["m3.memory.vq.subquantizers"] = self.subquantizers
+        # vq spools exact bf16 records and quantizes them in finish(), after training on a sample
+        self.spool_codec = "bf16" if codec == "vq" else codec
+        self.record_bytes = record_bytes(self.spool_codec, self.shape)
         self.spool = self.path.parent / f".{self.path.name}.partial"
         self._key = {"header": self.header, "codec": codec, "shape": list(self.shape), **(resume_key or {})}
         self.resumed: dict = {}
@@ -185,9 +198,9 @@ class BankWriter:
             if isinstance(kv, torch.Tensor):
                 if tuple(kv.shape) != self.shape:
                     raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
-                record = encode_kv(kv, self.codec)
+                record = encode_kv(kv, self.spool_codec)
                 positions = positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes()
-            else:  # already-encoded kv.data and kv.positions records (merging banks)
+            else:  # already-encoded records of the spool codec (merging banks)
                 record, positions = bytes(kv), bytes(positions)
             L, _, H, K, _ = self.shape
             if len(record) != self.record_bytes or len(positions) != L * H * K * 2:
@@ -203,6 +216,45 @@ class BankWriter:
             self.n_tokens += int(token_count)
         self.n_docs += 1
         return self.n_docs - 1
+
+    def _spooled(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 records and positions of spooled references -> (n, L, 2, H, K, d), (n, L, H, K)."""
+        L, _, H, K, _ = self.shape
+        per = L * H * K * 2
+        kv = np.empty((len(indices), self.record_bytes), dtype=np.uint8)
+        pos = np.empty((len(indices), per), dtype=np.uint8)
+        with open(self.spool / "kv.data", "rb") as fk, open(self.spool / "kv.positions", "rb") as fp:
+            for row, i in enumerate(indices):
+                fk.seek(int(i) * self.record_bytes)
+                kv[row] = np.frombuffer(fk.read(self.record_bytes), dtype=np.uint8)
+                fp.seek(int(i) * per)
+                pos[row] = np.frombuffer(fp.read(per), dtype=np.uint8)
+        positions = torch.from_numpy(pos.view("<i2").astype(np.int16).reshape(len(indices), L, H, K))
+        return decode_kv(kv, "bf16", self.shape), positions
+
+    def _quantize(self) -> list[tuple[str, Path, str, int]]:
+        """Train PQ codebooks on a sample of the spooled vectors, write vq records and codebooks."""
+        from . import vq
+
+        L, _, H, K, d = self.shape
+        m = self.subquantizers
+        if self.n_refs == 0:
+            books = torch.zeros(L, 2, m, vq.CENTROIDS, d // m)
+        else:
+            want = -(-vq.TRAIN_VECTORS // (H * K))  # references needed for the sample
+            idx = np.unique(np.linspace(0, self.n_refs - 1, min(self.n_refs, want)).round().astype(np.int64))
+            kv, pos = self._spooled(idx)
+            valid = (pos >= 0)[:, 0]  # (n, H, K): the same slots are empty in every layer
+            sample = kv.permute(1, 2, 0, 3, 4, 5)[:, :, valid]  # (L, 2, n_valid, d)
+            books = vq.train(sample[:, :, : vq.TRAIN_VECTORS].to(self.device), m).cpu()
+        with open(self.spool / "kv.data.vq", "wb") as out:
+            for start in range(0, self.n_refs, 256):
+                kv, _ = self._spooled(np.arange(start, min(start + 256, self.n_refs)))
+                codes = vq.encode(kv.to(self.device), books.to(self.device)).cpu()
+                out.write(codes.numpy().tobytes())
+        (self.spool / VQ_SECTION).write_bytes(books.numpy().astype("<f4").tobytes())
+        size = (self.spool / VQ_SECTION).stat().st_size
+        return [(VQ_SECTION, self.spool / VQ_SECTION, "raw", size)]
 
     def checkpoint(self, progress: dict) -> None:
         """Make everything written so far durable; `progress` comes back as `resumed` on resume."""
@@ -222,10 +274,14 @@ class BankWriter:
         """Assemble preamble, table, header and sections into a temp file; rename onto the target."""
         for f in self._files.values():
             f.close()
+        final_bytes = record_bytes(self.codec, self.shape, getattr(self, "subquantizers", None))
         header = {**self.header, "m3.format": "m3bank", "m3.bank.references": self.n_refs,
                   "m3.bank.documents": self.n_docs, "m3.bank.tokens": self.n_tokens,
-                  "m3.memory.codec": self.codec, "m3.memory.record_bytes": self.record_bytes}
+                  "m3.memory.codec": self.codec, "m3.memory.record_bytes": final_bytes}
         sections = []
+        extra = []
+        if self.codec == "vq":
+            extra = self._quantize()
         for name in KNOWN_SECTIONS:
             spool = self.spool / name
             codec = "raw"
@@ -239,9 +295,11 @@ class BankWriter:
                     spool.write_bytes(packed)
                     codec = "zstd"
                 sections.append((name, spool, codec, len(raw)))
+            elif name == "kv.data" and self.codec == "vq":
+                sections.append((name, self.spool / "kv.data.vq", codec, (self.spool / "kv.data.vq").stat().st_size))
             else:
                 sections.append((name, spool, codec, spool.stat().st_size))
-        write_bank_file(self.path, header, sections)
+        write_bank_file(self.path, header, sections + extra)
         shutil.rmtree(self.spool, ignore_errors=True)
         return self.path
 
@@ -408,7 +466,7 @@ class Bank:
                 raise BankError(f"section {name} uses unknown codec {codec_s!r}")
             if codec_s == "raw" and decoded != length:
                 raise BankError(f"section {name}: raw section with decoded length {decoded} != {length}")
-            if name not in KNOWN_SECTIONS and sflags & SECTION_FLAG_REQUIRED:
+            if name not in KNOWN_SECTIONS and name != VQ_SECTION and sflags & SECTION_FLAG_REQUIRED:
                 raise BankError(f"required section {name!r} is unknown to this m3 (upgrade m3)")
             spans.append((off, off + length, name))
             self.sections[name] = Section(name, off, length, decoded, codec_s, sflags, digest)
@@ -431,7 +489,19 @@ class Bank:
         self.memory_shape = (_int(h, "m3.memory.layers", 1, 4096), 2, _int(h, "m3.memory.kv_heads", 1, 4096),
                              _int(h, "m3.memory.top_k", 1, 4096), _int(h, "m3.memory.head_dim", 1, 4096))
         self.record_bytes = _int(h, "m3.memory.record_bytes", 1, 2**40)
-        if self.record_bytes != record_bytes(self.codec, self.memory_shape):
+        self.subquantizers = None
+        if self.codec == "vq":
+            self.subquantizers = _int(h, "m3.memory.vq.subquantizers", 1, 4096)
+            if self.memory_shape[4] % self.subquantizers:
+                raise BankError("m3.memory.vq.subquantizers does not divide the head dim")
+            if VQ_SECTION not in self.sections:
+                raise BankError(f"a vq bank needs the {VQ_SECTION} section")
+            from .vq import CENTROIDS
+
+            n = self.memory_shape[0] * 2 * CENTROIDS * self.memory_shape[4] * 4
+            if self.sections[VQ_SECTION].decoded_length != n or self.sections[VQ_SECTION].codec != "raw":
+                raise BankError(f"section {VQ_SECTION} has {self.sections[VQ_SECTION].length} bytes, expected {n}")
+        if self.record_bytes != record_bytes(self.codec, self.memory_shape, self.subquantizers):
             raise BankError("m3.memory.record_bytes does not match codec and memory shape")
         self.reference_length = _int(h, "m3.memory.reference_length", 1, 2**16)
         L, _, H, K, _d = self.memory_shape
@@ -444,6 +514,7 @@ class Bank:
             if self.sections[name].decoded_length > 2**40:
                 raise BankError(f"section {name} is implausibly large")
         self._docs_strings: bytes | None = None
+        self._codebooks: torch.Tensor | None = None
 
     # access ----------------------------------------------------------------------------------
     def raw(self, name: str) -> memoryview:
@@ -519,10 +590,31 @@ class Bank:
         idx = self._indices(indices)
         records = np.frombuffer(self._mm, dtype=np.uint8, count=self.n_refs * self.record_bytes,
                                 offset=self.sections["kv.data"].offset).reshape(self.n_refs, self.record_bytes)
-        kv = decode_kv(records[idx], self.codec, self.memory_shape)
         pos = self.positions(idx).long()
-        return MemoryEncoding(kv=kv.to(device=device, dtype=dtype), valid=(pos >= 0).to(device),
-                              positions=pos.to(device))
+        if self.codec == "vq":
+            from . import vq
+
+            L, two, H, K, _ = self.memory_shape
+            codes = torch.from_numpy(np.ascontiguousarray(records[idx])).reshape(len(idx), L, two, H, K, -1)
+            books = self.codebooks().to(device)
+            kv = vq.decode(codes.to(device), books)
+        else:
+            kv = decode_kv(records[idx], self.codec, self.memory_shape).to(device)
+        valid = (pos >= 0).to(device)
+        kv = kv * valid[:, :, None, :, :, None]  # empty slots read as zero in every codec
+        return MemoryEncoding(kv=kv.to(dtype=dtype), valid=valid, positions=pos.to(device))
+
+    def codebooks(self) -> torch.Tensor:
+        """The vq codebooks (L, 2, M, 256, d/M), checksum-verified once before first use."""
+        if self._codebooks is None:
+            s = self.sections[VQ_SECTION]
+            if hashlib.sha256(self.raw(VQ_SECTION)).digest() != s.sha256:
+                raise BankError(f"section {VQ_SECTION}: SHA-256 mismatch (file damaged)")
+            L, _, _, _, d = self.memory_shape
+            m = self.subquantizers
+            arr = np.frombuffer(self._mm, dtype="<f4", count=s.length // 4, offset=s.offset)
+            self._codebooks = torch.from_numpy(arr.astype(np.float32)).reshape(L, 2, m, 256, d // m)
+        return self._codebooks
 
     def records(self, i: int) -> tuple[bytes, bytes]:
         """Reference i's kv.data and kv.positions records, as stored."""
@@ -584,9 +676,11 @@ def require_same_model(bank: Bank, fingerprint: str, allow_mismatch: bool = Fals
 _COUNT_KEYS = ("m3.bank.references", "m3.bank.documents", "m3.bank.tokens")
 
 
-def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False) -> Path:
+def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False, codec: str | None = None,
+                      vq_subquantizers: int | None = None, device: str | torch.device = "cpu") -> Path:
     """Merge shard banks whose documents were dealt round-robin (document i of the corpus is
-    document i // W of part i % W) back into one bank in corpus order, copying records as stored."""
+    document i // W of part i % W) back into one bank in corpus order, copying records as stored.
+    `codec="vq"` merges bf16 parts into a vq bank (codebooks are trained on the merged data)."""
     banks = [Bank(p) for p in parts]
     try:
         first = banks[0]
@@ -597,7 +691,11 @@ def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False) -> 
         header = {k: v for k, v in same.items() if not k.startswith("m3.bank.") and k != "m3.format"
                   and k not in ("m3.memory.codec", "m3.memory.record_bytes")}
         total = sum(b.n_docs for b in banks)
-        with BankWriter(out, header, first.codec, first.memory_shape, overwrite=overwrite) as w:
+        codec = codec or first.codec
+        if first.codec == "vq" or (codec != first.codec and not (codec == "vq" and first.codec == "bf16")):
+            raise BankError(f"cannot merge {first.codec} parts into a {codec} bank")
+        with BankWriter(out, header, codec, first.memory_shape, overwrite=overwrite,
+                        vq_subquantizers=vq_subquantizers, device=device) as w:
             for i in range(total):
                 b = banks[i % len(banks)]
                 doc = b.document(i // len(banks))

@@ -139,7 +139,10 @@ def encode(
                                                "same fields, or - for JSONL on standard input.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .m3bank file to write.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir that encodes the memories.")],
-    codec: Annotated[str, typer.Option(help="KV codec: bf16 (exact) or int8 (per-vector scale).")] = "bf16",
+    codec: Annotated[str, typer.Option(help="KV codec: bf16 (exact), int8 (per-vector scale) or vq (product "
+                                            "quantization trained on the bank's own vectors).")] = "bf16",
+    vq_subquantizers: Annotated[Optional[int], typer.Option("--vq-subquantizers", help="vq: bytes per vector "
+                                                            "(sub-spaces of the head dim); default head_dim/4.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="References encoded per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
@@ -161,7 +164,8 @@ def encode(
         raise M3Error(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     try:
         summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
-                                dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet)
+                                dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet,
+                                vq_subquantizers=vq_subquantizers)
     except KeyboardInterrupt:
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)

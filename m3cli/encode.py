@@ -106,7 +106,7 @@ def part_path(out: Path, rank: int, world: int) -> Path:
 
 def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
                   device: str = "auto", dtype: str = "auto", overwrite: bool = False, resume: bool = False,
-                  show_progress: bool = True) -> EncodeSummary | None:
+                  show_progress: bool = True, vq_subquantizers: int | None = None) -> EncodeSummary | None:
     """Encode `corpus` into the bank `out`. With `resume`, an interrupted run of the same
     command continues from its last checkpoint and gives the same bytes.
 
@@ -138,11 +138,19 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     model = load_model_dir(model_dir, dev, resolve_dtype(dev, dtype))
     fingerprint = model_fingerprint(model_dir)
     header = bank_header(cfg, fingerprint)
+    if codec == "vq":
+        from .bank import record_bytes
+        from .vq import default_subquantizers
+
+        vq_subquantizers = vq_subquantizers or default_subquantizers(cfg.head_dim)
+        record_bytes("vq", cfg.memory_shape, vq_subquantizers)  # a bad --vq-subquantizers fails before encoding
+    codec_args = {"vq_subquantizers": vq_subquantizers, "device": dev}
     if world == 1:
         n_docs, n_refs, n_tokens = _write_bank(documents, out, model, tokenizer, cfg, header, codec, batch_size,
                                                _count_documents(str(corpus)), overwrite, resume,
                                                {**_corpus_identity(str(corpus)), "batch_size": batch_size},
-                                               show_progress, empty_error=f"corpus {corpus} holds no text to encode")
+                                               show_progress, empty_error=f"corpus {corpus} holds no text to encode",
+                                               codec_args=codec_args)
         return EncodeSummary(out, n_docs, n_refs, n_tokens, codec, fingerprint)
 
     parts = [part_path(out, r, world) for r in range(world)]
@@ -151,12 +159,13 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
         total = _count_documents(str(corpus))
         share = None if total is None else len(range(rank, total, world))
         key = {**_corpus_identity(str(corpus)), "batch_size": batch_size, "rank": rank, "world": world}
+        part_codec = "bf16" if codec == "vq" else codec  # vq codebooks are trained once, on the merge
         _write_bank((d for i, d in enumerate(documents) if i % world == rank), mine, model, tokenizer, cfg, header,
-                    codec, batch_size, share, True, resume, key, show_progress and state.is_main_process)
+                    part_codec, batch_size, share, True, resume, key, show_progress and state.is_main_process)
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
-        merge_interleaved(parts, out, overwrite=overwrite)
+        merge_interleaved(parts, out, overwrite=overwrite, codec=codec, **codec_args)
         for p in parts:
             p.unlink()
         with Bank(out) as bank:
@@ -170,7 +179,8 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
 
 def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec: str, batch_size: int,
                 total: int | None, overwrite: bool, resume: bool, resume_key: dict,
-                show_progress: bool, empty_error: str | None = None) -> tuple[int, int, int]:
+                show_progress: bool, empty_error: str | None = None,
+                codec_args: dict | None = None) -> tuple[int, int, int]:
     """Cut, encode and write documents into one bank; returns (documents, references, tokens).
     With `empty_error`, a bank without references is an error (and nothing is written)."""
     from rich.console import Console
@@ -181,7 +191,7 @@ def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec
                         TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
     writer = BankWriter(out, header, codec, cfg.memory_shape, overwrite=overwrite, resume=resume,
-                        resume_key=resume_key)
+                        resume_key=resume_key, **(codec_args if codec == "vq" else {}))
     skip = int(writer.resumed.get("docs_done", 0))
     with writer, progress:
         task = progress.add_task("encode", total=total, refs=writer.n_refs, rate="-", completed=skip)

@@ -100,7 +100,7 @@ def test_spec_constants_match_the_code():
     for name, value in consts.items():
         assert int(value) == getattr(B, name), name
     text = SPEC.read_text()
-    for section in B.KNOWN_SECTIONS:
+    for section in B.KNOWN_SECTIONS + (B.VQ_SECTION,):
         assert f"**`{section}`**" in text, section
     for codec in B.CODECS:
         assert f"`{codec}`" in text
@@ -112,7 +112,7 @@ def test_spec_lists_every_header_key_the_encoder_writes():
 
     written = set(bank_header(preset("tiny").replace(reference_prefix_ids=(1,)), "sha256:x"))
     written |= {"m3.format", "m3.bank.references", "m3.bank.documents", "m3.bank.tokens", "m3.memory.codec",
-                "m3.memory.record_bytes"}
+                "m3.memory.record_bytes", "m3.memory.vq.subquantizers"}
     text = SPEC.read_text()
     missing = sorted(k for k in written if f"`{k}`" not in text)
     assert not missing, f"header keys missing from format_spec.md: {missing}"
@@ -222,3 +222,26 @@ def test_bank_is_bound_to_its_model():
         with pytest.raises(M3Error, match="sha256:abab.*sha256:cdcd"):
             require_same_model(bank, "sha256:" + "cd" * 32)
         require_same_model(bank, "sha256:" + "cd" * 32, allow_mismatch=True)
+
+
+def test_vq_bank_needs_intact_codebooks(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "vq.m3bank"
+    with BankWriter(path, golden_header(), "vq", SHAPE, vq_subquantizers=2) as w:
+        for i in range(30):
+            w.add_document(f"d{i}", "", "", [("text", 3, torch.randn(SHAPE), torch.full((2, 1, 3), 2, dtype=torch.int16))])
+        w.finish()
+    data = path.read_bytes()
+    with Bank(path) as bank:
+        assert bank.codec == "vq" and bank.record_bytes == 2 * 2 * 1 * 3 * 2
+        assert bank.memories([0]).kv.shape == (1, *SHAPE)
+        entries = {bank.sections[n].name: i for i, n in enumerate(bank.sections)}
+        books = bank.sections["codec.vq"]
+    damaged = patch(data, books.offset + 8, b"\x55\x55")
+    bank = open_bytes(tmp_path, bytes(damaged))
+    with pytest.raises(BankError, match="codec.vq: SHA-256 mismatch"):
+        bank.memories([0])
+    bank.close()
+    renamed = refresh_crcs(patch(data, entry_offset(entries["codec.vq"]), b"codec.vx\0"))
+    with pytest.raises(BankError, match="unknown to this m3"):
+        open_bytes(tmp_path, renamed)

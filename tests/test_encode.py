@@ -182,3 +182,27 @@ def test_split_references_respects_sentences_and_limits(model_dir):
     assert refs[0][0] == "the capital of france is paris ."  # a whole sentence
     assert all(0 < len(ids) <= 8 for _, ids in refs)
     assert " ".join(t for t, _ in refs).split() == text.split()  # nothing lost
+
+
+def test_vq_codec_trains_on_the_bank_and_round_trips(model_dir, tmp_path):
+    words = "the a of to and in is was capital city country born reference paris france rome italy".split()
+    docs = [{"id": f"d{i}", "text": " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 9)) + " ."}
+            for i in range(120)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    a, b = tmp_path / "bf16.m3bank", tmp_path / "vq.m3bank"
+    assert m3("encode", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
+    result = m3("encode", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "vq", "--vq-subquantizers", "4")
+    assert result.exit_code == 0, result.output
+    with Bank(a) as x, Bank(b) as y:
+        assert y.codec == "vq" and y.record_bytes == x.record_bytes // 4  # 4 bytes per 8-dim vector vs 16
+        assert y.verify() == []
+        mx, my = x.memories(range(x.n_refs)), y.memories(range(y.n_refs))
+        assert torch.equal(mx.positions, my.positions)
+        rel = float((mx.kv - my.kv).norm() / mx.kv.norm())
+        assert 0 < rel < 0.35, rel  # lossy, but close
+        assert torch.equal(my.kv[~my.valid[:, :, None].expand_as(my.kv[..., 0]).unsqueeze(-1).expand_as(my.kv)],
+                           torch.zeros(int((~my.valid).sum()) * 2 * my.kv.shape[-1]))
+    info = json.loads(m3("inspect", b, "--json").stdout)
+    assert info["compression_vs_bf16"] == 4.0 and "codec.vq" in {s["name"] for s in info["sections"]}
+    assert_user_error(m3("encode", corpus, "-o", tmp_path / "c.m3bank", "-m", model_dir, "--codec", "vq",
+                         "--vq-subquantizers", "3"), "divides the head dim")
