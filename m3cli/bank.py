@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_file, make_parent
 from .errors import M3Error
 
 MAGIC = b"\x89M3BANK\n"
@@ -116,7 +116,6 @@ class BankWriter:
     def __init__(self, path: Path, header: dict, codec: str, memory_shape: tuple[int, int, int, int, int],
                  overwrite: bool = False, resume: bool = False, resume_key: dict | None = None,
                  vq_subquantizers: int | None = None, device: str | torch.device = "cpu") -> None:
-        from .atomic import make_parent
         from .vq import default_subquantizers
 
         self.path = Path(path)
@@ -312,37 +311,27 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, st
     count = len(sections)
     header_off = PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE
     offset = _align(header_off + len(header_bytes))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(b"\0" * offset)
-            entries = []
-            for name, spool, codec, decoded in sections:
-                h = hashlib.sha256()
-                length = 0
-                out.seek(offset)
-                with open(spool, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-                        out.write(chunk)
-                        length += len(chunk)
-                entries.append(_ENTRY.pack(name.encode("ascii"), offset, length, decoded, codec.encode("ascii"),
-                                           SECTION_FLAG_REQUIRED, b"\0" * 28, h.digest()))
-                offset = _align(offset + length)
-            out.truncate(max(offset, out.tell()))
-            table = b"".join(entries)
-            head = struct.pack("<8sHHIQQIII16s", MAGIC, MAJOR, MINOR, 0, header_off, len(header_bytes), count,
-                               zlib.crc32(table), zlib.crc32(header_bytes), b"\0" * 16)
-            out.seek(0)
-            out.write(head + struct.pack("<I", zlib.crc32(head)) + table + header_bytes)
-            out.flush()
-            os.fsync(out.fileno())
-        from .atomic import publish
-
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as out:
+        out.write(b"\0" * offset)
+        entries = []
+        for name, spool, codec, decoded in sections:
+            h = hashlib.sha256()
+            length = 0
+            out.seek(offset)
+            with open(spool, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+                    out.write(chunk)
+                    length += len(chunk)
+            entries.append(_ENTRY.pack(name.encode("ascii"), offset, length, decoded, codec.encode("ascii"),
+                                       SECTION_FLAG_REQUIRED, b"\0" * 28, h.digest()))
+            offset = _align(offset + length)
+        out.truncate(max(offset, out.tell()))
+        table = b"".join(entries)
+        head = struct.pack("<8sHHIQQIII16s", MAGIC, MAJOR, MINOR, 0, header_off, len(header_bytes), count,
+                           zlib.crc32(table), zlib.crc32(header_bytes), b"\0" * 16)
+        out.seek(0)
+        out.write(head + struct.pack("<I", zlib.crc32(head)) + table + header_bytes)
 
 
 # --- reading -------------------------------------------------------------------------------------

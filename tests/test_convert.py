@@ -7,26 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from m3cli.checkpoint import load_model_dir, load_tokenizer, read_config
-from m3cli.cli import app
-
-runner = CliRunner()
-
-
-def m3(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
-    err = result.stderr.strip()
-    assert err.startswith("m3: error:") and "\n" not in err, err
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in err, err
+from cli_helpers import assert_user_error, m3
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "qwen_dir"])

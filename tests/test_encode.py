@@ -6,32 +6,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from m3cli.bank import Bank
 from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint
-from m3cli.cli import app
 from m3cli.corpus import split_references
+from cli_helpers import assert_user_error, m3
 
-runner = CliRunner()
 
 DOCS = [
     {"id": "fr", "title": "France", "text": "the capital of france is paris . paris is a city in france ."},
     {"id": "it", "title": "Italy", "source": "atlas", "text": "the capital of italy is rome . rome was a city ."},
     {"id": "hw", "text": "hello world . " * 30},  # longer than one reference of the tiny config
 ]
-
-
-def m3(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    err = result.stderr.strip()
-    assert err.startswith("m3: error:") and "\n" not in err and "Traceback" not in result.output, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture

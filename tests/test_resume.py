@@ -8,17 +8,11 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from m3cli.bank import BankWriter
-from m3cli.cli import app
+from cli_helpers import m3
 
-runner = CliRunner()
 WORDS = "the capital of france is paris rome italy city country born hello world memory model answer".split()
-
-
-def m3(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 def corpus(path, n_docs):

@@ -6,18 +6,15 @@ import subprocess
 import sys
 
 import torch
-from typer.testing import CliRunner
 
 from m3cli.bank import Bank
-from m3cli.cli import app
-
-runner = CliRunner()
+from cli_helpers import m3
 
 
 def test_two_process_encode_equals_one_process(llama_dir, tmp_path):
     src, _ = llama_dir
     model = tmp_path / "m3-model"
-    assert runner.invoke(app, ["convert", str(src), "-o", str(model)]).exit_code == 0
+    assert m3("convert", src, "-o", model).exit_code == 0
     corpus = tmp_path / "c.jsonl"
     words = "the capital of france is paris rome italy city country born hello world memory model".split()
     with open(corpus, "w") as f:
@@ -25,7 +22,7 @@ def test_two_process_encode_equals_one_process(llama_dir, tmp_path):
             text = " ".join(words[(i * 5 + j) % len(words)] for j in range(4 + i % 9)) + " ."
             f.write(json.dumps({"id": f"d{i}", "title": f"t{i}", "text": text}) + "\n")
     single, sharded = tmp_path / "single.m3bank", tmp_path / "sharded.m3bank"
-    assert runner.invoke(app, ["encode", str(corpus), "-o", str(single), "-m", str(model), "-q"]).exit_code == 0
+    assert m3("encode", corpus, "-o", single, "-m", model, "-q").exit_code == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "m3cli", "encode", str(corpus), "-o", str(sharded), "-m", str(model), "-q"]
