@@ -40,6 +40,9 @@ CODECS = ("bf16", "int8", "vq")
 SECTION_CODECS = ("raw", "zstd")
 KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.data", "kv.positions")
 VQ_SECTION = "codec.vq"  # PQ codebooks, present with the vq codec
+ZSTD_SECTIONS = ("docs.strings",)  # the only section that may be compressed (read whole)
+MAX_ZSTD_RATIO = 64
+MAX_PROBLEMS = 100  # verify() stops after this many
 _NAME_RE = re.compile(r"^[a-z0-9._-]{1,32}$")
 _PREAMBLE = struct.Struct("<8sHHIQQIII16sI")  # magic, major, minor, flags, hdr off, hdr len, count, crcs, pad, crc
 _ENTRY = struct.Struct("<32sQQQ8sI28s32s")
@@ -309,7 +312,7 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, st
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise M3Error("bank header too large")
     count = len(sections)
-    header_off = PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE
+    header_off = PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE  # the table sits right after the preamble
     offset = _align(header_off + len(header_bytes))
     with atomic_file(path) as out:
         out.write(b"\0" * offset)
@@ -328,10 +331,14 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, st
             offset = _align(offset + length)
         out.truncate(max(offset, out.tell()))
         table = b"".join(entries)
-        head = struct.pack("<8sHHIQQIII16s", MAGIC, MAJOR, MINOR, 0, header_off, len(header_bytes), count,
-                           zlib.crc32(table), zlib.crc32(header_bytes), b"\0" * 16)
         out.seek(0)
-        out.write(head + struct.pack("<I", zlib.crc32(head)) + table + header_bytes)
+        out.write(_preamble(PREAMBLE_SIZE, table, header_bytes) + table + header_bytes)
+
+
+def _preamble(table_offset: int, table: bytes, header_bytes: bytes) -> bytes:
+    head = struct.pack("<8sHHIQQIII16s", MAGIC, MAJOR, MINOR, 0, table_offset, len(header_bytes),
+                       len(table) // SECTION_ENTRY_SIZE, zlib.crc32(table), zlib.crc32(header_bytes), b"\0" * 16)
+    return head + struct.pack("<I", zlib.crc32(head))
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -412,7 +419,7 @@ class Bank:
     def _parse(self) -> None:
         mm, size = self._mm, self.size
         pre = mm[:PREAMBLE_SIZE]
-        magic, major, minor, flags, hoff, hlen, count, table_crc, header_crc, _pad, pre_crc = _PREAMBLE.unpack(pre)
+        magic, major, minor, flags, toff, hlen, count, table_crc, header_crc, _pad, pre_crc = _PREAMBLE.unpack(pre)
         if magic != MAGIC:
             raise BankError(f"{self.path} is not an .m3bank (bad magic)")
         if major != MAJOR:
@@ -424,11 +431,13 @@ class Bank:
         self.version = (major, minor)
         if count > MAX_SECTIONS:
             raise BankError(f"section count {count} exceeds {MAX_SECTIONS}")
-        if hoff != PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE:
-            raise BankError("header offset does not follow the section table")
+        if toff % ALIGNMENT or toff < PREAMBLE_SIZE or toff + count * SECTION_ENTRY_SIZE > size:
+            raise BankError(f"section table offset {toff} is out of bounds for a {size}-byte file")
+        hoff = toff + count * SECTION_ENTRY_SIZE
         if not 1 <= hlen <= MAX_HEADER_BYTES or hoff + hlen > size:
             raise BankError(f"header length {hlen} is out of bounds for a {size}-byte file")
-        table = mm[PREAMBLE_SIZE:hoff]
+        self.table_offset = toff
+        table = mm[toff:hoff]
         if zlib.crc32(table) != table_crc:
             raise BankError("section table checksum mismatch (file damaged)")
         header_bytes = mm[hoff:hoff + hlen]
@@ -436,29 +445,35 @@ class Bank:
             raise BankError("header checksum mismatch (file damaged)")
         try:
             header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BankError(f"header is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, huge integers, deep nesting
+            raise BankError(f"header is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(header, dict) or header.get("m3.format") != "m3bank":
             raise BankError("header is not an m3bank header")
         self.header = header
         self.sections: dict[str, Section] = {}
-        spans = []
+        self._entries: dict[str, bytes] = {}
+        spans = [(0, PREAMBLE_SIZE, "preamble"), (toff, hoff + hlen, "section table and header")]
         for i in range(count):
             raw_name, off, length, decoded, codec, sflags, _res, digest = _ENTRY.unpack_from(table, i * SECTION_ENTRY_SIZE)
             name = raw_name.rstrip(b"\0").decode("ascii", "replace")
             codec_s = codec.rstrip(b"\0").decode("ascii", "replace")
             if not _NAME_RE.match(name) or name in self.sections:
                 raise BankError(f"invalid or duplicate section name {name!r}")
-            if off % ALIGNMENT or off < hoff + hlen or off + length > size:
+            if off % ALIGNMENT or off < PREAMBLE_SIZE or off + length > size:
                 raise BankError(f"section {name} (offset {off}, length {length}) lies outside the file")
             if codec_s not in SECTION_CODECS:
                 raise BankError(f"section {name} uses unknown codec {codec_s!r}")
             if codec_s == "raw" and decoded != length:
                 raise BankError(f"section {name}: raw section with decoded length {decoded} != {length}")
+            if codec_s == "zstd" and (name not in ZSTD_SECTIONS or decoded > MAX_ZSTD_RATIO * max(length, 1)):
+                raise BankError(f"section {name}: zstd is not allowed here or expands implausibly "
+                                f"({length} -> {decoded} bytes)")
             if name not in KNOWN_SECTIONS and name != VQ_SECTION and sflags & SECTION_FLAG_REQUIRED:
                 raise BankError(f"required section {name!r} is unknown to this m3 (upgrade m3)")
-            spans.append((off, off + length, name))
+            if length:
+                spans.append((off, off + length, name))
             self.sections[name] = Section(name, off, length, decoded, codec_s, sflags, digest)
+            self._entries[name] = bytes(table[i * SECTION_ENTRY_SIZE:(i + 1) * SECTION_ENTRY_SIZE])
         spans.sort()
         for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -493,6 +508,12 @@ class Bank:
         if self.record_bytes != record_bytes(self.codec, self.memory_shape, self.subquantizers):
             raise BankError("m3.memory.record_bytes does not match codec and memory shape")
         self.reference_length = _int(h, "m3.memory.reference_length", 1, 2**16)
+        for key, n in (("m3.memory.layer_ids", self.memory_shape[0]), ("m3.model.reference_prefix_ids", None)):
+            v = h.get(key)
+            if not isinstance(v, list) or (n is not None and len(v) != n) or len(v) > 4096 or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in v):
+                raise BankError(f"header key {key} must be a list of {n or 'some'} non-negative integers")
+        self.prefix_length = len(h["m3.model.reference_prefix_ids"])
         L, _, H, K, _d = self.memory_shape
         expect = {"refs.table": self.n_refs * REF_RECORD_SIZE, "docs.table": self.n_docs * DOC_RECORD_SIZE,
                   "kv.data": self.n_refs * self.record_bytes, "kv.positions": self.n_refs * L * H * K * 2}
@@ -517,8 +538,14 @@ class Bank:
             return bytes(self.raw(name))
         import zstandard
 
+        data = bytes(self.raw(name))
+        if hashlib.sha256(data).digest() != s.sha256:  # never hand unverified bytes to a decompressor
+            raise BankError(f"section {name}: SHA-256 mismatch (file damaged)")
         try:
-            out = zstandard.ZstdDecompressor().decompress(bytes(self.raw(name)), max_output_size=s.decoded_length)
+            declared = zstandard.get_frame_parameters(data).content_size
+            if declared != s.decoded_length:
+                raise BankError(f"section {name}: the zstd frame declares {declared} bytes, the table {s.decoded_length}")
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=s.decoded_length)
         except zstandard.ZstdError as e:
             raise BankError(f"section {name} does not decompress: {e}") from None
         if len(out) != s.decoded_length:
@@ -628,29 +655,46 @@ class Bank:
                 progress(s.name)
         if problems:
             return problems
+
+        def note(message: str) -> bool:
+            problems.append(message)
+            return len(problems) >= MAX_PROBLEMS
+
+        expected_first = 0  # documents must tile the references in order
         for j in range(self.n_docs):
             try:
                 d = self.document(j)
             except M3Error as e:
-                problems.append(str(e))
+                if note(str(e)):
+                    return problems
                 continue
-            for i in range(d.first_ref, d.first_ref + d.n_refs):
-                if self.reference(i).doc_index != j:
-                    problems.append(f"reference {i} does not belong to document {j} as the table says")
-        p = self.header.get("m3.model.reference_prefix_ids")
-        prefix = len(p) if isinstance(p, list) else 0
+            if d.first_ref != expected_first and note(f"document {j} starts at reference {d.first_ref}, "
+                                                      f"expected {expected_first}"):
+                return problems
+            expected_first = d.first_ref + d.n_refs
+        if expected_first != self.n_refs and note(f"documents cover {expected_first} references, the bank has "
+                                                  f"{self.n_refs}"):
+            return problems
+        prefix = self.prefix_length
         for start in range(0, self.n_refs, 4096):
             idx = list(range(start, min(start + 4096, self.n_refs)))
             pos = self.positions(idx)
             for k, i in enumerate(idx):
                 try:
                     ref = self.reference(i)
+                    if ref.doc_index >= self.n_docs:
+                        raise BankError(f"reference {i} names document {ref.doc_index}")
+                    doc = self.document(ref.doc_index)
+                    if not doc.first_ref <= i < doc.first_ref + doc.n_refs:
+                        raise BankError(f"reference {i} does not belong to document {ref.doc_index} as the table says")
                 except M3Error as e:
-                    problems.append(str(e))
+                    if note(str(e)):
+                        return problems
                     continue
                 real = pos[k][pos[k] >= 0]
                 if real.numel() and (int(real.min()) < prefix or int(real.max()) >= prefix + ref.token_count):
-                    problems.append(f"reference {i}: kept positions outside the reference")
+                    if note(f"reference {i}: kept positions outside the reference"):
+                        return problems
         return problems
 
 
@@ -698,3 +742,47 @@ def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False, cod
         for b in banks:
             b.close()
     return out
+
+
+def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: int = 0) -> None:
+    """Add or replace sections and header keys of an existing bank without rewriting the rest.
+
+    The new sections, then a new section table and header, are appended at the end of the
+    file and made durable; only then is the 64-byte preamble rewritten to point at the new
+    table. Until that single write the file is the old, valid bank (trailing bytes are
+    ignored); after it, the new one. Replaced sections become unreferenced space.
+    """
+    import fcntl
+
+    with Bank(path) as bank:
+        header = {**bank.header, **header_updates}
+        header = {k: v for k, v in header.items() if v is not None}
+        entries = [e for name, e in bank._entries.items() if name not in add]
+        before = bytes(bank._mm[:PREAMBLE_SIZE])
+    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise M3Error("bank header too large")
+    with open(path, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if f.read(PREAMBLE_SIZE) != before:
+            raise M3Error(f"{path} changed while it was being updated; try again")
+        offset = _align(f.seek(0, os.SEEK_END))
+        for name, data in add.items():
+            if not _NAME_RE.match(name):
+                raise ValueError(f"invalid section name {name!r}")
+            f.seek(offset)
+            f.write(data)
+            entries.append(_ENTRY.pack(name.encode("ascii"), offset, len(data), len(data), b"raw", flags,
+                                       b"\0" * 28, hashlib.sha256(data).digest()))
+            offset = _align(offset + len(data))
+        if len(entries) > MAX_SECTIONS:
+            raise M3Error(f"a bank holds at most {MAX_SECTIONS} sections")
+        table = b"".join(entries)
+        f.seek(offset)
+        f.write(table + header_bytes)
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        f.write(_preamble(offset, table, header_bytes))
+        f.flush()
+        os.fsync(f.fileno())

@@ -149,9 +149,12 @@ def encode(
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT (and discard an interrupted run).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command "
                                                           "from its last checkpoint.")] = False,
+    index: Annotated[str, typer.Option(help="Also build this FAISS retrieval index (see `m3 index`); "
+                                            "'none' to skip.")] = "Flat",
+    embedder: Annotated[str, typer.Option(help="Embedder for the index: minilm, self, or an encoder dir.")] = "minilm",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Encode a corpus into an .m3bank of sparse explicit memories.
+    """Encode a corpus into an .m3bank of sparse explicit memories (and index it for retrieval).
 
     Documents are cut into references of at most 128 tokens at sentence boundaries; each
     reference's memory is computed by the model and written with its text. The output path never
@@ -162,6 +165,13 @@ def encode(
 
     if codec not in CODECS:
         raise M3Error(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if index.lower() != "none":  # an invalid factory fails before hours of encoding
+        import faiss
+
+        try:
+            faiss.index_factory(8 if "PQ" not in index else 64, index, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError:
+            raise M3Error(f"invalid FAISS index factory {index!r} (e.g. Flat, HNSW32, IVF1024,PQ32)") from None
     try:
         summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
                                 dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet,
@@ -170,9 +180,18 @@ def encode(
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)
         raise typer.Exit(130)
-    if summary is not None:  # None on the non-main processes of a sharded encode
-        typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
-                   f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
+    if summary is None:  # the non-main processes of a sharded encode
+        return
+    typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
+               f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
+    if index.lower() != "none":
+        from .device import resolve_device
+        from .embed import load_embedder
+        from .retrieval import index_bank
+
+        emb = load_embedder(embedder, model_dir=model, device=resolve_device(device))
+        info = index_bank(output, emb, factory=index, show_progress=not quiet)
+        typer.echo(f"indexed {output}: {info['factory']} over {info['embedder']} embeddings (dim {info['dim']})")
 
 
 @app.command(epilog="Examples:\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16\n\n"
@@ -222,6 +241,97 @@ def print_fields(info: dict) -> None:
         typer.echo(f"{key:<{width}}  {terminal_safe(str(value))}")
 
 
+@app.command("index", epilog="Examples:\n\n  m3 index kb.m3bank\n\n  m3 index kb.m3bank --factory HNSW32\n\n"
+                             "  m3 index kb.m3bank --factory IVF4096,PQ32 --nprobe 32\n\n"
+                             "  m3 index kb.m3bank --embedder self --model out/smollm2")
+@user_errors
+def index_cmd(
+    bank: Annotated[Path, typer.Argument(help="The .m3bank to index (updated in place, KV payload untouched).")],
+    embedder: Annotated[str, typer.Option(help="minilm (default, offline), self (the bank's model: needs "
+                                               "--model), or a local Hugging Face encoder dir.")] = "minilm",
+    pooling: Annotated[str, typer.Option(help="Pooling for an encoder dir: mean or cls.")] = "mean",
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for --embedder self.")] = None,
+    factory: Annotated[str, typer.Option(help="FAISS index factory: Flat, HNSW32, IVF4096,PQ32, …")] = "Flat",
+    nprobe: Annotated[int, typer.Option(help="IVF lists searched per query (stored in the bank).")] = 16,
+    ef_search: Annotated[int, typer.Option("--ef-search", help="HNSW search depth (stored in the bank).")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts embedded per batch.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Embed a bank's references (if needed) and store a FAISS retrieval index in it.
+
+    Embeddings already in the bank from the same embedder are reused, so rebuilding the index
+    with another factory is quick. Reference ids survive rebuilds: FAISS rows map to references
+    explicitly. Interrupted embedding resumes when the command is run again.
+    """
+    from .bank import Bank, require_same_model
+    from .device import resolve_device
+    from .embed import load_embedder
+    from .retrieval import index_bank
+
+    if batch_size < 1:
+        raise M3Error("--batch-size must be at least 1")
+    with Bank(bank) as b:  # a clear error for a bad bank before loading any model
+        if embedder == "self" and model is not None:
+            from .checkpoint import model_fingerprint
+
+            require_same_model(b, model_fingerprint(model))
+    emb = load_embedder(embedder, model_dir=model, pooling=pooling, device=resolve_device(device))
+    info = index_bank(bank, emb, factory=factory, batch_size=batch_size, show_progress=not quiet,
+                      nprobe=nprobe, ef_search=ef_search)
+    typer.echo(f"indexed {bank}: {info['references']} references, {info['factory']} over {info['embedder']} "
+               f"embeddings (dim {info['dim']}{', computed' if info['embedded'] else ', reused'}), "
+               f"index {info['index_bytes']:,} B")
+
+
+@app.command(epilog="Examples:\n\n  m3 search kb.m3bank \"Who founded the Northwind Institute?\"\n\n"
+                    "  cat questions.txt | m3 search kb.m3bank - -k 3 --json | jq .results[0].ref\n\n"
+                    "  m3 search kb.m3bank \"capital of France\" --max-overlap 0.67")
+@user_errors
+def search(
+    bank: Annotated[Path, typer.Argument(help="An indexed .m3bank.")],
+    query: Annotated[str, typer.Argument(help="The query, or - to read one query per line from standard input.")],
+    k: Annotated[int, typer.Option("-k", help="References per query.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query (JSON lines).")] = False,
+    max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
+                                                          "with the query (Eq. 6, words) exceeds this, e.g. 0.67.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for banks indexed with "
+                                                                        "the `self` embedder.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Top-k references of a bank for a query, with scores and text."""
+    from .bank import Bank
+    from .device import resolve_device
+    from .embed import EmbedderSpec, load_embedder
+    from .retrieval import Retriever
+
+    if k < 1:
+        raise M3Error("-k must be at least 1")
+    queries = [query] if query != "-" else [q for q in _read_text_arg("-").splitlines() if q.strip()]
+    if not queries:
+        raise M3Error("no query on standard input")
+    with Bank(bank) as b:
+        spec = EmbedderSpec.from_header(b.header)
+        if spec is None:
+            raise M3Error(f"{bank} has no retrieval index; build one with `m3 index {bank}`")
+        name = "minilm" if spec.name == "minilm" else "self" if spec.name == "self" else embedder
+        if name is None:
+            raise M3Error(f"{bank} was indexed with the encoder {spec.name}: pass its directory with --embedder")
+        emb = load_embedder(name, model_dir=model, pooling=spec.pooling, device=resolve_device(device))
+        results = Retriever(b, emb).search(queries, k=k, max_overlap=max_overlap)
+        for q, hits in zip(queries, results):
+            if as_json:
+                typer.echo(json.dumps({"query": q, "results": [h.__dict__ for h in hits]}, ensure_ascii=False))
+                continue
+            if len(queries) > 1:
+                typer.echo(f"# {terminal_safe(q)}")
+            for h in hits:
+                text = " ".join(h.text.split())
+                typer.echo(f"{h.score:7.4f}  ref {h.ref:<6} {terminal_safe(h.title or h.doc_id)}: "
+                           f"{terminal_safe(text[:160])}{'…' if len(text) > 160 else ''}")
+
+
 def _not_yet(name: str, issue: int, what: str):
     def stub(ctx: typer.Context) -> None:
         _fail(f"`m3 {name}` is not available yet: {what} lands with issue #{issue}")
@@ -231,7 +341,6 @@ def _not_yet(name: str, issue: int, what: str):
 
 
 _not_yet("pretrain", 6, "two-stage training (warmup, continual with memory) through accelerate")
-_not_yet("index", 4, "building the FAISS retrieval index inside a bank")
 _not_yet("generate", 5, "generation that reads explicit memory")
 
 

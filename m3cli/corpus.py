@@ -35,8 +35,14 @@ def _document(obj, where: str, n: int) -> Document:
     text = obj.get("text")
     if not isinstance(text, str):
         raise M3Error(f"{where}: record {n} has no string field 'text'")
-    return Document(id=str(obj.get("id") if obj.get("id") is not None else n), title=str(obj.get("title") or ""),
-                    source=str(obj.get("source") or ""), text=text)
+    doc = Document(id=str(obj.get("id") if obj.get("id") is not None else n), title=str(obj.get("title") or ""),
+                   source=str(obj.get("source") or ""), text=text)
+    for name in ("id", "title", "source", "text"):
+        try:
+            getattr(doc, name).encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from JSON escapes such as \ud800
+            raise M3Error(f"{where}: record {n} has invalid Unicode in field '{name}'") from None
+    return doc
 
 
 def _jsonl(stream, where: str) -> Iterator[Document]:
@@ -51,6 +57,8 @@ def _jsonl(stream, where: str) -> Iterator[Document]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise M3Error(f"{where}: line {n} is not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # huge integers, deep nesting
+            raise M3Error(f"{where}: line {n} cannot be read ({str(e)[:100]})") from None
         yield _document(obj, where, n)
 
 
@@ -72,8 +80,8 @@ def _parquet(path: Path) -> Iterator[Document]:
             for row in batch.to_pylist():
                 n += 1
                 yield _document(row, str(path), n)
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        raise M3Error(f"{path}: cannot read row {n + 1} ({str(e).splitlines()[0]})") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # corrupt pages, bad compression
+        raise M3Error(f"{path}: cannot read row {n + 1} ({(str(e).splitlines() or ['unreadable'])[0]})") from None
 
 
 def read_corpus(source: str | Path) -> Iterator[Document]:

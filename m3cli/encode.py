@@ -8,6 +8,7 @@ model.py's. Memory use is bounded by the batch, not the corpus.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -130,12 +131,15 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     world, rank = (state.num_processes, state.process_index) if state else (1, 0)
     if world > 1 and str(corpus) == "-":
         raise M3Error("a sharded encode needs a corpus file (every process reads it); stdin cannot be shared")
+    if resume and str(corpus) == "-":
+        raise M3Error("--resume needs a corpus file: standard input cannot be checked to be the same stream")
     tokenizer = load_tokenizer(model_dir)
     documents = read_corpus(corpus)
     first = next(documents, None)  # surface an unreadable corpus before loading the model
     documents = itertools.chain([first] if first is not None else [], documents)
     dev = state.device if state else resolve_device(device)
-    model = load_model_dir(model_dir, dev, resolve_dtype(dev, dtype))
+    torch_dtype = resolve_dtype(dev, dtype)
+    model = load_model_dir(model_dir, dev, torch_dtype)
     fingerprint = model_fingerprint(model_dir)
     header = bank_header(cfg, fingerprint)
     if codec == "vq":
@@ -148,31 +152,43 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     if world == 1:
         n_docs, n_refs, n_tokens = _write_bank(documents, out, model, tokenizer, cfg, header, codec, batch_size,
                                                _count_documents(str(corpus)), overwrite, resume,
-                                               {**_corpus_identity(str(corpus)), "batch_size": batch_size},
+                                               {**_corpus_identity(str(corpus)), "batch_size": batch_size,
+                                                "device": dev.type, "dtype": str(torch_dtype)},
                                                show_progress, empty_error=f"corpus {corpus} holds no text to encode",
                                                codec_args=codec_args)
         return EncodeSummary(out, n_docs, n_refs, n_tokens, codec, fingerprint)
 
     parts = [part_path(out, r, world) for r in range(world)]
     mine = parts[rank]
-    if not (resume and mine.exists()):  # a finished part is kept by --resume
+    part_codec = "bf16" if codec == "vq" else codec  # vq codebooks are trained once, on the merge
+    key = {**_corpus_identity(str(corpus)), "batch_size": batch_size, "rank": rank, "world": world,
+           "device": dev.type, "dtype": str(torch_dtype), "header": header, "codec": part_codec}
+    key_file = mine.with_name(mine.name + ".key.json")
+    finished = resume and mine.exists() and key_file.exists() and json.loads(key_file.read_text()) == key
+    if not finished:  # a finished part of the same run is kept by --resume
+        key_file.unlink(missing_ok=True)
         total = _count_documents(str(corpus))
         share = None if total is None else len(range(rank, total, world))
-        key = {**_corpus_identity(str(corpus)), "batch_size": batch_size, "rank": rank, "world": world}
-        part_codec = "bf16" if codec == "vq" else codec  # vq codebooks are trained once, on the merge
         _write_bank((d for i, d in enumerate(documents) if i % world == rank), mine, model, tokenizer, cfg, header,
                     part_codec, batch_size, share, True, resume, key, show_progress and state.is_main_process)
+        key_file.write_text(json.dumps(key))
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
-        merge_interleaved(parts, out, overwrite=overwrite, codec=codec, **codec_args)
+        n_refs = 0
+        for p in parts:
+            with Bank(p) as part:
+                n_refs += part.n_refs
+        if n_refs:  # an empty corpus must not replace an existing bank
+            merge_interleaved(parts, out, overwrite=overwrite, codec=codec, **codec_args)
+            with Bank(out) as bank:
+                summary = EncodeSummary(out, bank.n_docs, bank.n_refs, bank.header["m3.bank.tokens"], codec,
+                                        fingerprint)
         for p in parts:
             p.unlink()
-        with Bank(out) as bank:
-            summary = EncodeSummary(out, bank.n_docs, bank.n_refs, bank.header["m3.bank.tokens"], codec, fingerprint)
+            p.with_name(p.name + ".key.json").unlink(missing_ok=True)
     state.wait_for_everyone()
-    if summary is not None and summary.references == 0:
-        out.unlink()
+    if state.is_main_process and summary is None:
         raise M3Error(f"corpus {corpus} holds no text to encode")
     return summary
 

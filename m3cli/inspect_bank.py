@@ -42,9 +42,9 @@ def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
     ref = bank.reference(i)
     doc = bank.document(ref.doc_index)
     positions = bank.positions([i])[0]  # (L, H, K)
-    prefix = len(bank.header.get("m3.model.reference_prefix_ids") or [])
+    prefix = bank.prefix_length
     token_ids = list(tokenizer(ref.text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else None
-    layers = bank.header.get("m3.memory.layer_ids") or list(range(positions.shape[0]))
+    layers = bank.header["m3.memory.layer_ids"]  # validated when the bank was opened
     kept = []
     for m in range(positions.shape[0]):
         heads = []
@@ -55,7 +55,7 @@ def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
                 entry["tokens"] = [tokenizer.decode([token_ids[p - prefix]]) if 0 <= p - prefix < len(token_ids)
                                    else None for p in pos]
             heads.append(entry)
-        kept.append({"layer": layers[m] if m < len(layers) else m, "heads": heads})
+        kept.append({"layer": layers[m], "heads": heads})
     return {"index": i, "document": {"index": doc.index, "id": doc.id, "title": doc.title, "source": doc.source},
             "index_in_document": ref.index_in_doc, "token_count": ref.token_count, "text": ref.text,
             "prefix_length": prefix, "kept": kept}

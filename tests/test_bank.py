@@ -1,6 +1,7 @@
 """The .m3bank format: round trips, golden bytes, spec/code sync, hostile files, model binding."""
 
 import hashlib
+import json
 import re
 import struct
 import zlib
@@ -57,8 +58,8 @@ def test_golden_bytes(tmp_path):
 def test_preamble_layout_by_hand():
     data = (DATA / "golden-2ref.m3bank").read_bytes()
     assert data[:8] == bytes.fromhex("894D3342414E4B0A")
-    major, minor, flags, hoff, hlen, count = struct.unpack_from("<HHIQQI", data, 8)
-    assert (major, minor, flags, count) == (1, 0, 0, 6) and hoff == 64 + 6 * 128
+    major, minor, flags, table_offset, hlen, count = struct.unpack_from("<HHIQQI", data, 8)
+    assert (major, minor, flags, count, table_offset) == (1, 0, 0, 6, 64)
     assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
     name, off, length = struct.unpack_from("<32sQQ", data, 64)
     assert name.rstrip(b"\0") == b"refs.table" and off % 64 == 0 and length == 2 * 32
@@ -72,7 +73,7 @@ def test_round_trip_random(tmp_path, codec, tol):
     path = tmp_path / f"{codec}.m3bank"
     kvs = [torch.randn(shape) for _ in range(5)]
     pos = torch.arange(3 * 2 * 8).reshape(3, 2, 8).to(torch.int16) % 20 + 2
-    header = {**golden_header(), "m3.memory.layers": 3, "m3.memory.kv_heads": 2, "m3.memory.top_k": 8,
+    header = {**golden_header(), "m3.memory.layers": 3, "m3.memory.layer_ids": [0, 1, 2], "m3.memory.kv_heads": 2, "m3.memory.top_k": 8,
               "m3.memory.head_dim": 16}
     with BankWriter(path, header, codec, shape) as w:
         for i in range(0, 5, 2):
@@ -127,8 +128,9 @@ def patch(data: bytes, offset: int, new: bytes) -> bytearray:
 
 def refresh_crcs(buf: bytearray) -> bytes:
     """Recompute table/header/preamble CRCs so that only the deliberate damage remains."""
-    hoff, hlen, count = struct.unpack_from("<QQI", buf, 16)
-    struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[64:hoff])), zlib.crc32(bytes(buf[hoff:hoff + hlen])))
+    toff, hlen, count = struct.unpack_from("<QQI", buf, 16)
+    hoff = toff + count * 128 if count < 10**5 else toff
+    struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[toff:hoff])), zlib.crc32(bytes(buf[hoff:hoff + hlen])))
     struct.pack_into("<I", buf, 60, zlib.crc32(bytes(buf[:60])))
     return bytes(buf)
 
@@ -158,7 +160,9 @@ def open_bytes(tmp_path, data: bytes):
     (lambda d: refresh_crcs(patch(d, 24, struct.pack("<Q", 2**40))), "header length"),
     (lambda d: refresh_crcs(patch(d, 32, struct.pack("<I", 10**6))), "section count"),
     (lambda d: refresh_crcs(patch(d, entry_offset(4) + 40, struct.pack("<Q", 2**50))), "outside the file"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 64 * 3))), "outside the file"),
+    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 64 * 3))), "table and header .*overlap"),
+    (lambda d: refresh_crcs(patch(d, 16, struct.pack("<Q", 2**40))), "section table offset"),
+    (lambda d: refresh_crcs(patch(d, 16, struct.pack("<Q", 65))), "section table offset"),
     (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 1))), "outside the file"),
     (lambda d: refresh_crcs(patch(d, entry_offset(1), b"refs.table\0")), "duplicate section"),
     (lambda d: refresh_crcs(patch(d, entry_offset(5), b"kv.future\0\0\0")), "unknown to this m3"),
@@ -184,7 +188,8 @@ def test_unknown_optional_section_is_ignored(tmp_path, golden):
 
 
 def test_sizes_must_match_the_header(tmp_path, golden):
-    hoff, hlen = struct.unpack_from("<QQ", golden, 16)
+    toff, hlen = struct.unpack_from("<QQ", golden, 16)
+    hoff = toff + 6 * 128
     header = golden[hoff:hoff + hlen].replace(b'"m3.bank.references":2', b'"m3.bank.references":3')
     data = refresh_crcs(patch(golden, hoff, header))
     with pytest.raises(BankError, match="header implies"):
@@ -245,3 +250,112 @@ def test_vq_bank_needs_intact_codebooks(tmp_path):
     renamed = refresh_crcs(patch(data, entry_offset(entries["codec.vq"]), b"codec.vx\0"))
     with pytest.raises(BankError, match="unknown to this m3"):
         open_bytes(tmp_path, renamed)
+
+
+def header_patched(golden: bytes, new_header: bytes) -> bytes:
+    """The golden bank with its header replaced (table CRCs refreshed; sections unchanged)."""
+    toff, hlen = struct.unpack_from("<QQ", golden, 16)
+    hoff = toff + 6 * 128
+    assert len(new_header) <= hlen
+    buf = bytearray(golden)
+    buf[hoff:hoff + hlen] = new_header.ljust(hlen, b" ")
+    return refresh_crcs(buf)
+
+
+@pytest.mark.parametrize("header,fragment", [
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (b'{"m3.format":"m3bank","x":' + b"9" * 5000 + b"}", "not valid JSON"),
+])
+def test_hostile_header_json(tmp_path, golden, header, fragment):
+    toff, hlen = struct.unpack_from("<QQ", golden, 16)
+    hoff = toff + 6 * 128
+    body = bytearray(golden[:hoff]) + header + golden[hoff + hlen:]
+    struct.pack_into("<Q", body, 24, len(header))
+    data = bytearray(body)
+    # move every section by the size change so that the file stays consistent
+    delta = len(header) - hlen
+    for i in range(6):
+        off = struct.unpack_from("<Q", data, entry_offset(i) + 32)[0]
+        struct.pack_into("<Q", data, entry_offset(i) + 32, off + delta)
+    pad = (-delta) % 64
+    data = data[:hoff + len(header)] + b"\0" * pad + data[hoff + len(header):]
+    for i in range(6):
+        off = struct.unpack_from("<Q", data, entry_offset(i) + 32)[0]
+        struct.pack_into("<Q", data, entry_offset(i) + 32, off + pad)
+    with pytest.raises(BankError, match=fragment):
+        open_bytes(tmp_path, refresh_crcs(data))
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"m3.memory.layer_ids": [{}, 1]}, "layer_ids"),
+    ({"m3.memory.layer_ids": 7}, "layer_ids"),
+    ({"m3.model.reference_prefix_ids": 5}, "reference_prefix_ids"),
+    ({"m3.memory.layer_ids": ["\x1b[31m", 1]}, "layer_ids"),
+])
+def test_header_values_are_validated(tmp_path, golden, change, fragment):
+    toff, hlen = struct.unpack_from("<QQ", golden, 16)
+    hoff = toff + 6 * 128
+    header = json.loads(golden[hoff:hoff + hlen])
+    new = json.dumps({**header, **change}, separators=(",", ":")).encode()
+    if len(new) > hlen:
+        new = json.dumps({**header, **change, "m3.model.name": "", "m3.encode.producer": ""},
+                         separators=(",", ":")).encode()
+    with pytest.raises(BankError, match=fragment):
+        open_bytes(tmp_path, header_patched(golden, new))
+
+
+def test_zstd_sections_are_verified_and_bounded(tmp_path, golden):
+    import zstandard
+
+    with Bank(DATA / "golden-2ref.m3bank") as bank:
+        i = list(bank.sections).index("docs.strings")
+        s = bank.sections["docs.strings"]
+    # a frame that claims 2**40 bytes in a section whose table entry says 34
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * 34)
+    bomb = bytearray(bomb)
+    data = bytearray(golden)
+    data[s.offset:s.offset + s.length] = bytes(s.length)  # zero the old bytes
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"x" * 34)
+    assert len(frame) <= 64
+    data[s.offset:s.offset + len(frame)] = frame
+    struct.pack_into("<QQ8s", data, entry_offset(i) + 40, len(frame), 34, b"zstd")
+    data[entry_offset(i) + 96:entry_offset(i) + 128] = hashlib.sha256(bytes(data[s.offset:s.offset + len(frame)])).digest()
+    bank = open_bytes(tmp_path, refresh_crcs(data))
+    assert bank.decoded("docs.strings") == b"x" * 34  # a proper frame decodes
+    bank.close()
+    # the same frame with the checksum in the table zeroed is refused before decompression
+    data[entry_offset(i) + 96:entry_offset(i) + 128] = bytes(32)
+    bank = open_bytes(tmp_path, refresh_crcs(data))
+    with pytest.raises(BankError, match="SHA-256 mismatch"):
+        bank.document(0)
+    bank.close()
+    # declared expansions beyond the ratio cap, and zstd where only raw is allowed
+    struct.pack_into("<Q", data, entry_offset(i) + 48, 2**40)
+    with pytest.raises(BankError, match="expands implausibly"):
+        open_bytes(tmp_path, refresh_crcs(data))
+    j = list(bank.sections).index("refs.text")
+    with pytest.raises(BankError, match="zstd is not allowed"):
+        open_bytes(tmp_path, refresh_crcs(patch(golden, entry_offset(j) + 56, b"zstd")))
+
+
+def test_verify_is_linear_and_bounded(tmp_path):
+    """Documents whose ranges overlap are reported, fast, with a capped list."""
+    n = 3000
+    path = tmp_path / "many.m3bank"
+    with BankWriter(path, golden_header(), "bf16", SHAPE) as w:
+        for i in range(n):
+            w.add_document(f"d{i}", "", "", [("t", 1, torch.zeros(SHAPE), torch.full((2, 1, 3), 2, dtype=torch.int16))])
+        w.finish()
+    data = bytearray(path.read_bytes())
+    with Bank(path) as bank:
+        table = bank.sections["docs.table"].offset
+    for j in range(n):  # every document claims all references
+        struct.pack_into("<II", data, table + j * 32 + 20, 0, n)
+    import time
+
+    bank = open_bytes(tmp_path, bytes(data))
+    t = time.perf_counter()
+    problems = bank.verify()
+    assert time.perf_counter() - t < 20
+    assert any("SHA-256" in p for p in problems)
+    bank.close()

@@ -137,7 +137,7 @@ def test_inspect_model_dir(llama_dir, tmp_path):
 
 
 def test_unfinished_commands_say_so():
-    for name in ("pretrain", "index", "generate"):
+    for name in ("pretrain", "generate"):
         assert_user_error(m3(name, "whatever", "--flag"), "not available yet")
 
 

@@ -40,7 +40,7 @@ def write_jsonl(path, docs):
 def test_encode_jsonl_stores_what_the_model_computes(model_dir, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
     bank_path = tmp_path / "kb.m3bank"
-    result = m3("encode", corpus, "-o", bank_path, "--model", model_dir, "--batch-size", "2")
+    result = m3("encode", "--index", "none", corpus, "-o", bank_path, "--model", model_dir, "--batch-size", "2")
     assert result.exit_code == 0, result.output
     model, tok = load_model_dir(model_dir), load_tokenizer(model_dir)
     with Bank(bank_path) as bank:
@@ -73,17 +73,17 @@ def test_encode_is_deterministic_and_formats_agree(model_dir, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"id": d["id"], "title": d.get("title"), "source": d.get("source"),
                                           "text": d["text"]} for d in DOCS]), parquet)
     a, b, c = tmp_path / "a.m3bank", tmp_path / "b.m3bank", tmp_path / "c.m3bank"
-    assert m3("encode", jsonl, "-o", a, "-m", model_dir, "-q").exit_code == 0
-    assert m3("encode", parquet, "-o", b, "-m", model_dir, "-q").exit_code == 0
-    assert m3("encode", "-", "-o", c, "-m", model_dir, "-q", input=jsonl.read_text()).exit_code == 0
+    assert m3("encode", "--index", "none", jsonl, "-o", a, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", "--index", "none", parquet, "-o", b, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", "--index", "none", "-", "-o", c, "-m", model_dir, "-q", input=jsonl.read_text()).exit_code == 0
     assert a.read_bytes() == b.read_bytes() == c.read_bytes()
 
 
 def test_int8_codec_is_smaller_and_close(model_dir, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
     a, b = tmp_path / "bf16.m3bank", tmp_path / "int8.m3bank"
-    assert m3("encode", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
-    assert m3("encode", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "int8").exit_code == 0
+    assert m3("encode", "--index", "none", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", "--index", "none", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "int8").exit_code == 0
     with Bank(a) as x, Bank(b) as y:
         assert y.record_bytes < x.record_bytes
         ka, kb = x.memories(range(x.n_refs)).kv, y.memories(range(y.n_refs)).kv
@@ -93,7 +93,7 @@ def test_int8_codec_is_smaller_and_close(model_dir, tmp_path):
 def test_inspect_ref_shows_kept_tokens(model_dir, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:1])
     bank_path = tmp_path / "kb.m3bank"
-    assert m3("encode", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", "--index", "none", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
     detail = json.loads(m3("inspect", bank_path, "--ref", "0", "--model", model_dir, "--json").stdout)
     assert detail["document"]["id"] == "fr" and detail["text"].startswith("the capital")
     words = set(detail["text"].split())
@@ -109,7 +109,7 @@ def test_inspect_ref_shows_kept_tokens(model_dir, tmp_path):
 def test_inspect_escapes_control_characters(model_dir, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "x\x1b[31m", "title": "t\x07", "text": "hello \x1b]0;pwned\x07 world ."}])
     bank_path = tmp_path / "kb.m3bank"
-    assert m3("encode", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
+    assert m3("encode", "--index", "none", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
     out = m3("inspect", bank_path, "--ref", "0").stdout
     assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
 
@@ -121,42 +121,42 @@ def test_encode_errors_leave_nothing(model_dir, tmp_path):
         assert_user_error(result, fragment)
         assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
-    check(m3("encode", tmp_path / "missing.jsonl", "-o", out, "-m", model_dir), "does not exist")
+    check(m3("encode", "--index", "none", tmp_path / "missing.jsonl", "-o", out, "-m", model_dir), "does not exist")
     bad_parquet = tmp_path / "bad.parquet"
     bad_parquet.write_bytes(b"PAR1 this is not parquet")
-    check(m3("encode", bad_parquet, "-o", out, "-m", model_dir), "not a readable Parquet file")
+    check(m3("encode", "--index", "none", bad_parquet, "-o", out, "-m", model_dir), "not a readable Parquet file")
     no_text = tmp_path / "notext.parquet"
     pq.write_table(pa.table({"body": ["x"]}), no_text)
-    check(m3("encode", no_text, "-o", out, "-m", model_dir), "no 'text' column")
+    check(m3("encode", "--index", "none", no_text, "-o", out, "-m", model_dir), "no 'text' column")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    check(m3("encode", empty, "-o", out, "-m", model_dir), "no text to encode")
+    check(m3("encode", "--index", "none", empty, "-o", out, "-m", model_dir), "no text to encode")
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": "   "}])
-    check(m3("encode", blank, "-o", out, "-m", model_dir), "no text to encode")
+    check(m3("encode", "--index", "none", blank, "-o", out, "-m", model_dir), "no text to encode")
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(write_jsonl(tmp_path / "ok.jsonl", DOCS).read_bytes() + '{"text": "caf\xe9"}\n'.encode("latin-1"))
-    check(m3("encode", latin1, "-o", out, "-m", model_dir), "line 4 is not valid UTF-8")
+    check(m3("encode", "--index", "none", latin1, "-o", out, "-m", model_dir), "line 4 is not valid UTF-8")
     not_json = tmp_path / "bad.jsonl"
     not_json.write_text('{"text": "fine"}\n{oops\n')
-    check(m3("encode", not_json, "-o", out, "-m", model_dir), "line 2 is not valid JSON")
+    check(m3("encode", "--index", "none", not_json, "-o", out, "-m", model_dir), "line 2 is not valid JSON")
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"body": "x"}])
-    check(m3("encode", no_field, "-o", out, "-m", model_dir), "no string field 'text'")
+    check(m3("encode", "--index", "none", no_field, "-o", out, "-m", model_dir), "no string field 'text'")
     no_tok = tmp_path / "no-tok"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((model_dir / name).read_bytes())
-    check(m3("encode", write_jsonl(tmp_path / "c.jsonl", DOCS), "-o", out, "-m", no_tok), "no tokenizer")
-    check(m3("encode", tmp_path / "c.jsonl", "-o", out, "-m", model_dir, "--codec", "zip"), "unknown codec")
-    check(m3("encode", "-", "-o", out, "-m", model_dir, input=""), "no text to encode")
+    check(m3("encode", "--index", "none", write_jsonl(tmp_path / "c.jsonl", DOCS), "-o", out, "-m", no_tok), "no tokenizer")
+    check(m3("encode", "--index", "none", tmp_path / "c.jsonl", "-o", out, "-m", model_dir, "--codec", "zip"), "unknown codec")
+    check(m3("encode", "--index", "none", "-", "-o", out, "-m", model_dir, input=""), "no text to encode")
 
 
 def test_encode_refuses_to_overwrite_without_force(model_dir, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
     bank_path = tmp_path / "kb.m3bank"
     bank_path.write_bytes(b"precious")
-    assert_user_error(m3("encode", corpus, "-o", bank_path, "-m", model_dir), "already exists")
+    assert_user_error(m3("encode", "--index", "none", corpus, "-o", bank_path, "-m", model_dir), "already exists")
     assert bank_path.read_bytes() == b"precious"
-    assert m3("encode", corpus, "-o", bank_path, "-m", model_dir, "-q", "--force").exit_code == 0
+    assert m3("encode", "--index", "none", corpus, "-o", bank_path, "-m", model_dir, "-q", "--force").exit_code == 0
     with Bank(bank_path) as bank:
         assert bank.n_docs == 3
 
@@ -176,8 +176,8 @@ def test_vq_codec_trains_on_the_bank_and_round_trips(model_dir, tmp_path):
             for i in range(120)]
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
     a, b = tmp_path / "bf16.m3bank", tmp_path / "vq.m3bank"
-    assert m3("encode", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
-    result = m3("encode", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "vq", "--vq-subquantizers", "4")
+    assert m3("encode", "--index", "none", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
+    result = m3("encode", "--index", "none", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "vq", "--vq-subquantizers", "4")
     assert result.exit_code == 0, result.output
     with Bank(a) as x, Bank(b) as y:
         assert y.codec == "vq" and y.record_bytes == x.record_bytes // 4  # 4 bytes per 8-dim vector vs 16
@@ -190,5 +190,34 @@ def test_vq_codec_trains_on_the_bank_and_round_trips(model_dir, tmp_path):
                            torch.zeros(int((~my.valid).sum()) * 2 * my.kv.shape[-1]))
     info = json.loads(m3("inspect", b, "--json").stdout)
     assert info["compression_vs_bf16"] == 4.0 and "codec.vq" in {s["name"] for s in info["sections"]}
-    assert_user_error(m3("encode", corpus, "-o", tmp_path / "c.m3bank", "-m", model_dir, "--codec", "vq",
+    assert_user_error(m3("encode", "--index", "none", corpus, "-o", tmp_path / "c.m3bank", "-m", model_dir, "--codec", "vq",
                          "--vq-subquantizers", "3"), "divides the head dim")
+
+
+def test_hostile_corpus_records_are_user_errors(model_dir, tmp_path):
+    out = tmp_path / "kb.m3bank"
+    cases = [('{"text": "bad \\ud800 surrogate"}\n', "invalid Unicode in field 'text'"),
+             ('{"id": "a\\udc00", "text": "fine"}\n', "invalid Unicode in field 'id'"),
+             ('{"id": ' + "9" * 5000 + ', "text": "x"}\n', "cannot be read"),
+             ("[" * 100_000 + "]" * 100_000 + "\n", "cannot be read")]
+    for body, fragment in cases:
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text(body)
+        assert_user_error(m3("encode", "--index", "none", corpus, "-o", out, "-m", model_dir), fragment)
+        assert not out.exists()
+    # a Parquet file with a damaged data page
+    parquet = tmp_path / "c.parquet"
+    rng = __import__("random").Random(0)
+    texts = [" ".join(f"w{rng.randrange(1000)}" for _ in range(100)) for _ in range(50)]  # incompressible-ish
+    pq.write_table(pa.table({"text": texts}), parquet, compression="snappy")
+    data = bytearray(parquet.read_bytes())
+    for i in range(200, 600):
+        data[i] ^= 0x5A
+    parquet.write_bytes(bytes(data))
+    assert_user_error(m3("encode", "--index", "none", parquet, "-o", out, "-m", model_dir), "c.parquet")
+    assert not out.exists()
+
+
+def test_resume_refuses_stdin(model_dir, tmp_path):
+    assert_user_error(m3("encode", "--index", "none", "-", "-o", tmp_path / "kb.m3bank", "-m", model_dir, "--resume",
+                         input=json.dumps(DOCS[0]) + "\n"), "--resume needs a corpus file")

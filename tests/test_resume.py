@@ -34,28 +34,38 @@ def model_dir(llama_dir, tmp_path):
 def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monkeypatch):
     c = corpus(tmp_path / "c.jsonl", 60)
     reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
-    assert m3("encode", c, "-o", reference, "-m", model_dir, "--batch-size", "4", "-q").exit_code == 0
+    assert m3("encode", "--index", "none", c, "-o", reference, "-m", model_dir, "--batch-size", "4", "-q").exit_code == 0
 
-    real_checkpoint, calls = BankWriter.checkpoint, []
+    real_checkpoint, real_add, calls = BankWriter.checkpoint, BankWriter.add_document, []
 
-    def interrupted(self, progress):
+    def counting(self, progress):
         real_checkpoint(self, progress)
         calls.append(progress)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
 
-    monkeypatch.setattr(BankWriter, "checkpoint", interrupted)
+    def interrupted(self, *args, **kwargs):  # dies mid-batch, 2 documents after the 3rd checkpoint
+        if len(calls) >= 3:
+            calls.append("doc")
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(BankWriter, "checkpoint", counting)
+    monkeypatch.setattr(BankWriter, "add_document", interrupted)
     monkeypatch.setattr("m3cli.encode.CHECKPOINT_SECONDS", 0.0)
-    result = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
+    result = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
     assert result.exit_code == 130 and "--resume" in result.stderr
     assert not target.exists() and (tmp_path / ".kb.m3bank.partial").is_dir()
+    state = json.loads((tmp_path / ".kb.m3bank.partial" / "state.json").read_text())
+    spooled = (tmp_path / ".kb.m3bank.partial" / "kv.data").stat().st_size
+    assert spooled > state["sizes"]["kv.data"]  # written past the checkpoint: resume must cut it off
     monkeypatch.setattr(BankWriter, "checkpoint", real_checkpoint)
+    monkeypatch.setattr(BankWriter, "add_document", real_add)
 
-    again = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
+    again = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
     assert again.exit_code == 1 and "--resume" in again.stderr  # no silent restart
-    other = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "8", "-q", "--resume")
+    other = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "8", "-q", "--resume")
     assert other.exit_code == 1 and "other inputs or settings" in other.stderr
-    resumed = m3("encode", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q", "--resume")
+    resumed = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert target.read_bytes() == reference.read_bytes()
     assert not (tmp_path / ".kb.m3bank.partial").exists()
@@ -64,12 +74,12 @@ def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monk
 def test_resume_without_partial_starts_fresh_and_force_discards(model_dir, tmp_path):
     c = corpus(tmp_path / "c.jsonl", 10)
     target = tmp_path / "kb.m3bank"
-    assert m3("encode", c, "-o", target, "-m", model_dir, "-q", "--resume").exit_code == 0
+    assert m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "-q", "--resume").exit_code == 0
     partial = tmp_path / ".x.m3bank.partial"
     partial.mkdir()
     (partial / "junk").write_text("x")
-    assert m3("encode", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q").exit_code == 1
-    assert m3("encode", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q", "--force").exit_code == 0
+    assert m3("encode", "--index", "none", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q").exit_code == 1
+    assert m3("encode", "--index", "none", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q", "--force").exit_code == 0
     assert (tmp_path / "x.m3bank").read_bytes() == target.read_bytes()
 
 
@@ -77,7 +87,7 @@ def test_sigkill_then_resume(model_dir, tmp_path):
     """A real SIGKILL in the middle of encoding; --resume finishes it with the same bytes."""
     c = corpus(tmp_path / "c.jsonl", 1500)
     reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
-    args = [sys.executable, "-m", "m3cli", "encode", str(c), "-m", str(model_dir), "--batch-size", "2", "-q"]
+    args = [sys.executable, "-m", "m3cli", "encode", "--index", "none", str(c), "-m", str(model_dir), "--batch-size", "2", "-q"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args + ["-o", str(target)], env=env, stderr=subprocess.PIPE)
     state = tmp_path / ".kb.m3bank.partial" / "state.json"

@@ -1,0 +1,196 @@
+"""Retrieval over a bank: reference embeddings, the FAISS index stored inside the bank, search.
+
+`index_bank` computes the embeddings a bank lacks (batched, resumable), builds a FAISS index
+from a factory string and adds both to the bank without rewriting its KV payload
+(`bank.update_bank`). FAISS rows are mapped to reference indices explicitly (IndexIDMap2).
+`Retriever` answers queries, optionally dropping references that overlap a query too much
+(Eq. 6, `overlap.py`). Knows nothing about the LM's forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bank import Bank, BankError, update_bank
+from .embed import EmbedderSpec
+from .errors import M3Error
+from .overlap import overlap, words
+
+EMB_SECTION = "emb.data"  # float16 (N, dim), row i = reference i
+INDEX_SECTION = "index.faiss"  # faiss.serialize_index of an IndexIDMap2, ids = reference indices
+TRAIN_SAMPLE = 262_144  # most vectors used to train IVF/PQ indexes
+CHECKPOINT_SECONDS = 2.0
+
+
+def embeddings_of(bank: Bank) -> np.ndarray | None:
+    """The bank's stored embeddings as float32 (N, dim), or None."""
+    spec = EmbedderSpec.from_header(bank.header)
+    if spec is None or EMB_SECTION not in bank.sections:
+        return None
+    s = bank.sections[EMB_SECTION]
+    if s.length != bank.n_refs * spec.dim * 2:
+        raise BankError(f"section {EMB_SECTION} has {s.length} bytes, expected {bank.n_refs * spec.dim * 2}")
+    return np.frombuffer(bank.raw(EMB_SECTION), dtype="<f2").reshape(bank.n_refs, spec.dim).astype(np.float32)
+
+
+def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
+    """Embed every reference's text; resumable through `.<bank>.emb.partial` beside the bank."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    spec = embedder.spec
+    spool = bank.path.parent / f".{bank.path.name}.emb.partial"
+    state_path = Path(str(spool) + ".json")
+    key = {"spec": spec.__dict__, "bank": bank.header.get("m3.model.fingerprint"), "n": bank.n_refs}
+    done = 0
+    if spool.exists() and state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+            if state["key"] == key and spool.stat().st_size >= state["done"] * spec.dim * 2:
+                done = int(state["done"])
+        except (ValueError, KeyError, OSError):
+            done = 0
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("refs"),
+                        TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
+    last = time.monotonic()
+    with open(spool, "r+b" if done else "wb") as f, progress:
+        f.truncate(done * spec.dim * 2)
+        f.seek(0, os.SEEK_END)
+        task = progress.add_task("embed", total=bank.n_refs, completed=done)
+        for start in range(done, bank.n_refs, batch_size):
+            texts = [bank.reference(i).text for i in range(start, min(start + batch_size, bank.n_refs))]
+            f.write(embedder.embed(texts).astype("<f2").tobytes())
+            progress.update(task, advance=len(texts))
+            if time.monotonic() - last >= CHECKPOINT_SECONDS:
+                f.flush()
+                os.fsync(f.fileno())
+                state_path.write_text(json.dumps({"key": key, "done": start + len(texts)}))
+                last = time.monotonic()
+    data = np.fromfile(spool, dtype="<f2").reshape(bank.n_refs, spec.dim).astype(np.float32)
+    spool.unlink()
+    state_path.unlink(missing_ok=True)
+    return data
+
+
+def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None):
+    """An inner-product FAISS index from a factory string, trained on a sample, ids attached."""
+    import faiss
+
+    n, dim = vectors.shape
+    try:
+        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise M3Error(f"invalid FAISS index factory {factory!r} (e.g. Flat, HNSW32, IVF1024,PQ32)") from None
+    if not base.is_trained:
+        step = max(1, n // TRAIN_SAMPLE)
+        sample = np.ascontiguousarray(vectors[::step][:TRAIN_SAMPLE])
+        try:
+            base.train(sample)
+        except RuntimeError as e:
+            msg = (str(e).splitlines() or ["training failed"])[-1].split("failed: ")[-1]
+            raise M3Error(f"cannot train index {factory!r} on {len(sample)} vectors: {msg}") from None
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                       np.arange(n, dtype=np.int64) if ids is None else ids.astype(np.int64))
+    return index
+
+
+def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64, show_progress: bool = True,
+               nprobe: int = 16, ef_search: int = 64) -> dict:
+    """Add embeddings (if missing or from another embedder) and a FAISS index to the bank."""
+    import faiss
+
+    with Bank(path) as bank:
+        if bank.n_refs == 0:
+            raise M3Error(f"{path} holds no references to index")
+        vectors = embeddings_of(bank) if EmbedderSpec.from_header(bank.header) == embedder.spec else None
+        fresh = vectors is None
+        if fresh:
+            vectors = compute_embeddings(bank, embedder, batch_size, show_progress)
+        index = build_index(vectors, factory)
+    blob = faiss.serialize_index(index).tobytes()
+    add = {INDEX_SECTION: blob}
+    if fresh:
+        add[EMB_SECTION] = vectors.astype("<f2").tobytes()
+    update_bank(path, add, {**embedder.spec.header(), "m3.index.factory": factory, "m3.index.metric": "inner_product",
+                            "m3.index.count": int(index.ntotal), "m3.index.nprobe": nprobe,
+                            "m3.index.ef_search": ef_search})
+    return {"references": int(index.ntotal), "factory": factory, "embedder": embedder.spec.name,
+            "dim": embedder.spec.dim, "embedded": fresh, "index_bytes": len(blob)}
+
+
+@dataclass(frozen=True)
+class Hit:
+    ref: int
+    score: float
+    doc_id: str
+    title: str
+    text: str
+
+
+class Retriever:
+    """Top-k references of a bank for text queries, with the bank's own embedder."""
+
+    def __init__(self, bank: Bank, embedder) -> None:
+        spec = EmbedderSpec.from_header(bank.header)
+        if INDEX_SECTION not in bank.sections or spec is None:
+            raise M3Error(f"{bank.path} has no retrieval index; build one with `m3 index {bank.path}`")
+        if spec != embedder.spec:
+            raise M3Error(f"{bank.path} was indexed with embedder {spec.name} ({spec.fingerprint[:19]}…, "
+                          f"dim {spec.dim}) but the query embedder is {embedder.spec.name} "
+                          f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})")
+        self.bank, self.embedder, self.index = bank, embedder, load_index(bank)
+
+    def search(self, queries: list[str], k: int = 5, max_overlap: float | None = None) -> list[list[Hit]]:
+        vectors = self.embedder.embed(queries)
+        fetch = min(self.index.ntotal, k if max_overlap is None else 4 * k)
+        scores, ids = self.index.search(vectors, fetch)
+        results = []
+        for q, row_scores, row_ids in zip(queries, scores, ids):
+            hits, qwords = [], words(q)
+            for score, i in zip(row_scores, row_ids):
+                if i < 0:
+                    continue
+                ref = self.bank.reference(int(i))
+                if max_overlap is not None and overlap(words(ref.text), qwords) > max_overlap:
+                    continue
+                doc = self.bank.document(ref.doc_index)
+                hits.append(Hit(int(i), float(score), doc.id, doc.title, ref.text))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+
+def load_index(bank: Bank):
+    """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table."""
+    import faiss
+
+    s = bank.sections[INDEX_SECTION]
+    raw = bank.raw(INDEX_SECTION)
+    if hashlib.sha256(raw).digest() != s.sha256:
+        raise BankError(f"section {INDEX_SECTION}: SHA-256 mismatch (file damaged); rebuild it with `m3 index`")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8).copy())
+    except RuntimeError:
+        raise BankError(f"section {INDEX_SECTION} is not a readable FAISS index; rebuild it with `m3 index`") from None
+    if index.ntotal != bank.n_refs or index.d != bank.header.get("m3.embed.dim"):
+        raise BankError(f"the index holds {index.ntotal} vectors of dim {index.d}, the bank "
+                        f"{bank.n_refs} references of dim {bank.header.get('m3.embed.dim')}")
+    params = faiss.ParameterSpace()
+    for name, key in (("nprobe", "m3.index.nprobe"), ("efSearch", "m3.index.ef_search")):
+        value = bank.header.get(key)
+        if isinstance(value, int) and value > 0:
+            try:
+                params.set_index_parameter(index, name, value)
+            except RuntimeError:
+                pass  # the index has no such parameter (e.g. nprobe on Flat)
+    return index

@@ -1,0 +1,142 @@
+"""`m3 index` and `m3 search`: embeddings and a FAISS index inside the bank."""
+
+import json
+import shutil
+
+import pytest
+
+from m3cli.bank import Bank
+from m3cli.embed import minilm_dir
+
+from cli_helpers import assert_user_error, m3
+
+DOCS = [
+    {"id": "fr", "title": "France", "text": "the capital of france is paris ."},
+    {"id": "it", "title": "Italy", "text": "the capital of italy is rome ."},
+    {"id": "hw", "title": "Greeting", "text": "hello world , the memory model answers a question ."},
+    {"id": "bo", "title": "Born", "text": "a city country born in rome was in italy ."},
+]
+
+
+@pytest.fixture
+def bank(llama_dir, tmp_path):
+    """A bank encoded by the tiny model and indexed (Flat, MiniLM) by `m3 encode` itself."""
+    src, _ = llama_dir
+    model = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", model).exit_code == 0
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    path = tmp_path / "kb.m3bank"
+    result = m3("encode", corpus, "-o", path, "-m", model, "-q")
+    assert result.exit_code == 0, result.output
+    return path, model
+
+
+def top(path, query, *extra):
+    result = m3("search", path, query, "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return [h["ref"] for h in json.loads(result.stdout)["results"]]
+
+
+def test_query_equal_to_a_reference_returns_it_first(bank):
+    path, _ = bank
+    for i, doc in enumerate(DOCS):
+        assert top(path, doc["text"])[0] == i
+    human = m3("search", path, "where is paris", "-k", "2")
+    assert human.exit_code == 0 and "France" in human.stdout.splitlines()[0]
+
+
+def test_rebuild_keeps_ids_and_leaves_the_kv_payload_alone(bank):
+    path, _ = bank
+    with Bank(path) as b:
+        kv_before, n_sections = b.sections["kv.data"], len(b.sections)
+        emb_before = b.sections["emb.data"]
+    before = [top(path, d["text"], "-k", "4") for d in DOCS]
+    result = m3("index", path, "--factory", "HNSW32", "-q")
+    assert result.exit_code == 0 and "reused" in result.stdout, result.output
+    with Bank(path) as b:
+        assert b.sections["kv.data"] == kv_before and b.sections["emb.data"] == emb_before
+        assert len(b.sections) == n_sections and b.header["m3.index.factory"] == "HNSW32"
+        assert b.verify() == []
+    assert [top(path, d["text"], "-k", "4") for d in DOCS] == before
+
+
+def test_max_overlap_drops_references_that_contain_the_query(bank):
+    path, _ = bank
+    assert top(path, DOCS[0]["text"], "-k", "2")[0] == 0
+    assert 0 not in top(path, DOCS[0]["text"], "-k", "2", "--max-overlap", "0.67")
+
+
+def test_queries_from_stdin_give_json_lines(bank):
+    path, _ = bank
+    result = m3("search", path, "-", "--json", "-k", "1", input="paris\nrome\n\nhello\n")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == ["paris", "rome", "hello"]
+    assert all(len(line["results"]) == 1 and {"ref", "score", "text"} <= set(line["results"][0]) for line in lines)
+    assert_user_error(m3("search", path, "-", input="\n"), "no query")
+
+
+def test_self_embedder(bank):
+    path, model = bank
+    assert_user_error(m3("index", path, "--embedder", "self"), "needs --model")
+    result = m3("index", path, "--embedder", "self", "--model", model, "-q")
+    assert result.exit_code == 0, result.output
+    with Bank(path) as b:
+        assert b.header["m3.embed.name"] == "self" and b.header["m3.embed.dim"] == 32
+    assert_user_error(m3("search", path, "paris"), "needs --model")
+    assert sorted(top(path, "paris", "--model", model)) == [0, 1, 2, 3]  # k=5 > 4 references: all of them
+    assert top(path, DOCS[1]["text"], "--model", model)[0] == 1
+
+
+def test_errors_leave_the_bank_untouched(bank, tmp_path):
+    path, model = bank
+    original = path.read_bytes()
+    assert_user_error(m3("index", path, "--factory", "Nonsense12"), "invalid FAISS index factory")
+    assert_user_error(m3("index", path, "--factory", "IVF4096,PQ32"), "cannot train index")
+    assert_user_error(m3("index", path, "--embedder", "/no/such/dir"), "unknown embedder")
+    assert_user_error(m3("index", tmp_path / "missing.m3bank"), "does not exist")
+    assert path.read_bytes() == original
+    # a bank without an index
+    corpus = tmp_path / "c2.jsonl"
+    corpus.write_text(json.dumps(DOCS[0]) + "\n")
+    bare = tmp_path / "bare.m3bank"
+    assert m3("encode", corpus, "-o", bare, "-m", model, "-q", "--index", "none").exit_code == 0
+    assert_user_error(m3("search", bare, "paris"), "no retrieval index")
+    assert_user_error(m3("encode", corpus, "-o", tmp_path / "x.m3bank", "-m", model, "--index", "Bogus"),
+                      "invalid FAISS index factory")
+
+
+def test_embedder_mismatch_names_both(bank, tmp_path):
+    path, _ = bank
+    enc = tmp_path / "encoder"
+    shutil.copytree(minilm_dir(), enc)
+    assert m3("index", path, "--embedder", enc, "-q").exit_code == 0
+    other = tmp_path / "other-encoder"
+    shutil.copytree(minilm_dir(), other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "note": "changed"}))
+    assert_user_error(m3("search", path, "paris"), "pass its directory with --embedder")
+    assert top(path, DOCS[0]["text"], "--embedder", enc)[0] == 0
+    assert_user_error(m3("search", path, "paris", "--embedder", other), "query embedder")
+
+
+def test_damaged_index_is_refused_before_faiss_reads_it(bank, tmp_path):
+    path, _ = bank
+    with Bank(path) as b:
+        s = b.sections["index.faiss"]
+    data = bytearray(path.read_bytes())
+    data[s.offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert_user_error(m3("search", path, "paris"), "index.faiss: SHA-256 mismatch")
+
+
+def test_spec_lists_the_retrieval_keys(bank):
+    from pathlib import Path
+
+    path, _ = bank
+    spec = (Path(__file__).parent.parent / "format_spec.md").read_text()
+    with Bank(path) as b:
+        keys = [k for k in b.header if k.startswith(("m3.embed.", "m3.index."))]
+        assert len(keys) == 9
+        assert all(f"`{k}`" in spec for k in keys)
+        assert all(f"**`{name}`**" in spec for name in ("emb.data", "index.faiss"))
