@@ -12,14 +12,18 @@ echo; echo "== m3 inspect out/smollm2"
 $M3 inspect out/smollm2
 
 echo; echo "== m3 inspect memory3-2.4b (the paper's architecture)"
-$M3 inspect memory3-2.4b --json | .venv/bin/python -c 'import json,sys; d=json.load(sys.stdin); print("non-embedding parameters:", f"{d[\"non_embedding_parameters\"]:,}", "| one memory:", d["memory_shape"], "=", f"{d[\"memory_bytes_bf16\"]:,}", "bytes in bf16")'
+$M3 inspect memory3-2.4b | grep -E "^(non_embedding_parameters|memory_shape|memory_bytes_bf16) "
 
-echo; echo "== m3 encode: the sample corpus (invented facts) -> out/samples.m3bank"
+echo; echo "== m3 encode: the sample corpus (invented facts) -> out/samples.m3bank, indexed for retrieval"
 $M3 encode samples/corpus.jsonl -o out/samples.m3bank --model out/smollm2 --force
 
-echo; echo "== m3 inspect: the bank, and the tokens each memory layer kept for reference 0 (first 3 layers)"
+echo; echo "== m3 inspect: the bank, and the tokens each memory layer kept for reference 0 (first two memory layers)"
 $M3 inspect out/samples.m3bank --verify
 $M3 inspect out/samples.m3bank --ref 0 --model out/smollm2 | head -8
+
+echo; echo "== m3 search: retrieval over the bank (MiniLM embeddings, FAISS index stored in the bank)"
+$M3 search out/samples.m3bank "Where was Ilsa Varenkov born?" -k 2
+$M3 search out/samples.m3bank "Who catalogued variable stars?" -k 1
 
 echo; echo "== m3 score: a sensible sentence vs. a scrambled one"
 $M3 score --model out/smollm2 --json "The capital of France is Paris." | .venv/bin/python -c 'import json,sys; print("perplexity (sensible): %.2f" % json.load(sys.stdin)["perplexity"])'
