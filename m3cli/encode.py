@@ -24,7 +24,8 @@ from .device import resolve_device, resolve_dtype
 from .errors import M3Error
 
 
-CHECKPOINT_SECONDS = 2.0  # how often a running encode makes its progress durable for --resume
+# how often a running encode makes its progress durable for --resume (M3_CHECKPOINT_SECONDS overrides)
+CHECKPOINT_SECONDS = float(os.environ.get("M3_CHECKPOINT_SECONDS", "2.0"))
 
 
 @dataclass

@@ -83,25 +83,49 @@ def test_resume_without_partial_starts_fresh_and_force_discards(model_dir, tmp_p
     assert (tmp_path / "x.m3bank").read_bytes() == target.read_bytes()
 
 
-def test_sigkill_then_resume(model_dir, tmp_path):
-    """A real SIGKILL in the middle of encoding; --resume finishes it with the same bytes."""
-    c = corpus(tmp_path / "c.jsonl", 1500)
-    reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
-    args = [sys.executable, "-m", "m3cli", "encode", "--index", "none", str(c), "-m", str(model_dir), "--batch-size", "2", "-q"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(args + ["-o", str(target)], env=env, stderr=subprocess.PIPE)
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    """One model, corpus and uninterrupted reference bank for all kill points."""
+    from conftest import build_hf_checkpoint
+
+    tmp = tmp_path_factory.mktemp("kill")
+    build_hf_checkpoint(tmp / "hf", "llama")
+    model = tmp / "m3-model"
+    assert m3("convert", tmp / "hf", "-o", model).exit_code == 0
+    c = corpus(tmp / "c.jsonl", 400)
+    reference = tmp / "ref.m3bank"
+    assert m3("encode", "--index", "none", c, "-o", reference, "-m", model, "--batch-size", "2", "-q").exit_code == 0
+    return model, c, reference.read_bytes()
+
+
+@pytest.mark.parametrize("kill_after_docs", [0, 60, 250])
+def test_sigkill_then_resume(kill_setup, tmp_path, kill_after_docs):
+    """A real SIGKILL at several points of an encode (0 = before the first checkpoint); the
+    target never appears early, and --resume finishes with the bytes of an uninterrupted run."""
+    model, c, reference = kill_setup
+    target = tmp_path / "kb.m3bank"
+    args = [sys.executable, "-m", "m3cli", "encode", "--index", "none", str(c), "-m", str(model),
+            "--batch-size", "2", "-q", "-o", str(target)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "M3_CHECKPOINT_SECONDS": "0.02"}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
     state = tmp_path / ".kb.m3bank.partial" / "state.json"
+    spool = tmp_path / ".kb.m3bank.partial"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if state.exists():
+        assert not target.exists()
+        if kill_after_docs == 0 and spool.exists():
             break
-        time.sleep(0.01)
+        if kill_after_docs and state.exists():
+            try:
+                if json.loads(state.read_text())["progress"]["docs_done"] >= kill_after_docs:
+                    break
+            except ValueError:  # caught between write and rename: poll again
+                pass
+        time.sleep(0.005)
     assert proc.poll() is None, f"encode ended before it could be killed: {proc.stderr.read()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not target.exists()
-    done = json.loads(state.read_text())["progress"]["docs_done"]
-    assert 0 < done < 1500
-    subprocess.run(args + ["-o", str(target), "--resume"], env=env, check=True)
-    subprocess.run(args + ["-o", str(reference)], env=env, check=True)
-    assert target.read_bytes() == reference.read_bytes()
+    subprocess.run(args + ["--resume"], env=env, check=True)
+    assert target.read_bytes() == reference
+    assert not spool.exists()

@@ -1,0 +1,112 @@
+"""Retrieval benchmarks, side by side in one run.
+
+  index      FAISS factories on N synthetic unit vectors (a mixture of 2,000 clusters in 384-d,
+             the width of MiniLM): build time, recall@5 against exact search, latency per query
+             (single queries, one thread, as at generation time).
+  embedders  MiniLM vs the model's own hidden states (`self`) on Wikipedia summaries: texts/s,
+             and recall@5 of "article title -> one of the article's references".
+
+    python bench/retrieval.py index --n 100000 --factories Flat,HNSW32,IVF1024,SQ8
+    python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((2000, dim)).astype(np.float32)
+    x = centers[rng.integers(0, 2000, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bench_index(args) -> None:
+    import faiss
+
+    from m3cli.retrieval import build_index
+
+    base = synthetic(args.n, args.dim, 0)
+    queries = synthetic(args.queries, args.dim, 1)
+    faiss.omp_set_num_threads(args.threads)
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(base)
+    _, truth = exact.search(queries, 5)
+    rows = []
+    for factory in args.factories.split(","):
+        t = time.perf_counter()
+        index = build_index(base, factory)
+        build = time.perf_counter() - t
+        for name, value in (("nprobe", args.nprobe), ("efSearch", args.ef_search)):
+            try:
+                faiss.ParameterSpace().set_index_parameter(index, name, value)
+            except RuntimeError:
+                pass
+        faiss.omp_set_num_threads(1)
+        t = time.perf_counter()
+        found = np.stack([index.search(q[None], 5)[1][0] for q in queries])
+        latency_ms = (time.perf_counter() - t) / len(queries) * 1000
+        faiss.omp_set_num_threads(args.threads)
+        recall = float(np.mean([len(set(f) & set(g)) / 5 for f, g in zip(found, truth)]))
+        rows.append({"factory": factory, "n": args.n, "build_s": round(build, 1), "recall_at_5": round(recall, 4),
+                     "ms_per_query": round(latency_ms, 3), "index_mb": round(faiss.serialize_index(index).size / 2**20, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| factory | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['factory']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |")
+
+
+def bench_embedders(args) -> None:
+    from m3cli.corpus import read_corpus, split_references
+    from m3cli.checkpoint import load_tokenizer
+    from m3cli.embed import load_embedder
+    from m3cli.retrieval import build_index
+
+    tok = load_tokenizer(args.model)
+    refs, owner, titles = [], [], []
+    for j, doc in enumerate(read_corpus(str(args.corpus))):
+        titles.append(doc.title)
+        for text, _ in split_references(doc.text, tok, 128):
+            refs.append(text)
+            owner.append(j)
+    owner = np.array(owner)
+    rows = []
+    for name in ("minilm", "self"):
+        emb = load_embedder(name, model_dir=args.model)
+        t = time.perf_counter()
+        vectors = np.concatenate([emb.embed(refs[i:i + 32]) for i in range(0, len(refs), 32)])
+        per_s = len(refs) / (time.perf_counter() - t)
+        index = build_index(vectors, "Flat")
+        _, ids = index.search(emb.embed(titles), 5)
+        recall = float(np.mean([j in set(owner[row]) for j, row in enumerate(ids)]))
+        rows.append({"embedder": name, "dim": emb.spec.dim, "references": len(refs), "texts_per_s": round(per_s, 1),
+                     "title_recall_at_5": round(recall, 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| embedder | dim | references/s | title → article recall@5 |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['embedder']} | {r['dim']} | {r['texts_per_s']} | {r['title_recall_at_5']} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("index")
+    a.add_argument("--n", type=int, default=100_000)
+    a.add_argument("--dim", type=int, default=384)
+    a.add_argument("--queries", type=int, default=500)
+    a.add_argument("--factories", default="Flat,HNSW32,IVF1024,SQ8")
+    a.add_argument("--nprobe", type=int, default=16)
+    a.add_argument("--ef-search", type=int, default=64)
+    a.add_argument("--threads", type=int, default=2, help="threads for building; queries use one")
+    b = sub.add_parser("embedders")
+    b.add_argument("--model", required=True)
+    b.add_argument("--corpus", required=True)
+    args = ap.parse_args()
+    bench_index(args) if args.what == "index" else bench_embedders(args)
+
+
+if __name__ == "__main__":
+    main()
