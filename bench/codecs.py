@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("out/bench-codecs"))
-    ap.add_argument("--codecs", default="bf16,int8,vq")
+    ap.add_argument("--codecs", default="bf16,int8,vq,vq8",
+                    help="bf16, int8, vq (default sub-spaces), vqM (M sub-spaces = bytes per vector)")
     ap.add_argument("--contexts", type=int, default=16, help="contexts used for the KL measurement")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -32,8 +33,10 @@ def main() -> None:
     rows, banks = [], {}
     for codec in args.codecs.split(","):
         path = args.out / f"{codec}.m3bank"
+        m = int(codec[2:]) if codec.startswith("vq") and codec[2:] else None
         t = time.perf_counter()
-        s = encode_corpus(str(args.corpus), args.model, path, codec=codec, overwrite=True, show_progress=False)
+        s = encode_corpus(str(args.corpus), args.model, path, codec=codec[:2] if m else codec, overwrite=True,
+                          show_progress=False, vq_subquantizers=m)
         seconds = time.perf_counter() - t
         banks[codec] = Bank(path)
         rows.append({"codec": codec, "references": s.references, "seconds": round(seconds, 1),

@@ -54,7 +54,7 @@ def bench_index(args) -> None:
         rows.append({"factory": factory, "n": args.n, "build_s": round(build, 1), "recall_at_5": round(recall, 4),
                      "ms_per_query": round(latency_ms, 3), "index_mb": round(faiss.serialize_index(index).size / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| factory | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|")
+    print("\n| factory | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['factory']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .bank import Bank, BankWriter, merge_interleaved
+from .bank import Bank
+from .bank_writer import BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
 from .corpus import Document, read_corpus, split_references
 from .device import resolve_device, resolve_dtype

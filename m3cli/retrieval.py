@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bank import Bank, BankError, update_bank
+from .bank import Bank, BankError
+from .bank_writer import update_bank
 from .embed import EmbedderSpec
 from .errors import M3Error
 from .overlap import overlap, words

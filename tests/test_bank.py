@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from m3cli import bank as B
-from m3cli.bank import Bank, BankError, BankWriter, require_same_model
+from m3cli.bank import Bank, BankError, require_same_model
+from m3cli.bank_writer import BankWriter
 from m3cli.errors import M3Error
 
 DATA = Path(__file__).parent / "data"

@@ -11,7 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from m3cli.bank import Bank, BankWriter, update_bank
+from m3cli.bank import Bank
+from m3cli.bank_writer import BankWriter, update_bank
 from m3cli.errors import M3Error
 
 SHAPE = (2, 2, 1, 3, 8)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from m3cli.bank import BankWriter
+from m3cli.bank_writer import BankWriter
 from cli_helpers import m3
 
 WORDS = "the capital of france is paris rome italy city country born hello world memory model answer".split()
