@@ -99,10 +99,11 @@ def main() -> None:
     ap.add_argument("--refs", type=int, default=100_000)
     ap.add_argument("--paper-refs", type=int, default=10_000, help="references in the paper-shape banks")
     ap.add_argument("--out", type=Path, default=Path("out/bench-bank"))
+    ap.add_argument("--skip-overhead", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    o = overhead(args.model, args.corpus)
+    o = None if args.skip_overhead else overhead(args.model, args.corpus)
     print(json.dumps(o), flush=True)
     sizes = codec_sizes()
     lat = []
@@ -112,8 +113,9 @@ def main() -> None:
             row["shape"] = name
             lat.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nencode vs plain forward ({o['references']} references): {o['encode_refs_per_s']} vs "
-          f"{o['forward_refs_per_s']} refs/s = {o['encode_over_forward']}x")
+    if o:
+        print(f"\nencode vs plain forward ({o['references']} references): {o['encode_refs_per_s']} vs "
+              f"{o['forward_refs_per_s']} refs/s = {o['encode_over_forward']}x")
     print("\n| shape | codec | bytes/ref | × vs bf16 |\n|---|---|---|---|")
     for r in sizes:
         print(f"| {r['shape']} | {r['codec']} | {r['bytes_per_ref']:,} | {r['x_vs_bf16']} |")

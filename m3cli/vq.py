@@ -69,7 +69,25 @@ def train(sample: torch.Tensor, m: int, seed: int = 0, progress=None) -> torch.T
 
 
 def encode(kv: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """kv (n, L, 2, H, K, d) -> codes (n, L, 2, H, K, m) uint8."""
+    """kv (n, L, 2, H, K, d) -> codes (n, L, 2, H, K, m) uint8, by FAISS's ProductQuantizer
+    (fused nearest-centroid search in C++) loaded with these codebooks."""
+    import faiss
+    import numpy as np
+
+    n, L, two, H, K, d = kv.shape
+    m = codebooks.shape[2]
+    x = kv.float().cpu().permute(1, 2, 0, 3, 4, 5).reshape(L, two, n * H * K, d).numpy()
+    codes = np.empty((L, two, n * H * K, m), dtype=np.uint8)
+    for layer in range(L):
+        for t in range(two):
+            pq = faiss.ProductQuantizer(d, m, 8)
+            faiss.copy_array_to_vector(codebooks[layer, t].cpu().float().numpy().reshape(-1), pq.centroids)
+            codes[layer, t] = pq.compute_codes(np.ascontiguousarray(x[layer, t]))
+    return torch.from_numpy(codes).reshape(L, two, n, H, K, m).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+
+def encode_reference(kv: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """The same codes by brute force in torch: the definition `encode` is tested against."""
     n, L, two, H, K, d = kv.shape
     m, sub = codebooks.shape[2], codebooks.shape[4]
     x = kv.float().reshape(n, L, two, H * K, m, sub).permute(1, 2, 4, 0, 3, 5).reshape(L * two * m, n * H * K, sub)

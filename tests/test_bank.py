@@ -360,3 +360,17 @@ def test_verify_is_linear_and_bounded(tmp_path):
     assert time.perf_counter() - t < 20
     assert any("SHA-256" in p for p in problems)
     bank.close()
+
+
+def test_vq_encode_matches_brute_force_and_decode_inverts_centroids():
+    from m3cli import vq
+
+    torch.manual_seed(0)
+    kv = torch.randn(30, 2, 2, 3, 4, 8)  # 360 vectors per codebook: more than 256 centroids, so no ties
+    books = vq.train(kv.permute(1, 2, 0, 3, 4, 5).reshape(2, 2, -1, 8), 4)
+    codes = vq.encode(kv, books)
+    assert codes.dtype == torch.uint8 and codes.shape == (30, 2, 2, 3, 4, 4)
+    assert torch.equal(codes, vq.encode_reference(kv, books))
+    decoded = vq.decode(codes, books)
+    assert torch.equal(vq.encode(decoded, books), codes)  # centroids are fixed points
+    assert float((decoded - kv).norm() / kv.norm()) < 0.5
