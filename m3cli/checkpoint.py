@@ -143,9 +143,6 @@ def config_summary(cfg: M3Config) -> dict:
     }
 
 
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=True)
-
 
 FINGERPRINT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
                                "tokenizer_config.json", "special_tokens_map.json")
