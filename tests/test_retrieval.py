@@ -140,3 +140,36 @@ def test_spec_lists_the_retrieval_keys(bank):
         assert len(keys) == 9
         assert all(f"`{k}`" in spec for k in keys)
         assert all(f"**`{name}`**" in spec for name in ("emb.data", "index.faiss"))
+
+
+def test_interrupted_embedding_resumes(bank, monkeypatch):
+    """`m3 index` killed while embedding continues from its checkpoint on the next run."""
+    import m3cli.embed as embed_mod
+    import m3cli.retrieval as retrieval
+
+    path, _ = bank
+    with Bank(path) as b:
+        want = retrieval.embeddings_of(b)
+    monkeypatch.setattr(retrieval, "CHECKPOINT_SECONDS", 0.0)
+    real, seen = embed_mod.HFEncoder.embed, []
+
+    def dying(self, texts):
+        seen.append(len(texts))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(self, texts)
+
+    monkeypatch.setattr(embed_mod.HFEncoder, "embed", dying)
+    result = m3("index", path, "--factory", "HNSW32", "--batch-size", "1", "--embedder", minilm_dir(), "-q")
+    assert result.exit_code != 0
+    spool = path.parent / f".{path.name}.emb.partial"
+    assert json.loads((path.parent / (spool.name + ".json")).read_text())["done"] == 2
+    monkeypatch.setattr(embed_mod.HFEncoder, "embed", lambda self, texts: (seen.append(len(texts)), real(self, texts))[1])
+    seen.clear()
+    assert m3("index", path, "--batch-size", "1", "--embedder", minilm_dir(), "-q").exit_code == 0
+    assert sum(seen) == len(DOCS) - 2  # only the missing references were embedded
+    with Bank(path) as b:
+        import numpy as np
+
+        np.testing.assert_allclose(retrieval.embeddings_of(b), want, atol=1e-3)
+    assert not spool.exists()
