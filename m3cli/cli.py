@@ -14,11 +14,12 @@ import typer
 
 from . import __version__
 from .errors import M3Error
+from .output import print_fields, terminal_safe
 
 app = typer.Typer(
     name="m3",
-    help="Memory3 language models with explicit memory: convert, score, encode, inspect (and soon "
-         "index, generate, pretrain).",
+    help="Memory3 language models with explicit memory: convert, score, encode, index, search, inspect "
+         "(generate and pretrain are not available yet).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_show_locals=False,
@@ -26,11 +27,6 @@ app = typer.Typer(
 )
 
 EXIT_ERROR = 1
-
-
-def terminal_safe(text: str) -> str:
-    """Escape control characters (except newline and tab) so file contents cannot drive the terminal."""
-    return "".join(c if c in "\n\t" or (c.isprintable() and c not in "\x1b") else repr(c)[1:-1] for c in text)
 
 
 def _fail(message: str) -> None:
@@ -231,14 +227,6 @@ def inspect(
         typer.echo(json.dumps(info))
         return
     print_fields(info)
-
-
-def print_fields(info: dict) -> None:
-    width = max(len(k) for k in info)
-    for key, value in info.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
-            value = f"{value:,}"
-        typer.echo(f"{key:<{width}}  {terminal_safe(str(value))}")
 
 
 @app.command("index", epilog="Examples:\n\n  m3 index kb.m3bank\n\n  m3 index kb.m3bank --factory HNSW32\n\n"

@@ -63,7 +63,7 @@ def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
 
 def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | None, verify: bool,
                  echo: Callable[[str], None]) -> None:
-    from .cli import print_fields, terminal_safe
+    from .output import print_fields, terminal_safe
 
     with Bank(path) as bank:
         if verify:
