@@ -6,6 +6,7 @@ User mistakes raise M3Error and end as one line on stderr with exit status 1.
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -333,4 +334,9 @@ _not_yet("generate", 5, "generation that reads explicit memory")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `m3 search … | head -1`: the reader is gone, stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        sys.exit(1)

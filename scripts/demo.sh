@@ -19,7 +19,7 @@ $M3 encode samples/corpus.jsonl -o out/samples.m3bank --model out/smollm2 --forc
 
 echo; echo "== m3 inspect: the bank, and the tokens each memory layer kept for reference 0 (first two memory layers)"
 $M3 inspect out/samples.m3bank --verify
-$M3 inspect out/samples.m3bank --ref 0 --model out/smollm2 | head -8
+$M3 inspect out/samples.m3bank --ref 0 --model out/smollm2 | sed -n '1,8p'
 
 echo; echo "== m3 search: retrieval over the bank (MiniLM embeddings, FAISS index stored in the bank)"
 $M3 search out/samples.m3bank "Where was Ilsa Varenkov born?" -k 2

@@ -34,3 +34,17 @@ def test_every_command_has_help_with_an_example_or_says_it_is_not_ready():
 
 def test_readme_names_the_two_setup_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_closed_pipe_ends_quietly():
+    """`m3 … | head -1` in a pipeline: no traceback when the reader goes away."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "m3cli", "inspect", "memory3-2.4b"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader is gone before m3 finishes writing
+    err = proc.stderr.read().decode()
+    proc.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
