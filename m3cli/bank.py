@@ -291,6 +291,14 @@ class Bank:
         s = self.sections[name]
         return memoryview(self._mm)[s.offset:s.offset + s.length]
 
+    def verified(self, name: str) -> bytes:
+        """A section's stored bytes, after checking them against the table's SHA-256: the only way
+        bytes reach a decompressor, a deserializer or a codebook."""
+        data = bytes(self.raw(name))
+        if hashlib.sha256(data).digest() != self.sections[name].sha256:
+            raise BankError(f"section {name}: SHA-256 mismatch (file damaged)")
+        return data
+
     def decoded(self, name: str) -> bytes:
         """A whole section, decoded (for small sections)."""
         s = self.sections[name]
@@ -298,9 +306,7 @@ class Bank:
             return bytes(self.raw(name))
         import zstandard
 
-        data = bytes(self.raw(name))
-        if hashlib.sha256(data).digest() != s.sha256:  # never hand unverified bytes to a decompressor
-            raise BankError(f"section {name}: SHA-256 mismatch (file damaged)")
+        data = self.verified(name)
         try:
             declared = zstandard.get_frame_parameters(data).content_size
             if declared != s.decoded_length:
@@ -383,12 +389,9 @@ class Bank:
     def codebooks(self) -> torch.Tensor:
         """The vq codebooks (L, 2, M, 256, d/M), checksum-verified once before first use."""
         if self._codebooks is None:
-            s = self.sections[VQ_SECTION]
-            if hashlib.sha256(self.raw(VQ_SECTION)).digest() != s.sha256:
-                raise BankError(f"section {VQ_SECTION}: SHA-256 mismatch (file damaged)")
+            arr = np.frombuffer(self.verified(VQ_SECTION), dtype="<f4")
             L, _, _, _, d = self.memory_shape
             m = self.subquantizers
-            arr = np.frombuffer(self._mm, dtype="<f4", count=s.length // 4, offset=s.offset)
             self._codebooks = torch.from_numpy(arr.astype(np.float32)).reshape(L, 2, m, 256, d // m)
         return self._codebooks
 

@@ -76,7 +76,6 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: t
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .model import Memory3Model
 
     cfg = read_config(model_dir)
     path = Path(model_dir) / WEIGHTS_FILE
@@ -86,18 +85,26 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: t
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise M3Error(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return model_from_state(cfg, state, str(path), attn_impl).to(device=device, dtype=dtype).eval()
+
+
+def model_from_state(cfg: M3Config, state: dict, where: str, attn_impl: str = "sdpa"):
+    """A Memory3Model holding exactly `state`: every tensor name and shape is checked against the
+    config first (built on the meta device, so nothing is allocated twice)."""
+    from .model import Memory3Model
+
     with torch.device("meta"):
         model = Memory3Model(cfg, attn_impl=attn_impl)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise M3Error(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise M3Error(f"{where} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise M3Error(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, config says {shape}")
+            raise M3Error(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config says {shape}")
     model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    return model
 
 
 def has_tokenizer(model_dir: Path) -> bool:

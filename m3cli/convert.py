@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import reference_prefix_ids, save_model_dir
+from .checkpoint import model_from_state, reference_prefix_ids, save_model_dir
 from .config import ConfigError, M3Config
 from .errors import M3Error
 
@@ -189,7 +189,6 @@ def resolve_source(src: Path) -> tuple[str, Path]:
 
 def convert(src: Path, out: Path, dtype: str = "auto", overwrite: bool = False) -> M3Config:
     """Convert `src` into the m3 model dir `out`; returns the new config."""
-    from .model import Memory3Model
 
     kind, path = resolve_source(src)
     source_dir, target = path.resolve() if kind == "hf" else path.parent.resolve(), Path(out).resolve()
@@ -212,16 +211,7 @@ def convert(src: Path, out: Path, dtype: str = "auto", overwrite: bool = False) 
         name = path.stem
     cfg = config_from_hf(hf, reference_prefix_ids(tokenizer, "Reference:"), name)
     state = state_from_hf(hf_state, cfg)
-    with torch.device("meta"):
-        model = Memory3Model(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise M3Error(f"the checkpoint lacks tensors m3 needs: {', '.join(missing[:4])}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise M3Error(f"tensor {k} has shape {tuple(state[k].shape)}, the config implies {tuple(v.shape)}")
-    model.load_state_dict(state, assign=True)
+    model = model_from_state(cfg, state, f"the checkpoint {src}")
     if dtype != "auto":
         from .device import DTYPES
 

@@ -133,8 +133,9 @@ def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean
             raise M3Error("the `self` embedder needs --model DIR (the model that encoded the bank)")
         from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint
 
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return SelfEmbedder(load_model_dir(model_dir, device, dtype), load_tokenizer(model_dir),
+        from .device import resolve_dtype
+
+        return SelfEmbedder(load_model_dir(model_dir, device, resolve_dtype(device)), load_tokenizer(model_dir),
                             model_fingerprint(model_dir))
     path = Path(name)
     if path.is_dir():

@@ -9,7 +9,6 @@ from a factory string and adds both to the bank without rewriting its KV payload
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -175,10 +174,7 @@ def load_index(bank: Bank):
     """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table."""
     import faiss
 
-    s = bank.sections[INDEX_SECTION]
-    raw = bank.raw(INDEX_SECTION)
-    if hashlib.sha256(raw).digest() != s.sha256:
-        raise BankError(f"section {INDEX_SECTION}: SHA-256 mismatch (file damaged); rebuild it with `m3 index`")
+    raw = bank.verified(INDEX_SECTION)
     try:
         index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8).copy())
     except RuntimeError:
