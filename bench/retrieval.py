@@ -47,23 +47,29 @@ def bench_index(args) -> None:
         t = time.perf_counter()
         index = build_index(base, factory)
         build = time.perf_counter() - t
-        for name, value in (("nprobe", args.nprobe), ("efSearch", args.ef_search)):
-            try:
-                faiss.ParameterSpace().set_index_parameter(index, name, value)
-            except RuntimeError:
-                pass
-        faiss.omp_set_num_threads(1)
-        t = time.perf_counter()
-        found = np.stack([index.search(q[None], 5)[1][0] for q in queries])
-        latency_ms = (time.perf_counter() - t) / len(queries) * 1000
-        faiss.omp_set_num_threads(args.threads)
-        recall = float(np.mean([len(set(f) & set(g)) / 5 for f, g in zip(found, truth)]))
-        rows.append({"factory": factory, "n": args.n, "build_s": round(build, 1), "recall_at_5": round(recall, 4),
-                     "ms_per_query": round(latency_ms, 3), "index_mb": round(faiss.serialize_index(index).size / 2**20, 1)})
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| factory | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|")
+        index_mb = round(faiss.serialize_index(index).size / 2**20, 1)
+        params = [("", None)]
+        if "IVF" in factory:
+            params = [("nprobe", v) for v in args.nprobe.split(",")]
+        elif "HNSW" in factory:
+            params = [("efSearch", v) for v in args.ef_search.split(",")]
+        for name, value in params:
+            if name:
+                faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+            faiss.omp_set_num_threads(1)
+            t = time.perf_counter()
+            found = np.stack([index.search(q[None], 5)[1][0] for q in queries])
+            latency_ms = (time.perf_counter() - t) / len(queries) * 1000
+            faiss.omp_set_num_threads(args.threads)
+            recall = float(np.mean([len(set(f) & set(g)) / 5 for f, g in zip(found, truth)]))
+            rows.append({"factory": factory, "param": f"{name}={value}" if name else "", "n": args.n,
+                         "build_s": round(build, 1), "recall_at_5": round(recall, 4),
+                         "ms_per_query": round(latency_ms, 3),
+                         "index_mb": index_mb})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| factory | search parameter | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['factory']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |")
+        print(f"| {r['factory']} | {r['param']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |")
 
 
 def bench_embedders(args) -> None:
@@ -105,8 +111,8 @@ def main() -> None:
     a.add_argument("--dim", type=int, default=384)
     a.add_argument("--queries", type=int, default=500)
     a.add_argument("--factories", default="Flat;HNSW32;IVF1024,SQ8;IVF1024,PQ48x4fs,RFlat", help="separated by ;")
-    a.add_argument("--nprobe", type=int, default=16)
-    a.add_argument("--ef-search", type=int, default=64)
+    a.add_argument("--nprobe", default="16", help="comma-separated values to sweep")
+    a.add_argument("--ef-search", default="64", help="comma-separated values to sweep")
     a.add_argument("--threads", type=int, default=2, help="threads for building; queries use one")
     b = sub.add_parser("embedders")
     b.add_argument("--model", required=True)

@@ -8,7 +8,7 @@ retrieval: memories arrive as tensors in a `Memory`, already selected and encode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,7 @@ class Memory:
     valid: Tensor
     sink: Tensor
     visible: Tensor | None = None
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)  # per-model caches
 
     @property
     def n_slots(self) -> int:
@@ -146,26 +147,67 @@ def training_visibility(seq_len: int, n_slots_per_chunk: int, batch: int, chunk_
 
 
 class KVCache:
-    """Context keys/values per layer, post-RoPE, shape (B, Hkv, T_seen, D).
+    """Context keys/values per layer, post-RoPE, in preallocated buffers (B, Hkv, capacity, D).
 
-    Holds only the context: memories and the prefix sink are passed anew with every call, so
-    the cache stays valid when a chunk's memories change.
+    Holds only the context. The keys placed before it (the prefix sink and the memories of the
+    current chunk, `front`) live in a reserved region at the start of the same buffer, so a
+    decoding step reads [front | context] as one view without copying the cache, and changing
+    the memories rewrites only the front region: the context is never recomputed.
     """
 
     def __init__(self, n_layers: int) -> None:
-        self.keys: list[Tensor | None] = [None] * n_layers
-        self.values: list[Tensor | None] = [None] * n_layers
+        self._k: list[Tensor | None] = [None] * n_layers
+        self._v: list[Tensor | None] = [None] * n_layers
+        self._reserve = [0] * n_layers  # slots kept for the front region
+        self._front = [0] * n_layers  # front length currently written
+        self._front_src: list[object] = [None] * n_layers  # the tensor the front was copied from
+        self._len = [0] * n_layers
 
     @property
     def length(self) -> int:
-        k = self.keys[0]
-        return 0 if k is None else k.shape[2]
+        return self._len[0]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this call's keys/values for `layer`; return all keys/values seen so far."""
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = k, v
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
+    def context(self, layer: int) -> tuple[Tensor, Tensor]:
+        """All context keys/values of `layer` seen so far, (B, Hkv, length, D) views."""
+        r, n = self._reserve[layer], self._len[layer]
+        return self._k[layer][:, :, r:r + n], self._v[layer][:, :, r:r + n]
+
+    def _grow(self, layer: int, k: Tensor, need_ctx: int, need_front: int) -> None:
+        buf = self._k[layer]
+        reserve = max(self._reserve[layer], need_front)
+        cap = 0 if buf is None else buf.shape[2] - self._reserve[layer]
+        if buf is not None and need_ctx <= cap and reserve == self._reserve[layer]:
+            return
+        new_cap = max(need_ctx, 2 * cap, 64)
+        B, H, _, D = k.shape
+        new_k = k.new_empty((B, H, reserve + new_cap, D))
+        new_v = k.new_empty((B, H, reserve + new_cap, D))
+        if buf is not None:
+            old_k, old_v = self.context(layer)
+            n = self._len[layer]
+            new_k[:, :, reserve:reserve + n] = old_k
+            new_v[:, :, reserve:reserve + n] = old_v
+        self._k[layer], self._v[layer] = new_k, new_v
+        self._reserve[layer] = reserve
+        self._front_src[layer], self._front[layer] = None, 0  # the front is rewritten below
+
+    def update(self, layer: int, k: Tensor, v: Tensor,
+               front: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Append this call's keys/values (B, Hkv, T, D) for `layer`; return [front | context so far].
+
+        front: keys/values (B, Hkv, F, D) to place before the context (or None for none).
+        """
+        n, T = self._len[layer], k.shape[2]
+        f = 0 if front is None else front[0].shape[2]
+        self._grow(layer, k, n + T, f)
+        r = self._reserve[layer]
+        kb, vb = self._k[layer], self._v[layer]
+        kb[:, :, r + n:r + n + T] = k
+        vb[:, :, r + n:r + n + T] = v
+        self._len[layer] = n + T
+        if f and self._front_src[layer] is not front[0]:
+            kb[:, :, r - f:r] = front[0]
+            vb[:, :, r - f:r] = front[1]
+            self._front_src[layer] = front[0]
+        self._front[layer] = f
+        return kb[:, :, r - f:r + n + T], vb[:, :, r - f:r + n + T]

@@ -4,6 +4,7 @@ prints; heavy imports live inside the commands so that `m3 --help` is instant.
 User mistakes raise M3Error and end as one line on stderr with exit status 1.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -19,8 +20,8 @@ from .output import print_fields, terminal_safe
 
 app = typer.Typer(
     name="m3",
-    help="Memory3 language models with explicit memory: convert, score, encode, index, search, inspect "
-         "(generate and pretrain are not available yet).",
+    help="Memory3 language models with explicit memory: convert, score, encode, index, search, inspect, "
+         "generate (pretrain is not available yet).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_show_locals=False,
@@ -98,34 +99,59 @@ def convert(
 
 
 @app.command(epilog="Examples:\n\n  m3 score --model models/smollm2 \"The capital of France is Paris.\"\n\n"
-                    "  cat doc.txt | m3 score --model models/smollm2 --json - | jq .perplexity")
+                    "  cat doc.txt | m3 score --model models/smollm2 --json - | jq .perplexity\n\n"
+                    "  m3 score --model models/smollm2 --bank kb.m3bank --mode memory \"Paris is the capital of France.\"")
 @user_errors
 def score(
     text: Annotated[str, typer.Argument(help="The text to score, or - to read it from standard input.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print {token_ids, logprobs, perplexity} as JSON.")] = False,
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
+                                                 "(for --mode memory or rag).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="none (closed book), memory (each 64-token chunk reads "
+                                                     "its own memories) or rag (references in front); "
+                                                     "default: memory with --bank, else none.")] = None,
+    memories: Annotated[int, typer.Option(help="References per chunk (memory) or in front (rag).")] = 5,
+    max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
+                                                          "with the query text (Eq. 6) exceeds this.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {token_ids, logprobs, perplexity, mode, chunks} "
+                                                         "as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
 ) -> None:
-    """Per-token log-probabilities and perplexity of a text.
+    """Per-token log-probabilities and perplexity of a text, closed book or with memory.
 
-    logprobs[i] is log p(token_ids[i+1] | token_ids[:i+1]).
+    logprobs[i] is log p(token_ids[i+1] | token_ids[:i+1]); every mode scores the same tokens,
+    so perplexities compare across modes.
     """
-    from .checkpoint import load_model_dir, load_tokenizer, read_config
-    from .device import resolve_device, resolve_dtype
     from .score import score_text
 
-    read_config(model)  # fail fast on a bad dir before loading anything heavy
-    tokenizer = load_tokenizer(model)
-    dev = resolve_device(device)
-    net = load_model_dir(model, dev, resolve_dtype(dev, dtype))
-    result = score_text(net, tokenizer, _read_text_arg(text))
+    mode = mode or ("memory" if bank is not None else "none")
+    body = _read_text_arg(text)
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise M3Error("the text is not valid UTF-8") from None
+    if mode == "none" and bank is None:
+        from .checkpoint import load_model_dir, load_tokenizer, read_config
+        from .device import resolve_device, resolve_dtype
+
+        read_config(model)
+        tokenizer = load_tokenizer(model)
+        dev = resolve_device(device)
+        net = load_model_dir(model, dev, resolve_dtype(dev, dtype))
+        result = {**score_text(net, tokenizer, body), "mode": "none", "chunks": []}
+    else:
+        from .generate import Options
+
+        with _open_generator(model, bank, device, dtype, embedder) as (gen, tokenizer):
+            result = gen.score(body, Options(mode=mode, memories=memories, max_overlap=max_overlap))
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result, ensure_ascii=False))
         return
     for tid, lp in zip(result["token_ids"][1:], result["logprobs"]):
         typer.echo(f"{lp:10.4f}  {terminal_safe(repr(tokenizer.decode([tid])))}")
-    typer.echo(f"perplexity {result['perplexity']:.4f} over {len(result['logprobs'])} tokens")
+    typer.echo(f"perplexity {result['perplexity']:.4f} over {len(result['logprobs'])} tokens (mode {result['mode']})")
 
 
 @app.command(epilog="Examples:\n\n  m3 encode samples/corpus.jsonl -o kb.m3bank --model out/smollm2\n\n"
@@ -292,8 +318,7 @@ def search(
     """Top-k references of a bank for a query, with scores and text."""
     from .bank import Bank
     from .device import resolve_device
-    from .embed import EmbedderSpec, load_embedder
-    from .retrieval import Retriever
+    from .retrieval import Retriever, query_embedder
 
     if k < 1:
         raise M3Error("-k must be at least 1")
@@ -301,13 +326,7 @@ def search(
     if not queries:
         raise M3Error("no query on standard input")
     with Bank(bank) as b:
-        spec = EmbedderSpec.from_header(b.header)
-        if spec is None:
-            raise M3Error(f"{bank} has no retrieval index; build one with `m3 index {bank}`")
-        name = "minilm" if spec.name == "minilm" else "self" if spec.name == "self" else embedder
-        if name is None:
-            raise M3Error(f"{bank} was indexed with the encoder {spec.name}: pass its directory with --embedder")
-        emb = load_embedder(name, model_dir=model, pooling=spec.pooling, device=resolve_device(device))
+        emb = query_embedder(b, model_dir=model, encoder=embedder, device=resolve_device(device))
         results = Retriever(b, emb).search(queries, k=k, max_overlap=max_overlap)
         for q, hits in zip(queries, results):
             if as_json:
@@ -321,6 +340,152 @@ def search(
                            f"{terminal_safe(text[:160])}{'…' if len(text) > 160 else ''}")
 
 
+@contextlib.contextmanager
+def _open_generator(model: Path, bank: Optional[Path], device: str, dtype: str, embedder: Optional[str],
+                    cache_size: int = 4096):
+    """Load the model (and the bank with its retriever, checking the bank belongs to the model);
+    yield (Generator, tokenizer)."""
+    from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint, read_config
+    from .device import resolve_device, resolve_dtype
+    from .generate import Generator
+
+    read_config(model)  # fail fast on a bad dir before loading anything heavy
+    b = None
+    try:
+        if bank is not None:
+            from .bank import Bank, require_same_model
+
+            b = Bank(bank)
+            require_same_model(b, model_fingerprint(model))
+        tokenizer = load_tokenizer(model)
+        dev = resolve_device(device)
+        net = load_model_dir(model, dev, resolve_dtype(dev, dtype))
+        retriever = None
+        if b is not None:
+            from .retrieval import Retriever, query_embedder
+
+            retriever = Retriever(b, query_embedder(b, model_dir=model, encoder=embedder, device=dev, model=net,
+                                                    tokenizer=tokenizer))
+        yield Generator(net, tokenizer, retriever, cache_capacity=cache_size), tokenizer
+    finally:
+        if b is not None:
+            b.close()
+
+
+def _read_prompts(prompt: str) -> list[str]:
+    """One prompt, or (for -) one per line of standard input; JSON lines need a "prompt" field."""
+    if prompt != "-":
+        return [prompt]
+    prompts = []
+    for n, line in enumerate(_read_text_arg("-").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise M3Error(f"standard input line {n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise M3Error(f"standard input line {n}: a JSON line needs a string field \"prompt\"")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise M3Error("no prompt on standard input")
+    return prompts
+
+
+def _explain(completion, bank, echo) -> None:
+    """The references each chunk read, for a person."""
+    if not completion.chunks:
+        return
+    echo("--- references")
+    for rec in completion.chunks:
+        where = {"prompt": f"prompt tokens {rec.tokens[0]}-{rec.tokens[1]}",
+                 "inherited": f"generated tokens {rec.tokens[0]}-{rec.tokens[1]}, inherits the last prompt chunk's",
+                 "generated": f"generated tokens {rec.tokens[0]}-{rec.tokens[1]}, retrieved with the previous "
+                              f"{rec.tokens[0] and rec.tokens[1] - rec.tokens[0] or 0} generated tokens"}[rec.source]
+        echo(f"chunk {rec.chunk} ({where}):")
+        if not rec.hits:
+            echo("  (no reference)")
+        for j, h in enumerate(rec.hits):
+            attn = f"  attention {rec.attention[j]:.1%}" if rec.attention is not None else ""
+            text = " ".join(h.text.split())
+            echo(f"  ref {h.ref:<6} score {h.score:.3f}{attn}  {terminal_safe(h.title or h.doc_id)}: "
+                 f"{terminal_safe(text[:120])}{'…' if len(text) > 120 else ''}")
+
+
+@app.command(epilog="Examples:\n\n  m3 generate --model out/smollm2 --bank kb.m3bank \"What is the capital of Mali?\"\n\n"
+                    "  m3 generate --model out/smollm2 --bank kb.m3bank --explain --chat \"Who founded Northwind?\"\n\n"
+                    "  m3 generate --model out/smollm2 --mode none \"Once upon a time\"\n\n"
+                    "  cat questions.txt | m3 generate --model out/smollm2 --bank kb.m3bank --json - | jq -r .text")
+@user_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt, or - to read prompts from standard input: one per "
+                                               "line, or JSON lines with a \"prompt\" field.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="memory (explicit memory), none (closed book) or rag (the "
+                                                     "retrieved references' text in front of the prompt); "
+                                                     "default: memory with --bank, else none.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; higher samples more freely.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens "
+                                                         "holding this probability.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens (0 = off).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    memories: Annotated[int, typer.Option(help="References retrieved per chunk.")] = 5,
+    retrieve_every: Annotated[int, typer.Option("--retrieve-every", help="While decoding, retrieve new memories "
+                                                "after this many generated tokens.")] = 64,
+    max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
+                                                          "with the query text (Eq. 6) exceeds this, e.g. 0.67.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt: text, and per chunk the "
+                                                         "references read, their scores and attention share.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="After each answer, list the references each chunk "
+                                                            "read, with titles, text and attention share.")] = False,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    cache_size: Annotated[int, typer.Option("--cache-size", help="Decoded memories kept in the LRU cache.")] = 4096,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
+) -> None:
+    """Generate text while the model reads its explicit memories.
+
+    Each 64-token chunk of the prompt retrieves its own memories; while decoding, every 64
+    generated tokens retrieve the next chunk's. One prompt streams to standard output.
+    """
+    from .generate import Options
+
+    mode = mode or ("memory" if bank is not None else "none")
+    opts = Options(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   seed=seed, memories=memories, retrieve_every=retrieve_every, max_overlap=max_overlap, chat=chat,
+                   cite=as_json or explain)
+    opts.check()
+    if batch_size < 1:
+        raise M3Error("--batch-size must be at least 1")
+    if mode == "none" and bank is not None:
+        bank = None  # closed book: the bank is not read
+    prompts = _read_prompts(prompt)
+    with _open_generator(model, bank, device, dtype, embedder, cache_size) as (gen, _):
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            stream = len(prompts) == 1 and not as_json
+
+            def on_text(b: int, piece: str) -> None:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+            for c in gen.generate(batch, opts, on_text=on_text if stream else None):
+                if as_json:
+                    typer.echo(json.dumps(c.to_json(mode), ensure_ascii=False))
+                    continue
+                typer.echo("" if stream else c.text)
+                if explain:
+                    _explain(c, gen.retriever and gen.retriever.bank, typer.echo)
+
+
+
 def _not_yet(name: str, issue: int, what: str):
     def stub(ctx: typer.Context) -> None:
         _fail(f"`m3 {name}` is not available yet: {what} lands with issue #{issue}")
@@ -330,7 +495,6 @@ def _not_yet(name: str, issue: int, what: str):
 
 
 _not_yet("pretrain", 6, "two-stage training (warmup, continual with memory) through accelerate")
-_not_yet("generate", 5, "generation that reads explicit memory")
 
 
 def main() -> None:

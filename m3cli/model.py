@@ -60,11 +60,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, attn_fn,
                 extra_kv: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
-                layer: int = 0, capture: dict | None = None) -> Tensor:
+                layer: int = 0, capture: dict | None = None, probe: tuple | None = None) -> Tensor:
         """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
 
-        mask covers [extra | cached context | this call's tokens]. `capture`, when given,
-        receives the pre-RoPE q/k and the post-RoPE k and v of this call's tokens.
+        mask covers [extra | cached context | this call's tokens] (None: every key visible).
+        `capture`, when given, receives the pre-RoPE q/k and the post-RoPE k and v of this
+        call's tokens. `probe` = (out, start, slots, k): append to `out` the share of attention
+        (B, T, slots) that each memory slot's k keys, starting at key `start`, received.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -76,10 +78,19 @@ class Attention(nn.Module):
         if capture is not None:
             capture["k_rope"], capture["v"] = k, v
         if cache is not None:
-            k, v = cache.update(layer, k, v)
-        if extra_kv is not None:
+            k, v = cache.update(layer, k, v, front=extra_kv)
+        elif extra_kv is not None:
             k = torch.cat([extra_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([extra_kv[1].to(v.dtype), v], dim=2)
+        if probe is not None:
+            out_list, start, slots, k_top = probe
+            scores = q.float() @ k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(-1, -2)
+            scores = scores / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, T, keys)
+            mass = probs[..., start:start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
+            out_list.append(mass.mean(1))  # (B, T, slots)
         out = attn_fn(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -145,12 +156,18 @@ class Memory3Model(nn.Module):
 
     # --- ordinary forward, with or without memory ------------------------------------------
     def forward(self, input_ids: Tensor, memory: Memory | None = None, cache: KVCache | None = None,
-                position_ids: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+                position_ids: Tensor | None = None, return_hidden: bool = False,
+                key_mask: Tensor | None = None, last_only: bool = False,
+                attention_probe: list | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states if return_hidden.
 
         memory: explicit memories read by the memory layers (see `Memory`); None or an empty
         memory gives the plain causal LM. cache: context KV cache, extended in place.
-        position_ids (B, T): override the default context positions (tests, experiments).
+        position_ids (T,) or (B, T): override the default context positions (left-padded
+        batches, tests). key_mask (B, past+T) bool: False marks padding in the context, which
+        no token attends to. last_only: logits of the last position only (B, 1, vocab).
+        attention_probe: a list that receives, per memory layer, the share of attention each
+        memory slot got, (B, T, slots) — for citations; costs an explicit softmax.
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -160,62 +177,110 @@ class Memory3Model(nn.Module):
             position_ids = torch.arange(past, past + T, device=device) + cfg.context_offset  # (T,)
         h = self.embed(input_ids)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-        ctx_mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)  # (T, past+T)
+        ctx = self._context_mask(B, T, past, key_mask, device)  # (B|1, 1, T, past+T) or None
         if memory is not None and not memory.readable():
             memory = None  # an empty memory, or one no token may read, is no memory
-        plan = None if memory is None else self._memory_plan(memory, ctx_mask, B, T)
         attn_fn = self.attn_fn
-        for i, layer in enumerate(self.layers):
-            if plan is None:
-                mask, extra = ctx_mask, None
-            else:
-                mask, extra = plan(i)
-            h = layer(h, cos, sin, mask, attn_fn, extra_kv=extra, cache=cache, layer=i)
+        if memory is None:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, ctx, attn_fn, cache=cache, layer=i)
+        else:
+            extra, masks = self._memory_plan(memory, ctx, B, T, past, h.dtype)
+            S, k_top, p = memory.n_slots, memory.kv.shape[5], memory.sink.shape[3]
+            for i, layer in enumerate(self.layers):
+                mem = i in self._mem_index
+                probe = (attention_probe, p, S, k_top) if mem and attention_probe is not None else None
+                h = layer(h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         if return_hidden:
             return h
         return F.linear(h, self.output_weight())
 
-    def _memory_plan(self, memory: Memory, ctx_mask: Tensor, B: int, T: int):
-        """Per-layer (mask, extra_kv) for a call that reads memory.
+    @staticmethod
+    def _context_mask(B: int, T: int, past: int, key_mask: Tensor | None, device) -> Tensor | None:
+        """Causal mask over the context, with padding keys hidden; None when every key is visible
+        (one new token and no padding). A token always sees itself, so no row is empty."""
+        if key_mask is None and T == 1:
+            return None
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)  # (T, past+T)
+        if key_mask is None:
+            return causal[None, None]
+        if key_mask.shape != (B, past + T):
+            raise ValueError(f"key_mask must be (B, past+T) = ({B}, {past + T}), got {tuple(key_mask.shape)}")
+        itself = torch.arange(past + T, device=device)[None] == (past + torch.arange(T, device=device))[:, None]
+        return ((causal[None] & key_mask.to(device)[:, None, :]) | itself[None])[:, None]
 
-        Memory layers attend to [sink | memories | context], the others to [sink | context].
-        Masks are (B, H, T, keys) bool, built with tensor ops only.
-        """
+    def prepare_memory(self, memory: Memory, dtype: torch.dtype) -> dict:
+        """The per-layer keys/values placed before the context, computed once per `Memory` and
+        kept on it: non-memory layers get [sink], memory layers [sink | slot 0's k tokens | …].
+        Also which memory keys are real, per memory layer: (B, Hkv, S*k) bool."""
+        key = ("prepared", dtype)
+        if key in memory.prepared:
+            return memory.prepared[key]
         cfg = self.config
-        group = cfg.n_heads // cfg.n_kv_heads
-        S = memory.n_slots
-        device = ctx_mask.device
-        dtype = self.embed.weight.dtype
-        slot_has = memory.valid.flatten(2).any(-1)  # (B, S)
-        if memory.visible is None:
-            visible = slot_has[:, None, :].expand(B, T, S)  # (B, T, S)
-        else:
-            visible = memory.visible.to(device) & slot_has[:, None, :]
-        sink_rows = visible.any(-1)  # (B, T): a row that reads no memory gets no sink
-        p = memory.sink.shape[3]
-        sink_mask = sink_rows[:, None, :, None].expand(B, 1, T, p)  # (B, 1, T, p)
-        ctx = ctx_mask[None, None].expand(B, 1, T, ctx_mask.shape[1])  # (B, 1, T, past+T)
-        plain_mask = torch.cat([sink_mask, ctx], dim=-1)  # (B, 1, T, p+past+T)
+        B, S = memory.kv.shape[:2]
         k_top = memory.kv.shape[5]
-
-        def plan(layer: int):
+        extra, key_ok = [], {}
+        for layer in range(cfg.n_layers):
             sink_k = memory.sink[layer, 0].to(dtype)[None].expand(B, -1, -1, -1)  # (B, Hkv, p, D)
             sink_v = memory.sink[layer, 1].to(dtype)[None].expand(B, -1, -1, -1)
             m = self._mem_index.get(layer)
             if m is None:
-                return plain_mask, (sink_k, sink_v)
+                extra.append((sink_k.contiguous(), sink_v.contiguous()))
+                continue
             kv = memory.kv[:, :, m].to(dtype)  # (B, S, 2, Hkv, k, D)
             mem_k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)  # (B, Hkv, S*k, D)
             mem_v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)
-            valid = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, 1, S * k_top)
-            vis = visible.repeat_interleave(k_top, dim=-1)[:, None]  # (B, 1, T, S*k)
-            mem_mask = (vis & valid).repeat_interleave(group, dim=1)  # (B, H, T, S*k)
-            mask = torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem_mask,
-                              ctx.expand(B, cfg.n_heads, T, ctx.shape[-1])], dim=-1)
-            return mask, (torch.cat([sink_k, mem_k], dim=2), torch.cat([sink_v, mem_v], dim=2))
+            extra.append((torch.cat([sink_k, mem_k], dim=2), torch.cat([sink_v, mem_v], dim=2)))
+            key_ok[layer] = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, S * k_top)
+        oks = list(key_ok.values())
+        shared = oks[0][:, :1] if all(bool((o == oks[0][:, :1]).all()) for o in oks) else None  # (B, 1, S*k)
+        prepared = {"extra": extra, "key_ok": key_ok, "shared_ok": shared,
+                    "all_real": shared is not None and bool(shared.all())}
+        memory.prepared[key] = prepared
+        return prepared
 
-        return plan
+    def _memory_plan(self, memory: Memory, ctx: Tensor | None, B: int, T: int, past: int, dtype: torch.dtype):
+        """(extra_kv per layer, mask for layer i) for a call that reads memory.
+
+        Memory layers attend to [sink | memories | context], the others to [sink | context].
+        A row that reads no memory sees no sink. When every key is visible the mask is None.
+        """
+        cfg = self.config
+        prep = self.prepare_memory(memory, dtype)
+        extra = prep["extra"]
+        if memory.visible is None and prep["all_real"] and ctx is None:
+            return extra, lambda i: None  # one decoding step reading real memories, no padding
+        group = cfg.n_heads // cfg.n_kv_heads
+        S, k_top, p = memory.n_slots, memory.kv.shape[5], memory.sink.shape[3]
+        device = memory.kv.device
+        slot_has = memory.valid.flatten(2).any(-1).to(device)  # (B, S)
+        if memory.visible is None:
+            visible = slot_has[:, None, :].expand(B, T, S)  # (B, T, S)
+        else:
+            visible = memory.visible.to(device) & slot_has[:, None, :]
+        sink_rows = visible.any(-1)  # (B, T)
+        sink_mask = sink_rows[:, None, :, None].expand(B, 1, T, p)
+        if ctx is None:
+            ctx = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=device)
+        ctx = ctx.expand(B, 1, T, past + T)
+        plain = torch.cat([sink_mask, ctx], dim=-1)  # (B, 1, T, p+past+T)
+        vis = visible.repeat_interleave(k_top, dim=-1)[:, None]  # (B, 1, T, S*k)
+        shared = None
+        if prep["shared_ok"] is not None:
+            shared = torch.cat([sink_mask, vis & prep["shared_ok"][:, :, None, :], ctx], dim=-1)  # (B, 1, T, keys)
+
+        def masks(layer: int) -> Tensor:
+            if layer not in self._mem_index:
+                return plain
+            if shared is not None:
+                return shared
+            mem = (vis & prep["key_ok"][layer][:, :, None, :]).repeat_interleave(group, dim=1)  # (B, H, T, S*k)
+            return torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem, ctx.expand(B, cfg.n_heads, T, -1)], dim=-1)
+
+        return extra, masks
 
     # --- the reference prefix (attention sink) ---------------------------------------------
     def encode_prefix(self) -> Tensor:

@@ -191,3 +191,25 @@ def load_index(bank: Bank):
             except RuntimeError:
                 pass  # the index has no such parameter (e.g. nprobe on Flat)
     return index
+
+
+def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, device="cpu", model=None,
+                   tokenizer=None):
+    """The embedder a bank's index was built with, for queries: MiniLM, the model itself (`self`,
+    reusing `model` when it is already loaded), or the encoder dir given as `encoder`."""
+    from .embed import SelfEmbedder, load_embedder
+
+    spec = EmbedderSpec.from_header(bank.header)
+    if spec is None or INDEX_SECTION not in bank.sections:
+        raise M3Error(f"{bank.path} has no retrieval index; build one with `m3 index {bank.path}`")
+    if spec.name == "minilm":
+        return load_embedder("minilm", device=device)
+    if spec.name == "self":
+        if model is not None and model_dir is not None:
+            from .checkpoint import model_fingerprint
+
+            return SelfEmbedder(model, tokenizer, model_fingerprint(model_dir))
+        return load_embedder("self", model_dir=model_dir, device=device)
+    if encoder is None:
+        raise M3Error(f"{bank.path} was indexed with the encoder {spec.name}: pass its directory with --embedder")
+    return load_embedder(encoder, pooling=spec.pooling, device=device)

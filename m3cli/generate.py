@@ -1,0 +1,454 @@
+"""Generation that reads explicit memory (DESIGN §2), and the closed-book and RAG baselines.
+
+Schedule, per sequence:
+- the prompt is cut into chunks of `chunk_length` (64) tokens; each chunk retrieves its own
+  memories with its own text and only its tokens read them (one prefill call, a block mask);
+- the first decoded chunk inherits the last prompt chunk's memories;
+- after every `retrieve_every` (64) generated tokens, those tokens are the query for the next
+  decoded chunk's memories. The context KV cache is never recomputed when memories change:
+  only the keys in front of it are replaced (`KVCache`).
+
+Memories come from the bank by memory-map through an LRU cache on the model's device, so a
+reference used again costs nothing. Retrieval for all sequences of a batch is one call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import KVCache, Memory, MemoryEncoding, chunk_visibility
+from .errors import M3Error
+
+MODES = ("memory", "none", "rag")
+
+
+# --- the schedule, as plain functions (unit-tested) ----------------------------------------
+def prompt_chunks(n_tokens: int, chunk_length: int) -> list[tuple[int, int]]:
+    """[start, end) of each prompt chunk: full chunks of chunk_length, the last one may be short."""
+    return [(s, min(s + chunk_length, n_tokens)) for s in range(0, n_tokens, chunk_length)]
+
+
+def retrieval_due(generated_index: int, every: int) -> bool:
+    """True when the generated token with this 0-based index starts a new decoded chunk that
+    retrieves its own memories (queried with the `every` tokens before it). Index 0 starts the
+    first decoded chunk, which inherits the last prompt chunk's memories instead."""
+    return generated_index > 0 and generated_index % every == 0
+
+
+def decoded_chunk(generated_index: int, every: int) -> int:
+    return generated_index // every
+
+
+@dataclass
+class Options:
+    mode: str = "memory"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    memories: int = 5
+    retrieve_every: int = 64
+    max_overlap: float | None = None
+    chat: bool = False
+    stop_at_eos: bool = True
+    cite: bool = False  # measure the attention share of every memory (costs an explicit softmax)
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise M3Error(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1:
+            raise M3Error("--max-new-tokens must be at least 1")
+        if self.temperature < 0:
+            raise M3Error("--temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise M3Error("--top-p must be in (0, 1]")
+        if self.top_k < 0:
+            raise M3Error("--top-k must be >= 0 (0 = off)")
+        if self.memories < 1:
+            raise M3Error("--memories must be at least 1")
+        if self.retrieve_every < 1:
+            raise M3Error("--retrieve-every must be at least 1")
+        if self.max_overlap is not None and not 0 <= self.max_overlap <= 1:
+            raise M3Error("--max-overlap must be in [0, 1]")
+
+
+@dataclass
+class ChunkRecord:
+    chunk: int
+    source: str  # "prompt", "inherited" (first decoded chunk) or "generated"
+    tokens: tuple[int, int]  # [start, end) in the prompt, or in the generated tokens
+    query: str | None
+    hits: list  # retrieval.Hit
+    attention: list[float] | None = None  # share of memory-layer attention per hit (cite)
+
+    def to_json(self) -> dict:
+        refs = []
+        for j, h in enumerate(self.hits):
+            r = {"ref": h.ref, "score": round(h.score, 6), "doc_id": h.doc_id, "title": h.title}
+            if self.attention is not None:
+                r["attention"] = round(self.attention[j], 6)
+            refs.append(r)
+        return {"chunk": self.chunk, "source": self.source, "tokens": list(self.tokens), "query": self.query,
+                "references": refs}
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos", "length" (max new tokens) or "context" (the context is full)
+    chunks: list[ChunkRecord] = field(default_factory=list)
+
+    def to_json(self, mode: str) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "mode": mode, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": len(self.token_ids), "finish_reason": self.finish_reason,
+                "chunks": [c.to_json() for c in self.chunks]}
+
+
+# --- memories: bank -> LRU cache -> Memory ---------------------------------------------------
+class MemoryCache:
+    """Decoded memories of recently used references, on the model's device, least recently
+    used evicted first. `get` decodes all missing references of a call in one bank read."""
+
+    def __init__(self, bank, device: torch.device, dtype: torch.dtype, capacity: int = 4096) -> None:
+        self.bank, self.device, self.dtype, self.capacity = bank, device, dtype, capacity
+        self._items: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, refs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        missing = sorted({r for r in refs if r not in self._items})
+        self.hits += len(refs) - sum(1 for r in refs if r in missing)
+        self.misses += len(missing)
+        if missing:
+            enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
+            for j, r in enumerate(missing):
+                self._items[r] = (enc.kv[j], enc.valid[j])
+        out = []
+        for r in refs:
+            self._items.move_to_end(r)
+            out.append(self._items[r])
+        while len(self._items) > max(self.capacity, len(set(refs))):
+            self._items.popitem(last=False)
+        return out
+
+    def stack(self, per_sequence: list[list[int]], n_slots: int, shape, sink: torch.Tensor) -> tuple:
+        """(kv (B, S, ...), valid (B, S, ...)) with sequence b's references in its first slots."""
+        B = len(per_sequence)
+        L, two, H, K, D = shape
+        kv = torch.zeros((B, n_slots, L, two, H, K, D), dtype=self.dtype, device=self.device)
+        valid = torch.zeros((B, n_slots, L, H, K), dtype=torch.bool, device=self.device)
+        flat = [r for refs in per_sequence for r in refs if r is not None]
+        got = iter(self.get(flat))
+        for b, refs in enumerate(per_sequence):
+            for s, r in enumerate(refs):
+                if r is None:
+                    continue
+                kv[b, s], valid[b, s] = next(got)
+        return kv, valid
+
+
+def _sample(logits: torch.Tensor, opts: Options, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
+    if opts.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / opts.temperature
+    if opts.top_k > 0:
+        kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= opts.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+class Generator:
+    """Generates for batches of prompts in one of three modes on one loaded model.
+
+    retriever: a `retrieval.Retriever` over a bank encoded by this model (memory, rag).
+    """
+
+    def __init__(self, model, tokenizer, retriever=None, cache_capacity: int = 4096) -> None:
+        self.model, self.tokenizer, self.retriever = model, tokenizer, retriever
+        self.cfg = model.config
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        self.timings: dict[str, float] = defaultdict(float)
+        self.memory_cache = None
+        self._sink = None
+        if retriever is not None:
+            self.memory_cache = MemoryCache(retriever.bank, self.device, self.dtype, cache_capacity)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos = {eos} if isinstance(eos, int) else set(eos or [])
+        self.pad_id = eos if isinstance(eos, int) else 0
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _tick(self, name: str, t0: float) -> float:
+        self._sync()
+        t = time.perf_counter()
+        self.timings[name] += t - t0
+        return t
+
+    def sink(self) -> torch.Tensor:
+        if self._sink is None:
+            with torch.inference_mode():
+                self._sink = self.model.encode_prefix()
+        return self._sink
+
+    def _retrieve(self, queries: list[str], opts: Options) -> list[list]:
+        t0 = time.perf_counter()
+        hits = self.retriever.search(queries, k=opts.memories, max_overlap=opts.max_overlap) if queries else []
+        self._tick("retrieval", t0)
+        return hits
+
+    def _memory(self, rows: list[list], n_slots: int, visible=None) -> Memory:
+        """Memory whose sequence b holds rows[b]'s hits (None = an empty slot) in its first slots."""
+        t0 = time.perf_counter()
+        ids = [[None if h is None else h.ref for h in row] + [None] * (n_slots - len(row)) for row in rows]
+        kv, valid = self.memory_cache.stack(ids, n_slots, self.retriever.bank.memory_shape, self.sink())
+        mem = Memory(kv=kv, valid=valid, sink=self.sink(), visible=visible)
+        self._tick("memory_load", t0)
+        return mem
+
+    def encode_prompt(self, prompt: str, opts: Options, context: list[str] | None = None) -> list[int]:
+        """Token ids of a prompt: with the references' text in front (rag), in the chat template."""
+        text = prompt if not context else "\n\n".join(context) + "\n\n" + prompt
+        if opts.chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise M3Error("--chat: this model's tokenizer has no chat template")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+    # -- the main loop -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], opts: Options, on_text=None, forced_ids: list[list[int]] | None = None
+                 ) -> list[Completion]:
+        """Complete each prompt. on_text(b, piece) receives text as it is generated.
+
+        forced_ids: token ids to use instead of tokenizing the prompts (benchmarks).
+        """
+        opts.check()
+        if opts.mode != "none" and self.retriever is None:
+            raise M3Error(f"--mode {opts.mode} needs --bank (a bank encoded by this model, with an index)")
+        B = len(prompts)
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.temperature > 0 else None
+        chunks: list[list[ChunkRecord]] = [[] for _ in range(B)]
+
+        t0 = time.perf_counter()
+        if opts.mode == "rag":
+            hits = self._retrieve(prompts, opts)
+            ids = [self.encode_prompt(p, opts, [h.text for h in hs]) for p, hs in zip(prompts, hits)]
+            for b in range(B):
+                chunks[b].append(ChunkRecord(0, "prompt", (0, len(ids[b])), prompts[b], hits[b]))
+        else:
+            ids = forced_ids if forced_ids is not None else [self.encode_prompt(p, opts) for p in prompts]
+        for b, seq in enumerate(ids):
+            if not seq:
+                raise M3Error(f"prompt {b + 1} is empty")
+            if len(seq) >= cfg.context_length:
+                raise M3Error(f"prompt {b + 1} has {len(seq)} tokens; the model's context is "
+                              f"{cfg.context_length} tokens")
+        lengths = [len(s) for s in ids]
+        T = max(lengths)
+        pads = [T - n for n in lengths]
+        padded = any(pads)
+        x = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
+        for b, seq in enumerate(ids):
+            x[b, pads[b]:] = torch.tensor(seq, device=self.device)
+        key_mask = positions = None
+        if padded:
+            key_mask = torch.arange(T, device=self.device)[None] >= torch.tensor(pads, device=self.device)[:, None]
+            positions = (torch.arange(T, device=self.device)[None] - torch.tensor(pads, device=self.device)[:, None]
+                         ).clamp_min(0) + cfg.context_offset
+
+        # prompt chunks retrieve with their own text; one prefill reads them through a block mask
+        memory, decode_hits = None, [[] for _ in range(B)]
+        if opts.mode == "memory":
+            spans = [prompt_chunks(n, cfg.chunk_length) for n in lengths]
+            queries = [self.tokenizer.decode(ids[b][s:e], skip_special_tokens=True) for b in range(B) for s, e in spans[b]]
+            found = self._retrieve(queries, opts)
+            n_chunks = max(len(s) for s in spans)
+            per_seq, slot_chunk = [], torch.full((B, n_chunks * opts.memories), -1, dtype=torch.long)
+            token_chunk = torch.full((B, T), -2, dtype=torch.long)  # padding reads no chunk's memories
+            qi = 0
+            for b in range(B):
+                row = []
+                for c, (s, e) in enumerate(spans[b]):
+                    hs = found[qi]
+                    chunks[b].append(ChunkRecord(c, "prompt", (s, e), queries[qi], hs))
+                    qi += 1
+                    slot_chunk[b, c * opts.memories:c * opts.memories + len(hs)] = c
+                    row.extend(hs + [None] * (opts.memories - len(hs)))
+                    token_chunk[b, pads[b] + s:pads[b] + e] = c
+                per_seq.append(row)
+                decode_hits[b] = chunks[b][-1].hits
+            visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
+            memory = self._memory(per_seq, n_chunks * opts.memories, visible)
+        probe = [] if opts.cite and opts.mode == "memory" else None
+        t0 = time.perf_counter()
+        cache = KVCache(cfg.n_layers)
+        logits = self.model(x, memory=memory, cache=cache, position_ids=positions, key_mask=key_mask,
+                            last_only=True, attention_probe=probe)[:, -1]
+        t0 = self._tick("prefill", t0)
+        if probe:
+            share = torch.stack(probe).mean(0)  # (B, T, S)
+            for b in range(B):
+                for rec in chunks[b]:
+                    s, e = rec.tokens
+                    cols = share[b, pads[b] + s:pads[b] + e, rec.chunk * opts.memories:rec.chunk * opts.memories + len(rec.hits)]
+                    rec.attention = cols.mean(0).tolist()
+
+        # decoding
+        if opts.mode == "memory":
+            memory = self._memory([h for h in decode_hits], opts.memories)
+            for b in range(B):
+                chunks[b].append(ChunkRecord(len(chunks[b]), "inherited", (0, opts.retrieve_every), None,
+                                             decode_hits[b]))
+        room = cfg.context_length - T
+        steps = min(opts.max_new_tokens, room)
+        out = torch.full((B, steps), self.pad_id, dtype=torch.long, device=self.device)
+        done = [False] * B
+        n_out = [0] * B
+        finish = ["length" if steps == opts.max_new_tokens else "context"] * B
+        printed = [""] * B
+        share_sum = torch.zeros(B, opts.memories, device=self.device) if probe is not None else None
+        share_n = 0
+        t0 = time.perf_counter()
+        for step in range(steps):
+            token = _sample(logits, opts, gen)
+            out[:, step] = token
+            if opts.stop_at_eos or on_text is not None:
+                toks = token.tolist()
+                for b in range(B):
+                    if done[b]:
+                        continue
+                    if opts.stop_at_eos and toks[b] in self.eos:
+                        done[b], finish[b] = True, "eos"
+                        continue
+                    n_out[b] = step + 1
+                    if on_text is not None:
+                        text = self.tokenizer.decode(out[b, :step + 1].tolist(), skip_special_tokens=True)
+                        if not text.endswith("\ufffd") and len(text) > len(printed[b]):
+                            on_text(b, text[len(printed[b]):])
+                            printed[b] = text
+                if all(done):
+                    break
+            else:
+                n_out = [step + 1] * B
+            if step + 1 == steps:
+                break
+            # feed the token just generated (index `step`); it may start a new decoded chunk
+            if opts.mode == "memory" and retrieval_due(step, opts.retrieve_every):
+                if probe is not None and share_n:
+                    self._close_chunk(chunks, share_sum / share_n)
+                    share_sum.zero_()
+                    share_n = 0
+                t0 = self._tick("decode", t0)
+                live = [b for b in range(B) if not done[b]]
+                qs = [self.tokenizer.decode(out[b, step - opts.retrieve_every:step].tolist(), skip_special_tokens=True)
+                      for b in live]
+                for b, hs in zip(live, self._retrieve(qs, opts)):
+                    decode_hits[b] = hs
+                    chunks[b].append(ChunkRecord(len(chunks[b]), "generated", (step, step + opts.retrieve_every),
+                                                 qs[live.index(b)], hs))
+                memory = self._memory(decode_hits, opts.memories)
+                t0 = time.perf_counter()
+            pos = None
+            if padded:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
+                pos = (torch.tensor(lengths, device=self.device) + step + cfg.context_offset)[:, None]
+            step_probe = [] if probe is not None else None
+            logits = self.model(token[:, None], memory=memory, cache=cache, position_ids=pos, key_mask=key_mask,
+                                attention_probe=step_probe)[:, -1]
+            if step_probe:
+                share_sum += torch.stack(step_probe).mean(0)[:, 0]
+                share_n += 1
+        self._tick("decode", t0)
+        if probe is not None and share_n:
+            self._close_chunk(chunks, share_sum / share_n)
+        results = []
+        for b in range(B):
+            for rec in chunks[b]:  # decoded chunks end where generation ended
+                if rec.source != "prompt":
+                    rec.tokens = (rec.tokens[0], min(rec.tokens[1], n_out[b]))
+            toks = out[b, :n_out[b]].tolist()
+            results.append(Completion(prompts[b], self.tokenizer.decode(toks, skip_special_tokens=True), toks,
+                                      lengths[b], finish[b], chunks[b]))
+        return results
+
+    @staticmethod
+    def _close_chunk(chunks: list[list[ChunkRecord]], share: torch.Tensor) -> None:
+        """Give the last decoded chunk of each sequence its mean attention share per memory."""
+        for b, recs in enumerate(chunks):
+            rec = recs[-1]
+            if rec.source != "prompt" and rec.attention is None:
+                rec.attention = share[b, :len(rec.hits)].tolist()
+
+    # -- scoring with memory -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, text: str, opts: Options) -> dict:
+        """Per-token log-probs of `text` in one mode: {token_ids, logprobs, perplexity, mode, chunks}.
+
+        The same tokens are scored in every mode (all but the first), so perplexities compare:
+        `memory` reads each 64-token chunk's own memories (retrieved with its text), `rag` puts
+        the references retrieved with the whole text in front, `none` reads nothing.
+        """
+        import math
+
+        import torch.nn.functional as F
+
+        opts.check()
+        if opts.mode != "none" and self.retriever is None:
+            raise M3Error(f"--mode {opts.mode} needs --bank (a bank encoded by this model, with an index)")
+        ids = [int(i) for i in self.tokenizer(text)["input_ids"]]
+        if len(ids) < 2:
+            raise M3Error("the text has fewer than 2 tokens: nothing to score")
+        cfg = self.cfg
+        seq, first, memory, chunks = ids, 0, None, []
+        if opts.mode == "rag":
+            hits = self._retrieve([text], opts)[0]
+            chunks.append(ChunkRecord(0, "prompt", (0, len(ids)), text, hits))
+            ctx = [int(i) for i in self.tokenizer("\n\n".join(h.text for h in hits) + "\n\n")["input_ids"]] if hits else []
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            rest = ids[1:] if bos is not None and ids[0] == bos else ids
+            seq = ctx + rest
+            first = len(seq) - len(ids)  # scored tokens are seq[first+1:], i.e. ids[1:]
+        if len(seq) > cfg.context_length:
+            raise M3Error(f"the text has {len(seq)} tokens in mode {opts.mode}, more than the model's context of "
+                          f"{cfg.context_length}")
+        if opts.mode == "memory":
+            spans = prompt_chunks(len(ids), cfg.chunk_length)
+            queries = [self.tokenizer.decode(ids[s:e], skip_special_tokens=True) for s, e in spans]
+            found = self._retrieve(queries, opts)
+            row, slot_chunk = [], torch.full((1, len(spans) * opts.memories), -1, dtype=torch.long)
+            token_chunk = torch.zeros((1, len(ids)), dtype=torch.long)
+            for c, ((s, e), hs) in enumerate(zip(spans, found)):
+                chunks.append(ChunkRecord(c, "prompt", (s, e), queries[c], hs))
+                slot_chunk[0, c * opts.memories:c * opts.memories + len(hs)] = c
+                row.extend(hs + [None] * (opts.memories - len(hs)))
+                token_chunk[0, s:e] = c
+            memory = self._memory([row], len(row), chunk_visibility(token_chunk, slot_chunk, 0).to(self.device))
+        x = torch.tensor([seq], device=self.device)
+        t0 = time.perf_counter()
+        logits = self.model(x, memory=memory).float()[0, first:-1]
+        self._tick("prefill", t0)
+        target = x[0, first + 1:]
+        logprobs = F.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0].tolist()
+        return {"token_ids": ids, "logprobs": logprobs, "perplexity": math.exp(-sum(logprobs) / len(logprobs)),
+                "mode": opts.mode, "chunks": [c.to_json() for c in chunks]}

@@ -1,0 +1,209 @@
+"""`m3 generate` and `m3 score --bank`: the retrieval schedule, caching, batching, modes, errors."""
+
+import json
+
+import pytest
+import torch
+
+import m3cli.generate as generate_mod
+from m3cli.attention import Memory, chunk_visibility
+from m3cli.bank import Bank
+from m3cli.checkpoint import load_model_dir, load_tokenizer
+from m3cli.generate import Generator, Options, decoded_chunk, prompt_chunks, retrieval_due
+from m3cli.retrieval import Retriever, query_embedder
+
+from cli_helpers import assert_user_error, m3
+
+DOCS = [
+    {"id": "fr", "title": "France", "text": "the capital of france is paris . paris is a city ."},
+    {"id": "it", "title": "Italy", "text": "the capital of italy is rome . rome is a city in italy ."},
+    {"id": "hw", "title": "Greeting", "text": "hello world , the memory model answers a question ."},
+    {"id": "bo", "title": "Born", "text": "a city country born in rome was in italy ."},
+    {"id": "mo", "title": "Model", "text": "a model is a memory of the world and a reference ."},
+    {"id": "qa", "title": "Question", "text": "the answer to the question is the capital ."},
+]
+PROMPT = "the capital of france is paris . the capital of italy is rome . hello world , the memory"
+
+
+@pytest.fixture
+def kb(llama_dir, tmp_path):
+    src, _ = llama_dir
+    model = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", model).exit_code == 0
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    path = tmp_path / "kb.m3bank"
+    result = m3("encode", corpus, "-o", path, "-m", model, "-q")
+    assert result.exit_code == 0, result.output
+    return path, model
+
+
+@pytest.fixture
+def gen(kb):
+    path, model_dir = kb
+    bank = Bank(path)
+    model = load_model_dir(model_dir)
+    tok = load_tokenizer(model_dir)
+    g = Generator(model, tok, Retriever(bank, query_embedder(bank, model_dir=model_dir)))
+    g.cfg = g.cfg.replace(chunk_length=4)  # several prompt chunks from a short prompt
+    yield g
+    bank.close()
+
+
+def test_schedule():
+    assert prompt_chunks(130, 64) == [(0, 64), (64, 128), (128, 130)]
+    assert prompt_chunks(64, 64) == [(0, 64)]
+    assert prompt_chunks(1, 64) == [(0, 1)]
+    # generated token 0 starts the first decoded chunk, which inherits; 64, 128, … retrieve anew
+    assert [g for g in range(200) if retrieval_due(g, 64)] == [64, 128, 192]
+    assert [decoded_chunk(g, 64) for g in (0, 63, 64, 127, 128)] == [0, 0, 1, 1, 2]
+    assert [g for g in range(10) if retrieval_due(g, 3)] == [3, 6, 9]
+
+
+def _recorded_logits(monkeypatch):
+    seen = []
+    original = generate_mod._sample
+
+    def recording(logits, opts, g):
+        seen.append(logits.clone())
+        return original(logits, opts, g)
+
+    monkeypatch.setattr(generate_mod, "_sample", recording)
+    return seen
+
+
+def test_cached_generation_equals_recomputation(gen, monkeypatch):
+    """Every logit of a generation (prompt chunks, inherited chunk, chunks retrieved while decoding,
+    cache front rewritten each time) equals one full forward with the same memories per token."""
+    seen = _recorded_logits(monkeypatch)
+    opts = Options(mode="memory", max_new_tokens=11, retrieve_every=3, memories=2, stop_at_eos=False)
+    c = gen.generate([PROMPT], opts)[0]
+    assert len(c.token_ids) == 11 and len(seen) == 11
+    sources = [r.source for r in c.chunks]
+    n_prompt = sources.count("prompt")
+    assert n_prompt == len(prompt_chunks(c.prompt_tokens, 4)) > 1
+    assert sources[n_prompt:] == ["inherited", "generated", "generated", "generated"]
+    assert [r.tokens for r in c.chunks[n_prompt:]] == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert c.chunks[n_prompt].hits == c.chunks[n_prompt - 1].hits  # inheritance
+    # the recomputation: one slot group per chunk record, each token reads its own chunk's group
+    ids = gen.encode_prompt(PROMPT, opts) + c.token_ids[:-1]
+    token_group = [i // 4 for i in range(c.prompt_tokens)] + [n_prompt + g // 3 for g in range(10)]
+    slots, slot_group = [], []
+    for grp, rec in enumerate(c.chunks):
+        for h in rec.hits:
+            slots.append(h.ref)
+            slot_group.append(grp)
+    enc = gen.retriever.bank.memories(slots)
+    memory = Memory(kv=enc.kv[None], valid=enc.valid[None], sink=gen.sink(),
+                    visible=chunk_visibility(torch.tensor(token_group), torch.tensor([slot_group]), 0))
+    with torch.no_grad():
+        full = gen.model(torch.tensor([ids]), memory=memory)[0]
+    for i, logits in enumerate(seen):
+        torch.testing.assert_close(logits[0], full[c.prompt_tokens - 1 + i], atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_batch_equals_one_by_one(gen, monkeypatch):
+    prompts = [PROMPT, "hello world", "the capital of italy is"]
+    opts = Options(mode="memory", max_new_tokens=7, retrieve_every=3, memories=2, stop_at_eos=False)
+    seen = _recorded_logits(monkeypatch)
+    batch = gen.generate(prompts, opts)
+    batch_logits = torch.stack(seen)  # (steps, B, V)
+    for b, p in enumerate(prompts):
+        seen.clear()
+        alone = gen.generate([p], opts)[0]
+        assert alone.token_ids == batch[b].token_ids
+        assert ([(r.source, r.tokens, [h.ref for h in r.hits]) for r in alone.chunks]
+                == [(r.source, r.tokens, [h.ref for h in r.hits]) for r in batch[b].chunks])
+        torch.testing.assert_close(torch.stack(seen)[:, 0], batch_logits[:, b], atol=1e-4, rtol=1e-4)
+
+
+def test_modes_differ_and_none_equals_the_plain_model(gen, monkeypatch):
+    seen = _recorded_logits(monkeypatch)
+    opts = Options(mode="none", max_new_tokens=3, stop_at_eos=False)
+    gen.generate([PROMPT], opts)
+    ids = torch.tensor([gen.encode_prompt(PROMPT, opts)])
+    with torch.no_grad():
+        plain = gen.model(ids)[0, -1]
+    torch.testing.assert_close(seen[0][0], plain, atol=1e-5, rtol=1e-5)
+    seen.clear()
+    gen.generate([PROMPT], Options(mode="memory", max_new_tokens=1, memories=2))
+    assert not torch.allclose(seen[0][0], plain, atol=1e-3)  # memory changes the prediction
+    rag = gen.generate([PROMPT], Options(mode="rag", max_new_tokens=1, memories=2))[0]
+    assert rag.prompt_tokens > ids.shape[1] and len(rag.chunks[0].hits) == 2
+
+
+def test_lru_cache_serves_repeated_references(gen):
+    opts = Options(mode="memory", max_new_tokens=4, memories=2)
+    gen.generate([PROMPT], opts)
+    misses = gen.memory_cache.misses
+    gen.generate([PROMPT], opts)
+    assert gen.memory_cache.misses == misses and gen.memory_cache.hits > 0
+
+
+def test_sampling_is_seeded(kb):
+    path, model = kb
+    runs = [m3("generate", PROMPT, "-m", model, "-b", path, "-n", "8", "--temperature", t, "--seed", s, "--json")
+            for t, s in (("0", "1"), ("0", "2"), ("1.5", "7"), ("1.5", "7"), ("1.5", "8"))]
+    assert all(r.exit_code == 0 for r in runs), runs[0].output
+    texts = [json.loads(r.stdout)["new_tokens"] and json.loads(r.stdout)["text"] for r in runs]
+    assert texts[0] == texts[1]  # greedy: the seed does not matter
+    assert texts[2] == texts[3]  # same seed, same sample
+    ids = [tuple(json.loads(r.stdout)["text"]) for r in runs[2:]]
+    assert ids[0] != ids[2] or texts[2] != texts[0]
+
+
+def test_three_prompts_on_stdin_give_three_json_lines(kb):
+    path, model = kb
+    stdin = "hello world\n\n" + json.dumps({"prompt": "the capital of france"}) + "\nthe capital of italy is\n"
+    result = m3("generate", "-", "-m", model, "-b", path, "-n", "4", "--json", "--batch-size", "2", input=stdin)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [x["prompt"] for x in lines] == ["hello world", "the capital of france", "the capital of italy is"]
+    for x in lines:
+        assert x["mode"] == "memory" and x["new_tokens"] <= 4
+        refs = x["chunks"][0]["references"]
+        assert refs and all({"ref", "score", "attention", "title"} <= set(r) for r in refs)
+        assert 0 < sum(r["attention"] for r in refs) <= 1
+
+
+def test_mode_none_needs_no_bank_and_explain_lists_references(kb):
+    path, model = kb
+    result = m3("generate", "hello world", "-m", model, "--mode", "none", "-n", "3")
+    assert result.exit_code == 0, result.output
+    result = m3("generate", "hello world", "-m", model, "-b", path, "-n", "3", "--explain")
+    assert result.exit_code == 0, result.output
+    assert "--- references" in result.stdout and "chunk 0 (prompt tokens" in result.stdout
+
+
+def test_score_modes_score_the_same_tokens(kb):
+    path, model = kb
+    out = {}
+    for mode in ("none", "memory", "rag"):
+        result = m3("score", PROMPT, "-m", model, "-b", path, "--mode", mode, "--json", "--memories", "2")
+        assert result.exit_code == 0, result.output
+        out[mode] = json.loads(result.stdout)
+    n = len(out["none"]["logprobs"])
+    assert all(len(v["logprobs"]) == n and v["mode"] == m for m, v in out.items())
+    assert out["none"]["logprobs"] != out["memory"]["logprobs"] != out["rag"]["logprobs"]
+    assert out["memory"]["chunks"] and out["rag"]["chunks"][0]["references"]
+
+
+def test_generate_errors(kb, qwen_dir, tmp_path):
+    path, model = kb
+    too_long = " ".join(["the"] * 300)
+    assert_user_error(m3("generate", too_long, "-m", model, "--mode", "none"), "prompt 1 has", "context")
+    assert_user_error(m3("generate", "-", "-m", model, input=""), "no prompt on standard input")
+    assert_user_error(m3("generate", "hi", "-m", model, "--mode", "memory"), "needs --bank")
+    assert_user_error(m3("generate", "hi", "-m", model, "--mode", "bogus"), "unknown mode")
+    assert_user_error(m3("generate", "hi", "-m", model, "--top-p", "0"), "--top-p")
+    # a bank without an index
+    corpus = tmp_path / "c2.jsonl"
+    corpus.write_text(json.dumps(DOCS[0]) + "\n")
+    bare = tmp_path / "bare.m3bank"
+    assert m3("encode", corpus, "-o", bare, "-m", model, "-q", "--index", "none").exit_code == 0
+    assert_user_error(m3("generate", "hi", "-m", model, "-b", bare), "no retrieval index", "m3 index")
+    # a bank encoded by another model
+    other = tmp_path / "other-model"
+    assert m3("convert", qwen_dir[0], "-o", other).exit_code == 0
+    assert_user_error(m3("generate", "hi", "-m", other, "-b", path), "was encoded by model", "re-encode")
+    assert_user_error(m3("score", "hi there", "-m", other, "-b", path), "was encoded by model")
