@@ -486,6 +486,91 @@ def generate(
 
 
 
+@app.command(epilog="Examples:\n\n  m3 bench --model small --synthetic-refs 10000 --batch 1,8\n\n"
+                    "  m3 bench --model out/smollm2 --bank kb.m3bank --batch 1,8,32 --json | jq .ratios\n\n"
+                    "  m3 bench --model memory3-2.4b --synthetic-refs 2000 --embedder self --batch 32 --device cuda")
+@user_errors
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="m3 model dir, or a preset name (random weights, with "
+                                                              "a synthetic bank: see --synthetic-refs).")],
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL.")] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens per sequence.")] = 128,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per sequence.")] = 128,
+    modes: Annotated[str, typer.Option(help="Modes to compare, comma-separated.")] = "none,memory,rag",
+    memories: Annotated[int, typer.Option(help="References per chunk (memory) or in front (rag).")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed runs per (batch, mode); the median is reported.")] = 3,
+    synthetic_refs: Annotated[int, typer.Option("--synthetic-refs", help="With a preset: references in the "
+                                                "synthetic bank.")] = 10000,
+    embedder: Annotated[str, typer.Option(help="With a preset: the query embedder the synthetic bank is "
+                                               "indexed for: minilm or self.")] = "minilm",
+    codec: Annotated[str, typer.Option(help="With a preset: the synthetic bank's codec.")] = "bf16",
+    workdir: Annotated[Optional[Path], typer.Option(help="With a preset: keep the synthetic model and bank here "
+                                                         "(default: a temporary dir, removed).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {\"results\": [...], \"ratios\": [...]}.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
+) -> None:
+    """Decode throughput of none, memory and rag on the same model, side by side in one run.
+
+    Each row is the median of --repeats runs, modes interleaved; each run starts with an empty
+    memory cache. Time is broken down into retrieval, memory load, prefill and decode.
+    """
+    import tempfile
+
+    from .bank import CODECS
+    from .bench import ratios, run_bench, synthetic_setup
+    from .config import PRESETS
+    from .device import resolve_device
+
+    try:
+        batches = [int(b) for b in batch.split(",")]
+        mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    except ValueError:
+        raise M3Error(f"--batch must be comma-separated integers, got {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise M3Error("--batch sizes must be at least 1")
+    bad = [m for m in mode_list if m not in ("none", "memory", "rag")]
+    if bad or not mode_list:
+        raise M3Error(f"unknown mode {bad[0] if bad else modes!r}; choose from none, memory, rag")
+    if repeats < 1 or prompt_len < 1 or new_tokens < 1:
+        raise M3Error("--repeats, --prompt-len and --new-tokens must be at least 1")
+    log = (lambda s: typer.echo(s, err=True)) if as_json else typer.echo
+    with contextlib.ExitStack() as stack:
+        if not Path(model).is_dir() and model in PRESETS:
+            if bank is not None:
+                raise M3Error("--bank needs a model dir (the model that encoded it), not a preset")
+            if codec not in CODECS or codec == "vq":
+                raise M3Error("--codec for a synthetic bank: bf16 or int8")
+            if synthetic_refs < 1:
+                raise M3Error("--synthetic-refs must be at least 1")
+            if embedder not in ("minilm", "self"):
+                raise M3Error("--embedder for a synthetic bank: minilm or self")
+            where = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m3-bench-")))
+            where.mkdir(parents=True, exist_ok=True)
+            model_dir, bank = synthetic_setup(model, synthetic_refs, where, embedder, codec=codec, log=log,
+                                              device=resolve_device(device))
+        else:
+            model_dir = Path(model)
+        gen, _ = stack.enter_context(_open_generator(model_dir, bank, device, dtype, None))
+        rows = run_bench(gen, batches, prompt_len, new_tokens, mode_list, repeats, memories, log=log)
+        summary = ratios(rows)
+        info = {"model": model, "device": str(resolve_device(device)), "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "bank_refs": gen.retriever.bank.n_refs if gen.retriever else 0}
+        if as_json:
+            typer.echo(json.dumps({"setup": info, "results": rows, "ratios": summary}))
+            return
+        typer.echo("\n| batch | mode | tokens/s | total s | retrieval s | memory load s | prefill s | decode s |")
+        typer.echo("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            typer.echo(f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['total_s']:.3f} | "
+                       f"{r.get('retrieval_s', 0):.3f} | {r.get('memory_load_s', 0):.3f} | {r.get('prefill_s', 0):.3f} | "
+                       f"{r.get('decode_s', 0):.3f} |")
+        for s in summary:
+            typer.echo("batch {batch}: ".format(**s) + ", ".join(f"{k.replace('_vs_', '/')} {v:.2f}x"
+                                                                  for k, v in s.items() if k != "batch"))
+
+
 def _not_yet(name: str, issue: int, what: str):
     def stub(ctx: typer.Context) -> None:
         _fail(f"`m3 {name}` is not available yet: {what} lands with issue #{issue}")

@@ -207,3 +207,30 @@ def test_generate_errors(kb, qwen_dir, tmp_path):
     assert m3("convert", qwen_dir[0], "-o", other).exit_code == 0
     assert_user_error(m3("generate", "hi", "-m", other, "-b", path), "was encoded by model", "re-encode")
     assert_user_error(m3("score", "hi there", "-m", other, "-b", path), "was encoded by model")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_matches_cpu(llama_dir, tmp_path):
+    """Memory-mode generation on CUDA (fp32) gives the CPU's tokens and logits; bf16 runs."""
+    src, _ = llama_dir
+    model_dir = tmp_path / "m3-model"
+    assert m3("convert", src, "-o", model_dir).exit_code == 0
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    path = tmp_path / "kb.m3bank"
+    result = m3("encode", corpus, "-o", path, "-m", model_dir, "-q", "--embedder", "self", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    opts = Options(mode="memory", max_new_tokens=9, retrieve_every=3, memories=2, stop_at_eos=False)
+    out = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
+        with Bank(path) as bank:
+            model = load_model_dir(model_dir, device, dtype)
+            tok = load_tokenizer(model_dir)
+            emb = query_embedder(bank, model_dir=model_dir, model=model, tokenizer=tok)
+            g = Generator(model, tok, Retriever(bank, emb))
+            g.cfg = g.cfg.replace(chunk_length=4)
+            out[(device, dtype)] = g.generate([PROMPT, "hello world"], opts)
+    cpu, gpu = out[("cpu", torch.float32)], out[("cuda", torch.float32)]
+    assert [c.token_ids for c in cpu] == [c.token_ids for c in gpu]
+    assert all(len(c.token_ids) == 9 for c in out[("cuda", torch.bfloat16)])

@@ -1,0 +1,59 @@
+"""`m3 bench` on a synthetic setup, and the from-scratch tokenizer it uses."""
+
+import json
+
+from m3cli.bench import pseudo_texts, ratios
+from m3cli.tokenizer import train_bpe
+
+from cli_helpers import assert_user_error, m3
+
+
+def test_bpe_tokenizer_round_trips():
+    texts = pseudo_texts(200, seed=1)
+    tok = train_bpe(texts, vocab_size=600)
+    assert 259 < len(tok) <= 600
+    ids = tok(texts[0])["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.eos_token_id is not None
+    assert tok.decode(ids, skip_special_tokens=True) == texts[0]
+    assert tok.decode(tok("Ünïcode — ok?", add_special_tokens=False)["input_ids"]) == "Ünïcode — ok?"
+
+
+def test_pseudo_texts_are_deterministic():
+    assert pseudo_texts(3, seed=5) == pseudo_texts(3, seed=5) != pseudo_texts(3, seed=6)
+
+
+def test_bench_json_has_every_mode_and_batch(tmp_path):
+    result = m3("bench", "--model", "tiny", "--synthetic-refs", "40", "--embedder", "self", "--batch", "1,2",
+                "--prompt-len", "16", "--new-tokens", "6", "--memories", "2", "--repeats", "1", "--json",
+                "--workdir", tmp_path)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    rows = out["results"]
+    assert sorted((r["mode"], r["batch"]) for r in rows) == sorted((m, b) for m in ("none", "memory", "rag")
+                                                                  for b in (1, 2))
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["new_tokens"] == 6
+        assert r["total_s"] >= r.get("decode_s", 0) + r.get("prefill_s", 0)
+    mem = [r for r in rows if r["mode"] == "memory"][0]
+    assert mem["retrieval_s"] > 0 and mem["memory_load_s"] > 0
+    rag = [r for r in rows if r["mode"] == "rag"][0]
+    assert rag["prompt_tokens"] > 16  # references in front of the prompt
+    assert [x["batch"] for x in out["ratios"]] == [1, 2] and "memory_vs_rag" in out["ratios"][0]
+    assert out["setup"]["bank_refs"] == 40
+    # the synthetic model and bank are kept in --workdir and bound to each other
+    bank = next(tmp_path.glob("*.m3bank"))
+    check = m3("inspect", bank, "--verify")
+    assert check.exit_code == 0, check.output
+
+
+def test_ratios():
+    rows = [{"mode": "none", "batch": 1, "tokens_per_s": 10.0}, {"mode": "memory", "batch": 1, "tokens_per_s": 9.5},
+            {"mode": "rag", "batch": 1, "tokens_per_s": 4.0}]
+    assert ratios(rows) == [{"batch": 1, "memory_vs_none": 0.95, "memory_vs_rag": 2.375}]
+
+
+def test_bench_errors(tmp_path):
+    assert_user_error(m3("bench", "--model", "tiny", "--batch", "x"), "--batch")
+    assert_user_error(m3("bench", "--model", "tiny", "--modes", "none,fast"), "unknown mode")
+    assert_user_error(m3("bench", "--model", "tiny", "--bank", tmp_path / "x.m3bank"), "needs a model dir")
+    assert_user_error(m3("bench", "--model", "nonesuch"), "nonesuch")
