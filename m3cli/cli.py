@@ -21,7 +21,7 @@ from .output import print_fields, terminal_safe
 app = typer.Typer(
     name="m3",
     help="Memory3 language models with explicit memory: convert, score, encode, index, search, inspect, "
-         "generate (pretrain is not available yet).",
+         "generate, bench, synth, pretrain, eval.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_show_locals=False,
@@ -571,15 +571,181 @@ def bench(
                                                                   for k, v in s.items() if k != "batch"))
 
 
-def _not_yet(name: str, issue: int, what: str):
-    def stub(ctx: typer.Context) -> None:
-        _fail(f"`m3 {name}` is not available yet: {what} lands with issue #{issue}")
+@app.command(epilog="Examples:\n\n  m3 synth out/synth --people 400 --seed 0\n\n"
+                    "  m3 synth out/synth --force && head -2 out/synth/qa_unseen.jsonl")
+@user_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to create with train.parquet, kb.parquet, "
+                                                 "qa_seen.jsonl, qa_unseen.jsonl and synth.json.")],
+    people: Annotated[int, typer.Option(help="Invented people; half are unseen (their facts only in kb).")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same files.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if m3 synth wrote it.")] = False,
+) -> None:
+    """Write a deterministic synthetic knowledge task: invented people with attributes.
 
-    stub.__doc__ = f"(not available yet: issue #{issue}) {what[0].upper()}{what[1:]}."
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(stub)
+    train.parquet talks about the seen people (biographies and question-answer lines);
+    kb.parquet holds differently worded biographies of seen and unseen people; the questions
+    about unseen people can only be answered from the bank.
+    """
+    from .synth import synthesize
+
+    info = synthesize(out_dir, n_people=people, seed=seed, overwrite=force)
+    typer.echo(f"wrote {out_dir}: {info['train_texts']} training texts about {info['seen']} seen people, "
+               f"{info['kb_texts']} kb texts, {info['qa_seen']} + {info['qa_unseen']} questions (seen + unseen)")
 
 
-_not_yet("pretrain", 6, "two-stage training (warmup, continual with memory) through accelerate")
+@app.command(epilog="Examples:\n\n"
+                    "  m3 pretrain out/synth/train.parquet -o out/proof/warm --stage warmup --config synth --steps 500\n\n"
+                    "  m3 pretrain out/synth/train.parquet -o out/proof/model --stage continual "
+                    "--init-from out/proof/warm --bank out/proof/kb.m3bank --steps 3000\n\n"
+                    "  m3 pretrain corpus.parquet -o models/smol-m3 --stage continual --init-from out/smollm2 "
+                    "--bank kb.m3bank --train memory-attention --lr 1e-4\n\n"
+                    "  accelerate launch -m m3cli pretrain corpus.parquet -o big --config memory3-2.4b --stage warmup")
+@user_errors
+def pretrain(
+    corpus: Annotated[str, typer.Argument(help="Training text: Parquet or JSONL with a text column.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The model dir to write at the end.")],
+    stage: Annotated[str, typer.Option(help="warmup (plain LM training) or continual (each chunk reads "
+                                            "memories of retrieved references, encoded in real time).")] = "warmup",
+    config: Annotated[Optional[str], typer.Option(help="Preset to train from scratch (a BPE tokenizer is trained "
+                                                       "on the corpus).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start from this model dir (e.g. a "
+                                                      "converted Hugging Face model, or the warmup stage).")] = None,
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="continual: an indexed bank whose "
+                                                 "references the chunks retrieve (only its text and index are "
+                                                 "used).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step (per process).")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    schedule: Annotated[str, typer.Option(help="wsd (warmup-stable-decay), cosine or constant.")] = "wsd",
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warmup steps.")] = 50,
+    min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio", help="Final learning rate / peak.")] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.1,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="From scratch: BPE vocabulary "
+                                                      "(default: the preset's).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="From scratch: use this model dir's tokenizer "
+                                                           "instead of training one.")] = None,
+    train: Annotated[str, typer.Option("--train", help="all, or memory-attention (only the memory layers' "
+                                                       "attention: a small delta).")] = "all",
+    detach_memory: Annotated[bool, typer.Option("--detach-memory", help="continual: no gradient through the "
+                                                                        "memory encoding.")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
+    log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (bf16 mixed precision on CUDA).")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a Memory3 model: warmup (no memory), then continual training with explicit memory.
+
+    Checkpoints, metrics.jsonl (loss, learning rate, tokens/s per --log-every steps) and the
+    chunks' retrievals live in OUTPUT.train/; a killed run continues with --resume and ends
+    with the same weights. When the weights change, banks encoded by the old model must be
+    re-encoded (their fingerprint no longer matches).
+    """
+    from .train import TrainArgs
+    from .train import pretrain as run
+
+    args = TrainArgs(stage=stage, corpus=corpus, output=output, config=config, init_from=init_from, bank=bank,
+                     tokenizer=tokenizer, vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                     lr=lr, min_lr_ratio=min_lr_ratio, schedule=schedule, warmup_steps=warmup_steps,
+                     weight_decay=weight_decay, save_every=save_every, log_every=log_every, seed=seed,
+                     detach_memory=detach_memory, train=train, device=device)
+    if config is not None:
+        from .config import PRESETS
+
+        if config not in PRESETS:
+            raise M3Error(f"unknown preset {config!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        summary = run(args, resume=resume, force=force, show_progress=not quiet, log=lambda m: typer.echo(m, err=True))
+    except KeyboardInterrupt:
+        typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
+                   err=True)
+        raise typer.Exit(130)
+    if "fingerprint" not in summary:
+        return  # not the main process
+    typer.echo(f"wrote {summary['output']}: {summary['stage']} stage, {summary['steps']} steps, final loss "
+               f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, {summary['mean_step_s']:.3f} s/step; "
+               f"metrics in {summary['state_dir']}/metrics.jsonl")
+    if summary.get("previous_fingerprint"):
+        typer.echo(f"the weights changed ({summary['previous_fingerprint'][:19]}… -> {summary['fingerprint'][:19]}…): "
+                   f"banks encoded by {init_from} must be re-encoded with {output}")
+
+
+@app.command("eval", epilog="Examples:\n\n  m3 eval --model out/proof/model --bank out/proof/kb.m3bank "
+                            "--qa out/proof/qa_unseen.jsonl\n\n"
+                            "  m3 eval --model out/smollm2 --bank kb.m3bank --qa countries.jsonl --modes none,memory,rag "
+                            "--json | jq .memory.accuracy")
+@user_errors
+def eval_cmd(
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
+    qa: Annotated[Path, typer.Option("--qa", help="JSONL with {\"question\", \"answer\"} per line.")],
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
+                                                 "(for memory and rag).")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="Held-out text (Parquet/JSONL corpus) for "
+                                                                "perplexity per mode.")] = None,
+    modes: Annotated[Optional[str], typer.Option(help="Comma-separated; default none,memory,rag with --bank, "
+                                                      "else none.")] = None,
+    prompt_template: Annotated[str, typer.Option("--prompt-template", help="How a question becomes a prompt.")] = \
+        "Question: {question} Answer:",
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap prompts in the tokenizer's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 12,
+    memories: Annotated[int, typer.Option(help="References per chunk (memory) or in front (rag).")] = 5,
+    max_overlap: Annotated[float, typer.Option("--max-overlap", help="Drop references whose overlap with the "
+                                                "question exceeds this (the paper's 2/3).")] = 0.67,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {mode: {accuracy, n, correct, chance, "
+                                                         "perplexity}}.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
+) -> None:
+    """Answer the same questions closed book, with memory and with RAG, in one run.
+
+    A question counts as answered when the answer appears in the first sentence of the greedy
+    completion. With --text, also held-out perplexity per mode (the same tokens in every mode).
+    """
+    from .evaluate import evaluate, read_qa
+
+    mode_list = [m.strip() for m in (modes or ("none,memory,rag" if bank else "none")).split(",") if m.strip()]
+    bad = [m for m in mode_list if m not in ("none", "memory", "rag")]
+    if bad or not mode_list:
+        raise M3Error(f"unknown mode {bad[0] if bad else modes!r}; choose from none, memory, rag")
+    if bank is None and set(mode_list) - {"none"}:
+        raise M3Error("modes memory and rag need --bank")
+    if limit is not None and limit < 1:
+        raise M3Error("--limit must be at least 1")
+    questions = read_qa(qa, limit)
+    texts = None
+    if text is not None:
+        from .corpus import read_corpus
+
+        texts = [d.text for d in read_corpus(text) if d.text.strip()]
+        if not texts:
+            raise M3Error(f"{text} holds no text")
+    with _open_generator(model, bank, device, dtype, None) as (gen, _):
+        result = evaluate(gen, questions, mode_list, template=prompt_template, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, max_overlap=max_overlap, memories=memories, texts=texts,
+                          chat=chat)
+    answers = result.pop("_answers")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{len(questions)} questions from {qa}")
+    for mode in mode_list:
+        r = result[mode]
+        extra = f", chance {r['chance']:.3f}" if "chance" in r else ""
+        extra += f", perplexity {r['perplexity']:.3f}" if "perplexity" in r else ""
+        typer.echo(f"  {mode:6s} accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}{extra})")
+    q0 = questions[0]
+    typer.echo(f"e.g. {terminal_safe(q0['question'])} (answer {terminal_safe(q0['answer'])}): " +
+               "; ".join(f"{m}: {terminal_safe(first_line(answers[m][0]))!r}" for m in mode_list))
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def main() -> None:

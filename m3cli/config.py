@@ -171,6 +171,11 @@ PRESETS: dict[str, M3Config] = {
         name="tiny", vocab_size=512, hidden_size=64, n_layers=4, n_heads=4, n_kv_heads=2,
         head_dim=16, intermediate_size=128, context_length=512, memory_top_k=4, tie_embeddings=True,
     ),
+    # The synthetic-knowledge proof model (`make proof`): ~1M parameters, trains on a CPU in minutes.
+    "mini": M3Config(
+        name="mini", vocab_size=2048, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
+        head_dim=32, intermediate_size=384, context_length=512, tie_embeddings=True,
+    ),
     # A CPU demo model (~20M parameters with an 8k vocabulary).
     "small": M3Config(
         name="small", vocab_size=8192, hidden_size=384, n_layers=8, n_heads=6, n_kv_heads=2,

@@ -1,0 +1,89 @@
+"""`m3 eval`: the same questions in every mode in one run (accuracy), and held-out perplexity.
+
+A question counts as answered when its answer (case-insensitive) appears in the first sentence
+of the greedy completion: the completion is cut at the first '.', '?', '!' or newline, so a
+model that rambles on into other facts gets no credit for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from .errors import M3Error
+
+DEFAULT_TEMPLATE = "Question: {question} Answer:"
+_FIRST_SENTENCE = re.compile(r"[.?!\n]")
+
+
+def read_qa(path: Path, limit: int | None = None) -> list[dict]:
+    """{"question", "answer"} objects, one per line (extra fields kept)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise M3Error(f"question file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise M3Error(f"cannot read {path}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise M3Error(f"{path} line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(obj.get("answer"), str):
+            raise M3Error(f"{path} line {n}: needs string fields \"question\" and \"answer\"")
+        out.append(obj)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise M3Error(f"{path} holds no questions")
+    return out
+
+
+def first_sentence(text: str) -> str:
+    m = _FIRST_SENTENCE.search(text)
+    return text if m is None else text[:m.start()]
+
+
+def is_correct(answer: str, completion: str) -> bool:
+    return answer.strip().lower() in first_sentence(completion).lower()
+
+
+def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 12,
+             batch_size: int = 32, max_overlap: float | None = 0.67, memories: int = 5, texts: list[str] | None = None,
+             chat: bool = False, progress=None) -> dict:
+    """{mode: {"accuracy", "n", "correct", "chance", "perplexity"?}} plus per-question records
+    under "_answers" (mode -> list of completions)."""
+    from .generate import Options
+
+    if "{question}" not in template:
+        raise M3Error("--prompt-template must contain {question}")
+    prompts = [template.format(question=q["question"]) for q in qa]
+    chance = [q.get("chance") for q in qa]
+    result: dict = {"_answers": {}}
+    for mode in modes:
+        opts = Options(mode=mode, max_new_tokens=max_new_tokens, memories=memories, max_overlap=max_overlap, chat=chat)
+        completions = []
+        for start in range(0, len(prompts), batch_size):
+            completions += [c.text for c in gen.generate(prompts[start:start + batch_size], opts)]
+            if progress is not None:
+                progress(mode, len(completions), len(prompts))
+        correct = sum(is_correct(q["answer"], c) for q, c in zip(qa, completions))
+        entry = {"accuracy": round(correct / len(qa), 4), "n": len(qa), "correct": correct}
+        if all(isinstance(c, (int, float)) for c in chance):
+            entry["chance"] = round(sum(chance) / len(chance), 4)
+        if texts:
+            nll, count = 0.0, 0
+            for t in texts:
+                r = gen.score(t, Options(mode=mode, memories=memories, max_overlap=max_overlap))
+                nll -= sum(r["logprobs"])
+                count += len(r["logprobs"])
+            entry["perplexity"] = round(math.exp(nll / count), 4)
+            entry["perplexity_tokens"] = count
+        result[mode] = entry
+        result["_answers"][mode] = completions
+    return result

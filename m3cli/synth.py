@@ -1,0 +1,122 @@
+"""`m3 synth`: a deterministic synthetic knowledge task (issue #6).
+
+Invented people with five attributes (birth city, birth year, university, employer, field).
+Training text talks about the *seen* people only (biographies in one set of wordings, plus
+question-answer lines); the knowledge base holds biographies of seen **and unseen** people in a
+different set of wordings. Facts of unseen people exist only in the bank, so a model that
+answers questions about them correctly read them from memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .errors import M3Error
+
+FIRST = ("Ada Bram Cato Dara Elin Faro Gita Hugo Ines Jora Kian Lira Milo Nadia Oren Pia Quin Rhea Soren Tova "
+         "Ulla Vero Wren Xeno Yara Zev Alba Bastian Corin Della Emrys Fenna Galen Hedda Ivo Juno Kasimir Leda "
+         "Marek Nola").split()
+LAST = ("Ashdown Brightwater Coldmere Dunholt Eskvale Fairholm Greystone Hollowell Ironwood Juniper Kestrel "
+        "Larkspur Marrow Northgate Oakhurst Pellwood Quarry Rookwood Stillwater Thornbury Underhill Vantage "
+        "Westbrook Yarrow Zephyr Amberly Blackwood Cinder Driftwood Emberly").split()
+CITIES = ("Port Adler|Brennmoor|Dunmarch|Ashgrove|Kessel|Halvard|Tellmark|Greywater|Selka|Orrin|Lantern Bay|"
+          "Mirefield|Caldera|Windham|Eastmere|Fenwick|Rookhaven|Silverton|Marlow Cross|Duskvale").split("|")
+UNIVERSITIES = ("University of Kessel|Halvard College|Tellmark Polytechnic|Greywater University|Orrin Institute|"
+                "Selka Academy|Brennmoor University|Dunmarch College|Ashgrove School of Science|"
+                "Caldera University|Windham College|Eastmere Institute").split("|")
+EMPLOYERS = ("Northwind Institute|Lantern Survey Company|Greywater Observatory|Kessel Works|Orrin Shipping|"
+             "Selka Mills|Tidewater Labs|Brightline Foundry|Amberly Press|Duskvale Energy|Marlow Bank|"
+             "Fenwick Motors|Silverton Health|Rookhaven Studios|Halvard Rail").split("|")
+FIELDS = ("marine chemistry|cartography|astronomy|botany|linguistics|geology|economics|robotics|medicine|"
+          "architecture|music theory|mathematics").split("|")
+ATTRIBUTES = {"city": CITIES, "year": [str(y) for y in range(1930, 2000)], "university": UNIVERSITIES,
+              "employer": EMPLOYERS, "field": FIELDS}
+
+# training text (seen people): one set of wordings
+TRAIN_BIOS = (
+    "{name} was born in {city} in {year}. {P} studied {field} at {university} and later worked for {employer}.",
+    "Born in {year} in {city}, {name} earned a degree in {field} from {university}. {P} joined {employer}.",
+    "{name} works for {employer}. {P} was born in {city} in {year} and studied {field} at {university}.",
+)
+# knowledge base: different wordings, for seen and unseen people
+KB_BIOS = (
+    "{name}: birthplace {city}; year of birth {year}; alma mater {university}; employer {employer}; "
+    "field of work {field}.",
+    "The {field} specialist {name} comes from {city}, where {p} was born in {year}. After graduating from "
+    "{university}, {p} took a position at {employer}.",
+)
+QUESTIONS = {
+    "city": "Where was {name} born?",
+    "year": "In which year was {name} born?",
+    "university": "Which university did {name} attend?",
+    "employer": "Which organisation does {name} work for?",
+    "field": "What field does {name} work in?",
+}
+QA_TEMPLATE = "Question: {question} Answer: {answer}."
+PROMPT_TEMPLATE = "Question: {question} Answer:"
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    pronoun: str
+    city: str
+    year: str
+    university: str
+    employer: str
+    field: str
+
+    def fill(self, template: str) -> str:
+        return template.format(name=self.name, P=self.pronoun.capitalize(), p=self.pronoun, city=self.city,
+                               year=self.year, university=self.university, employer=self.employer, field=self.field)
+
+
+def people(n: int, seed: int) -> list[Person]:
+    if n > len(FIRST) * len(LAST):
+        raise M3Error(f"--people must be at most {len(FIRST) * len(LAST)} (unique names)")
+    rng = random.Random(seed)
+    names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], n)
+    return [Person(name, rng.choice(("he", "she")), rng.choice(CITIES), rng.choice(ATTRIBUTES["year"]),
+                   rng.choice(UNIVERSITIES), rng.choice(EMPLOYERS), rng.choice(FIELDS)) for name in names]
+
+
+def qa(person: Person) -> list[dict]:
+    return [{"question": q.format(name=person.name), "answer": getattr(person, attr), "attribute": attr,
+             "chance": round(1 / len(ATTRIBUTES[attr]), 6)} for attr, q in QUESTIONS.items()]
+
+
+def synthesize(out: Path, n_people: int = 400, seed: int = 0, unseen_fraction: float = 0.5,
+               overwrite: bool = False) -> dict:
+    """Write train.parquet, kb.parquet, qa_seen.jsonl, qa_unseen.jsonl into `out` (atomically)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if n_people < 2:
+        raise M3Error("--people must be at least 2")
+    folk = people(n_people, seed)
+    n_unseen = max(1, int(round(n_people * unseen_fraction)))
+    unseen, seen = folk[:n_unseen], folk[n_unseen:]
+    rng = random.Random(seed + 1)
+    train = []
+    for p in seen:
+        for t in TRAIN_BIOS:
+            lines = [QA_TEMPLATE.format(**x) for x in rng.sample(qa(p), 3)]
+            train.append({"id": p.name, "text": p.fill(t) + " " + " ".join(lines)})
+    rng.shuffle(train)
+    kb = [{"id": f"{p.name}#{j}", "title": p.name, "text": p.fill(t)} for p in folk for j, t in enumerate(KB_BIOS)]
+    qa_seen = [x for p in seen for x in qa(p)]
+    qa_unseen = [x for p in unseen for x in qa(p)]
+    with atomic_dir(out, overwrite=overwrite, replaceable=lambda d: (d / "synth.json").is_file()) as tmp:
+        pq.write_table(pa.Table.from_pylist(train), tmp / "train.parquet")
+        pq.write_table(pa.Table.from_pylist(kb), tmp / "kb.parquet")
+        for name, rows in (("qa_seen.jsonl", qa_seen), ("qa_unseen.jsonl", qa_unseen)):
+            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed,
+                "train_texts": len(train), "kb_texts": len(kb), "qa_seen": len(qa_seen), "qa_unseen": len(qa_unseen),
+                "prompt_template": PROMPT_TEMPLATE}
+        (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info

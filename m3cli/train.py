@@ -1,0 +1,397 @@
+"""`m3 pretrain`: the two training stages of DESIGN §2–3, through `accelerate`.
+
+- warmup: ordinary next-token training, no memory.
+- continual: sequences are cut into chunks of `chunk_length` tokens; each chunk retrieves one
+  reference from the bank's text with its own text as query, dropping references that overlap
+  the chunk by more than 90% (paper Eq. 6); each chunk reads its own and the previous
+  `train_prev_chunks` chunks' memories (one block mask); the memories are encoded in real time
+  by the current model, with gradient unless `detach_memory`, and the same top-k as inference.
+
+Data order is a pure function of (seed, step), so a run killed and resumed from its last
+checkpoint ends with the same weights as an uninterrupted one. Checkpoints hold the weights as
+safetensors and the optimizer state as a tensor-only file loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import M3Error
+
+STAGES = ("warmup", "continual")
+SCHEDULES = ("wsd", "cosine", "constant")
+TRAINABLE = ("all", "memory-attention")
+CONTINUAL_MAX_OVERLAP = 0.9
+
+
+@dataclass
+class TrainArgs:
+    stage: str
+    corpus: str
+    output: Path
+    config: str | None = None  # preset name (from scratch)
+    init_from: Path | None = None  # existing model dir
+    bank: Path | None = None  # continual: references to retrieve (text + index)
+    tokenizer: Path | None = None  # from scratch: a model dir whose tokenizer to use
+    vocab_size: int | None = None  # from scratch: BPE vocabulary (default: the preset's)
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "wsd"
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    detach_memory: bool = False
+    train: str = "all"
+    max_overlap: float = CONTINUAL_MAX_OVERLAP
+    device: str = "auto"
+    state_dir: Path | None = None
+
+    def check(self) -> None:
+        if self.stage not in STAGES:
+            raise M3Error(f"unknown stage {self.stage!r}; choose warmup or continual")
+        if (self.config is None) == (self.init_from is None):
+            raise M3Error("give exactly one of --config PRESET (from scratch) or --init-from MODEL_DIR")
+        if self.stage == "continual" and self.bank is None:
+            raise M3Error("--stage continual needs --bank BANK (the references each chunk retrieves)")
+        if self.schedule not in SCHEDULES:
+            raise M3Error(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if self.train not in TRAINABLE:
+            raise M3Error(f"unknown --train {self.train!r}; choose {', '.join(TRAINABLE)}")
+        for name in ("steps", "batch_size", "seq_len", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise M3Error(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise M3Error("--lr must be > 0, --min-lr-ratio in [0, 1], --warmup-steps >= 0")
+
+    def key(self) -> dict:
+        """What must match for --resume to continue a run."""
+        d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        for k in ("steps", "save_every", "log_every", "device", "state_dir"):
+            d.pop(k)  # may change between a run and its resumption
+        return d
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Learning-rate multiplier: linear warmup, then constant-then-decay (wsd: the last 20% of
+    steps decay linearly to min_lr_ratio), cosine, or constant."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return 1.0
+    if args.schedule == "cosine":
+        t = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    decay_start = max(args.warmup_steps, int(args.steps * 0.8))
+    if step < decay_start:
+        return 1.0
+    t = (step - decay_start) / max(1, args.steps - decay_start)
+    return 1.0 - (1.0 - args.min_lr_ratio) * min(1.0, t)
+
+
+# --- data -----------------------------------------------------------------------------------
+def pack_sequences(texts: list[str], tokenizer, seq_len: int, seed: int) -> np.ndarray:
+    """Documents (shuffled once by seed) as [BOS] text [EOS], concatenated and cut into rows of
+    seq_len + 1 tokens (inputs and shifted targets). Returns (N, seq_len + 1) int64."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i in order:
+        ids = list(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        stream += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+    n = len(stream) // (seq_len + 1)
+    if n == 0:
+        raise M3Error(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len + 1}; "
+                      "lower --seq-len or add text")
+    return np.asarray(stream[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1)
+
+
+def batch_indices(step: int, n_rows: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Rows of the global batch of `step` taken by process `rank`: epochs are fresh permutations
+    of all rows, a pure function of (seed, epoch), so resuming at a step needs no saved RNG."""
+    per_epoch = max(1, n_rows // (batch * world))
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    start = k * batch * world
+    rows = perm[start:start + batch * world]
+    if len(rows) < batch * world:  # fewer rows than one global batch: wrap around
+        rows = np.resize(perm, batch * world)
+    return rows[rank::world]
+
+
+def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_length: int, max_overlap: float,
+                        device, log=print) -> np.ndarray:
+    """Reference index per (row, chunk): top-1 of the bank's retriever for the chunk's text,
+    skipping references that overlap it by more than max_overlap; -1 where none qualifies."""
+    from .bank import Bank
+    from .retrieval import Retriever, query_embedder
+
+    n_rows, T = rows.shape[0], rows.shape[1] - 1
+    n_chunks = -(-T // chunk_length)
+    out = np.full((n_rows, n_chunks), -1, dtype=np.int64)
+    t0 = time.perf_counter()
+    with Bank(bank_path) as bank:
+        retriever = Retriever(bank, query_embedder(bank, device=device))
+        queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
+                                    skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
+        for start in range(0, len(queries), 256):
+            hits = retriever.search(queries[start:start + 256], k=1, max_overlap=max_overlap)
+            for j, h in enumerate(hits):
+                if h:
+                    r, c = divmod(start + j, n_chunks)
+                    out[r, c] = h[0].ref
+    log(f"retrieved references for {len(queries)} chunks in {time.perf_counter() - t0:.0f} s "
+        f"({(out >= 0).mean():.0%} found one)")
+    return out
+
+
+class ReferenceTokens:
+    """Token ids of the bank's references under the training tokenizer, cut to reference_length."""
+
+    def __init__(self, bank_path: Path, tokenizer, limit: int) -> None:
+        from .bank import Bank
+
+        with Bank(bank_path) as bank:
+            self.ids = [list(tokenizer(bank.reference(i).text, add_special_tokens=False)["input_ids"])[:limit] or
+                        [tokenizer.eos_token_id or 0] for i in range(bank.n_refs)]
+
+    def batch(self, refs: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(self.ids[r]) for r in refs)
+        x = torch.zeros((len(refs), n), dtype=torch.long)
+        for j, r in enumerate(refs):
+            x[j, : len(self.ids[r])] = torch.tensor(self.ids[r])
+        return x.to(device), torch.tensor([len(self.ids[r]) for r in refs], device=device)
+
+
+def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceTokens, seq_len: int, detach: bool):
+    """The Memory of one training batch: slot c of a row = the reference its chunk c retrieved,
+    encoded now by the current model; chunk c reads slots c-window..c."""
+    from .attention import Memory, training_visibility
+
+    cfg = model.config
+    B, n_chunks = chunk_refs.shape
+    device = model.embed.weight.device
+    flat = chunk_refs.flatten().tolist()
+    unique = sorted({r for r in flat if r >= 0})
+    sink = model.encode_prefix()
+    visible = training_visibility(seq_len, 1, B, cfg.chunk_length, cfg.train_prev_chunks, device)
+    if not unique:
+        return None
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+        ids, lengths = ref_tokens.batch(unique, device)
+        enc = model.encode_references(ids, lengths)
+    where = {r: j for j, r in enumerate(unique)}
+    index = torch.tensor([where.get(r, 0) for r in flat], device=device)
+    real = torch.tensor([r >= 0 for r in flat], device=device)
+    kv = enc.kv[index] * real[:, None, None, None, None, None].to(enc.kv.dtype)
+    valid = enc.valid[index] & real[:, None, None, None]
+    return Memory(kv=kv.view(B, n_chunks, *kv.shape[1:]), valid=valid.view(B, n_chunks, *valid.shape[1:]),
+                  sink=sink if not detach else sink.detach(), visible=visible)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_trainable(model, what: str) -> None:
+    if what == "all":
+        return
+    mem = set(model.config.mem_layers)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        p.requires_grad = parts[0] == "layers" and int(parts[1]) in mem and parts[2] == "attn"
+
+
+def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_progress: bool = True,
+             log=print) -> dict:
+    """Run one stage; returns a summary. The model dir `args.output` is written at the end;
+    checkpoints, metrics.jsonl and the chunk retrievals live in the state dir."""
+    from accelerate import Accelerator
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from safetensors.torch import load_file, save_file
+
+    from .atomic import atomic_dir, atomic_file
+    from .checkpoint import is_model_dir, load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
+    from .config import preset
+    from .corpus import read_corpus
+    from .device import resolve_device
+    from .tokenizer import new_model, train_bpe
+
+    args.check()
+    out = Path(args.output)
+    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".train")
+    if out.exists() and not force and not resume:
+        raise M3Error(f"{out} already exists; pass --force to replace it (or --resume to continue a run)")
+    if out.exists() and not is_model_dir(out):
+        raise M3Error(f"{out} exists and is not a model dir m3 wrote; refusing to replace it")
+    texts = [d.text for d in read_corpus(args.corpus) if d.text.strip()]
+    if not texts:
+        raise M3Error(f"the corpus {args.corpus} holds no text")
+    device = resolve_device(args.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    device = accelerator.device
+    old_fingerprint = None
+
+    # model and tokenizer
+    if args.init_from is not None:
+        tokenizer = load_tokenizer(args.init_from)
+        model = load_model_dir(args.init_from, "cpu", torch.float32)
+        old_fingerprint = model_fingerprint(args.init_from)
+    else:
+        cfg = preset(args.config)
+        saved_tok = state_dir / "tokenizer"
+        if args.tokenizer is not None:
+            tokenizer = load_tokenizer(args.tokenizer)
+        elif resume and (saved_tok / "tokenizer.json").is_file():  # the run's own tokenizer
+            tokenizer = load_tokenizer(saved_tok)
+        else:
+            vocab = args.vocab_size or cfg.vocab_size
+            tokenizer = train_bpe(texts, vocab_size=min(vocab, cfg.vocab_size))
+            state_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(str(saved_tok))
+        model = new_model(cfg, tokenizer, seed=args.seed)
+    cfg = model.config
+    if args.seq_len > cfg.context_length:
+        raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")
+    rows = pack_sequences(texts, tokenizer, args.seq_len, args.seed)
+
+    # resume state
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = {**args.key(), "corpus_rows": _sha(rows[:, :8].tolist()), "n_rows": int(rows.shape[0])}
+    ckpt = state_dir / "checkpoint"
+    start_step = 0
+    if resume and (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved.get("key") != key:
+            raise M3Error(f"{state_dir} holds a run with other settings; run without --resume (and --force)")
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        start_step = int(saved["step"])
+        log(f"resuming at step {start_step} of {args.steps}")
+    elif not resume:
+        metrics_path = state_dir / "metrics.jsonl"
+        metrics_path.unlink(missing_ok=True)
+
+    chunk_refs = ref_tokens = None
+    if args.stage == "continual":
+        if not cfg.reference_prefix_ids:
+            raise M3Error("the model has no reference prefix; it cannot read memory")
+        cache = state_dir / "retrieval.npy"
+        cache_key = state_dir / "retrieval.json"
+        rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size}
+        if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey:
+            chunk_refs = np.load(cache, allow_pickle=False)
+        else:
+            chunk_refs = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
+                                             device, log)
+            with atomic_file(cache) as tmp:
+                np.save(tmp, chunk_refs, allow_pickle=False)
+            cache_key.write_text(json.dumps(rkey))
+        ref_tokens = ReferenceTokens(Path(args.bank), tokenizer, cfg.reference_length)
+
+    _set_trainable(model, args.train)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if start_step:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args), last_epoch=-1)
+    for _ in range(start_step):
+        scheduler.step()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    def save_checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        with atomic_dir(ckpt, overwrite=True, replaceable=lambda d: (d / "state.json").is_file()) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()},
+                      str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn(f"{args.stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=not show_progress or not console.is_terminal or not accelerator.is_main_process)
+    metrics = open(state_dir / "metrics.jsonl", "a")
+    t_start = time.perf_counter()
+    tokens_done, window_loss, window_n, step_times = 0, 0.0, 0, []
+    loss_value = float("nan")
+    try:
+        with progress:
+            task = progress.add_task("train", total=args.steps, completed=start_step, loss="-", tps="-")
+            for step in range(start_step, args.steps):
+                t0 = time.perf_counter()
+                idx = batch_indices(step, rows.shape[0], args.batch_size, args.seed, accelerator.process_index,
+                                    accelerator.num_processes)
+                batch = torch.from_numpy(rows[idx]).to(device)
+                x, y = batch[:, :-1], batch[:, 1:]
+                with accelerator.autocast():
+                    memory = None
+                    if chunk_refs is not None:
+                        memory = continual_memory(raw, torch.from_numpy(chunk_refs[idx]), ref_tokens, args.seq_len,
+                                                  args.detach_memory)
+                    logits = model(x, memory=memory)
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                accelerator.backward(loss)
+                if args.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, args.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = float(loss.detach())
+                window_loss += loss_value
+                window_n += 1
+                tokens_done += x.numel() * accelerator.num_processes
+                step_times.append(time.perf_counter() - t0)
+                done = step + 1
+                if done % args.log_every == 0 or done == args.steps:
+                    elapsed = time.perf_counter() - t_start
+                    row = {"step": done, "stage": args.stage, "loss": round(window_loss / window_n, 5),
+                           "lr": round(scheduler.get_last_lr()[0], 8), "tokens_per_s": round(tokens_done / elapsed, 1),
+                           "step_s": round(float(np.mean(step_times[-args.log_every:])), 4),
+                           "elapsed_s": round(elapsed, 1)}
+                    if accelerator.is_main_process:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    progress.update(task, completed=done, loss=f"{row['loss']:.3f}", tps=f"{row['tokens_per_s']:.0f}")
+                    window_loss, window_n = 0.0, 0
+                if done % args.save_every == 0 and done < args.steps:
+                    save_checkpoint(done)
+    finally:
+        metrics.close()
+    accelerator.wait_for_everyone()
+    save_checkpoint(args.steps)
+    summary = {"stage": args.stage, "steps": args.steps, "final_loss": loss_value,
+               "tokens_per_s": round(tokens_done / max(1e-9, time.perf_counter() - t_start), 1),
+               "mean_step_s": round(float(np.mean(step_times)) if step_times else 0.0, 4),
+               "state_dir": str(state_dir), "output": str(out)}
+    if accelerator.is_main_process:
+        raw.eval()
+        save_model_dir(raw.to(torch.float32), tokenizer, out, overwrite=True)
+        summary["fingerprint"] = model_fingerprint(out)
+        summary["previous_fingerprint"] = old_fingerprint
+    return summary
