@@ -100,7 +100,7 @@ def lr_at(step: int, args: TrainArgs) -> float:
     decay_start = max(args.warmup_steps, int(args.steps * 0.8))
     if step < decay_start:
         return 1.0
-    t = (step - decay_start) / max(1, args.steps - decay_start)
+    t = (step + 1 - decay_start) / max(1, args.steps - decay_start)  # the last step reaches min_lr
     return 1.0 - (1.0 - args.min_lr_ratio) * min(1.0, t)
 
 
@@ -294,6 +294,11 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     if args.stage == "continual":
         if not cfg.reference_prefix_ids:
             raise M3Error("the model has no reference prefix; it cannot read memory")
+        from .bank import Bank, require_same_model
+
+        with Bank(Path(args.bank)) as b:  # only its text and index are used, but it must be this model's
+            if old_fingerprint is not None:
+                require_same_model(b, old_fingerprint)
         cache = state_dir / "retrieval.npy"
         cache_key = state_dir / "retrieval.json"
         rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size}
@@ -316,9 +321,6 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     if start_step:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args), last_epoch=-1)
-    for _ in range(start_step):
-        scheduler.step()
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
@@ -345,6 +347,9 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             task = progress.add_task("train", total=args.steps, completed=start_step, loss="-", tps="-")
             for step in range(start_step, args.steps):
                 t0 = time.perf_counter()
+                lr = args.lr * lr_at(step, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 idx = batch_indices(step, rows.shape[0], args.batch_size, args.seed, accelerator.process_index,
                                     accelerator.num_processes)
                 batch = torch.from_numpy(rows[idx]).to(device)
@@ -360,7 +365,6 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                 if args.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = float(loss.detach())
                 window_loss += loss_value
@@ -371,7 +375,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                 if done % args.log_every == 0 or done == args.steps:
                     elapsed = time.perf_counter() - t_start
                     row = {"step": done, "stage": args.stage, "loss": round(window_loss / window_n, 5),
-                           "lr": round(scheduler.get_last_lr()[0], 8), "tokens_per_s": round(tokens_done / elapsed, 1),
+                           "lr": round(lr, 8), "tokens_per_s": round(tokens_done / elapsed, 1),
                            "step_s": round(float(np.mean(step_times[-args.log_every:])), 4),
                            "elapsed_s": round(elapsed, 1)}
                     if accelerator.is_main_process:

@@ -1,0 +1,171 @@
+"""`m3 synth`, `m3 pretrain` and `m3 eval`: schedules, data order, gradient paths, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m3cli.evaluate import first_sentence, is_correct, read_qa
+from m3cli.train import TrainArgs, batch_indices, continual_memory, lr_at
+
+from cli_helpers import assert_user_error, m3
+
+
+def test_lr_schedules():
+    wsd = TrainArgs(stage="warmup", corpus="x", output="y", config="tiny", steps=100, warmup_steps=10)
+    lrs = [lr_at(s, wsd) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x == 1.0 for x in lrs[10:80]) and lrs[99] == pytest.approx(0.1, abs=0.01)
+    cos = TrainArgs(stage="warmup", corpus="x", output="y", config="tiny", steps=100, warmup_steps=0,
+                    schedule="cosine", min_lr_ratio=0.0)
+    assert lr_at(0, cos) == pytest.approx(1.0) and lr_at(100, cos) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_batches_are_a_pure_function_of_step():
+    a = [batch_indices(s, 50, 8, seed=3).tolist() for s in range(12)]
+    b = [batch_indices(s, 50, 8, seed=3).tolist() for s in range(12)]
+    assert a == b and a != [batch_indices(s, 50, 8, seed=4).tolist() for s in range(12)]
+    epoch = sorted(x for s in range(6) for x in a[s])  # 6 batches of 8 from 50 rows: no repeats
+    assert len(set(epoch)) == 48
+    # two processes split each global batch
+    both = np.concatenate([batch_indices(5, 50, 4, 3, rank=r, world=2) for r in range(2)])
+    assert sorted(both.tolist()) == sorted(batch_indices(5, 50, 8, 3).tolist())
+
+
+class _Refs:
+    """ReferenceTokens stand-in: reference r is tokens [10+r, 11+r, …]."""
+
+    def batch(self, refs, device):
+        ids = torch.tensor([[10 + r + j for j in range(6)] for r in refs])
+        return ids, torch.full((len(refs),), 6)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_gradient_reaches_the_reference_encoding(detach):
+    from m3cli.config import preset
+    from m3cli.model import Memory3Model
+
+    torch.manual_seed(0)
+    model = Memory3Model(preset("tiny").replace(reference_prefix_ids=(1, 2), tie_embeddings=False))
+    seq = 2 * model.config.chunk_length
+    x = torch.randint(100, 200, (2, seq))  # the context never holds reference tokens 10..30
+    chunk_refs = torch.tensor([[0, 3], [5, -1]])
+    memory = continual_memory(model, chunk_refs, _Refs(), seq, detach)
+    assert memory.kv.shape[:2] == (2, 2) and not memory.valid[1, 1].any()
+    loss = model(x, memory=memory).logsumexp(-1).mean()
+    loss.backward()
+    ref_rows = model.embed.weight.grad[10:30].abs().sum()
+    assert (ref_rows == 0) == detach  # only the memory encoding can reach these embeddings
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    result = m3("synth", d / "s", "--people", "40", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    return d / "s"
+
+
+def test_synth_is_deterministic_and_keeps_unseen_facts_out_of_training(task, tmp_path):
+    import pyarrow.parquet as pq
+
+    again = tmp_path / "again"
+    assert m3("synth", again, "--people", "40", "--seed", "1").exit_code == 0
+    for name in ("train.parquet", "kb.parquet", "qa_seen.jsonl", "qa_unseen.jsonl"):
+        assert (task / name).read_bytes() == (again / name).read_bytes(), name
+    train = " ".join(pq.read_table(task / "train.parquet").column("text").to_pylist())
+    kb = pq.read_table(task / "kb.parquet").to_pylist()
+    unseen = {json.loads(x)["question"].split(" was ")[-1].split(" born")[0]
+              for x in (task / "qa_unseen.jsonl").read_text().splitlines() if "Where was" in x}
+    assert len(unseen) == 20 and not any(name in train for name in unseen)
+    assert all(any(r["title"] == name for r in kb) for name in unseen)
+    assert len(read_qa(task / "qa_unseen.jsonl")) == 100
+
+
+def _weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_warmup_loss_falls_and_a_killed_run_resumes_to_the_same_weights(task, tmp_path):
+    base = ["pretrain", task / "train.parquet", "--config", "mini", "--stage", "warmup", "--steps", "24",
+            "--batch-size", "4", "--seq-len", "64", "--save-every", "4", "--log-every", "4", "--lr", "3e-3",
+            "--warmup-steps", "4", "-q"]
+    result = m3(*base, "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "a.train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0
+    # the same run, SIGKILLed after a checkpoint, then resumed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "m3cli", *[str(a) for a in base], "-o", str(tmp_path / "b")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "b.train" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b").exists()
+    result = m3(*base, "-o", tmp_path / "b", "--resume")
+    assert result.exit_code == 0, result.output
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_path):
+    warm = tmp_path / "warm"
+    common = ["--batch-size", "4", "--seq-len", "128", "--log-every", "2", "-q"]
+    assert m3("pretrain", task / "train.parquet", "-o", warm, "--config", "mini", "--steps", "4", *common).exit_code == 0
+    bank = tmp_path / "kb.m3bank"
+    assert m3("encode", task / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
+    model = tmp_path / "model"
+    result = m3("pretrain", task / "train.parquet", "-o", model, "--init-from", warm, "--stage", "continual",
+                "--bank", bank, "--steps", "4", *common)
+    assert result.exit_code == 0, result.output
+    assert "must be re-encoded" in result.stdout
+    refs = np.load(tmp_path / "model.train" / "retrieval.npy")
+    assert refs.shape[1] == 2 and (refs >= 0).mean() > 0.9
+    metrics = [json.loads(x) for x in (tmp_path / "model.train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in metrics] == ["continual", "continual"]
+    # the old bank belongs to the warm model: eval with the new one refuses it, a re-encoded one works
+    assert_user_error(m3("eval", "-m", model, "-b", bank, "--qa", task / "qa_unseen.jsonl"), "re-encode")
+    bank2 = tmp_path / "kb2.m3bank"
+    assert m3("encode", task / "kb.parquet", "-o", bank2, "-m", model, "-q").exit_code == 0
+    result = m3("eval", "-m", model, "-b", bank2, "--qa", task / "qa_unseen.jsonl", "--limit", "6", "--json",
+                "--text", task / "kb.parquet")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out) == {"none", "memory", "rag"}
+    for r in out.values():
+        assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["chance"] > 0 and r["perplexity"] > 1
+    assert len({r["perplexity_tokens"] for r in out.values()}) == 1  # the same tokens in every mode
+
+
+def test_first_sentence_scoring():
+    assert first_sentence(" Port Adler. Question: Where") == " Port Adler"
+    assert is_correct("Port Adler", " port adler.")
+    assert not is_correct("Windham", " Port Adler. Question: Where was Yara born? Answer: Windham.")
+
+
+def test_pretrain_and_eval_errors(task, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_user_error(m3("pretrain", empty, "-o", tmp_path / "m", "--config", "mini"), "holds no text")
+    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m", "--config", "huge"),
+                      "unknown preset")
+    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m", "--config", "mini",
+                         "--stage", "continual"), "needs --bank")
+    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m"), "--config", "--init-from")
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "answer")
+    assert not (tmp_path / "m").exists()
