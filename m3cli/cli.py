@@ -505,6 +505,8 @@ def bench(
     embedder: Annotated[str, typer.Option(help="With a preset: the query embedder the synthetic bank is "
                                                "indexed for: minilm or self.")] = "minilm",
     codec: Annotated[str, typer.Option(help="With a preset: the synthetic bank's codec.")] = "bf16",
+    text: Annotated[str, typer.Option(help="With a preset: the references' text, wikipedia (the installed "
+                                           "summaries package; pseudo-text if missing) or pseudo.")] = "wikipedia",
     workdir: Annotated[Optional[Path], typer.Option(help="With a preset: keep the synthetic model and bank here "
                                                          "(default: a temporary dir, removed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {\"results\": [...], \"ratios\": [...]}.")] = False,
@@ -548,8 +550,10 @@ def bench(
                 raise M3Error("--embedder for a synthetic bank: minilm or self")
             where = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m3-bench-")))
             where.mkdir(parents=True, exist_ok=True)
+            if text not in ("wikipedia", "pseudo"):
+                raise M3Error("--text: wikipedia or pseudo")
             model_dir, bank = synthetic_setup(model, synthetic_refs, where, embedder, codec=codec, log=log,
-                                              device=resolve_device(device))
+                                              device=resolve_device(device), text=text)
         else:
             model_dir = Path(model)
         gen, _ = stack.enter_context(_open_generator(model_dir, bank, device, dtype, None))
