@@ -634,6 +634,9 @@ def pretrain(
                                                        "attention: a small delta).")] = "all",
     detach_memory: Annotated[bool, typer.Option("--detach-memory", help="continual: no gradient through the "
                                                                         "memory encoding.")] = False,
+    memory_selection: Annotated[Optional[str], typer.Option("--memory-selection", help="Token score for keeping "
+                                                            "memory tokens: attention (the paper) or "
+                                                            "attention_x_value_norm (discounts attention sinks).")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
@@ -656,7 +659,7 @@ def pretrain(
                      tokenizer=tokenizer, vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                      lr=lr, min_lr_ratio=min_lr_ratio, schedule=schedule, warmup_steps=warmup_steps,
                      weight_decay=weight_decay, save_every=save_every, log_every=log_every, seed=seed,
-                     detach_memory=detach_memory, train=train, device=device)
+                     detach_memory=detach_memory, train=train, device=device, memory_selection=memory_selection)
     if config is not None:
         from .config import PRESETS
 

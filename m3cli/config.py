@@ -14,6 +14,7 @@ from typing import Any
 
 CONFIG_FORMAT = "m3-model-config"
 CONFIG_VERSION = 1
+MEMORY_SELECTIONS = ("attention", "attention_x_value_norm")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,10 @@ class M3Config:
     # --- explicit memory (DESIGN §2 "Explicit memory", §3) ---------------------------------
     memory_layers: tuple[int, ...] | None = None  # layers that read memory; None = first half
     memory_top_k: int = 8  # tokens kept per memory layer and KV head
+    # how tokens are scored for keeping: "attention" (the paper: total attention received from
+    # the reference's tokens) or "attention_x_value_norm" (that times the token's value norm:
+    # its actual contribution, which discounts attention sinks whose values are near zero)
+    memory_selection: str = "attention"
     reference_length: int = 128  # longest reference, in tokens, excluding the prefix
     chunk_length: int = 64  # context tokens per chunk; each chunk reads its own memories
     memories_per_chunk: int = 5  # memories retrieved per chunk at inference
@@ -65,6 +70,9 @@ class M3Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.memory_selection not in MEMORY_SELECTIONS:
+            raise ConfigError(f"memory_selection must be one of {', '.join(MEMORY_SELECTIONS)}, "
+                              f"got {self.memory_selection!r}")
         if self.train_prev_chunks < 0:
             raise ConfigError(f"train_prev_chunks must be >= 0, got {self.train_prev_chunks}")
         if self.n_heads % self.n_kv_heads:

@@ -355,6 +355,8 @@ class Memory3Model(nn.Module):
             probs = torch.softmax(scores, dim=-1) * is_ref[:, None, :, None]  # only reference queries count
             received = probs.sum(dim=2)  # (R, H, L)
             received = received.view(R, k.shape[1], group, L).sum(dim=2)  # (R, Hkv, L)
+            if cfg.memory_selection == "attention_x_value_norm":
+                received = received * c["v"].float().norm(dim=-1)  # (R, Hkv, L): what a token contributes
             received = received.masked_fill(~is_ref[:, None, :], float("-inf"))
             top, idx = received.topk(kk, dim=-1)  # (R, Hkv, kk)
             ok = torch.isfinite(top)

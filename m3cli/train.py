@@ -59,6 +59,7 @@ class TrainArgs:
     detach_memory: bool = False
     train: str = "all"
     max_overlap: float = CONTINUAL_MAX_OVERLAP
+    memory_selection: str | None = None  # override the config's token-selection score
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -269,6 +270,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             state_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(str(saved_tok))
         model = new_model(cfg, tokenizer, seed=args.seed)
+    if args.memory_selection is not None and args.memory_selection != model.config.memory_selection:
+        model.config = model.config.replace(memory_selection=args.memory_selection)  # validated there
     cfg = model.config
     if args.seq_len > cfg.context_length:
         raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")

@@ -28,3 +28,8 @@ $M3 search out/samples.m3bank "Who catalogued variable stars?" -k 1
 echo; echo "== m3 score: a sensible sentence vs. a scrambled one"
 $M3 score --model out/smollm2 --json "The capital of France is Paris." | .venv/bin/python -c 'import json,sys; print("perplexity (sensible): %.2f" % json.load(sys.stdin)["perplexity"])'
 $M3 score --model out/smollm2 --json "Paris capital the France of is." | .venv/bin/python -c 'import json,sys; print("perplexity (scrambled): %.2f" % json.load(sys.stdin)["perplexity"])'
+
+echo; echo "== m3 generate: SmolLM2 reads the memories each chunk retrieves (citations below)."
+echo "   It was converted, not trained to use memories, so its answer still comes from its weights;"
+echo "   m3 pretrain --stage continual is what teaches a model to read them."
+$M3 generate --model out/smollm2 --bank out/samples.m3bank --chat --explain -n 24 "Where was Ilsa Varenkov born?"

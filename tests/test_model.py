@@ -133,7 +133,7 @@ def test_memory_path_is_exact_without_sparsification(attn_impl):
     torch.testing.assert_close(with_memory, one_pass, atol=1e-5, rtol=1e-4)
 
 
-def naive_selection(model, ref_ids, length, layer_captures, k_top):
+def naive_selection(model, ref_ids, length, layer_captures, k_top, value_norm=False):
     """Per reference, layer and KV head: loop over query heads and query tokens."""
     p = len(PREFIX)
     n_real = p + length
@@ -151,22 +151,25 @@ def naive_selection(model, ref_ids, length, layer_captures, k_top):
                     z = sum(exps)
                     for j in range(n_real):
                         w[j] += exps[j] / z
+            if value_norm:  # memory_selection = "attention_x_value_norm"
+                w = [w[j] * float(cap["v"][0, h, j].norm()) for j in range(n_real)]
             cands = sorted(range(p, n_real), key=lambda j: -w[j])[:k_top]
             out[(m, h)] = sorted(cands)
     return out
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("length,k_top", [(9, 4), (3, 4), (6, 6)])
-def test_sparsification_matches_naive_loop(length, k_top):
-    model = make_model("reference", memory_top_k=k_top)
+@pytest.mark.parametrize("length,k_top,selection", [(9, 4, "attention"), (3, 4, "attention"), (6, 6, "attention"),
+                                                    (9, 4, "attention_x_value_norm")])
+def test_sparsification_matches_naive_loop(length, k_top, selection):
+    model = make_model("reference", memory_top_k=k_top, memory_selection=selection)
     cfg = model.config
     ref = torch.randint(4, 512, (1, length))
     enc = model.encode_references(ref, torch.tensor([length]))
     ids = torch.cat([torch.tensor([PREFIX]), ref], dim=1)
     L = ids.shape[1]
     captures = model._run_captured(ids, torch.arange(L), torch.ones(L, L, dtype=torch.bool).tril(), cfg.mem_layers)
-    expected = naive_selection(model, ref, length, captures, k_top)
+    expected = naive_selection(model, ref, length, captures, k_top, value_norm=selection != "attention")
     p = len(PREFIX)
     for (m, h), positions in expected.items():
         got = enc.positions[0, m, h]
@@ -248,3 +251,12 @@ def test_cuda_bf16_matches_cpu_fp32():
     mem_gpu = Memory(mem.kv.cuda(), mem.valid.cuda(), mem.sink.cuda())
     got = gpu(ids.cuda(), memory=mem_gpu).float().cpu()
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@torch.no_grad()
+def test_value_norm_selection_changes_what_is_kept():
+    ref = torch.randint(4, 512, (2, 30))
+    lengths = torch.tensor([30, 30])
+    a = make_model(memory_top_k=4).encode_references(ref, lengths)
+    b = make_model(memory_top_k=4, memory_selection="attention_x_value_norm").encode_references(ref, lengths)
+    assert not torch.equal(a.positions, b.positions)
