@@ -165,6 +165,11 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Config fields added after the first release; at their default they stay out of the fingerprint,
+# so models and banks made before the field existed keep their identity (format_spec.md).
+FINGERPRINT_LATER_DEFAULTS = {"memory_selection": "attention"}
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """Identity of a model dir as format_spec.md defines it: config (without name/extra),
     weights and tokenizer files. Any change to them changes the fingerprint."""
@@ -174,6 +179,9 @@ def model_fingerprint(model_dir: Path) -> str:
     cfg = read_config(model_dir).to_dict()
     cfg.pop("name", None)
     cfg.pop("extra", None)
+    for key, default in FINGERPRINT_LATER_DEFAULTS.items():  # fields added later: only when not default
+        if cfg.get(key) == default:
+            cfg.pop(key)
     h = hashlib.sha256()
 
     def part(name: str, data: bytes) -> None:

@@ -581,7 +581,8 @@ def bench(
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Directory to create with train.parquet, kb.parquet, "
                                                  "qa_seen.jsonl, qa_unseen.jsonl and synth.json.")],
-    people: Annotated[int, typer.Option(help="Invented people; half are unseen (their facts only in kb).")] = 400,
+    people: Annotated[int, typer.Option(help="Invented people; 10% (at most 500) are unseen: their facts are "
+                                             "only in kb.parquet.")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same files.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if m3 synth wrote it.")] = False,
 ) -> None:

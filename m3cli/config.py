@@ -181,7 +181,7 @@ PRESETS: dict[str, M3Config] = {
     ),
     # The synthetic-knowledge proof model (`make proof`): ~1M parameters, trains on a CPU in minutes.
     "mini": M3Config(
-        name="mini", vocab_size=2048, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
+        name="mini", vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
         head_dim=32, intermediate_size=384, context_length=512, tie_embeddings=True,
     ),
     # A CPU demo model (~20M parameters with an 8k vocabulary).

@@ -17,12 +17,21 @@ from pathlib import Path
 from .atomic import atomic_dir
 from .errors import M3Error
 
-FIRST = ("Ada Bram Cato Dara Elin Faro Gita Hugo Ines Jora Kian Lira Milo Nadia Oren Pia Quin Rhea Soren Tova "
-         "Ulla Vero Wren Xeno Yara Zev Alba Bastian Corin Della Emrys Fenna Galen Hedda Ivo Juno Kasimir Leda "
-         "Marek Nola").split()
-LAST = ("Ashdown Brightwater Coldmere Dunholt Eskvale Fairholm Greystone Hollowell Ironwood Juniper Kestrel "
-        "Larkspur Marrow Northgate Oakhurst Pellwood Quarry Rookwood Stillwater Thornbury Underhill Vantage "
-        "Westbrook Yarrow Zephyr Amberly Blackwood Cinder Driftwood Emberly").split()
+_ONSETS = "b br c d dr f g gr h j k l m n p r s st t th v w z".split()
+_VOWELS = "a e i o u ae ai ia io ea".split()
+_CODAS = "n l r s th m nd rk ll v x".split()
+
+
+def _names(rng: random.Random, n: int, syllables: tuple[int, int]) -> list[str]:
+    """n distinct invented names of a few syllables (no real people)."""
+    out: set[str] = set()
+    while len(out) < n:
+        k = rng.randint(*syllables)
+        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(k)) + rng.choice(_CODAS + [""])
+        out.add(name.capitalize())
+    return sorted(out)
+
+
 CITIES = ("Port Adler|Brennmoor|Dunmarch|Ashgrove|Kessel|Halvard|Tellmark|Greywater|Selka|Orrin|Lantern Bay|"
           "Mirefield|Caldera|Windham|Eastmere|Fenwick|Rookhaven|Silverton|Marlow Cross|Duskvale").split("|")
 UNIVERSITIES = ("University of Kessel|Halvard College|Tellmark Polytechnic|Greywater University|Orrin Institute|"
@@ -75,11 +84,17 @@ class Person:
                                year=self.year, university=self.university, employer=self.employer, field=self.field)
 
 
+MAX_PEOPLE = 40_000
+
+
 def people(n: int, seed: int) -> list[Person]:
-    if n > len(FIRST) * len(LAST):
-        raise M3Error(f"--people must be at most {len(FIRST) * len(LAST)} (unique names)")
+    """n invented people with distinct names; first and last names recur across people, so
+    retrieval returns namesakes as distractors."""
+    if n > MAX_PEOPLE:
+        raise M3Error(f"--people must be at most {MAX_PEOPLE}")
     rng = random.Random(seed)
-    names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], n)
+    first, last = _names(rng, 200, (1, 2)), _names(rng, 250, (2, 3))
+    names = rng.sample([f"{f} {l}" for f in first for l in last], n)
     return [Person(name, rng.choice(("he", "she")), rng.choice(CITIES), rng.choice(ATTRIBUTES["year"]),
                    rng.choice(UNIVERSITIES), rng.choice(EMPLOYERS), rng.choice(FIELDS)) for name in names]
 
@@ -89,25 +104,36 @@ def qa(person: Person) -> list[dict]:
              "chance": round(1 / len(ATTRIBUTES[attr]), 6)} for attr, q in QUESTIONS.items()]
 
 
-def synthesize(out: Path, n_people: int = 400, seed: int = 0, unseen_fraction: float = 0.5,
+def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | None = None,
                overwrite: bool = False) -> dict:
-    """Write train.parquet, kb.parquet, qa_seen.jsonl, qa_unseen.jsonl into `out` (atomically)."""
+    """Write train.parquet, kb.parquet, qa_seen.jsonl, qa_unseen.jsonl into `out` (atomically).
+
+    Per seen person the training text has a biography with two question-answer lines and a
+    document of three question-answer lines alone (the answers must come from weights or
+    memory). The knowledge base has one biography per person, seen or unseen, in a wording the
+    training text never uses. Unseen people: 10% (at most 500) unless n_unseen is given.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if n_people < 2:
         raise M3Error("--people must be at least 2")
     folk = people(n_people, seed)
-    n_unseen = max(1, int(round(n_people * unseen_fraction)))
+    if n_unseen is None:
+        n_unseen = min(500, max(1, n_people // 10))
+    if not 1 <= n_unseen < n_people:
+        raise M3Error(f"the unseen people must number 1..{n_people - 1}, got {n_unseen}")
     unseen, seen = folk[:n_unseen], folk[n_unseen:]
     rng = random.Random(seed + 1)
     train = []
     for p in seen:
-        for t in TRAIN_BIOS:
-            lines = [QA_TEMPLATE.format(**x) for x in rng.sample(qa(p), 3)]
-            train.append({"id": p.name, "text": p.fill(t) + " " + " ".join(lines)})
+        questions = qa(p)
+        rng.shuffle(questions)
+        lines = [QA_TEMPLATE.format(**x) for x in questions]
+        train.append({"id": f"{p.name}#bio", "text": p.fill(rng.choice(TRAIN_BIOS)) + " " + " ".join(lines[:2])})
+        train.append({"id": f"{p.name}#qa", "text": " ".join(lines[2:])})
     rng.shuffle(train)
-    kb = [{"id": f"{p.name}#{j}", "title": p.name, "text": p.fill(t)} for p in folk for j, t in enumerate(KB_BIOS)]
+    kb = [{"id": p.name, "title": p.name, "text": p.fill(rng.choice(KB_BIOS))} for p in folk]
     qa_seen = [x for p in seen for x in qa(p)]
     qa_unseen = [x for p in unseen for x in qa(p)]
     with atomic_dir(out, overwrite=overwrite, replaceable=lambda d: (d / "synth.json").is_file()) as tmp:

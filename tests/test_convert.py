@@ -136,9 +136,22 @@ def test_inspect_model_dir(llama_dir, tmp_path):
     assert human.exit_code == 0 and "memory_bytes_bf16" in human.stdout
 
 
-def test_unfinished_commands_say_so():
-    for name in ("pretrain", "generate"):
-        assert_user_error(m3(name, "whatever", "--flag"), "not available yet")
+def test_fingerprint_ignores_later_fields_at_their_default(llama_dir, tmp_path):
+    """Adding a config field must not change the identity of models (and so break banks) made
+    before it existed; setting it to a non-default value must."""
+    from m3cli.checkpoint import model_fingerprint
+
+    model = tmp_path / "m"
+    assert m3("convert", llama_dir[0], "-o", model).exit_code == 0
+    path = model / "config.json"
+    cfg = json.loads(path.read_text())
+    explicit = model_fingerprint(model)
+    cfg.pop("memory_selection")  # as written before the field existed
+    path.write_text(json.dumps(cfg))
+    assert model_fingerprint(model) == explicit
+    cfg["memory_selection"] = "attention_x_value_norm"
+    path.write_text(json.dumps(cfg))
+    assert model_fingerprint(model) != explicit
 
 
 def _smollm2_gguf() -> Path:

@@ -84,9 +84,12 @@ def test_synth_is_deterministic_and_keeps_unseen_facts_out_of_training(task, tmp
     kb = pq.read_table(task / "kb.parquet").to_pylist()
     unseen = {json.loads(x)["question"].split(" was ")[-1].split(" born")[0]
               for x in (task / "qa_unseen.jsonl").read_text().splitlines() if "Where was" in x}
-    assert len(unseen) == 20 and not any(name in train for name in unseen)
-    assert all(any(r["title"] == name for r in kb) for name in unseen)
-    assert len(read_qa(task / "qa_unseen.jsonl")) == 100
+    assert len(unseen) == 4 and not any(name in train for name in unseen)  # 10% of 40
+    assert all(any(r["title"] == name for r in kb) for name in unseen) and len(kb) == 40
+    assert len(read_qa(task / "qa_unseen.jsonl")) == 20 and len(read_qa(task / "qa_seen.jsonl")) == 180
+    # every seen person has a biography and a question-only document
+    ids = pq.read_table(task / "train.parquet").column("id").to_pylist()
+    assert len(ids) == 72 and sum(i.endswith("#qa") for i in ids) == 36
 
 
 def _weights(model_dir):
