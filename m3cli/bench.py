@@ -100,13 +100,13 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
                     overwrite=True) as w:
         for start in range(0, n_refs, 4):  # 4 references per document
             refs = []
-            for text in texts[start:start + 4]:
-                n = min(len(tok(text, add_special_tokens=False)["input_ids"]), cfg.reference_length)
+            for ref_text in texts[start:start + 4]:
+                n = min(len(tok(ref_text, add_special_tokens=False)["input_ids"]), cfg.reference_length)
                 kv = torch.randn((L, two, H, K, D), generator=gen) * 0.5
                 pos = torch.rand((L, H, n), generator=gen).argsort(-1)[..., :K].sort(-1).values + p
                 if n < K:
                     pos = torch.cat([pos, torch.full((L, H, K - n), -1)], dim=-1)
-                refs.append((text, n, kv, pos))
+                refs.append((ref_text, n, kv, pos))
             w.add_document(f"syn-{start // 4}", f"synthetic {start // 4}", "m3 bench", refs)
         w.finish()
     if embedder == "minilm":
@@ -130,15 +130,17 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
 
 
 def bench_prompts(bank, tokenizer, n: int, prompt_len: int, seed: int = 0) -> tuple[list[str], list[list[int]]]:
-    """n prompts of exactly prompt_len tokens, cut from the bank's own reference texts."""
+    """n prompts of exactly prompt_len tokens, cut from the bank's own reference texts (pseudo-text
+    without a bank)."""
     rng = np.random.default_rng(seed)
     texts, ids = [], []
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    spare = pseudo_texts(64, seed) if bank is None else None  # closed-book runs need no bank
     for _ in range(n):
         seq = list(bos)
         while len(seq) < prompt_len:
-            ref = bank.reference(int(rng.integers(bank.n_refs)))
-            seq += tokenizer(" " + ref.text, add_special_tokens=False)["input_ids"]
+            text = bank.reference(int(rng.integers(bank.n_refs))).text if bank else spare[int(rng.integers(64))]
+            seq += tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         seq = [int(i) for i in seq[:prompt_len]]
         ids.append(seq)
         texts.append(tokenizer.decode(seq, skip_special_tokens=True))

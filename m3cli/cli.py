@@ -403,8 +403,8 @@ def _explain(completion, bank, echo) -> None:
     for rec in completion.chunks:
         where = {"prompt": f"prompt tokens {rec.tokens[0]}-{rec.tokens[1]}",
                  "inherited": f"generated tokens {rec.tokens[0]}-{rec.tokens[1]}, inherits the last prompt chunk's",
-                 "generated": f"generated tokens {rec.tokens[0]}-{rec.tokens[1]}, retrieved with the previous "
-                              f"{rec.tokens[0] and rec.tokens[1] - rec.tokens[0] or 0} generated tokens"}[rec.source]
+                 "generated": f"generated tokens {rec.tokens[0]}-{rec.tokens[1]}, retrieved with the generated "
+                              f"tokens before it"}[rec.source]
         echo(f"chunk {rec.chunk} ({where}):")
         if not rec.hits:
             echo("  (no reference)")
@@ -476,7 +476,7 @@ def generate(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
 
-            for c in gen.generate(batch, opts, on_text=on_text if stream else None):
+            for c in gen.generate(batch, opts, on_text=on_text if stream else None, first_number=start + 1):
                 if as_json:
                     typer.echo(json.dumps(c.to_json(mode), ensure_ascii=False))
                     continue
@@ -535,8 +535,8 @@ def bench(
     bad = [m for m in mode_list if m not in ("none", "memory", "rag")]
     if bad or not mode_list:
         raise M3Error(f"unknown mode {bad[0] if bad else modes!r}; choose from none, memory, rag")
-    if repeats < 1 or prompt_len < 1 or new_tokens < 1:
-        raise M3Error("--repeats, --prompt-len and --new-tokens must be at least 1")
+    if repeats < 1 or prompt_len < 1 or new_tokens < 1 or memories < 1:
+        raise M3Error("--repeats, --prompt-len, --new-tokens and --memories must be at least 1")
     log = (lambda s: typer.echo(s, err=True)) if as_json else typer.echo
     with contextlib.ExitStack() as stack:
         if not Path(model).is_dir() and model in PRESETS:
@@ -705,6 +705,7 @@ def eval_cmd(
                                                 "question exceeds this (the paper's 2/3).")] = 0.67,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {mode: {accuracy, n, correct, chance, "
                                                          "perplexity}}.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -725,6 +726,10 @@ def eval_cmd(
         raise M3Error("modes memory and rag need --bank")
     if limit is not None and limit < 1:
         raise M3Error("--limit must be at least 1")
+    if batch_size < 1:
+        raise M3Error("--batch-size must be at least 1")
+    if "{question}" not in prompt_template:
+        raise M3Error("--prompt-template must contain {question}")
     questions = read_qa(qa, limit)
     texts = None
     if text is not None:
@@ -733,7 +738,7 @@ def eval_cmd(
         texts = [d.text for d in read_corpus(text) if d.text.strip()]
         if not texts:
             raise M3Error(f"{text} holds no text")
-    with _open_generator(model, bank, device, dtype, None) as (gen, _):
+    with _open_generator(model, bank, device, dtype, embedder) as (gen, _):
         result = evaluate(gen, questions, mode_list, template=prompt_template, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, max_overlap=max_overlap, memories=memories, texts=texts,
                           chat=chat)

@@ -34,8 +34,9 @@ def read_qa(path: Path, limit: int | None = None) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise M3Error(f"{path} line {n}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(obj.get("answer"), str):
-            raise M3Error(f"{path} line {n}: needs string fields \"question\" and \"answer\"")
+        if (not isinstance(obj, dict) or not isinstance(obj.get("question"), str)
+                or not isinstance(obj.get("answer"), str) or not obj["answer"].strip()):
+            raise M3Error(f"{path} line {n}: needs string fields \"question\" and a non-empty \"answer\"")
         out.append(obj)
         if limit is not None and len(out) >= limit:
             break
@@ -50,7 +51,10 @@ def first_sentence(text: str) -> str:
 
 
 def is_correct(answer: str, completion: str) -> bool:
-    return answer.strip().lower() in first_sentence(completion).lower()
+    """The answer, as whole words, in the completion's first sentence (so "Kessel" does not
+    match "Kesselton", though it still matches "University of Kessel")."""
+    pattern = r"(?<!\w)" + re.escape(answer.strip().lower()) + r"(?!\w)"
+    return bool(re.search(pattern, first_sentence(completion).lower()))
 
 
 def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 12,
@@ -62,7 +66,12 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
 
     if "{question}" not in template:
         raise M3Error("--prompt-template must contain {question}")
-    prompts = [template.format(question=q["question"]) for q in qa]
+    prompts = [template.replace("{question}", q["question"]) for q in qa]
+    limit = gen.cfg.context_length
+    for j, t in enumerate(texts or []):  # fail before minutes of generation, not after
+        n = len(gen.tokenizer(t)["input_ids"])
+        if n > limit:
+            raise M3Error(f"held-out text {j + 1} has {n} tokens, more than the model's context of {limit}")
     chance = [q.get("chance") for q in qa]
     result: dict = {"_answers": {}}
     for mode in modes:

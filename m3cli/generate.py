@@ -128,8 +128,8 @@ class MemoryCache:
         self.misses += len(missing)
         if missing:
             enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
-            for j, r in enumerate(missing):
-                self._items[r] = (enc.kv[j], enc.valid[j])
+            for j, r in enumerate(missing):  # clones: a view would keep the whole decoded batch alive
+                self._items[r] = (enc.kv[j].clone(), enc.valid[j].clone())
         out = []
         for r in refs:
             self._items.move_to_end(r)
@@ -236,11 +236,12 @@ class Generator:
 
     # -- the main loop -------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list[str], opts: Options, on_text=None, forced_ids: list[list[int]] | None = None
-                 ) -> list[Completion]:
+    def generate(self, prompts: list[str], opts: Options, on_text=None, forced_ids: list[list[int]] | None = None,
+                 first_number: int = 1) -> list[Completion]:
         """Complete each prompt. on_text(b, piece) receives text as it is generated.
 
         forced_ids: token ids to use instead of tokenizing the prompts (benchmarks).
+        first_number: how errors number the first prompt of this batch (1-based, for messages).
         """
         opts.check()
         if opts.mode != "none" and self.retriever is None:
@@ -260,10 +261,11 @@ class Generator:
             ids = forced_ids if forced_ids is not None else [self.encode_prompt(p, opts) for p in prompts]
         for b, seq in enumerate(ids):
             if not seq:
-                raise M3Error(f"prompt {b + 1} is empty")
+                raise M3Error(f"prompt {b + first_number} is empty")
             if len(seq) >= cfg.context_length:
-                raise M3Error(f"prompt {b + 1} has {len(seq)} tokens; the model's context is "
-                              f"{cfg.context_length} tokens")
+                raise M3Error(f"prompt {b + first_number} has {len(seq)} tokens"
+                              f"{' with the references in front (rag)' if opts.mode == 'rag' else ''}; "
+                              f"the model's context is {cfg.context_length} tokens")
         lengths = [len(s) for s in ids]
         T = max(lengths)
         pads = [T - n for n in lengths]
@@ -320,12 +322,13 @@ class Generator:
             for b in range(B):
                 chunks[b].append(ChunkRecord(len(chunks[b]), "inherited", (0, opts.retrieve_every), None,
                                              decode_hits[b]))
-        room = cfg.context_length - T
-        steps = min(opts.max_new_tokens, room)
+        # each sequence may fill its own context (a short prompt batched with a long one is not cut)
+        limits = [min(opts.max_new_tokens, cfg.context_length - n) for n in lengths]
+        steps = max(limits)
         out = torch.full((B, steps), self.pad_id, dtype=torch.long, device=self.device)
         done = [False] * B
         n_out = [0] * B
-        finish = ["length" if steps == opts.max_new_tokens else "context"] * B
+        finish = ["length" if lim == opts.max_new_tokens else "context" for lim in limits]
         printed = [""] * B
         share_sum = torch.zeros(B, opts.memories, device=self.device) if probe is not None else None
         share_n = 0
@@ -337,6 +340,9 @@ class Generator:
                 toks = token.tolist()
                 for b in range(B):
                     if done[b]:
+                        continue
+                    if step >= limits[b]:
+                        done[b] = True
                         continue
                     if opts.stop_at_eos and toks[b] in self.eos:
                         done[b], finish[b] = True, "eos"
@@ -350,7 +356,7 @@ class Generator:
                 if all(done):
                     break
             else:
-                n_out = [step + 1] * B
+                n_out = [min(step + 1, lim) for lim in limits]
             if step + 1 == steps:
                 break
             # feed the token just generated (index `step`); it may start a new decoded chunk
@@ -424,11 +430,12 @@ class Generator:
         if opts.mode == "rag":
             hits = self._retrieve([text], opts)[0]
             chunks.append(ChunkRecord(0, "prompt", (0, len(ids)), text, hits))
-            ctx = [int(i) for i in self.tokenizer("\n\n".join(h.text for h in hits) + "\n\n")["input_ids"]] if hits else []
-            bos = getattr(self.tokenizer, "bos_token_id", None)
-            rest = ids[1:] if bos is not None and ids[0] == bos else ids
-            seq = ctx + rest
-            first = len(seq) - len(ids)  # scored tokens are seq[first+1:], i.e. ids[1:]
+            if hits:  # otherwise nothing goes in front: the same as mode none
+                ctx = [int(i) for i in self.tokenizer("\n\n".join(h.text for h in hits) + "\n\n")["input_ids"]]
+                bos = getattr(self.tokenizer, "bos_token_id", None)
+                rest = ids[1:] if bos is not None and ids[0] == bos else ids
+                seq = ctx + rest
+                first = len(seq) - len(ids)  # scored tokens are seq[first+1:], i.e. ids[1:]
         if len(seq) > cfg.context_length:
             raise M3Error(f"the text has {len(seq)} tokens in mode {opts.mode}, more than the model's context of "
                           f"{cfg.context_length}")

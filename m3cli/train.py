@@ -83,8 +83,8 @@ class TrainArgs:
     def key(self) -> dict:
         """What must match for --resume to continue a run."""
         d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        for k in ("steps", "save_every", "log_every", "device", "state_dir"):
-            d.pop(k)  # may change between a run and its resumption
+        for k in ("save_every", "log_every", "device", "state_dir"):
+            d.pop(k)  # may change between a run and its resumption (steps may not: the schedule uses it)
         return d
 
 
@@ -138,7 +138,7 @@ def batch_indices(step: int, n_rows: int, batch: int, seed: int, rank: int = 0, 
 
 
 def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_length: int, max_overlap: float,
-                        device, log=print) -> np.ndarray:
+                        device, log=print, model_dir: Path | None = None) -> np.ndarray:
     """Reference index per (row, chunk): top-1 of the bank's retriever for the chunk's text,
     skipping references that overlap it by more than max_overlap; -1 where none qualifies."""
     from .bank import Bank
@@ -149,7 +149,7 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     out = np.full((n_rows, n_chunks), -1, dtype=np.int64)
     t0 = time.perf_counter()
     with Bank(bank_path) as bank:
-        retriever = Retriever(bank, query_embedder(bank, device=device))
+        retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, device=device))
         queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
                                     skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
@@ -248,6 +248,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     if not texts:
         raise M3Error(f"the corpus {args.corpus} holds no text")
     device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # accelerate uses the current device
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     device = accelerator.device
     old_fingerprint = None
@@ -268,7 +270,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             vocab = args.vocab_size or cfg.vocab_size
             tokenizer = train_bpe(texts, vocab_size=min(vocab, cfg.vocab_size))
             state_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(saved_tok))
+            with atomic_dir(saved_tok, overwrite=True, replaceable=lambda d: (d / "tokenizer.json").is_file()) as tmp:
+                tokenizer.save_pretrained(str(tmp))
         model = new_model(cfg, tokenizer, seed=args.seed)
     if args.memory_selection is not None and args.memory_selection != model.config.memory_selection:
         model.config = model.config.replace(memory_selection=args.memory_selection)  # validated there
@@ -289,6 +292,12 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         start_step = int(saved["step"])
         log(f"resuming at step {start_step} of {args.steps}")
+        metrics_path = state_dir / "metrics.jsonl"
+        if metrics_path.is_file():  # drop rows logged after the checkpoint: they are redone
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            with atomic_file(metrics_path) as f:
+                f.write("".join(k + "\n" for k in kept).encode())
     elif not resume:
         metrics_path = state_dir / "metrics.jsonl"
         metrics_path.unlink(missing_ok=True)
@@ -309,10 +318,11 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             chunk_refs = np.load(cache, allow_pickle=False)
         else:
             chunk_refs = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
-                                             device, log)
+                                             device, log, model_dir=args.init_from)
             with atomic_file(cache) as tmp:
                 np.save(tmp, chunk_refs, allow_pickle=False)
-            cache_key.write_text(json.dumps(rkey))
+            with atomic_file(cache_key) as f:
+                f.write(json.dumps(rkey).encode())
         ref_tokens = ReferenceTokens(Path(args.bank), tokenizer, cfg.reference_length)
 
     _set_trainable(model, args.train)

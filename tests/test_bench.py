@@ -44,6 +44,12 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
     bank = next(tmp_path.glob("*.m3bank"))
     check = m3("inspect", bank, "--verify")
     assert check.exit_code == 0, check.output
+    # a model dir and closed book only: no bank needed
+    model_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    closed = m3("bench", "--model", model_dir, "--modes", "none", "--batch", "1", "--prompt-len", "8",
+                "--new-tokens", "2", "--repeats", "1", "--json")
+    assert closed.exit_code == 0, closed.output
+    assert [r["mode"] for r in json.loads(closed.stdout)["results"]] == ["none"]
 
 
 def test_ratios():

@@ -234,3 +234,25 @@ def test_cuda_generation_matches_cpu(llama_dir, tmp_path):
     cpu, gpu = out[("cpu", torch.float32)], out[("cuda", torch.float32)]
     assert [c.token_ids for c in cpu] == [c.token_ids for c in gpu]
     assert all(len(c.token_ids) == 9 for c in out[("cuda", torch.bfloat16)])
+
+
+def test_each_sequence_of_a_batch_fills_its_own_context(gen):
+    """A short prompt batched with one near the context limit still gets all its new tokens."""
+    limit = gen.cfg.context_length
+    long_prompt = " ".join(["the"] * (limit - 10))
+    opts = Options(mode="none", max_new_tokens=20, stop_at_eos=False)
+    long_c, short_c = gen.generate([long_prompt, "hello world"], opts)
+    assert long_c.prompt_tokens + len(long_c.token_ids) == limit and long_c.finish_reason == "context"
+    assert len(short_c.token_ids) == 20 and short_c.finish_reason == "length"
+    assert short_c.token_ids == gen.generate(["hello world"], opts)[0].token_ids
+
+
+def test_rag_score_without_any_reference_equals_closed_book(kb):
+    path, model = kb
+    out = {}
+    for mode in ("none", "rag"):
+        result = m3("score", PROMPT, "-m", model, "-b", path, "--mode", mode, "--max-overlap", "0", "--json")
+        assert result.exit_code == 0, result.output
+        out[mode] = json.loads(result.stdout)
+    assert out["rag"]["chunks"][0]["references"] == []
+    assert out["rag"]["logprobs"] == pytest.approx(out["none"]["logprobs"], abs=1e-5)

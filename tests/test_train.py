@@ -157,6 +157,7 @@ def test_first_sentence_scoring():
     assert first_sentence(" Port Adler. Question: Where") == " Port Adler"
     assert is_correct("Port Adler", " port adler.")
     assert not is_correct("Windham", " Port Adler. Question: Where was Yara born? Answer: Windham.")
+    assert is_correct("Kessel", " the University of Kessel") and not is_correct("Kessel", " Kesselton")
 
 
 def test_pretrain_and_eval_errors(task, tmp_path):
@@ -171,4 +172,10 @@ def test_pretrain_and_eval_errors(task, tmp_path):
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "x"}\n')
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "answer")
+    bad.write_text('{"question": "x", "answer": " "}\n')
+    assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "non-empty")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "x", "answer": "y"}\n')
+    assert_user_error(m3("eval", "-m", tmp_path, "--qa", good, "--batch-size", "0"), "--batch-size")
+    assert_user_error(m3("eval", "-m", tmp_path, "--qa", good, "--prompt-template", "Q:"), "{question}")
     assert not (tmp_path / "m").exists()
