@@ -503,7 +503,8 @@ def bench(
     synthetic_refs: Annotated[int, typer.Option("--synthetic-refs", help="With a preset: references in the "
                                                 "synthetic bank.")] = 10000,
     embedder: Annotated[str, typer.Option(help="With a preset: the query embedder the synthetic bank is "
-                                               "indexed for: minilm or self.")] = "minilm",
+                                               "indexed for, minilm or self; with --bank indexed by an encoder "
+                                               "dir: that dir.")] = "minilm",
     codec: Annotated[str, typer.Option(help="With a preset: the synthetic bank's codec.")] = "bf16",
     text: Annotated[str, typer.Option(help="With a preset: the references' text, wikipedia (the installed "
                                            "summaries package; pseudo-text if missing) or pseudo.")] = "wikipedia",
@@ -556,7 +557,8 @@ def bench(
                                               device=resolve_device(device), text=text)
         else:
             model_dir = Path(model)
-        gen, _ = stack.enter_context(_open_generator(model_dir, bank, device, dtype, None))
+        encoder = None if embedder in ("minilm", "self") else embedder  # a bank indexed with an encoder dir
+        gen, _ = stack.enter_context(_open_generator(model_dir, bank, device, dtype, encoder))
         rows = run_bench(gen, batches, prompt_len, new_tokens, mode_list, repeats, memories, log=log)
         summary = ratios(rows)
         info = {"model": model, "device": str(resolve_device(device)), "prompt_len": prompt_len,
