@@ -44,7 +44,8 @@ def test_score_json_matches_transformers(llama_dir, tmp_path):
     result = m3("score", "--model", out, "--json", text)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"token_ids", "logprobs", "perplexity"}
+    assert set(data) == {"token_ids", "logprobs", "perplexity", "mode", "chunks"}
+    assert data["mode"] == "none" and data["chunks"] == []
     ids = load_tokenizer(out)(text)["input_ids"]
     assert data["token_ids"] == ids and len(data["logprobs"]) == len(ids) - 1
     with torch.no_grad():
