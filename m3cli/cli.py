@@ -222,7 +222,7 @@ def encode(
 @user_errors
 def inspect(
     target: Annotated[str, typer.Argument(help="An .m3bank file, an m3 model dir, or a preset name "
-                                               "(memory3-2.4b, small, tiny).")],
+                                               "(memory3-2.4b, small, mini, tiny).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ref: Annotated[Optional[int], typer.Option("--ref", help="Bank: show reference N and the tokens kept "
                                                              "per memory layer and KV head.")] = None,
