@@ -138,7 +138,7 @@ class MemoryCache:
             self._items.popitem(last=False)
         return out
 
-    def stack(self, per_sequence: list[list[int]], n_slots: int, shape, sink: torch.Tensor) -> tuple:
+    def stack(self, per_sequence: list[list[int]], n_slots: int, shape) -> tuple:
         """(kv (B, S, ...), valid (B, S, ...)) with sequence b's references in its first slots."""
         B = len(per_sequence)
         L, two, H, K, D = shape
@@ -218,7 +218,7 @@ class Generator:
         """Memory whose sequence b holds rows[b]'s hits (None = an empty slot) in its first slots."""
         t0 = time.perf_counter()
         ids = [[None if h is None else h.ref for h in row] + [None] * (n_slots - len(row)) for row in rows]
-        kv, valid = self.memory_cache.stack(ids, n_slots, self.retriever.bank.memory_shape, self.sink())
+        kv, valid = self.memory_cache.stack(ids, n_slots, self.retriever.bank.memory_shape)
         mem = Memory(kv=kv, valid=valid, sink=self.sink(), visible=visible)
         self._tick("memory_load", t0)
         return mem
@@ -318,7 +318,7 @@ class Generator:
 
         # decoding
         if opts.mode == "memory":
-            memory = self._memory([h for h in decode_hits], opts.memories)
+            memory = self._memory(decode_hits, opts.memories)
             for b in range(B):
                 chunks[b].append(ChunkRecord(len(chunks[b]), "inherited", (0, opts.retrieve_every), None,
                                              decode_hits[b]))

@@ -12,7 +12,7 @@ from m3cli.checkpoint import load_model_dir, load_tokenizer
 from m3cli.generate import Generator, Options, decoded_chunk, prompt_chunks, retrieval_due
 from m3cli.retrieval import Retriever, query_embedder
 
-from cli_helpers import assert_user_error, m3
+from cli_helpers import assert_user_error, encoded_bank, m3
 
 DOCS = [
     {"id": "fr", "title": "France", "text": "the capital of france is paris . paris is a city ."},
@@ -27,15 +27,7 @@ PROMPT = "the capital of france is paris . the capital of italy is rome . hello 
 
 @pytest.fixture
 def kb(llama_dir, tmp_path):
-    src, _ = llama_dir
-    model = tmp_path / "m3-model"
-    assert m3("convert", src, "-o", model).exit_code == 0
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    path = tmp_path / "kb.m3bank"
-    result = m3("encode", corpus, "-o", path, "-m", model, "-q")
-    assert result.exit_code == 0, result.output
-    return path, model
+    return encoded_bank(llama_dir[0], tmp_path, DOCS)
 
 
 @pytest.fixture
@@ -213,14 +205,7 @@ def test_generate_errors(kb, qwen_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generation_matches_cpu(llama_dir, tmp_path):
     """Memory-mode generation on CUDA (fp32) gives the CPU's tokens and logits; bf16 runs."""
-    src, _ = llama_dir
-    model_dir = tmp_path / "m3-model"
-    assert m3("convert", src, "-o", model_dir).exit_code == 0
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    path = tmp_path / "kb.m3bank"
-    result = m3("encode", corpus, "-o", path, "-m", model_dir, "-q", "--embedder", "self", "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    path, model_dir = encoded_bank(llama_dir[0], tmp_path, DOCS, "--embedder", "self", "--device", "cpu")
     opts = Options(mode="memory", max_new_tokens=9, retrieve_every=3, memories=2, stop_at_eos=False)
     out = {}
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):

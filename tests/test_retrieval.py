@@ -8,7 +8,7 @@ import pytest
 from m3cli.bank import Bank
 from m3cli.embed import minilm_dir
 
-from cli_helpers import assert_user_error, m3
+from cli_helpers import assert_user_error, encoded_bank, m3
 
 DOCS = [
     {"id": "fr", "title": "France", "text": "the capital of france is paris ."},
@@ -21,15 +21,7 @@ DOCS = [
 @pytest.fixture
 def bank(llama_dir, tmp_path):
     """A bank encoded by the tiny model and indexed (Flat, MiniLM) by `m3 encode` itself."""
-    src, _ = llama_dir
-    model = tmp_path / "m3-model"
-    assert m3("convert", src, "-o", model).exit_code == 0
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    path = tmp_path / "kb.m3bank"
-    result = m3("encode", corpus, "-o", path, "-m", model, "-q")
-    assert result.exit_code == 0, result.output
-    return path, model
+    return encoded_bank(llama_dir[0], tmp_path, DOCS)
 
 
 def top(path, query, *extra):
