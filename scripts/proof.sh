@@ -2,44 +2,64 @@
 # `make proof OUT=DIR`: knowledge that exists only in the bank is used by the model.
 #
 #   m3 synth -> m3 pretrain (warmup) -> m3 encode (the KB, for the continual stage's retrieval)
-#   -> m3 pretrain (continual, with memory) -> m3 encode (the KB, with the final model)
+#   -> m3 pretrain (continual 1: a top-1 curriculum, then each chunk reads its own top-5)
+#   -> m3 encode (the KB, with that model) -> m3 pretrain (continual 2: top-5, retrieval by the
+#   re-encoded bank) -> m3 encode (the KB, with the final model)
 #   -> m3 eval on questions about *unseen* people (their facts are only in the bank).
 #
 # Leaves DIR/model/, DIR/kb.m3bank, DIR/qa_unseen.jsonl, DIR/eval.json; exits 1 unless
 # memory accuracy >= 0.8 and closed-book accuracy <= chance + 0.05. Settings can be changed
-# through the environment (defaults: the recorded run in README.md).
+# through the environment (defaults: the recorded run in README.md; CONTINUAL2_STEPS=0 skips
+# the second continual stage).
 set -euo pipefail
 OUT=${1:?usage: scripts/proof.sh OUT_DIR}
 M3=${M3:-.venv/bin/m3}
 PY=${PY:-.venv/bin/python}
-PEOPLE=${PEOPLE:-5000}
+PEOPLE=${PEOPLE:-2000}
 WARMUP_STEPS=${WARMUP_STEPS:-100}
-CONTINUAL_STEPS=${CONTINUAL_STEPS:-2000}
+CONTINUAL_STEPS=${CONTINUAL_STEPS:-1600}
+SINGLE_REF_STEPS=${SINGLE_REF_STEPS:-800}
+CONTINUAL2_STEPS=${CONTINUAL2_STEPS:-1200}
 LR=${LR:-2e-3}
 BATCH=${BATCH:-8}
 SEQ=${SEQ:-256}
 QUESTIONS=${QUESTIONS:-500}
+REFS_PER_CHUNK=${REFS_PER_CHUNK:-5}
+PREV_CHUNKS=${PREV_CHUNKS:-0}
+MEMORY_LAYERS=${MEMORY_LAYERS:-all}
+MEMORY_TOP_K=${MEMORY_TOP_K:-16}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1
 start=$(date +%s)
 mkdir -p "$OUT"
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
+common=(--lr "$LR" --batch-size "$BATCH" --seq-len "$SEQ" --align-docs --seed "$SEED" --force -q)
+continual=(--stage continual --refs-per-chunk "$REFS_PER_CHUNK" --prev-chunks "$PREV_CHUNKS")
 
 step "m3 synth: $PEOPLE invented people, 10% (at most 500) of them unseen"
 $M3 synth "$OUT/synth" --people "$PEOPLE" --seed "$SEED" --force
 cp "$OUT/synth/qa_unseen.jsonl" "$OUT/qa_unseen.jsonl"
 
 step "m3 pretrain --stage warmup: $WARMUP_STEPS steps from scratch (preset mini, BPE tokenizer trained on the corpus)"
-$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/warm" --config mini --stage warmup --steps "$WARMUP_STEPS" \
-  --lr "$LR" --batch-size "$BATCH" --seq-len "$SEQ" --seed "$SEED" --force -q
+$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/warm" --config mini --stage warmup --steps "$WARMUP_STEPS" "${common[@]}"
 
 step "m3 encode: the knowledge base with the warmup model (its text and index serve the continual stage)"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-warm.m3bank" -m "$OUT/warm" --force -q
 
-step "m3 pretrain --stage continual: $CONTINUAL_STEPS steps, each 64-token chunk retrieves 1 reference, reads 5"
-$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/model" --init-from "$OUT/warm" --stage continual \
-  --bank "$OUT/kb-warm.m3bank" --steps "$CONTINUAL_STEPS" --lr "$LR" --batch-size "$BATCH" --seq-len "$SEQ" \
-  --seed "$SEED" --force -q
+stage1="$OUT/model"
+[ "$CONTINUAL2_STEPS" -gt 0 ] && stage1="$OUT/continual1"
+step "m3 pretrain --stage continual: $CONTINUAL_STEPS steps; every 64-token chunk retrieves $REFS_PER_CHUNK references and reads them (only the top-1 for the first $SINGLE_REF_STEPS steps) and those of $PREV_CHUNKS chunks before it; memory in $MEMORY_LAYERS layers, top-$MEMORY_TOP_K tokens"
+$M3 pretrain "$OUT/synth/train.parquet" -o "$stage1" --init-from "$OUT/warm" --bank "$OUT/kb-warm.m3bank" \
+  --steps "$CONTINUAL_STEPS" "${continual[@]}" --single-ref-steps "$SINGLE_REF_STEPS" \
+  --memory-layers "$MEMORY_LAYERS" --memory-top-k "$MEMORY_TOP_K" "${common[@]}"
+
+if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
+  step "m3 encode: the knowledge base with the first continual model"
+  $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual1.m3bank" -m "$stage1" --force -q
+  step "m3 pretrain --stage continual: $CONTINUAL2_STEPS more steps, every chunk reading its own top-$REFS_PER_CHUNK"
+  $M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/model" --init-from "$stage1" --bank "$OUT/kb-continual1.m3bank" \
+    --steps "$CONTINUAL2_STEPS" "${continual[@]}" "${common[@]}"
+fi
 
 step "m3 encode: the knowledge base with the final model"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb.m3bank" -m "$OUT/model" --force -q

@@ -61,3 +61,22 @@ def test_closed_pipe_ends_quietly(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 1 and redirected == [12345]
+
+
+def test_shell_completion_and_python_dash_m():
+    """`m3 --install-completion` installs what this answers: bash completion of commands and options."""
+    import os
+    import subprocess
+    import sys
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = {**os.environ, "_M3_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        script = Path(sys.executable).parent / "m3"  # the installed entry point completion is for
+        out = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert complete("m3 gen", 1) == ["generate"]
+    assert complete("m3 pretrain --refs", 2) == ["--refs-per-chunk"]
+    version = subprocess.run([sys.executable, "-m", "m3cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and "generate" in version.stdout

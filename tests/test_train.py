@@ -39,6 +39,32 @@ def test_batches_are_a_pure_function_of_step():
     assert sorted(both.tolist()) == sorted(batch_indices(5, 50, 8, 3).tolist())
 
 
+class _WordTokenizer:
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(x) for x in text.split()]}
+
+
+def test_aligned_packing_starts_every_document_at_a_chunk_boundary():
+    from m3cli.train import pack_sequences
+
+    lengths = [5, 20, 3, 9, 17, 1, 40, 2, 7, 15, 16] * 4
+    texts = [" ".join([str(10 + i)] * n) for i, n in enumerate(lengths)]
+    rows = pack_sequences(texts, _WordTokenizer(), 16, seed=0, align=8)
+    starts = []
+    for r, row in enumerate(rows):
+        for p in np.flatnonzero(row == 1):
+            assert p % 8 == 0 and p < 16, (r, p, row)  # never the target-only last position
+            starts.append(int(row[p + 1]) if p + 1 < len(row) else int(rows[r + 1][0]))
+    # documents lose nothing: every one starts once, in shuffled order, and keeps all its tokens
+    assert sorted(starts) == sorted(10 + i for i in range(len(lengths)))
+    unaligned = pack_sequences(texts, _WordTokenizer(), 16, seed=0).flatten()
+    kept = rows.flatten()[rows.flatten() != 0]  # without the padding: the same token stream
+    n = min(len(kept), len(unaligned))
+    assert not (unaligned == 0).any() and n > 0.6 * len(unaligned) and (kept[:n] == unaligned[:n]).all()
+
+
 class _Refs:
     """ReferenceTokens stand-in: reference r is tokens [10+r, 11+r, …]."""
 
@@ -63,6 +89,29 @@ def test_gradient_reaches_the_reference_encoding(detach):
     loss.backward()
     ref_rows = model.embed.weight.grad[10:30].abs().sum()
     assert (ref_rows == 0) == detach  # only the memory encoding can reach these embeddings
+
+
+def test_each_chunk_can_read_its_own_top_k_references():
+    """--refs-per-chunk K --prev-chunks W: chunk c reads slots of chunks c-W..c, K slots each, in
+    retrieval order; a missing reference (-1) is an empty slot."""
+    from m3cli.config import preset
+    from m3cli.model import Memory3Model
+
+    torch.manual_seed(0)
+    model = Memory3Model(preset("tiny").replace(reference_prefix_ids=(1, 2)))
+    L = model.config.chunk_length
+    refs = torch.tensor([[[0, 1, 2], [3, 4, -1], [5, 6, 7]]])  # one row, 3 chunks, top-3 each
+    memory = continual_memory(model, refs, _Refs(), 3 * L, detach=True, window=0)
+    assert memory.kv.shape[:2] == (1, 9)
+    assert memory.valid[0, 4].any() and not memory.valid[0, 5].any()
+    vis = memory.visible[0]  # (T, slots)
+    assert vis[0].tolist() == [True] * 3 + [False] * 6 and vis[L].tolist() == [False] * 3 + [True] * 3 + [False] * 3
+    wide = continual_memory(model, refs, _Refs(), 3 * L, detach=True, window=1)
+    assert wide.visible[0, 2 * L].tolist() == [False] * 3 + [True] * 6
+    # the slots hold the references' own encodings, in the retrieved order
+    ids, lengths = _Refs().batch([4], "cpu")
+    alone = model.encode_references(ids, lengths)
+    assert torch.allclose(memory.kv[0, 4], alone.kv[0])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +200,31 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
     for r in out.values():
         assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["chance"] > 0 and r["perplexity"] > 1
     assert len({r["perplexity_tokens"] for r in out.values()}) == 1  # the same tokens in every mode
+
+
+def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
+    """The proof's settings: documents aligned to chunks, each chunk reading its own top-3
+    (after --single-ref-steps with only the top-1), memory in every layer, top-k overridden."""
+    warm = tmp_path / "warm"
+    common = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--align-docs", "-q"]
+    assert m3("pretrain", task / "train.parquet", "-o", warm, "--config", "mini", "--steps", "2", *common).exit_code == 0
+    bank = tmp_path / "kb.m3bank"
+    assert m3("encode", task / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
+    cont = ["pretrain", task / "train.parquet", "--init-from", warm, "--stage", "continual", "--bank", bank,
+            "--steps", "3", "--prev-chunks", "0", "--memory-layers", "all", "--memory-top-k", "4", *common]
+    assert m3(*cont, "-o", tmp_path / "k3", "--refs-per-chunk", "3", "--single-ref-steps", "1").exit_code == 0
+    refs = np.load(tmp_path / "k3.train" / "retrieval.npy")
+    assert refs.shape[1:] == (2, 3) and (refs[:, :, 1] >= 0).mean() > 0.9
+    cfg = json.loads((tmp_path / "k3" / "config.json").read_text())
+    assert cfg["memory_layers"] == [0, 1, 2, 3] and cfg["memory_top_k"] == 4
+    # while --single-ref-steps lasts, reading the top-1 of 3 is reading the only one retrieved
+    assert m3(*cont, "-o", tmp_path / "a", "--refs-per-chunk", "3", "--single-ref-steps", "3").exit_code == 0
+    assert m3(*cont, "-o", tmp_path / "b", "--refs-per-chunk", "1").exit_code == 0
+    a, b, k3 = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "k3")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], k3[n]) for n in a)  # reading 3 from step 1 on trains differently
+    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-layers", "0,9"), "layers 0..3")
+    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "0"), "--refs-per-chunk")
 
 
 def test_first_sentence_scoring():
