@@ -115,12 +115,12 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return 1.0 - (1.0 - args.min_lr_ratio) * min(1.0, t)
 
 
-def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
-    """--memory-layers: "all", "first-half", or comma-separated layer indices."""
+def parse_layers(text: str, n_layers: int) -> tuple[int, ...] | None:
+    """--memory-layers: "all", "first-half" (None: the config's default), or layer indices."""
     if text == "all":
         return tuple(range(n_layers))
     if text == "first-half":
-        return tuple(range(max(1, n_layers // 2)))
+        return None
     try:
         layers = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
@@ -142,7 +142,7 @@ def pack_sequences(texts: list[str], tokenizer, seq_len: int, seed: int, align: 
     order = rng.permutation(len(texts))
     bos = tokenizer.bos_token_id
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id  # never a real token, so the loss can ignore it
     if align is not None and (pad is None or seq_len % align):
         raise M3Error(f"aligned documents need a pad token and --seq-len a multiple of {align}")
     stream: list[int] = []
