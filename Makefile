@@ -26,7 +26,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Convert the packaged SmolLM2-135M-Instruct into an m3 model dir, describe it, score a text.
+# The shipped sample model answers from its bank: synth KB, encode, search, generate, eval (~1.5 min).
 demo: setup
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh
 

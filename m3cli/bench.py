@@ -73,6 +73,7 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
     import faiss
 
     from .bank_writer import BankWriter, update_bank
+    from .corpus import reference_ids
     from .checkpoint import model_fingerprint, save_model_dir
     from .config import preset as get_preset
     from .encode import bank_header
@@ -101,7 +102,7 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
         for start in range(0, n_refs, 4):  # 4 references per document
             refs = []
             for ref_text in texts[start:start + 4]:
-                n = min(len(tok(ref_text, add_special_tokens=False)["input_ids"]), cfg.reference_length)
+                n = min(len(reference_ids(tok, ref_text)), cfg.reference_length)
                 kv = torch.randn((L, two, H, K, D), generator=gen) * 0.5
                 pos = torch.rand((L, H, n), generator=gen).argsort(-1)[..., :K].sort(-1).values + p
                 if n < K:

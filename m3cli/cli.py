@@ -586,6 +586,10 @@ def synth(
     people: Annotated[int, typer.Option(help="Invented people; 10% (at most 500) are unseen: their facts are "
                                              "only in kb.parquet.")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same files.")] = 0,
+    namesake_pairs: Annotated[int, typer.Option("--namesake-pairs", help="Add N training documents of one "
+                                                "question-answer line about each of two seen namesakes (only "
+                                                "the names tell whose memory answers). The other files do not "
+                                                "change.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if m3 synth wrote it.")] = False,
 ) -> None:
     """Write a deterministic synthetic knowledge task: invented people with attributes.
@@ -596,7 +600,7 @@ def synth(
     """
     from .synth import synthesize
 
-    info = synthesize(out_dir, n_people=people, seed=seed, overwrite=force)
+    info = synthesize(out_dir, n_people=people, seed=seed, overwrite=force, n_pairs=namesake_pairs)
     typer.echo(f"wrote {out_dir}: {info['train_texts']} training texts about {info['seen']} seen people, "
                f"{info['kb_texts']} kb texts, {info['qa_seen']} + {info['qa_unseen']} questions (seen + unseen)")
 
@@ -657,7 +661,7 @@ def pretrain(
                                              "query is about one document.")] = False,
     prev_chunks: Annotated[Optional[int], typer.Option("--prev-chunks", help="continual: a chunk also reads "
                                                        "the memories of the N chunks before it (default: the "
-                                                       "model's train_prev_chunks, 4).")] = None,
+                                                       "model's train_prev_chunks, 4; saved in the new model).")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,

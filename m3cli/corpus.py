@@ -105,6 +105,17 @@ def read_corpus(source: str | Path) -> Iterator[Document]:
             yield from _jsonl(f, str(path))
 
 
+def reference_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a reference's text as it reads after the prefix ("Reference:"): a space, then
+    the text. So a word at its start is tokenized as it is mid-sentence (' Kessel', not 'Kessel')
+    and matches the same word in a prompt. A leading token that is only whitespace (what
+    SentencePiece tokenizers make of the space) is dropped."""
+    ids = list(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+    if len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+        ids = ids[1:]
+    return ids
+
+
 def split_references(text: str, tokenizer, max_tokens: int) -> list[tuple[str, list[int]]]:
     """Cut a document into references of ≤ max_tokens tokens: whole sentences packed greedily;
     a sentence longer than max_tokens is cut between tokens. Returns (text, token_ids) pairs."""
@@ -113,7 +124,7 @@ def split_references(text: str, tokenizer, max_tokens: int) -> list[tuple[str, l
     current: list[str] = []
 
     def ids_of(t: str) -> list[int]:
-        return list(tokenizer(t, add_special_tokens=False)["input_ids"])
+        return reference_ids(tokenizer, t)
 
     def flush() -> None:
         if current:

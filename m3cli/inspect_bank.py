@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .bank import Bank, record_bytes
+from .corpus import reference_ids
 from .errors import M3Error
 
 
@@ -43,7 +44,7 @@ def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
     doc = bank.document(ref.doc_index)
     positions = bank.positions([i])[0]  # (L, H, K)
     prefix = bank.prefix_length
-    token_ids = list(tokenizer(ref.text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else None
+    token_ids = reference_ids(tokenizer, ref.text) if tokenizer is not None else None
     layers = bank.header["m3.memory.layer_ids"]  # validated when the bank was opened
     kept = []
     for m in range(positions.shape[0]):

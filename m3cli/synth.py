@@ -104,14 +104,36 @@ def qa(person: Person) -> list[dict]:
              "chance": round(1 / len(ATTRIBUTES[attr]), 6)} for attr, q in QUESTIONS.items()]
 
 
+def namesake_pairs(seen: list[Person], n: int, seed: int) -> list[dict]:
+    """n training documents of two question-answer lines about two seen namesakes (people who
+    share a first or a last name), one attribute each: the retriever returns both
+    people's references for such a chunk, and only the names tell which answer is whose."""
+    rng = random.Random(seed + 2)  # its own stream: the other files do not change with n
+    groups: dict[str, list[Person]] = {}
+    for p in seen:
+        first, last = p.name.split(" ", 1)
+        groups.setdefault("l " + last, []).append(p)
+        groups.setdefault("f " + first, []).append(p)
+    keys = sorted(k for k, g in groups.items() if len(g) >= 2)
+    if n and not keys:
+        raise M3Error("no two seen people share a name: --namesake-pairs needs more --people")
+    docs = []
+    for j in range(n):
+        a, b = rng.sample(groups[rng.choice(keys)], 2)
+        lines = [QA_TEMPLATE.format(**rng.choice(qa(p))) for p in (a, b)]
+        docs.append({"id": f"{a.name}|{b.name}#pair{j}", "text": " ".join(lines)})
+    return docs
+
+
 def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, n_pairs: int = 0) -> dict:
     """Write train.parquet, kb.parquet, qa_seen.jsonl, qa_unseen.jsonl into `out` (atomically).
 
     Per seen person the training text has a biography with two question-answer lines and a
     document of three question-answer lines alone (the answers must come from weights or
     memory). The knowledge base has one biography per person, seen or unseen, in a wording the
     training text never uses. Unseen people: 10% (at most 500) unless n_unseen is given.
+    n_pairs adds that many namesake-pair documents (`namesake_pairs`) to the training text.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -123,6 +145,8 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         n_unseen = min(500, max(1, n_people // 10))
     if not 1 <= n_unseen < n_people:
         raise M3Error(f"the unseen people must number 1..{n_people - 1}, got {n_unseen}")
+    if n_pairs < 0:
+        raise M3Error("--namesake-pairs must be >= 0")
     unseen, seen = folk[:n_unseen], folk[n_unseen:]
     rng = random.Random(seed + 1)
     train = []
@@ -133,6 +157,7 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         train.append({"id": f"{p.name}#bio", "text": p.fill(rng.choice(TRAIN_BIOS)) + " " + " ".join(lines[:2])})
         train.append({"id": f"{p.name}#qa", "text": " ".join(lines[2:])})
     rng.shuffle(train)
+    train += namesake_pairs(seen, n_pairs, seed)  # training packs documents in a shuffled order
     kb = [{"id": p.name, "title": p.name, "text": p.fill(rng.choice(KB_BIOS))} for p in folk]
     qa_seen = [x for p in seen for x in qa(p)]
     qa_unseen = [x for p in unseen for x in qa(p)]
@@ -141,7 +166,7 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         pq.write_table(pa.Table.from_pylist(kb), tmp / "kb.parquet")
         for name, rows in (("qa_seen.jsonl", qa_seen), ("qa_unseen.jsonl", qa_unseen)):
             (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed,
+        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed, "namesake_pairs": n_pairs,
                 "train_texts": len(train), "kb_texts": len(kb), "qa_seen": len(qa_seen), "qa_unseen": len(qa_unseen),
                 "prompt_template": PROMPT_TEMPLATE}
         (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n")

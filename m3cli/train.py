@@ -206,9 +206,10 @@ class ReferenceTokens:
 
     def __init__(self, bank_path: Path, tokenizer, limit: int) -> None:
         from .bank import Bank
+        from .corpus import reference_ids
 
         with Bank(bank_path) as bank:
-            self.ids = [list(tokenizer(bank.reference(i).text, add_special_tokens=False)["input_ids"])[:limit] or
+            self.ids = [reference_ids(tokenizer, bank.reference(i).text)[:limit] or
                         [tokenizer.eos_token_id or 0] for i in range(bank.n_refs)]
 
     def batch(self, refs: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +327,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         overrides["memory_top_k"] = args.memory_top_k
     if args.memory_layers is not None:
         overrides["memory_layers"] = parse_layers(args.memory_layers, model.config.n_layers)
+    if args.prev_chunks is not None and args.stage == "continual":
+        overrides["train_prev_chunks"] = args.prev_chunks  # so a later --init-from stage keeps it
     overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
     if overrides:
         model.config = model.config.replace(**overrides)  # validated there

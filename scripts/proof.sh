@@ -4,7 +4,8 @@
 #   m3 synth -> m3 pretrain (warmup) -> m3 encode (the KB, for the continual stage's retrieval)
 #   -> m3 pretrain (continual 1: a top-1 curriculum, then each chunk reads its own top-5)
 #   -> m3 encode (the KB, with that model) -> m3 pretrain (continual 2: top-5, retrieval by the
-#   re-encoded bank) -> m3 encode (the KB, with the final model)
+#   re-encoded bank, the training text plus namesake-pair documents from `m3 synth
+#   --namesake-pairs`) -> m3 encode (the KB, with the final model)
 #   -> m3 eval on questions about *unseen* people (their facts are only in the bank).
 #
 # Leaves DIR/model/, DIR/kb.m3bank, DIR/qa_unseen.jsonl, DIR/eval.json; exits 1 unless
@@ -20,6 +21,7 @@ WARMUP_STEPS=${WARMUP_STEPS:-100}
 CONTINUAL_STEPS=${CONTINUAL_STEPS:-1600}
 SINGLE_REF_STEPS=${SINGLE_REF_STEPS:-800}
 CONTINUAL2_STEPS=${CONTINUAL2_STEPS:-1200}
+NAMESAKE_PAIRS=${NAMESAKE_PAIRS:-3600}
 LR=${LR:-2e-3}
 BATCH=${BATCH:-8}
 SEQ=${SEQ:-256}
@@ -39,6 +41,10 @@ continual=(--stage continual --refs-per-chunk "$REFS_PER_CHUNK" --prev-chunks "$
 step "m3 synth: $PEOPLE invented people, 10% (at most 500) of them unseen"
 $M3 synth "$OUT/synth" --people "$PEOPLE" --seed "$SEED" --force
 cp "$OUT/synth/qa_unseen.jsonl" "$OUT/qa_unseen.jsonl"
+if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
+  step "m3 synth --namesake-pairs: the same task plus $NAMESAKE_PAIRS training documents about two namesakes each (stage 2)"
+  $M3 synth "$OUT/synth-pairs" --people "$PEOPLE" --seed "$SEED" --namesake-pairs "$NAMESAKE_PAIRS" --force
+fi
 
 step "m3 pretrain --stage warmup: $WARMUP_STEPS steps from scratch (preset mini, BPE tokenizer trained on the corpus)"
 $M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/warm" --config mini --stage warmup --steps "$WARMUP_STEPS" "${common[@]}"
@@ -56,8 +62,8 @@ $M3 pretrain "$OUT/synth/train.parquet" -o "$stage1" --init-from "$OUT/warm" --b
 if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
   step "m3 encode: the knowledge base with the first continual model"
   $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual1.m3bank" -m "$stage1" --force -q
-  step "m3 pretrain --stage continual: $CONTINUAL2_STEPS more steps, every chunk reading its own top-$REFS_PER_CHUNK"
-  $M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/model" --init-from "$stage1" --bank "$OUT/kb-continual1.m3bank" \
+  step "m3 pretrain --stage continual: $CONTINUAL2_STEPS more steps, every chunk reading its own top-$REFS_PER_CHUNK, namesake pairs added"
+  $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$OUT/model" --init-from "$stage1" --bank "$OUT/kb-continual1.m3bank" \
     --steps "$CONTINUAL2_STEPS" "${continual[@]}" "${common[@]}"
 fi
 

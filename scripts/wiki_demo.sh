@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real text: the packaged SmolLM2-135M-Instruct, converted, reads memories of Wikipedia country
 # summaries and country fact sheets, and answers capital-city questions closed book, with memory
-# and with RAG (`make wiki-demo`; about 10 minutes on a 2-core CPU).
+# and with RAG (`make wiki-demo`; about 8 minutes on a 2-core CPU; results in README.md).
 #
 # SmolLM2 was converted, not continual-trained: it attends to memories it was never taught to
 # read, so this shows the pipeline on real text and the baseline that `m3 pretrain --stage

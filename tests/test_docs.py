@@ -22,6 +22,22 @@ def test_readme_command_table_matches_the_cli():
     assert documented == cli_commands()
 
 
+def test_readme_command_table_names_only_real_options():
+    """Every --flag in a command's row of the README table is an option of that command."""
+    table = README.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    commands = get_command(app).commands
+    checked = 0
+    for row in table.splitlines():
+        m = re.match(r"\| `m3 ([a-z]+)", row)
+        if not m:
+            continue
+        known = {o for p in commands[m.group(1)].params for o in (*p.opts, *p.secondary_opts)}
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", row):
+            assert flag in known, f"README: m3 {m.group(1)} has no option {flag}"
+            checked += 1
+    assert checked > 30
+
+
 def test_every_command_has_help_with_an_example_or_says_it_is_not_ready():
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0

@@ -1,6 +1,7 @@
 """`m3 encode` and `m3 inspect BANK`: corpora in, a bank that holds what the model computed."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -221,3 +222,27 @@ def test_hostile_corpus_records_are_user_errors(model_dir, tmp_path):
 def test_resume_refuses_stdin(model_dir, tmp_path):
     assert_user_error(m3("encode", "--index", "none", "-", "-o", tmp_path / "kb.m3bank", "-m", model_dir, "--resume",
                          input=json.dumps(DOCS[0]) + "\n"), "--resume needs a corpus file")
+
+
+def test_reference_ids_tokenize_the_text_as_it_reads_after_the_prefix():
+    """A reference's first word is tokenized as mid-sentence, like the same word in a prompt;
+    a whitespace-only first token (SentencePiece's reading of the space) is dropped."""
+    from m3cli.checkpoint import load_tokenizer
+    from m3cli.corpus import reference_ids
+
+    tok = load_tokenizer(Path(__file__).resolve().parent.parent / "samples" / "model")
+    prompt = tok("Where was Kaeth Brainor born?", add_special_tokens=False)["input_ids"]
+    ref = reference_ids(tok, "Kaeth Brainor: birthplace Kessel")
+    assert any(prompt[i:i + 3] == ref[:3] for i in range(len(prompt)))  # ' K', 'aeth', ' Brain'
+    assert ref != tok("Kaeth Brainor: birthplace Kessel", add_special_tokens=False)["input_ids"]
+
+    class SentencePieceLike:  # "▁" alone for the space, then "▁word" pieces
+        def __call__(self, text, add_special_tokens=False):
+            words = text.split(" ")
+            ids = ([0] if text.startswith(" ") else []) + [len(w) + 1 for w in words if w]
+            return {"input_ids": ids}
+
+        def decode(self, ids):
+            return "".join(" " if i == 0 else "x" * (i - 1) for i in ids)
+
+    assert reference_ids(SentencePieceLike(), "ab c") == [3, 2]

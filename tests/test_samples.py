@@ -23,6 +23,7 @@ def test_sample_model_is_a_small_model_dir_with_its_recorded_evaluation():
     assert is_model_dir(SAMPLES / "model")
     cfg = read_config(SAMPLES / "model")
     assert cfg.memory_layers == (0, 1, 2, 3) and cfg.memory_top_k == 16 and cfg.reference_prefix_ids
+    assert cfg.train_prev_chunks == 0  # trained with each chunk reading only its own top-5
     assert sum(p.stat().st_size for p in (SAMPLES / "model").iterdir()) < 20e6
     recorded = json.loads((SAMPLES / "eval.json").read_text())
     assert recorded["memory"]["n"] == 500 and recorded["memory"]["accuracy"] > recorded["none"]["accuracy"]
@@ -46,4 +47,4 @@ def test_sample_model_answers_unseen_people_from_memory(tmp_path):
     result = m3("eval", "-m", SAMPLES / "model", "-b", bank, "--qa", qa, "--limit", "200", "--json",
                 "--modes", "memory", "--memories", "1")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["memory"]["accuracy"] >= 0.55
+    assert json.loads(result.stdout)["memory"]["accuracy"] >= 0.65

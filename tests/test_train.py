@@ -141,6 +141,29 @@ def test_synth_is_deterministic_and_keeps_unseen_facts_out_of_training(task, tmp
     assert len(ids) == 72 and sum(i.endswith("#qa") for i in ids) == 36
 
 
+def test_synth_namesake_pairs_add_training_text_only(task, tmp_path):
+    """--namesake-pairs N appends N documents of one question-answer line about each of two
+    seen people sharing a name; the other files are unchanged and unseen people stay out."""
+    import pyarrow.parquet as pq
+
+    pairs = tmp_path / "pairs"
+    assert m3("synth", pairs, "--people", "40", "--seed", "1", "--namesake-pairs", "10").exit_code == 0
+    for name in ("kb.parquet", "qa_seen.jsonl", "qa_unseen.jsonl"):
+        assert (task / name).read_bytes() == (pairs / name).read_bytes(), name
+    base, rows = pq.read_table(task / "train.parquet").to_pylist(), pq.read_table(pairs / "train.parquet").to_pylist()
+    assert rows[:len(base)] == base and len(rows) == len(base) + 10
+    seen = {json.loads(x)["question"]: json.loads(x)["answer"] for x in (task / "qa_seen.jsonl").read_text().splitlines()}
+    for r in rows[len(base):]:
+        a, b = r["id"].split("#")[0].split("|")
+        assert a != b and (a.split()[0] == b.split()[0] or a.split()[1] == b.split()[1])
+        lines = [x for x in r["text"].split("Question: ")[1:]]
+        assert len(lines) == 2 and a in lines[0] and b in lines[1]
+        for line in lines:  # true facts of seen people
+            q, ans = line.split(" Answer: ")
+            assert seen[q] == ans.strip().rstrip(".")
+    assert_user_error(m3("synth", tmp_path / "bad", "--people", "40", "--namesake-pairs", "-1"), "--namesake-pairs")
+
+
 def _weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
@@ -216,7 +239,7 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     refs = np.load(tmp_path / "k3.train" / "retrieval.npy")
     assert refs.shape[1:] == (2, 3) and (refs[:, :, 1] >= 0).mean() > 0.9
     cfg = json.loads((tmp_path / "k3" / "config.json").read_text())
-    assert cfg["memory_layers"] == [0, 1, 2, 3] and cfg["memory_top_k"] == 4
+    assert cfg["memory_layers"] == [0, 1, 2, 3] and cfg["memory_top_k"] == 4 and cfg["train_prev_chunks"] == 0
     # while --single-ref-steps lasts, reading the top-1 of 3 is reading the only one retrieved
     assert m3(*cont, "-o", tmp_path / "a", "--refs-per-chunk", "3", "--single-ref-steps", "3").exit_code == 0
     assert m3(*cont, "-o", tmp_path / "b", "--refs-per-chunk", "1").exit_code == 0
