@@ -73,9 +73,9 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
     import faiss
 
     from .bank_writer import BankWriter, update_bank
-    from .corpus import reference_ids
     from .checkpoint import model_fingerprint, save_model_dir
     from .config import preset as get_preset
+    from .corpus import reference_ids
     from .encode import bank_header
     from .retrieval import EMB_SECTION, INDEX_SECTION, build_index
     from .tokenizer import new_model, train_bpe

@@ -123,31 +123,28 @@ def split_references(text: str, tokenizer, max_tokens: int) -> list[tuple[str, l
     refs: list[tuple[str, list[int]]] = []
     current: list[str] = []
 
-    def ids_of(t: str) -> list[int]:
-        return reference_ids(tokenizer, t)
-
     def flush() -> None:
         if current:
             joined = " ".join(current)
-            refs.append((joined, ids_of(joined)))
+            refs.append((joined, reference_ids(tokenizer, joined)))
             current.clear()
 
     for sentence in sentences:
-        if len(ids_of(sentence)) > max_tokens:
+        if len(reference_ids(tokenizer, sentence)) > max_tokens:
             flush()
             enc = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
             for start in range(0, len(ids), max_tokens):
                 a, b = offsets[start][0], offsets[min(start + max_tokens, len(ids)) - 1][1]
                 piece = sentence[a:b].strip()
-                piece_ids = ids_of(piece)
+                piece_ids = reference_ids(tokenizer, piece)
                 if len(piece_ids) > max_tokens:  # re-tokenisation grew: keep the exact token slice
                     piece_ids = ids[start:start + max_tokens]
                 if piece_ids:
                     refs.append((piece, piece_ids))
             continue
         candidate = " ".join(current + [sentence])
-        if current and len(ids_of(candidate)) > max_tokens:
+        if current and len(reference_ids(tokenizer, candidate)) > max_tokens:
             flush()
         current.append(sentence)
     flush()

@@ -220,25 +220,23 @@ class ReferenceTokens:
         return x.to(device), torch.tensor([len(self.ids[r]) for r in refs], device=device)
 
 
-def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceTokens, seq_len: int, detach: bool,
-                     window: int | None = None):
+def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceTokens, seq_len: int, detach: bool):
     """The Memory of one training batch, encoded now by the current model.
 
     chunk_refs (B, n_chunks) or (B, n_chunks, k): the references each chunk retrieved (-1 =
-    none). Chunk c reads its own k and those of chunks c-window..c-1 (default window: the
-    config's train_prev_chunks)."""
+    none). Chunk c reads its own k and those of chunks c-N..c-1, N = the config's
+    train_prev_chunks (which --prev-chunks sets)."""
     from .attention import Memory, training_visibility
 
     cfg = model.config
     if chunk_refs.dim() == 2:
         chunk_refs = chunk_refs[:, :, None]
     B, n_chunks, per_chunk = chunk_refs.shape
-    window = cfg.train_prev_chunks if window is None else window
     device = model.embed.weight.device
     flat = chunk_refs.flatten().tolist()
     unique = sorted({r for r in flat if r >= 0})
     sink = model.encode_prefix()
-    visible = training_visibility(seq_len, per_chunk, B, cfg.chunk_length, window, device)
+    visible = training_visibility(seq_len, per_chunk, B, cfg.chunk_length, cfg.train_prev_chunks, device)
     if not unique:
         return None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
@@ -431,7 +429,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                     if chunk_refs is not None:
                         refs = chunk_refs[idx][:, :, :1] if step < args.single_ref_steps else chunk_refs[idx]
                         memory = continual_memory(raw, torch.from_numpy(refs), ref_tokens, args.seq_len,
-                                                  args.detach_memory, window=args.prev_chunks)
+                                                  args.detach_memory)
                     logits = model(x, memory=memory)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                            ignore_index=-100 if pad_id is None else pad_id)

@@ -101,12 +101,14 @@ def test_each_chunk_can_read_its_own_top_k_references():
     model = Memory3Model(preset("tiny").replace(reference_prefix_ids=(1, 2)))
     L = model.config.chunk_length
     refs = torch.tensor([[[0, 1, 2], [3, 4, -1], [5, 6, 7]]])  # one row, 3 chunks, top-3 each
-    memory = continual_memory(model, refs, _Refs(), 3 * L, detach=True, window=0)
+    model.config = model.config.replace(train_prev_chunks=0)  # what --prev-chunks 0 sets
+    memory = continual_memory(model, refs, _Refs(), 3 * L, detach=True)
     assert memory.kv.shape[:2] == (1, 9)
     assert memory.valid[0, 4].any() and not memory.valid[0, 5].any()
     vis = memory.visible[0]  # (T, slots)
     assert vis[0].tolist() == [True] * 3 + [False] * 6 and vis[L].tolist() == [False] * 3 + [True] * 3 + [False] * 3
-    wide = continual_memory(model, refs, _Refs(), 3 * L, detach=True, window=1)
+    model.config = model.config.replace(train_prev_chunks=1)
+    wide = continual_memory(model, refs, _Refs(), 3 * L, detach=True)
     assert wide.visible[0, 2 * L].tolist() == [False] * 3 + [True] * 6
     # the slots hold the references' own encodings, in the retrieved order
     ids, lengths = _Refs().batch([4], "cpu")
