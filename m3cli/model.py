@@ -60,13 +60,17 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, attn_fn,
                 extra_kv: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
-                layer: int = 0, capture: dict | None = None, probe: tuple | None = None) -> Tensor:
+                layer: int = 0, capture: dict | None = None, probe: tuple | None = None,
+                slot_scores: tuple | None = None) -> Tensor:
         """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
 
         mask covers [extra | cached context | this call's tokens] (None: every key visible).
         `capture`, when given, receives the pre-RoPE q/k and the post-RoPE k and v of this
         call's tokens. `probe` = (out, start, slots, k): append to `out` the share of attention
         (B, T, slots) that each memory slot's k keys, starting at key `start`, received.
+        `slot_scores` = (out, start, slots, k): append to `out` (layer, logsumexp of the
+        attention logits over each slot's visible keys) (B, H, T, slots), with gradient — how
+        strongly each head prefers each memory, for the memory-match loss of training.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -91,6 +95,13 @@ class Attention(nn.Module):
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, T, keys)
             mass = probs[..., start:start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
             out_list.append(mass.mean(1))  # (B, T, slots)
+        if slot_scores is not None:
+            out_list, start, slots, k_top = slot_scores
+            mem_k = k[:, :, start:start + slots * k_top].repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            logits = (q.float() @ mem_k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, S*k)
+            if mask is not None:
+                logits = logits.masked_fill(~mask[..., start:start + slots * k_top], float("-inf"))
+            out_list.append((layer, logits.view(B, self.n_heads, T, slots, k_top).logsumexp(-1)))
         out = attn_fn(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -158,7 +169,7 @@ class Memory3Model(nn.Module):
     def forward(self, input_ids: Tensor, memory: Memory | None = None, cache: KVCache | None = None,
                 position_ids: Tensor | None = None, return_hidden: bool = False,
                 key_mask: Tensor | None = None, last_only: bool = False,
-                attention_probe: list | None = None) -> Tensor:
+                attention_probe: list | None = None, memory_scores: list | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states if return_hidden.
 
         memory: explicit memories read by the memory layers (see `Memory`); None or an empty
@@ -168,6 +179,8 @@ class Memory3Model(nn.Module):
         no token attends to. last_only: logits of the last position only (B, 1, vocab).
         attention_probe: a list that receives, per memory layer, the share of attention each
         memory slot got, (B, T, slots) — for citations; costs an explicit softmax.
+        memory_scores: a list that receives, per memory layer, (layer, (B, H, T, slots)) the
+        logsumexp of each slot's attention logits, with gradient (training's memory-match loss).
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -190,7 +203,9 @@ class Memory3Model(nn.Module):
             for i, layer in enumerate(self.layers):
                 mem = i in self._mem_index
                 probe = (attention_probe, p, S, k_top) if mem and attention_probe is not None else None
-                h = layer(h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe)
+                scores = (memory_scores, p, S, k_top) if mem and memory_scores is not None else None
+                h = layer(h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe,
+                          slot_scores=scores)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

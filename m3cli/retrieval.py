@@ -80,15 +80,67 @@ def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress
     return data
 
 
-def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None):
-    """An inner-product FAISS index from a factory string, trained on a sample, ids attached."""
+def _find(index, has: str):
+    """The first index with attribute `has` inside an index built from a factory string
+    (through ID maps, transforms such as PCA, and refinement wrappers), or None."""
     import faiss
 
-    n, dim = vectors.shape
+    for _ in range(8):
+        if index is None:
+            return None
+        index = faiss.downcast_index(index)
+        if hasattr(index, has):
+            return index
+        index = getattr(index, "index", None) or getattr(index, "base_index", None)
+    return None
+
+
+def hnsw_of(index):
+    """The HNSW index inside a factory-built index, or None."""
+    return _find(index, "hnsw")
+
+
+def refine_of(index):
+    """The refinement wrapper (`…,RFlat`) of a factory-built index, or None."""
+    return _find(index, "k_factor")
+
+
+def empty_index(dim: int, factory: str, ef_construction: int | None = None, k_factor: int | None = None):
+    """The untrained FAISS index of a factory string (inner product); a clear error for an
+    invalid string, for ef_construction on an index without HNSW, or for k_factor (candidates
+    per result re-ranked with the exact vectors; kept in the serialized index) without `RFlat`."""
+    import faiss
+
     try:
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise M3Error(f"invalid FAISS index factory {factory!r} (e.g. Flat, HNSW32, IVF1024,PQ32)") from None
+    if ef_construction is not None:
+        hnsw = hnsw_of(base)
+        if hnsw is None:
+            raise M3Error(f"--ef-construction applies to HNSW indexes; {factory!r} has none")
+        if ef_construction < 1:
+            raise M3Error("--ef-construction must be at least 1")
+        hnsw.hnsw.efConstruction = ef_construction
+    if k_factor is not None:
+        refine = refine_of(base)
+        if refine is None:
+            raise M3Error(f"--k-factor applies to refined indexes (a factory ending in ,RFlat); {factory!r} is not")
+        if k_factor < 1:
+            raise M3Error("--k-factor must be at least 1")
+        refine.k_factor = float(k_factor)
+    return base
+
+
+def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None, ef_construction: int | None = None,
+                k_factor: int | None = None):
+    """An inner-product FAISS index from a factory string, trained on a sample, ids attached.
+    ef_construction: HNSW graph-building depth (FAISS's default 40 when None); higher builds a
+    better graph (more recall at the same search depth) more slowly. k_factor: see `empty_index`."""
+    import faiss
+
+    n, dim = vectors.shape
+    base = empty_index(dim, factory, ef_construction, k_factor)
     if not base.is_trained:
         step = max(1, n // TRAIN_SAMPLE)
         sample = np.ascontiguousarray(vectors[::step][:TRAIN_SAMPLE])
@@ -104,10 +156,12 @@ def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None
 
 
 def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64, show_progress: bool = True,
-               nprobe: int = 16, ef_search: int = 64) -> dict:
+               nprobe: int = 16, ef_search: int = 64, ef_construction: int | None = None,
+               k_factor: int | None = None) -> dict:
     """Add embeddings (if missing or from another embedder) and a FAISS index to the bank."""
     import faiss
 
+    empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any embedding
     with Bank(path) as bank:
         if bank.n_refs == 0:
             raise M3Error(f"{path} holds no references to index")
@@ -115,7 +169,7 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
         fresh = vectors is None
         if fresh:
             vectors = compute_embeddings(bank, embedder, batch_size, show_progress)
-        index = build_index(vectors, factory)
+        index = build_index(vectors, factory, ef_construction=ef_construction, k_factor=k_factor)
     blob = faiss.serialize_index(index).tobytes()
     add = {INDEX_SECTION: blob}
     if fresh:

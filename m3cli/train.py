@@ -31,6 +31,7 @@ from .errors import M3Error
 STAGES = ("warmup", "continual")
 SCHEDULES = ("wsd", "cosine", "constant")
 TRAINABLE = ("all", "memory-attention")
+DISTRACTORS = ("retrieved", "title")
 CONTINUAL_MAX_OVERLAP = 0.9
 
 
@@ -66,6 +67,8 @@ class TrainArgs:
     single_ref_steps: int = 0  # continual: for the first N steps each chunk reads only its top-1 reference
     align_docs: bool = False  # every document starts at a chunk boundary (padding gets no loss)
     prev_chunks: int | None = None  # continual: chunk c also reads chunks c-N..c-1 (default: config)
+    memory_match_loss: float = 0.0  # continual: weight of the memory-match loss (`memory_match_loss`)
+    distractors: str = "retrieved"  # continual: the other k-1 references (see `retrieve_for_chunks`)
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -85,6 +88,10 @@ class TrainArgs:
                 raise M3Error(f"--{name.replace('_', '-')} must be at least 1")
         if self.refs_per_chunk < 1 or (self.prev_chunks is not None and self.prev_chunks < 0):
             raise M3Error("--refs-per-chunk must be at least 1 and --prev-chunks at least 0")
+        if self.distractors not in DISTRACTORS:
+            raise M3Error(f"unknown --distractors {self.distractors!r}; choose {', '.join(DISTRACTORS)}")
+        if not 0 <= self.memory_match_loss < 1e6:
+            raise M3Error("--memory-match-loss must be a weight >= 0")
         if self.memory_top_k is not None and self.memory_top_k < 1:
             raise M3Error("--memory-top-k must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -175,10 +182,16 @@ def batch_indices(step: int, n_rows: int, batch: int, seed: int, rank: int = 0, 
 
 
 def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_length: int, max_overlap: float,
-                        device, log=print, model_dir: Path | None = None, k: int = 1) -> np.ndarray:
+                        device, log=print, model_dir: Path | None = None, k: int = 1,
+                        distractors: str = "retrieved") -> np.ndarray:
     """Reference indices per (row, chunk, rank): the top-k of the bank's retriever for the
     chunk's text, skipping references that overlap it by more than max_overlap; -1 where fewer
-    qualify. Returns (rows, chunks, k) int64."""
+    qualify. Returns (rows, chunks, k) int64.
+
+    distractors="title": rank 0 as above; ranks 1..k-1 are the references retrieved with the
+    *title* of rank 0's document as the query (itself left out) — the near namesakes that a
+    question naming that title retrieves at inference. (The chunk's own text also holds the
+    facts it states, so its other hits tend to share those facts and teach little.)"""
     from .bank import Bank
     from .retrieval import Retriever, query_embedder
 
@@ -191,7 +204,13 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
         queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
                                     skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
-            hits = retriever.search(queries[start:start + 256], k=k, max_overlap=max_overlap)
+            hits = retriever.search(queries[start:start + 256], k=1 if distractors == "title" else k,
+                                    max_overlap=max_overlap)
+            if distractors == "title" and k > 1:
+                firsts = [h[0] if h else None for h in hits]
+                by_title = retriever.search([f.title or f.text if f else "" for f in firsts], k=k)
+                hits = [[f] + [x for x in near if x.ref != f.ref][:k - 1] if f else []
+                        for f, near in zip(firsts, by_title)]
             for j, h in enumerate(hits):
                 r, c = divmod(start + j, n_chunks)
                 for rank, hit in enumerate(h[:k]):
@@ -199,6 +218,77 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     log(f"retrieved references for {len(queries)} chunks in {time.perf_counter() - t0:.0f} s "
         f"({(out[:, :, 0] >= 0).mean():.0%} found one)")
     return out
+
+
+def title_targets(rows: np.ndarray, chunk_refs: np.ndarray, titles: list[str], tokenizer) -> np.ndarray:
+    """The reference each input token is about: the retrieved reference (of any of the row's
+    chunks) whose document title was mentioned last, as whole words, at or before the token
+    in the same document (of two mentions ending at the same place, the longer: "Ann Lee" over
+    "Lee"); -1 where none was. Returns (rows, seq_len) int64.
+
+    The label of the memory-match loss: a token after "… Kaeth Dorvan born? Answer:" should
+    read Kaeth Dorvan's memory rather than a namesake's. Text is matched in the concatenation
+    of the tokens' decoded pieces (a title split inside a multi-byte character is not found)."""
+    import re
+
+    n_rows, T = rows.shape[0], rows.shape[1] - 1
+    special = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    pieces: dict[int, str] = {}
+    out = np.full((n_rows, T), -1, dtype=np.int64)
+    patterns: dict[int, re.Pattern] = {}
+    for r in range(n_rows):
+        ids = rows[r, :T].tolist()
+        parts = []
+        for t in ids:
+            if t not in pieces:
+                pieces[t] = "\n" if t in special else tokenizer.decode([t]).replace("\n", " ")
+            parts.append(pieces[t])
+        ends = np.cumsum([len(x) for x in parts])  # text[:ends[i]] holds tokens 0..i
+        text = "".join(parts)
+        mentions = []  # (end char, ref)
+        for ref in {int(x) for x in chunk_refs[r].flatten() if x >= 0}:
+            if not titles[ref].strip():
+                continue
+            if ref not in patterns:
+                patterns[ref] = re.compile(r"(?<!\w)" + re.escape(titles[ref]) + r"(?!\w)")
+            mentions += [(m.end(), m.end() - m.start(), ref) for m in patterns[ref].finditer(text)]
+        doc_start = np.maximum.accumulate(np.where([t in special for t in ids], np.arange(T), -1))
+        for end, _, ref in sorted(mentions):  # of two mentions ending together, the longer wins
+            first = int(np.searchsorted(ends, end))  # the token that completes the mention
+            if first >= T:
+                continue
+            same_doc = doc_start[first:] == doc_start[first]
+            stop = first + int(same_doc.argmin()) if not same_doc.all() else T
+            out[r, first:stop] = ref  # later mentions overwrite earlier ones
+    return out
+
+
+def memory_match_loss(scores: list, targets: torch.Tensor, slot_refs: torch.Tensor, visible: torch.Tensor,
+                      skip_layer0: bool = True) -> torch.Tensor | None:
+    """Cross-entropy of the memory layers' preference among the memories a token may read,
+    towards the memory of the reference the token is about (`title_targets`).
+
+    scores: (layer, (B, H, T, S)) per memory layer from `Memory3Model.forward(memory_scores=)`:
+    logsumexp of each slot's attention logits. targets (B, T) reference ids (-1: none);
+    slot_refs (B, S) the reference in each slot; visible (B, T, S). Averaged over heads,
+    layers and the tokens whose target is readable; layer 0 is left out (its queries see only
+    their own token, so they cannot know whom the text is about). None when no token counts."""
+    target = (slot_refs[:, None, :] == targets[:, :, None]) & (targets[:, :, None] >= 0) & visible  # (B, T, S)
+    has = target.any(-1)  # (B, T)
+    if not bool(has.any()):
+        return None
+    losses = []
+    for layer, s in scores:
+        if skip_layer0 and layer == 0:
+            continue
+        s = s.float()
+        finite = torch.isfinite(s).any(-1)  # (B, H, T): the token reads some memory in this layer
+        all_lse = s.logsumexp(-1)
+        tgt_lse = s.masked_fill(~target[:, None], float("-inf")).logsumexp(-1)
+        ok = has[:, None] & finite & torch.isfinite(tgt_lse)
+        if bool(ok.any()):
+            losses.append((all_lse - tgt_lse)[ok].mean())
+    return torch.stack(losses).mean() if losses else None
 
 
 class ReferenceTokens:
@@ -209,8 +299,9 @@ class ReferenceTokens:
         from .corpus import reference_ids
 
         with Bank(bank_path) as bank:
-            self.ids = [reference_ids(tokenizer, bank.reference(i).text)[:limit] or
-                        [tokenizer.eos_token_id or 0] for i in range(bank.n_refs)]
+            refs = [bank.reference(i) for i in range(bank.n_refs)]
+            self.ids = [reference_ids(tokenizer, r.text)[:limit] or [tokenizer.eos_token_id or 0] for r in refs]
+            self.titles = [bank.document(r.doc_index).title for r in refs]
 
     def batch(self, refs: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(len(self.ids[r]) for r in refs)
@@ -359,7 +450,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         metrics_path = state_dir / "metrics.jsonl"
         metrics_path.unlink(missing_ok=True)
 
-    chunk_refs = ref_tokens = None
+    chunk_refs = ref_tokens = targets = None
+    match_sum, match_n = 0.0, 0
     if args.stage == "continual":
         if not cfg.reference_prefix_ids:
             raise M3Error("the model has no reference prefix; it cannot read memory")
@@ -375,12 +467,18 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             chunk_refs = np.load(cache, allow_pickle=False)
         else:
             chunk_refs = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
-                                             device, log, model_dir=args.init_from, k=args.refs_per_chunk)
+                                             device, log, model_dir=args.init_from, k=args.refs_per_chunk,
+                                             distractors=args.distractors)
             with atomic_file(cache) as tmp:
                 np.save(tmp, chunk_refs, allow_pickle=False)
             with atomic_file(cache_key) as f:
                 f.write(json.dumps(rkey).encode())
         ref_tokens = ReferenceTokens(Path(args.bank), tokenizer, cfg.reference_length)
+        if args.memory_match_loss > 0:
+            t0 = time.perf_counter()
+            targets = title_targets(rows, chunk_refs, ref_tokens.titles, tokenizer)
+            log(f"memory-match targets: {(targets >= 0).mean():.0%} of tokens follow a mention of a retrieved "
+                f"reference's title ({time.perf_counter() - t0:.0f} s)")
 
     _set_trainable(model, args.train)
     model.train()
@@ -426,19 +524,29 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                 x, y = batch[:, :-1], batch[:, 1:]
                 with accelerator.autocast():
                     memory = None
+                    scores = [] if targets is not None else None
                     if chunk_refs is not None:
                         refs = chunk_refs[idx][:, :, :1] if step < args.single_ref_steps else chunk_refs[idx]
                         memory = continual_memory(raw, torch.from_numpy(refs), ref_tokens, args.seq_len,
                                                   args.detach_memory)
-                    logits = model(x, memory=memory)
+                    logits = model(x, memory=memory, memory_scores=scores if memory is not None else None)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                            ignore_index=-100 if pad_id is None else pad_id)
+                    match = None
+                    if scores:
+                        slot_refs = torch.from_numpy(refs.reshape(len(idx), -1)).to(device)
+                        match = memory_match_loss(scores, torch.from_numpy(targets[idx]).to(device), slot_refs,
+                                                  memory.visible.to(device))
+                    lm_loss = loss.detach()  # what metrics report as the loss
+                    if match is not None:
+                        match_sum, match_n = match_sum + float(match.detach()), match_n + 1
+                        loss = loss + args.memory_match_loss * match
                 accelerator.backward(loss)
                 if args.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_value = float(loss.detach())
+                loss_value = float(lm_loss)
                 window_loss += loss_value
                 window_n += 1
                 tokens_done += x.numel() * accelerator.num_processes
@@ -450,6 +558,9 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                            "lr": round(lr, 8), "tokens_per_s": round(tokens_done / elapsed, 1),
                            "step_s": round(float(np.mean(step_times[-args.log_every:])), 4),
                            "elapsed_s": round(elapsed, 1)}
+                    if match_n:
+                        row["memory_match"] = round(match_sum / match_n, 5)
+                        match_sum, match_n = 0.0, 0
                     if accelerator.is_main_process:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()

@@ -5,13 +5,15 @@
 #   -> m3 pretrain (continual 1: a top-1 curriculum, then each chunk reads its own top-5)
 #   -> m3 encode (the KB, with that model) -> m3 pretrain (continual 2: top-5, retrieval by the
 #   re-encoded bank, the training text plus namesake-pair documents from `m3 synth
-#   --namesake-pairs`) -> m3 encode (the KB, with the final model)
+#   --namesake-pairs`) -> m3 encode -> m3 pretrain (continual 3: the same text, each chunk
+#   reading its top-1 plus the 4 references its title retrieves, `--distractors title`)
+#   -> m3 encode (the KB, with the final model)
 #   -> m3 eval on questions about *unseen* people (their facts are only in the bank).
 #
 # Leaves DIR/model/, DIR/kb.m3bank, DIR/qa_unseen.jsonl, DIR/eval.json; exits 1 unless
 # memory accuracy >= 0.8 and closed-book accuracy <= chance + 0.05. Settings can be changed
 # through the environment (defaults: the recorded run in README.md; CONTINUAL2_STEPS=0 skips
-# the second continual stage).
+# the second and third continual stages, CONTINUAL3_STEPS=0 the third).
 set -euo pipefail
 OUT=${1:?usage: scripts/proof.sh OUT_DIR}
 M3=${M3:-.venv/bin/m3}
@@ -22,6 +24,9 @@ CONTINUAL_STEPS=${CONTINUAL_STEPS:-1600}
 SINGLE_REF_STEPS=${SINGLE_REF_STEPS:-800}
 CONTINUAL2_STEPS=${CONTINUAL2_STEPS:-1200}
 NAMESAKE_PAIRS=${NAMESAKE_PAIRS:-3600}
+CONTINUAL3_STEPS=${CONTINUAL3_STEPS:-600}
+LR3=${LR3:-1e-3}
+SEED3=${SEED3:-1}  # the third stage's data order (the recorded run's)
 LR=${LR:-2e-3}
 BATCH=${BATCH:-8}
 SEQ=${SEQ:-256}
@@ -35,7 +40,7 @@ export HF_HUB_OFFLINE=1
 start=$(date +%s)
 mkdir -p "$OUT"
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
-common=(--lr "$LR" --batch-size "$BATCH" --seq-len "$SEQ" --align-docs --seed "$SEED" --force -q)
+common=(--batch-size "$BATCH" --seq-len "$SEQ" --align-docs --force -q)
 continual=(--stage continual --refs-per-chunk "$REFS_PER_CHUNK" --prev-chunks "$PREV_CHUNKS")
 
 step "m3 synth: $PEOPLE invented people, 10% (at most 500) of them unseen"
@@ -47,7 +52,7 @@ if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
 fi
 
 step "m3 pretrain --stage warmup: $WARMUP_STEPS steps from scratch (preset mini, BPE tokenizer trained on the corpus)"
-$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/warm" --config mini --stage warmup --steps "$WARMUP_STEPS" "${common[@]}"
+$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/warm" --config mini --stage warmup --steps "$WARMUP_STEPS" --lr "$LR" --seed "$SEED" "${common[@]}"
 
 step "m3 encode: the knowledge base with the warmup model (its text and index serve the continual stage)"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-warm.m3bank" -m "$OUT/warm" --force -q
@@ -57,14 +62,23 @@ stage1="$OUT/model"
 step "m3 pretrain --stage continual: $CONTINUAL_STEPS steps; every 64-token chunk retrieves $REFS_PER_CHUNK references and reads them (only the top-1 for the first $SINGLE_REF_STEPS steps) and those of $PREV_CHUNKS chunks before it; memory in $MEMORY_LAYERS layers, top-$MEMORY_TOP_K tokens"
 $M3 pretrain "$OUT/synth/train.parquet" -o "$stage1" --init-from "$OUT/warm" --bank "$OUT/kb-warm.m3bank" \
   --steps "$CONTINUAL_STEPS" "${continual[@]}" --single-ref-steps "$SINGLE_REF_STEPS" \
-  --memory-layers "$MEMORY_LAYERS" --memory-top-k "$MEMORY_TOP_K" "${common[@]}"
+  --memory-layers "$MEMORY_LAYERS" --memory-top-k "$MEMORY_TOP_K" --lr "$LR" --seed "$SEED" "${common[@]}"
 
 if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
+  stage2="$OUT/model"
+  [ "$CONTINUAL3_STEPS" -gt 0 ] && stage2="$OUT/continual2"
   step "m3 encode: the knowledge base with the first continual model"
   $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual1.m3bank" -m "$stage1" --force -q
   step "m3 pretrain --stage continual: $CONTINUAL2_STEPS more steps, every chunk reading its own top-$REFS_PER_CHUNK, namesake pairs added"
-  $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$OUT/model" --init-from "$stage1" --bank "$OUT/kb-continual1.m3bank" \
-    --steps "$CONTINUAL2_STEPS" "${continual[@]}" "${common[@]}"
+  $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$stage2" --init-from "$stage1" --bank "$OUT/kb-continual1.m3bank" \
+    --steps "$CONTINUAL2_STEPS" "${continual[@]}" --lr "$LR" --seed "$SEED" "${common[@]}"
+  if [ "$CONTINUAL3_STEPS" -gt 0 ]; then
+    step "m3 encode: the knowledge base with the second continual model"
+    $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual2.m3bank" -m "$stage2" --force -q
+    step "m3 pretrain --stage continual: $CONTINUAL3_STEPS more steps, every chunk reading its top-1 and the $(( REFS_PER_CHUNK - 1 )) references its title retrieves (namesakes)"
+    $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$OUT/model" --init-from "$stage2" --bank "$OUT/kb-continual2.m3bank" \
+      --steps "$CONTINUAL3_STEPS" "${continual[@]}" --distractors title --lr "$LR3" --seed "$SEED3" "${common[@]}"
+  fi
 fi
 
 step "m3 encode: the knowledge base with the final model"

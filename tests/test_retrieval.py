@@ -53,6 +53,29 @@ def test_rebuild_keeps_ids_and_leaves_the_kv_payload_alone(bank):
     assert [top(path, d["text"], "-k", "4") for d in DOCS] == before
 
 
+def test_pca_hnsw_with_a_deeper_graph_keeps_ids_and_answers(bank):
+    """The 1M-vector path (README, Retrieval): PCA to fewer dimensions, HNSW built with a larger
+    efConstruction, candidates re-ranked with the exact vectors (k_factor kept in the index);
+    the search depth stored in the bank is applied when it is read."""
+    import faiss
+
+    from m3cli.retrieval import hnsw_of, load_index, refine_of
+
+    path, _ = bank
+    result = m3("index", path, "--factory", "PCA4,HNSW8,RFlat", "--ef-construction", "77", "--ef-search", "33",
+                "--k-factor", "3", "-q")
+    assert result.exit_code == 0, result.output
+    with Bank(path) as b:
+        index = load_index(b)
+        assert b.header["m3.index.factory"] == "PCA4,HNSW8,RFlat" and b.header["m3.index.ef_search"] == 33
+    hnsw = hnsw_of(index)
+    assert hnsw is not None and hnsw.hnsw.efConstruction == 77 and hnsw.hnsw.efSearch == 33
+    refine = refine_of(index)
+    assert refine.k_factor == 3 and isinstance(faiss.downcast_index(refine.base_index), faiss.IndexPreTransform)
+    for i, doc in enumerate(DOCS):
+        assert top(path, doc["text"])[0] == i
+
+
 def test_max_overlap_drops_references_that_contain_the_query(bank):
     path, _ = bank
     assert top(path, DOCS[0]["text"], "-k", "2")[0] == 0
@@ -85,6 +108,9 @@ def test_errors_leave_the_bank_untouched(bank, tmp_path):
     original = path.read_bytes()
     assert_user_error(m3("index", path, "--factory", "Nonsense12"), "invalid FAISS index factory")
     assert_user_error(m3("index", path, "--factory", "IVF4096,PQ32"), "cannot train index")
+    assert_user_error(m3("index", path, "--factory", "Flat", "--ef-construction", "80"), "applies to HNSW")
+    assert_user_error(m3("index", path, "--factory", "HNSW32", "--ef-construction", "0"), "at least 1")
+    assert_user_error(m3("index", path, "--factory", "HNSW32", "--k-factor", "8"), "RFlat")
     assert_user_error(m3("index", path, "--embedder", "/no/such/dir"), "unknown embedder")
     assert_user_error(m3("index", tmp_path / "missing.m3bank"), "does not exist")
     assert path.read_bytes() == original

@@ -42,9 +42,9 @@ def test_sample_model_answers_unseen_people_from_memory(tmp_path):
     r = json.loads(result.stdout)
     chance = r["none"]["chance"]
     assert r["none"]["accuracy"] <= chance + 0.05  # closed book: these facts are not in the weights
-    assert r["memory"]["accuracy"] >= 0.2 and r["memory"]["accuracy"] >= r["none"]["accuracy"] + 0.15
+    assert r["memory"]["accuracy"] >= 0.3 and r["memory"]["accuracy"] >= r["none"]["accuracy"] + 0.2
     # with only the retriever's top reference the model reads the right answer most of the time
     result = m3("eval", "-m", SAMPLES / "model", "-b", bank, "--qa", qa, "--limit", "200", "--json",
                 "--modes", "memory", "--memories", "1")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["memory"]["accuracy"] >= 0.65
+    assert json.loads(result.stdout)["memory"]["accuracy"] >= 0.8

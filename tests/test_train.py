@@ -248,6 +248,25 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     a, b, k3 = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "k3")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], k3[n]) for n in a)  # reading 3 from step 1 on trains differently
+    # --distractors title: rank 0 is the chunk's own top-1, ranks 1..2 what its title retrieves
+    assert m3(*cont, "-o", tmp_path / "t", "--refs-per-chunk", "3", "--distractors", "title",
+              "--memory-match-loss", "1").exit_code == 0
+    titled = np.load(tmp_path / "t.train" / "retrieval.npy")
+    assert (titled[:, :, 0] == refs[:, :, 0]).all() and (titled[:, :, 1:] != refs[:, :, 1:]).any()
+    from m3cli.bank import Bank
+    from m3cli.retrieval import Retriever, query_embedder
+
+    with Bank(bank) as b:
+        retriever = Retriever(b, query_embedder(b))
+        for first, rest in {(int(r[0]), tuple(r[1:])) for r in titled.reshape(-1, 3) if r[0] >= 0}:
+            title = b.document(b.reference(first).doc_index).title
+            near = [h.ref for h in retriever.search([title], k=3)[0] if h.ref != first][:2]
+            assert list(rest) == near
+    # the memory-match loss was computed and logged, apart from the LM loss
+    rows = [json.loads(x) for x in (tmp_path / "t.train" / "metrics.jsonl").read_text().splitlines()]
+    assert all("memory_match" in r and r["memory_match"] > 0 for r in rows[1:])
+    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--distractors", "nearest"), "--distractors")
+    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-match-loss", "-1"), "--memory-match-loss")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-layers", "0,9"), "layers 0..3")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "0"), "--refs-per-chunk")
 
@@ -278,3 +297,73 @@ def test_pretrain_and_eval_errors(task, tmp_path):
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", good, "--batch-size", "0"), "--batch-size")
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", good, "--prompt-template", "Q:"), "{question}")
     assert not (tmp_path / "m").exists()
+
+
+class _PieceTokenizer(_WordTokenizer):
+    """Word tokens whose decoded pieces are ' w<id>' (ids 0-2 special)."""
+
+    def decode(self, ids):
+        return "".join(f" w{i}" for i in ids)
+
+
+def test_title_targets_follow_the_last_mention_within_a_document():
+    from m3cli.train import title_targets
+
+    # one row: [BOS] w5 w6 w7 w8 w5 w6 w9 [EOS] [BOS] w7 w8 [PAD]  (+ the target-only last token)
+    row = np.array([[1, 5, 6, 7, 8, 5, 6, 9, 2, 1, 7, 8, 0, 0]])
+    titles = ["w5 w6", "w6", "w7", "w5 w6 w9", "w8 w5"]
+    refs = np.array([[[0, 1, 2, 3, -1]]])  # retrieved: refs 0-3 (ref 4 was not, so never a target)
+    t = title_targets(row, refs, titles, _PieceTokenizer())
+    assert t.shape == (1, 13)
+    assert t[0, 0] == -1 and t[0, 1] == -1  # no title is complete yet
+    assert t[0, 2] == 0 and t[0, 6] == 0  # "w5 w6" and "w6" end together: the longer mention wins
+    assert t[0, 3] == 2 and t[0, 4] == 2  # "w7" mentioned at token 3
+    assert t[0, 7] == 3  # "w5 w6 w9" completes at token 7
+    assert t[0, 8] == -1 and t[0, 9] == -1  # EOS and the next document's BOS end it
+    assert t[0, 10] == 2 and t[0, 11] == 2 and t[0, 12] == -1  # a new document: its own mentions; PAD ends it
+    assert not (t == 4).any()
+
+
+def test_memory_match_loss_steers_attention_to_the_target_memory():
+    """The loss is the cross-entropy of each head's slot preference; a few gradient steps on it
+    alone move a query token's memory attention onto its target reference's slot."""
+    from m3cli.attention import Memory
+    from m3cli.config import preset
+    from m3cli.model import Memory3Model
+    from m3cli.train import memory_match_loss
+
+    torch.manual_seed(0)
+    model = Memory3Model(preset("tiny").replace(reference_prefix_ids=(1, 2), memory_layers=(0, 1),
+                                                train_prev_chunks=0))
+    L = model.config.chunk_length
+    refs = torch.tensor([[[0, 1, 2]]])  # one chunk reading refs 0, 1, 2
+    x = torch.randint(100, 200, (1, L))
+    targets = torch.full((1, L), -1)
+    targets[0, 10:] = 1  # from token 10 on, the text is about reference 1
+    slot_refs = refs.view(1, -1)
+
+    def run():
+        memory = continual_memory(model, refs, _Refs(), L, detach=False)
+        scores, probe = [], []
+        model(x, memory=memory, memory_scores=scores, attention_probe=probe)
+        return memory, scores, probe
+
+    memory, scores, probe = run()
+    assert [layer for layer, _ in scores] == [0, 1] and scores[1][1].shape == (1, model.config.n_heads, L, 3)
+    loss = memory_match_loss(scores, targets, slot_refs, memory.visible)
+    s = scores[1][1][0, :, 10:].detach()  # layer 0 is left out
+    expected = (s.logsumexp(-1) - s[..., 1]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    share = lambda p: (p[1][0, 10:, 1] / p[1][0, 10:].sum(-1)).mean().item()  # noqa: E731
+    before = share(probe)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        memory, scores, _ = run()
+        opt.zero_grad()
+        memory_match_loss(scores, targets, slot_refs, memory.visible).backward()
+        opt.step()
+    with torch.no_grad():
+        after = share(run()[2])
+    assert after > before + 0.1, (before, after)
+    # no token with a readable target: no loss
+    assert memory_match_loss(scores, torch.full((1, L), 7), slot_refs, memory.visible) is None
