@@ -38,7 +38,7 @@ def synthetic(n: int, dim: int, seed: int, latent: int = 32) -> np.ndarray:
 def bench_index(args) -> None:
     import faiss
 
-    from m3cli.retrieval import build_index
+    from m3cli.retrieval import build_index, empty_index, hnsw_of
 
     if args.vectors:  # real embeddings (`wiki-vectors`): the last --queries rows are the queries
         data = np.load(args.vectors, allow_pickle=False).astype(np.float32)
@@ -55,8 +55,8 @@ def bench_index(args) -> None:
     _, truth = exact.search(queries, 5)
     rows = []
     for factory in args.factories.split(";"):
+        efc = args.ef_construction if hnsw_of(empty_index(args.dim, factory)) is not None else None
         t = time.perf_counter()
-        efc = args.ef_construction if "HNSW" in factory else None
         kf = args.k_factor if factory.endswith(",RFlat") else None
         index = build_index(base, factory, ef_construction=efc, k_factor=kf)
         build = time.perf_counter() - t

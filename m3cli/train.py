@@ -90,8 +90,8 @@ class TrainArgs:
             raise M3Error("--refs-per-chunk must be at least 1 and --prev-chunks at least 0")
         if self.distractors not in DISTRACTORS:
             raise M3Error(f"unknown --distractors {self.distractors!r}; choose {', '.join(DISTRACTORS)}")
-        if not 0 <= self.memory_match_loss < 1e6:
-            raise M3Error("--memory-match-loss must be a weight >= 0")
+        if not 0 <= self.memory_match_loss <= 1000:
+            raise M3Error("--memory-match-loss must be a weight between 0 and 1000")
         if self.memory_top_k is not None and self.memory_top_k < 1:
             raise M3Error("--memory-top-k must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -189,10 +189,12 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     qualify. Returns (rows, chunks, k) int64.
 
     distractors="title": rank 0 as above; ranks 1..k-1 are the references retrieved with the
-    *title* of rank 0's document as the query (itself left out) — the near namesakes that a
+    *title* of rank 0's document as the query (that document's references left out, and the
+    same overlap filter applied against the chunk) — the near namesakes that a
     question naming that title retrieves at inference. (The chunk's own text also holds the
     facts it states, so its other hits tend to share those facts and teach little.)"""
     from .bank import Bank
+    from .overlap import overlap, words
     from .retrieval import Retriever, query_embedder
 
     n_rows, T = rows.shape[0], rows.shape[1] - 1
@@ -204,13 +206,14 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
         queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
                                     skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
-            hits = retriever.search(queries[start:start + 256], k=1 if distractors == "title" else k,
-                                    max_overlap=max_overlap)
+            batch = queries[start:start + 256]
+            hits = retriever.search(batch, k=k, max_overlap=max_overlap)
             if distractors == "title" and k > 1:
                 firsts = [h[0] if h else None for h in hits]
-                by_title = retriever.search([f.title or f.text if f else "" for f in firsts], k=k)
-                hits = [[f] + [x for x in near if x.ref != f.ref][:k - 1] if f else []
-                        for f, near in zip(firsts, by_title)]
+                by_title = retriever.search([f.title or f.text if f else "" for f in firsts], k=4 * k)
+                hits = [[f] + [x for x in near if x.doc_id != f.doc_id  # other documents only
+                               and overlap(words(x.text), words(q)) <= max_overlap][:k - 1] if f else []
+                        for f, near, q in zip(firsts, by_title, batch)]
             for j, h in enumerate(hits):
                 r, c = divmod(start + j, n_chunks)
                 for rank, hit in enumerate(h[:k]):
@@ -269,8 +272,10 @@ def memory_match_loss(scores: list, targets: torch.Tensor, slot_refs: torch.Tens
     towards the memory of the reference the token is about (`title_targets`).
 
     scores: (layer, (B, H, T, S)) per memory layer from `Memory3Model.forward(memory_scores=)`:
-    logsumexp of each slot's attention logits. targets (B, T) reference ids (-1: none);
-    slot_refs (B, S) the reference in each slot; visible (B, T, S). Averaged over heads,
+    logsumexp of each slot's attention logits. targets (B, T) what each token is about, as
+    reference or document ids (-1: none); slot_refs (B, S) the same kind of id for each slot
+    (training passes document ids, so every reference of the right document counts);
+    visible (B, T, S). Averaged over heads,
     layers and the tokens whose target is readable; layer 0 is left out (its queries see only
     their own token, so they cannot know whom the text is about). None when no token counts."""
     target = (slot_refs[:, None, :] == targets[:, :, None]) & (targets[:, :, None] >= 0) & visible  # (B, T, S)
@@ -302,6 +307,7 @@ class ReferenceTokens:
             refs = [bank.reference(i) for i in range(bank.n_refs)]
             self.ids = [reference_ids(tokenizer, r.text)[:limit] or [tokenizer.eos_token_id or 0] for r in refs]
             self.titles = [bank.document(r.doc_index).title for r in refs]
+            self.docs = np.array([r.doc_index for r in refs] + [-1], dtype=np.int64)  # [-1]: ref -1 -> no doc
 
     def batch(self, refs: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(len(self.ids[r]) for r in refs)
@@ -533,9 +539,10 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                            ignore_index=-100 if pad_id is None else pad_id)
                     match = None
-                    if scores:
-                        slot_refs = torch.from_numpy(refs.reshape(len(idx), -1)).to(device)
-                        match = memory_match_loss(scores, torch.from_numpy(targets[idx]).to(device), slot_refs,
+                    if scores:  # compared by document: a document's references are all right
+                        docs = ref_tokens.docs
+                        slot_docs = torch.from_numpy(docs[refs.reshape(len(idx), -1)]).to(device)
+                        match = memory_match_loss(scores, torch.from_numpy(docs[targets[idx]]).to(device), slot_docs,
                                                   memory.visible.to(device))
                     lm_loss = loss.detach()  # what metrics report as the loss
                     if match is not None:
