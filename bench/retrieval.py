@@ -5,11 +5,16 @@
              query (single queries, one thread, as at generation time).
   wiki-vectors  MiniLM embeddings of the installed Wikipedia summaries' sentences (.npy), so
              `index --vectors` measures on real embeddings.
-  embedders  MiniLM vs the model's own hidden states (`self`) on Wikipedia summaries: texts/s,
-             and recall@5 of "article title -> one of the article's references".
+  embedders  MiniLM vs the model's own hidden states (`self`) vs a static embedder dir
+             (`--embedders`) on Wikipedia summaries: texts/s, the time of 16 chunk-sized queries
+             (generation's batch), and recall@5 of "article title -> one of its references".
+  qa         on an indexed bank and m3 synth's questions: how often the person a question names
+             is the retriever's first hit, and among its 5.
 
     python bench/retrieval.py index --n 100000 --factories "Flat;HNSW32;IVF1024,PQ48x4fs,RFlat"
     python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl
+    python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl --embedders minilm,out/minilm-static
+    python bench/retrieval.py qa --bank out/proof/kb.m3bank --qa out/proof/qa_unseen.jsonl
     python bench/retrieval.py wiki-vectors -o out/wiki-vectors.npy   # real MiniLM sentence embeddings
     python bench/retrieval.py index --vectors out/wiki-vectors.npy --factories "HNSW32;PCA64,HNSW32"
 """
@@ -126,8 +131,11 @@ def bench_embedders(args) -> None:
             refs.append(text)
             owner.append(j)
     owner = np.array(owner)
+    # generation-time queries: the first 64 model tokens of references, 16 at a time (a batch of
+    # 8 prompts of 2 chunks each)
+    queries = [tok.decode(tok(r, add_special_tokens=False)["input_ids"][:64]) for r in refs[:160]]
     rows = []
-    for name in ("minilm", "self"):
+    for name in args.embedders.split(","):
         emb = load_embedder(name, model_dir=args.model)
         t = time.perf_counter()
         vectors = np.concatenate([emb.embed(refs[i:i + 32]) for i in range(0, len(refs), 32)])
@@ -135,12 +143,40 @@ def bench_embedders(args) -> None:
         index = build_index(vectors, "Flat")
         _, ids = index.search(emb.embed(titles), 5)
         recall = float(np.mean([j in set(owner[row]) for j, row in enumerate(ids)]))
-        rows.append({"embedder": name, "dim": emb.spec.dim, "references": len(refs), "texts_per_s": round(per_s, 1),
+        emb.embed(queries[:16])  # warm-up
+        t = time.perf_counter()
+        for i in range(0, len(queries), 16):
+            emb.embed(queries[i:i + 16])
+        batch_ms = (time.perf_counter() - t) / (len(queries) / 16) * 1000
+        rows.append({"embedder": emb.spec.name, "dim": emb.spec.dim, "references": len(refs),
+                     "texts_per_s": round(per_s, 1), "ms_per_16_queries": round(batch_ms, 2),
                      "title_recall_at_5": round(recall, 4)})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| embedder | dim | references/s | title → article recall@5 |\n|---|---|---|---|")
+    print("\n| embedder | dim | references/s | ms per 16 chunk queries | title → article recall@5 |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['embedder']} | {r['dim']} | {r['texts_per_s']} | {r['title_recall_at_5']} |")
+        print(f"| {r['embedder']} | {r['dim']} | {r['texts_per_s']} | {r['ms_per_16_queries']} | {r['title_recall_at_5']} |")
+
+
+def bench_qa(args) -> None:
+    """Retrieval precision on question files like m3 synth's: a question is answered by the
+    reference whose document title it names."""
+    from pathlib import Path
+
+    from m3cli.bank import Bank
+    from m3cli.evaluate import read_qa
+    from m3cli.retrieval import Retriever, query_embedder
+
+    questions = [q["question"] for q in read_qa(Path(args.qa), args.limit)]
+    with Bank(Path(args.bank)) as bank:
+        retriever = Retriever(bank, query_embedder(bank, encoder=args.embedder))
+        t = time.perf_counter()
+        hits = [h for i in range(0, len(questions), 16) for h in retriever.search(questions[i:i + 16], k=5)]
+        ms = (time.perf_counter() - t) / (len(questions) / 16) * 1000
+    row = {"bank": args.bank, "embedder": retriever.embedder.spec.name, "questions": len(questions),
+           "right_at_1": round(float(np.mean([bool(h) and h[0].title in q for q, h in zip(questions, hits)])), 4),
+           "right_in_5": round(float(np.mean([any(x.title in q for x in h) for q, h in zip(questions, hits)])), 4),
+           "ms_per_16_questions": round(ms, 2)}
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -160,11 +196,17 @@ def main() -> None:
     b = sub.add_parser("embedders")
     b.add_argument("--model", required=True)
     b.add_argument("--corpus", required=True)
+    b.add_argument("--embedders", default="minilm,self", help="comma-separated: minilm, self, encoder or static dirs")
+    q = sub.add_parser("qa")
+    q.add_argument("--bank", required=True)
+    q.add_argument("--qa", required=True, help="JSONL with a question field (m3 synth's qa_unseen.jsonl)")
+    q.add_argument("--embedder", default=None, help="the encoder or static embedder dir the bank was indexed with")
+    q.add_argument("--limit", type=int, default=500)
     w = sub.add_parser("wiki-vectors")
     w.add_argument("-o", "--output", required=True)
     w.add_argument("--limit", type=int, default=50_000, help="at most this many sentences")
     args = ap.parse_args()
-    {"index": bench_index, "embedders": bench_embedders, "wiki-vectors": wiki_vectors}[args.what](args)
+    {"index": bench_index, "embedders": bench_embedders, "wiki-vectors": wiki_vectors, "qa": bench_qa}[args.what](args)
 
 
 if __name__ == "__main__":

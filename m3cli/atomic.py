@@ -23,20 +23,27 @@ def make_parent(target: Path) -> None:
         raise M3Error(f"cannot create the directory for {target}: {e.strerror}") from None
 
 
-@contextlib.contextmanager
-def atomic_dir(target: Path, overwrite: bool = False, replaceable=None) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `target`.
-
-    An existing target is replaced only with `overwrite` and, when `replaceable` is given, only
-    if replaceable(target) is true (so --force cannot delete an unrelated directory).
-    """
+def check_replaceable(target: Path, overwrite: bool = False, replaceable=None, what: str = "a model dir") -> None:
+    """Fail unless `target` may be written: absent, or (with `overwrite`) a directory that
+    replaceable(target) accepts. Long jobs call it first, so they fail before working."""
     target = Path(target)
     if target.exists() and not overwrite:
         raise M3Error(f"{target} already exists; pass --force to replace it")
     if target.exists() and not target.is_dir():
         raise M3Error(f"{target} exists and is not a directory")
     if target.exists() and replaceable is not None and not replaceable(target):
-        raise M3Error(f"{target} exists and is not a model dir m3 wrote; refusing to replace it")
+        raise M3Error(f"{target} exists and is not {what} m3 wrote; refusing to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, overwrite: bool = False, replaceable=None, what: str = "a model dir") -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target`.
+
+    An existing target is replaced only with `overwrite` and, when `replaceable` is given, only
+    if replaceable(target) is true (so --force cannot delete an unrelated directory).
+    """
+    target = Path(target)
+    check_replaceable(target, overwrite, replaceable, what)
     make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

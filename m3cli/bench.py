@@ -66,7 +66,8 @@ def wikipedia_texts(n: int, words: int = 80) -> list[str] | None:
 def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "minilm", codec: str = "bf16",
                     seed: int = 0, log=print, device="cpu", text: str = "wikipedia") -> tuple[Path, Path]:
     """A random-weight model dir for `preset` and a bank of n_refs random memories bound to it,
-    indexed (Flat) with random unit vectors under the spec of `embedder` (minilm or self), so
+    indexed (Flat) with random unit vectors under the spec of `embedder` (minilm, self or a static
+    embedder dir), so
     queries pay that embedder's real cost. The references' text is real (Wikipedia summaries from
     the installed package, so queries cost what real text costs) or pseudo-text. Returns
     (model_dir, bank)."""
@@ -110,10 +111,10 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
                 refs.append((ref_text, n, kv, pos))
             w.add_document(f"syn-{start // 4}", f"synthetic {start // 4}", "m3 bench", refs)
         w.finish()
-    if embedder == "minilm":
+    if embedder != "self":  # minilm or a static embedder dir
         from .embed import load_embedder
 
-        spec = load_embedder("minilm").spec
+        spec = load_embedder(embedder).spec
     else:
         from .embed import EmbedderSpec
 

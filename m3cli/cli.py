@@ -113,7 +113,7 @@ def score(
     memories: Annotated[int, typer.Option(help="References per chunk (memory) or in front (rag).")] = 5,
     max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
                                                           "with the query text (Eq. 6) exceeds this.")] = None,
-    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {token_ids, logprobs, perplexity, mode, chunks} "
                                                          "as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -264,7 +264,8 @@ def inspect(
 def index_cmd(
     bank: Annotated[Path, typer.Argument(help="The .m3bank to index (updated in place, KV payload untouched).")],
     embedder: Annotated[str, typer.Option(help="minilm (default, offline), self (the bank's model: needs "
-                                               "--model), or a local Hugging Face encoder dir.")] = "minilm",
+                                               "--model), a local Hugging Face encoder dir, or a static "
+                                               "embedder dir (m3 distill-embedder).")] = "minilm",
     pooling: Annotated[str, typer.Option(help="Pooling for an encoder dir: mean or cls.")] = "mean",
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for --embedder self.")] = None,
     factory: Annotated[str, typer.Option(help="FAISS index factory: Flat, HNSW32, IVF4096,PQ32, …")] = "Flat",
@@ -306,6 +307,59 @@ def index_cmd(
                f"index {info['index_bytes']:,} B")
 
 
+@app.command("distill-embedder", epilog="Examples:\n\n  m3 distill-embedder models/minilm-static\n\n"
+             "  m3 distill-embedder models/kb-static --idf-corpus kb.parquet\n\n"
+             "  m3 index kb.m3bank --embedder models/minilm-static\n\n"
+             "  m3 generate --model out/proof/model --bank kb.m3bank --embedder models/minilm-static \"…\"")
+@user_errors
+def distill_embedder(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (m3-embedder.json, static.safetensors, "
+                                                 "tokenizer.json).")],
+    source: Annotated[str, typer.Option("--from", help="The teacher: minilm (default, offline) or a local Hugging "
+                                                       "Face encoder dir.")] = "minilm",
+    pooling: Annotated[str, typer.Option(help="The teacher's pooling, for an encoder dir: mean or cls.")] = "mean",
+    dims: Annotated[int, typer.Option(help="Dimensions kept by PCA (at most the teacher's).")] = 256,
+    sif: Annotated[float, typer.Option(help="SIF weight a: a token of estimated frequency p is scaled by "
+                                            "a / (a + p) (without --idf-corpus).")] = 1e-4,
+    idf_corpus: Annotated[Optional[Path], typer.Option("--idf-corpus", help="Weigh tokens by their inverse "
+                                                       "document frequency in this corpus (Parquet or JSONL, as "
+                                                       "for m3 encode; e.g. the knowledge base) instead of by "
+                                                       "Zipf rank: much better at names.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Vocabulary tokens per teacher call.")] = 1024,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if m3 wrote it.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Distill a static query embedder from a sentence encoder (Model2Vec's method).
+
+    Every vocabulary token goes through the encoder once; PCA and Zipf-estimated SIF weights
+    follow. The result embeds a text as the mean of its tokens' vectors: hundreds of times
+    cheaper than the encoder, for some loss of retrieval quality (README, Retrieval). Index a
+    bank with it (`m3 index --embedder DIR`) and pass the same DIR to commands that query it.
+    """
+    from .device import resolve_device
+    from .embed import HFEncoder, distill_static, load_embedder
+
+    if batch_size < 1:
+        raise M3Error("--batch-size must be at least 1")
+    if source == "self":
+        raise M3Error("--from self: the teacher must be minilm or a Hugging Face encoder dir")
+    teacher = load_embedder(source, pooling=pooling, device=resolve_device(device))
+    if not isinstance(teacher, HFEncoder):
+        raise M3Error(f"--from {source}: the teacher must be minilm or a Hugging Face encoder dir")
+    texts = None
+    if idf_corpus is not None:
+        from .corpus import read_corpus
+
+        texts = (doc.text for doc in read_corpus(idf_corpus))
+    info = distill_static(teacher, out_dir, dims=dims, sif=sif, batch_size=batch_size, overwrite=force,
+                          show_progress=not quiet, idf_texts=texts, idf_source=str(idf_corpus or ""))
+    weights = (f"IDF weights from {info['idf_documents']} documents" if info["weights"] == "idf"
+               else f"SIF weights (a = {info['sif']:g})")
+    typer.echo(f"wrote {out_dir}: {info['vocab_size']} token vectors of dim {info['dim']}, distilled from "
+               f"{info['teacher']}, {weights}")
+
+
 @app.command(epilog="Examples:\n\n  m3 search kb.m3bank \"Who founded the Northwind Institute?\"\n\n"
                     "  cat questions.txt | m3 search kb.m3bank - -k 3 --json | jq .results[0].ref\n\n"
                     "  m3 search kb.m3bank \"capital of France\" --max-overlap 0.67")
@@ -319,7 +373,7 @@ def search(
                                                           "with the query (Eq. 6, words) exceeds this, e.g. 0.67.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for banks indexed with "
                                                                         "the `self` embedder.")] = None,
-    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Top-k references of a bank for a query, with scores and text."""
@@ -452,7 +506,7 @@ def generate(
                                                          "references read, their scores and attention share.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="After each answer, list the references each chunk "
                                                             "read, with titles, text and attention share.")] = False,
-    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     cache_size: Annotated[int, typer.Option("--cache-size", help="Decoded memories kept in the LRU cache.")] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")] = "auto",
@@ -495,6 +549,7 @@ def generate(
 
 @app.command(epilog="Examples:\n\n  m3 bench --model small --synthetic-refs 10000 --batch 1,8\n\n"
                     "  m3 bench --model out/smollm2 --bank kb.m3bank --batch 1,8,32 --json | jq .ratios\n\n"
+                    "  m3 bench --model small --synthetic-refs 10000 --embedder models/minilm-static\n\n"
                     "  m3 bench --model memory3-2.4b --synthetic-refs 2000 --embedder self --batch 32 --device cuda")
 @user_errors
 def bench(
@@ -510,8 +565,8 @@ def bench(
     synthetic_refs: Annotated[int, typer.Option("--synthetic-refs", help="With a preset: references in the "
                                                 "synthetic bank.")] = 10000,
     embedder: Annotated[str, typer.Option(help="With a preset: the query embedder the synthetic bank is "
-                                               "indexed for, minilm or self; with --bank indexed by an encoder "
-                                               "dir: that dir.")] = "minilm",
+                                               "indexed for, minilm, self or a static embedder dir; with --bank "
+                                               "indexed by an encoder or static embedder dir: that dir.")] = "minilm",
     codec: Annotated[str, typer.Option(help="With a preset: the synthetic bank's codec.")] = "bf16",
     text: Annotated[str, typer.Option(help="With a preset: the references' text, wikipedia (the installed "
                                            "summaries package; pseudo-text if missing) or pseudo.")] = "wikipedia",
@@ -554,8 +609,9 @@ def bench(
                 raise M3Error("--codec for a synthetic bank: bf16 or int8")
             if synthetic_refs < 1:
                 raise M3Error("--synthetic-refs must be at least 1")
-            if embedder not in ("minilm", "self"):
-                raise M3Error("--embedder for a synthetic bank: minilm or self")
+            if embedder not in ("minilm", "self") and not (Path(embedder) / "m3-embedder.json").is_file():
+                raise M3Error("--embedder for a synthetic bank: minilm, self or a static embedder dir "
+                              "(m3 distill-embedder)")
             where = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m3-bench-")))
             where.mkdir(parents=True, exist_ok=True)
             if text not in ("wikipedia", "pseudo"):
@@ -597,6 +653,10 @@ def synth(
                                                 "question-answer line about each of two seen namesakes (only "
                                                 "the names tell whose memory answers). The other files do not "
                                                 "change.")] = 0,
+    qa_only: Annotated[bool, typer.Option("--qa-only", help="Leave the biographies out of train.parquet: the "
+                                               "seen people's facts are then in kb.parquet alone (a continual "
+                                               "stage on such text must read memory). The other files do not "
+                                               "change.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if m3 synth wrote it.")] = False,
 ) -> None:
     """Write a deterministic synthetic knowledge task: invented people with attributes.
@@ -607,7 +667,7 @@ def synth(
     """
     from .synth import synthesize
 
-    info = synthesize(out_dir, n_people=people, seed=seed, overwrite=force, n_pairs=namesake_pairs)
+    info = synthesize(out_dir, n_people=people, seed=seed, overwrite=force, n_pairs=namesake_pairs, qa_only=qa_only)
     typer.echo(f"wrote {out_dir}: {info['train_texts']} training texts about {info['seen']} seen people, "
                f"{info['kb_texts']} kb texts, {info['qa_seen']} + {info['qa_unseen']} questions (seen + unseen)")
 
@@ -747,7 +807,7 @@ def eval_cmd(
                                                 "question exceeds this (the paper's 2/3).")] = 0.67,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    embedder: Annotated[Optional[str], typer.Option(help="Encoder dir, for banks indexed with one.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {mode: {accuracy, n, correct, chance, "
                                                          "perplexity}}.")] = False,
     show: Annotated[int, typer.Option("--show", help="Also print the first N questions with every mode's "

