@@ -83,6 +83,11 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
 
     t0 = time.perf_counter()
     cfg = get_preset(preset)
+    spec = None
+    if embedder != "self":  # minilm or a static embedder dir: a bad one fails before anything is written
+        from .embed import load_embedder
+
+        spec = load_embedder(embedder).spec
     texts = wikipedia_texts(n_refs) if text == "wikipedia" else None
     if texts is None:
         if text == "wikipedia":
@@ -111,11 +116,7 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
                 refs.append((ref_text, n, kv, pos))
             w.add_document(f"syn-{start // 4}", f"synthetic {start // 4}", "m3 bench", refs)
         w.finish()
-    if embedder != "self":  # minilm or a static embedder dir
-        from .embed import load_embedder
-
-        spec = load_embedder(embedder).spec
-    else:
+    if spec is None:
         from .embed import EmbedderSpec
 
         spec = EmbedderSpec("self", cfg.hidden_size, "mean", model_fingerprint(model_dir))

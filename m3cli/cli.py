@@ -318,7 +318,8 @@ def distill_embedder(
     source: Annotated[str, typer.Option("--from", help="The teacher: minilm (default, offline) or a local Hugging "
                                                        "Face encoder dir.")] = "minilm",
     pooling: Annotated[str, typer.Option(help="The teacher's pooling, for an encoder dir: mean or cls.")] = "mean",
-    dims: Annotated[int, typer.Option(help="Dimensions kept by PCA (at most the teacher's).")] = 256,
+    dims: Annotated[Optional[int], typer.Option(help="Dimensions kept by PCA (at most the teacher's; default "
+                                                     "256, or the teacher's width if smaller).")] = None,
     sif: Annotated[float, typer.Option(help="SIF weight a: a token of estimated frequency p is scaled by "
                                             "a / (a + p) (without --idf-corpus).")] = 1e-4,
     idf_corpus: Annotated[Optional[Path], typer.Option("--idf-corpus", help="Weigh tokens by their inverse "
@@ -332,10 +333,11 @@ def distill_embedder(
 ) -> None:
     """Distill a static query embedder from a sentence encoder (Model2Vec's method).
 
-    Every vocabulary token goes through the encoder once; PCA and Zipf-estimated SIF weights
-    follow. The result embeds a text as the mean of its tokens' vectors: hundreds of times
-    cheaper than the encoder, for some loss of retrieval quality (README, Retrieval). Index a
-    bank with it (`m3 index --embedder DIR`) and pass the same DIR to commands that query it.
+    Every vocabulary token goes through the encoder once; PCA and token weights follow (Zipf-
+    estimated SIF weights, or with --idf-corpus the tokens' inverse document frequency in that
+    corpus). The result embeds a text as the mean of its tokens' vectors: about a hundred times
+    cheaper than MiniLM on a CPU, for some loss of retrieval quality (README, Retrieval). Index
+    a bank with it (`m3 index --embedder DIR`) and pass the same DIR to commands that query it.
     """
     from .device import resolve_device
     from .embed import HFEncoder, distill_static, load_embedder
@@ -653,10 +655,10 @@ def synth(
                                                 "question-answer line about each of two seen namesakes (only "
                                                 "the names tell whose memory answers). The other files do not "
                                                 "change.")] = 0,
-    qa_only: Annotated[bool, typer.Option("--qa-only", help="Leave the biographies out of train.parquet: the "
-                                               "seen people's facts are then in kb.parquet alone (a continual "
-                                               "stage on such text must read memory). The other files do not "
-                                               "change.")] = False,
+    qa_only: Annotated[bool, typer.Option("--qa-only", help="Leave each seen person's biography (with its two "
+                                               "question-answer lines) out of train.parquet; the three-question "
+                                               "documents stay, so until a model has seen them their answers are "
+                                               "only in kb.parquet. The other files do not change.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if m3 synth wrote it.")] = False,
 ) -> None:
     """Write a deterministic synthetic knowledge task: invented people with attributes.
@@ -737,6 +739,8 @@ def pretrain(
                                              "retrieved (the chunk's own top-K) or title (its top-1, plus the "
                                              "K-1 references retrieved with that reference's title: the "
                                              "namesakes a question about it meets at inference).")] = "retrieved",
+    embedder: Annotated[Optional[str], typer.Option(help="continual: the encoder or static embedder dir the "
+                                                         "bank was indexed with (minilm and self need none).")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
@@ -762,7 +766,7 @@ def pretrain(
                      detach_memory=detach_memory, train=train, device=device, memory_selection=memory_selection,
                      memory_top_k=memory_top_k, memory_layers=memory_layers, refs_per_chunk=refs_per_chunk,
                      prev_chunks=prev_chunks, single_ref_steps=single_ref_steps, align_docs=align_docs,
-                     memory_match_loss=memory_match_loss, distractors=distractors)
+                     memory_match_loss=memory_match_loss, distractors=distractors, embedder=embedder)
     if config is not None:
         from .config import PRESETS
 

@@ -32,7 +32,7 @@ POOLINGS = ("mean", "cls")
 
 @dataclass(frozen=True)
 class EmbedderSpec:
-    name: str  # "minilm", "self" or "hf:<dir name>"
+    name: str  # "minilm", "self", "hf:<dir name>" or "static:<dir name>"
     dim: int
     pooling: str
     fingerprint: str  # sha256 of the weights/tokenizer (for `self`: the model fingerprint)
@@ -143,6 +143,12 @@ def is_static_dir(path: Path) -> bool:
         return False
 
 
+def _id_space(tokenizer) -> int:
+    """Rows a table indexed by this tokenizer's token ids needs: the largest id + 1 (a vocabulary
+    may have gaps, and added tokens come after it)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 class StaticEmbedder:
     """Static token vectors (a directory written by `distill_static`): a text's embedding is the
     mean of its tokens' vectors (special tokens left out), L2-normalised. No neural network runs
@@ -164,15 +170,20 @@ class StaticEmbedder:
             tokenizer = Tokenizer.from_file(str(path / STATIC_TOKENIZER))
         except Exception as e:  # safetensors, tokenizers (a bare Exception on bad JSON) and OSError
             raise M3Error(f"cannot load the static embedder in {path}: {str(e).splitlines()[0]}") from None
-        if vectors is None or vectors.ndim != 2 or vectors.shape[0] != tokenizer.get_vocab_size():
-            raise M3Error(f"{path / STATIC_VECTORS} must hold 'vectors' of shape (vocabulary size "
-                          f"{tokenizer.get_vocab_size()}, dim), got {None if vectors is None else vectors.shape}")
+        rows = _id_space(tokenizer)
+        if vectors is None or vectors.ndim != 2 or vectors.shape[0] != rows or vectors.shape[1] < 1:
+            raise M3Error(f"{path / STATIC_VECTORS} must hold 'vectors' of shape (vocabulary size {rows}, dim "
+                          f">= 1), got {None if vectors is None else vectors.shape}")
         if cfg.get("dim") != vectors.shape[1]:
             raise M3Error(f"{path / STATIC_CONFIG} says dim {cfg.get('dim')}, the vectors have {vectors.shape[1]}")
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self.path, self.tokenizer, self.config = path, tokenizer, cfg
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.keep = np.ones(rows, dtype=bool)  # special tokens typed in a text do not count
+        for i, tok in tokenizer.get_added_tokens_decoder().items():
+            if tok.special:
+                self.keep[i] = False
         if not np.isfinite(self.vectors).all():
             raise M3Error(f"{path / STATIC_VECTORS} holds non-finite values")
         self.spec = EmbedderSpec(f"static:{path.resolve().name}", int(vectors.shape[1]), "mean",
@@ -181,26 +192,30 @@ class StaticEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.vectors.shape[1]), dtype=np.float32)
         for i, enc in enumerate(self.tokenizer.encode_batch(list(texts), add_special_tokens=False)):
-            if enc.ids:
-                out[i] = self.vectors[enc.ids].mean(0)
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            ids = ids[self.keep[ids]]  # every id is < len(vectors): checked on load
+            if len(ids):
+                out[i] = self.vectors[ids].mean(0)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 
 
 def _vocab_vectors(teacher: HFEncoder, batch_size: int, show_progress: bool) -> np.ndarray:
-    """The teacher's pooled output for every vocabulary token alone, read as [end, token, start]
-    (Model2Vec's order): (V, dim) float32."""
+    """The teacher's pooled output for every token id alone, read as [end, token, start]
+    (Model2Vec's order; [start, token, end] for a cls-pooled teacher, whose pooled position is
+    the first): (ids, dim) float32."""
     from tqdm.auto import tqdm
 
     tok = teacher.tokenizer
-    ids = teacher.tokenizer.backend_tokenizer.get_vocab_size()
+    ids = _id_space(tok.backend_tokenizer)
     probe = tok("A")["input_ids"]
     start, end = probe[0], probe[-1]
+    first, last = (start, end) if teacher.pooling == "cls" else (end, start)  # cls: the start token first
     out = []
     with torch.inference_mode():
         for s in tqdm(range(0, ids, batch_size), desc="distilling", unit="batch", disable=not show_progress):
             chunk = torch.arange(s, min(s + batch_size, ids))
-            x = torch.stack([torch.full_like(chunk, end), chunk, torch.full_like(chunk, start)], dim=1)
+            x = torch.stack([torch.full_like(chunk, first), chunk, torch.full_like(chunk, last)], dim=1)
             x = x.to(teacher.device)
             kwargs = {"attention_mask": torch.ones_like(x)}
             if "token_type_ids" in tok.model_input_names:
@@ -236,11 +251,12 @@ def idf_weights(tokenizer, texts, vocab_size: int) -> tuple[np.ndarray, int]:
     return np.where(df > 0, np.log((n + 1) / (df + 1)), 0.0).astype(np.float32), n
 
 
-def distill_static(teacher: HFEncoder, out: Path, dims: int = 256, sif: float = 1e-4, batch_size: int = 1024,
+def distill_static(teacher: HFEncoder, out: Path, dims: int | None = None, sif: float = 1e-4, batch_size: int = 1024,
                    overwrite: bool = False, show_progress: bool = True, idf_texts=None, idf_source: str = "") -> dict:
     """Write a static embedder distilled from `teacher` into `out` (atomically), by Model2Vec's
-    recipe: every vocabulary token through the teacher alone; PCA to `dims` (fitted on the tokens
-    that are not [unusedN] placeholders); each token's vector scaled by sif / (sif + p), p its
+    recipe: every vocabulary token through the teacher alone; PCA to `dims` (default: 256 or the
+    teacher's width if smaller; fitted on the tokens that are not [unusedN] placeholders); each
+    token's vector scaled by sif / (sif + p), p its
     frequency estimated by Zipf's law from its rank in the vocabulary — or, with `idf_texts`
     (e.g. the knowledge base's documents), by the token's inverse document frequency in them
     (`idf_weights`), which weighs the rare words that tell references apart (names) far better
@@ -253,6 +269,16 @@ def distill_static(teacher: HFEncoder, out: Path, dims: int = 256, sif: float = 
     from .atomic import atomic_dir, check_replaceable
 
     check_replaceable(Path(out), overwrite, is_static_dir, "a static embedder dir")
+    if not getattr(teacher.tokenizer, "is_fast", False):
+        raise M3Error("the teacher needs a fast (tokenizer.json) tokenizer")
+    if len(teacher.tokenizer("A")["input_ids"]) < 3:
+        raise M3Error("the teacher's tokenizer adds no start/end tokens around a text; it cannot be distilled")
+    ids = _id_space(teacher.tokenizer.backend_tokenizer)
+    rows = teacher.model.get_input_embeddings().num_embeddings
+    if ids > rows:
+        raise M3Error(f"the teacher's tokenizer has token ids up to {ids - 1} but its embedding table has {rows} rows")
+    if dims is None:
+        dims = min(256, teacher.spec.dim)
     if not 1 <= dims <= teacher.spec.dim:
         raise M3Error(f"--dims must be in 1..{teacher.spec.dim} (the teacher's dimension)")
     if not 0 < sif < 1:
@@ -263,7 +289,10 @@ def distill_static(teacher: HFEncoder, out: Path, dims: int = 256, sif: float = 
         fast = Tokenizer.from_str(backend.to_str())
         fast.no_truncation()
         fast.no_padding()
-        weights, idf_n = idf_weights(fast, idf_texts, backend.get_vocab_size())
+        weights, idf_n = idf_weights(fast, idf_texts, ids)
+        if not weights.any():
+            raise M3Error(f"every token of the IDF corpus is in all of its {idf_n} documents: every weight would "
+                          "be 0; give a corpus of several different documents")
     vectors = _vocab_vectors(teacher, batch_size, show_progress)
     vocab = backend.get_vocab()
     unused = re.compile(r"\[unused\d+\]")

@@ -208,8 +208,11 @@ class Retriever:
         fetch = min(self.index.ntotal, k if max_overlap is None else 4 * k)
         scores, ids = self.index.search(vectors, fetch)
         results = []
-        for q, row_scores, row_ids in zip(queries, scores, ids):
+        for q, vec, row_scores, row_ids in zip(queries, vectors, scores, ids):
             hits, qwords = [], words(q)
+            if not vec.any():  # a static embedder's query with no known token: nothing matches it
+                results.append(hits)
+                continue
             for score, i in zip(row_scores, row_ids):
                 if i < 0:
                     continue

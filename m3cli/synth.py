@@ -134,8 +134,9 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
     memory). The knowledge base has one biography per person, seen or unseen, in a wording the
     training text never uses. Unseen people: 10% (at most 500) unless n_unseen is given.
     n_pairs adds that many namesake-pair documents (`namesake_pairs`) to the training text.
-    qa_only leaves the biographies out of the training text (nothing else changes): every fact
-    is then in kb.parquet alone, and a model trained on the rest must read it from memory.
+    qa_only leaves each biography, with the two question-answer lines attached to it, out of
+    the training text (nothing else changes): the three-question documents stay, so until a
+    model has seen them their answers are only in kb.parquet and must be read from memory.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -69,6 +69,7 @@ class TrainArgs:
     prev_chunks: int | None = None  # continual: chunk c also reads chunks c-N..c-1 (default: config)
     memory_match_loss: float = 0.0  # continual: weight of the memory-match loss (`memory_match_loss`)
     distractors: str = "retrieved"  # continual: the other k-1 references (see `retrieve_for_chunks`)
+    embedder: str | None = None  # continual: the encoder or static embedder dir the bank was indexed with
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -100,7 +101,7 @@ class TrainArgs:
     def key(self) -> dict:
         """What must match for --resume to continue a run."""
         d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        for k in ("save_every", "log_every", "device", "state_dir"):
+        for k in ("save_every", "log_every", "device", "state_dir", "embedder"):
             d.pop(k)  # may change between a run and its resumption (steps may not: the schedule uses it)
         return d
 
@@ -183,7 +184,7 @@ def batch_indices(step: int, n_rows: int, batch: int, seed: int, rank: int = 0, 
 
 def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_length: int, max_overlap: float,
                         device, log=print, model_dir: Path | None = None, k: int = 1,
-                        distractors: str = "retrieved") -> np.ndarray:
+                        distractors: str = "retrieved", encoder: str | None = None) -> np.ndarray:
     """Reference indices per (row, chunk, rank): the top-k of the bank's retriever for the
     chunk's text, skipping references that overlap it by more than max_overlap; -1 where fewer
     qualify. Returns (rows, chunks, k) int64.
@@ -202,7 +203,7 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     out = np.full((n_rows, n_chunks, k), -1, dtype=np.int64)
     t0 = time.perf_counter()
     with Bank(bank_path) as bank:
-        retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, device=device))
+        retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=encoder, device=device))
         queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
                                     skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
@@ -468,13 +469,14 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                 require_same_model(b, old_fingerprint)
         cache = state_dir / "retrieval.npy"
         cache_key = state_dir / "retrieval.json"
-        rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size}
+        rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size,
+                "embedder": args.embedder}
         if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey:
             chunk_refs = np.load(cache, allow_pickle=False)
         else:
             chunk_refs = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
                                              device, log, model_dir=args.init_from, k=args.refs_per_chunk,
-                                             distractors=args.distractors)
+                                             distractors=args.distractors, encoder=args.embedder)
             with atomic_file(cache) as tmp:
                 np.save(tmp, chunk_refs, allow_pickle=False)
             with atomic_file(cache_key) as f:

@@ -135,22 +135,75 @@ def test_errors(teacher, static_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
     assert_user_error(m3("distill-embedder", static_dir, "--from", teacher), "already exists")
     assert_user_error(m3("distill-embedder", teacher, "--from", teacher, "--force"), "not a static embedder dir")
-    # a damaged directory is refused with one line, before anything uses it
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(DOCS[0]) + "\n")
+    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", teacher, "--dims", "16", "--idf-corpus", one),
+                      "every weight would be 0")
+    assert not (tmp_path / "x").exists()
+    assert_user_error(m3("distill-embedder", static_dir, "--from", teacher, "--dims", "40", "--force"), "--dims")
+
+
+def test_a_damaged_directory_is_refused_with_one_line(static_dir, llama_dir, tmp_path):
     from safetensors.numpy import save_file
 
+    from m3cli.errors import M3Error
+
+    path, _ = encoded_bank(llama_dir[0], tmp_path, DOCS)
+    assert m3("index", path, "--embedder", static_dir, "-q").exit_code == 0
     bad = tmp_path / "bad"
     shutil.copytree(static_dir, bad)
     save_file({"vectors": np.zeros((5, 16), dtype=np.float32)}, str(bad / STATIC_VECTORS))
-    assert_user_error(m3("search", tmp_path / "none.m3bank", "x", "--embedder", bad), "does not exist")
-    assert_user_error(m3("distill-embedder", bad, "--from", teacher, "--dims", "40", "--force"), "--dims")
-    with pytest.raises(Exception, match="vocabulary size 30522"):
+    assert_user_error(m3("search", path, "paris", "--embedder", bad), "vocabulary size 30522")
+    with pytest.raises(M3Error, match="vocabulary size 30522"):
         StaticEmbedder(bad)
     (bad / STATIC_VECTORS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(Exception, match="cannot load the static embedder"):
-        StaticEmbedder(bad)
+    assert_user_error(m3("search", path, "paris", "--embedder", bad), "cannot load the static embedder")
     (bad / STATIC_CONFIG).write_text("{}")
-    with pytest.raises(Exception, match="does not describe"):
+    with pytest.raises(M3Error, match="does not describe"):
         StaticEmbedder(bad)
+
+
+def test_token_ids_beyond_the_vocabulary_size_and_typed_special_tokens(tmp_path):
+    """A vocabulary with a gap: ids reach past the token count, and the table must cover them;
+    special tokens typed in a text do not count; a text of unknown tokens retrieves nothing."""
+    from safetensors.numpy import save_file
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from m3cli.errors import M3Error
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1, "b": 5}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("[SEP]", special=True)])  # id 3, the next free count
+    assert tok.encode("a b [SEP]").ids == [0, 5, 3] and tok.get_vocab_size() == 4
+    d = tmp_path / "gap"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / STATIC_CONFIG).write_text(json.dumps({"format": "m3-static-embedder", "dim": 2}))
+    save_file({"vectors": np.ones((4, 2), dtype=np.float32)}, str(d / STATIC_VECTORS))
+    with pytest.raises(M3Error, match="vocabulary size 6"):  # 4 rows would let id 5 index past the table
+        StaticEmbedder(d)
+    vectors = np.zeros((6, 2), dtype=np.float32)
+    vectors[0], vectors[5], vectors[3] = (1, 0), (0, 1), (5, 5)
+    save_file({"vectors": vectors}, str(d / STATIC_VECTORS))
+    emb = StaticEmbedder(d)
+    got = emb.embed(["a b", "a b [SEP]", "[UNK]", "[SEP]"])
+    np.testing.assert_allclose(got[0], [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
+    np.testing.assert_allclose(got[1], got[0])  # [SEP] left out
+    assert not got[2].any() and not got[3].any()
+
+
+def test_a_query_without_known_tokens_retrieves_nothing(teacher, llama_dir, tmp_path):
+    corpus = tmp_path / "kb.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    out = tmp_path / "kb-static"
+    assert m3("distill-embedder", out, "--from", teacher, "--dims", "16", "--idf-corpus", corpus, "-q").exit_code == 0
+    path, _ = encoded_bank(llama_dir[0], tmp_path, DOCS)
+    assert m3("index", path, "--embedder", out, "-q").exit_code == 0
+    result = m3("search", path, "zebra giraffe", "--embedder", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"] == []  # tokens no reference has: weight 0, no hits
+    result = m3("search", path, "zebra capital of italy", "--embedder", out, "--json", "-k", "1")
+    assert json.loads(result.stdout)["results"][0]["ref"] == 1
 
 
 def test_bench_accepts_a_static_embedder_for_a_synthetic_bank(static_dir, tmp_path):
