@@ -67,10 +67,9 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
                     seed: int = 0, log=print, device="cpu", text: str = "wikipedia") -> tuple[Path, Path]:
     """A random-weight model dir for `preset` and a bank of n_refs random memories bound to it,
     indexed (Flat) with random unit vectors under the spec of `embedder` (minilm, self or a static
-    embedder dir), so
-    queries pay that embedder's real cost. The references' text is real (Wikipedia summaries from
-    the installed package, so queries cost what real text costs) or pseudo-text. Returns
-    (model_dir, bank)."""
+    embedder dir), so queries pay that embedder's real cost. The references' text is real
+    (Wikipedia summaries from the installed package, so queries cost what real text costs) or
+    pseudo-text. Returns (model_dir, bank)."""
     import faiss
 
     from .bank_writer import BankWriter, update_bank

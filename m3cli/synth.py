@@ -171,7 +171,8 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         pq.write_table(pa.Table.from_pylist(kb), tmp / "kb.parquet")
         for name, rows in (("qa_seen.jsonl", qa_seen), ("qa_unseen.jsonl", qa_unseen)):
             (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed, "namesake_pairs": n_pairs, "qa_only": qa_only,
+        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed, "namesake_pairs": n_pairs,
+                "qa_only": qa_only,
                 "train_texts": len(train), "kb_texts": len(kb), "qa_seen": len(qa_seen), "qa_unseen": len(qa_unseen),
                 "prompt_template": PROMPT_TEMPLATE}
         (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n")
