@@ -12,13 +12,7 @@ from m3cli.bank import Bank
 from m3cli.embed import STATIC_CONFIG, STATIC_VECTORS, StaticEmbedder, load_embedder, minilm_dir
 
 from cli_helpers import assert_user_error, encoded_bank, m3
-
-DOCS = [
-    {"id": "fr", "title": "France", "text": "the capital of france is paris ."},
-    {"id": "it", "title": "Italy", "text": "the capital of italy is rome ."},
-    {"id": "hw", "title": "Greeting", "text": "hello world , the memory model answers a question ."},
-    {"id": "bo", "title": "Born", "text": "a city country born in rome was in italy ."},
-]
+from test_retrieval import DOCS  # the same four tiny documents
 
 
 @pytest.fixture
