@@ -9,7 +9,8 @@
              (`--embedders`) on Wikipedia summaries: texts/s, the time of 16 chunk-sized queries
              (generation's batch), and recall@5 of "article title -> one of its references".
   qa         on an indexed bank and m3 synth's questions: how often the person a question names
-             is the retriever's first hit, and among its 5.
+             is the retriever's first hit, and among its 5, and by what cosine margin it leads
+             the second hit when it is first.
 
     python bench/retrieval.py index --n 100000 --factories "Flat;HNSW32;IVF1024,PQ48x4fs,RFlat"
     python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl
@@ -176,6 +177,11 @@ def bench_qa(args) -> None:
            "right_at_1": round(float(np.mean([bool(h) and h[0].title in q for q, h in zip(questions, hits)])), 4),
            "right_in_5": round(float(np.mean([any(x.title in q for x in h) for q, h in zip(questions, hits)])), 4),
            "ms_per_16_questions": round(ms, 2)}
+    # how sure the retriever is when it is right: the cosine margin of the first hit over the second
+    margins = [h[0].score - h[1].score for q, h in zip(questions, hits) if len(h) > 1 and h[0].title in q]
+    if margins:
+        row["margin_when_right_median"] = round(float(np.median(margins)), 4)
+        row["margin_when_right_p5"] = round(float(np.quantile(margins, 0.05)), 4)
     print(json.dumps(row))
 
 

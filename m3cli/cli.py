@@ -795,7 +795,7 @@ def pretrain(
 @user_errors
 def eval_cmd(
     model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
-    qa: Annotated[Path, typer.Option("--qa", help="JSONL with {\"question\", \"answer\"} per line.")],
+    qa: Annotated[Path, typer.Option("--qa", help="JSONL with {\"question\", \"answer\"} per line (optional \"title\": the document it is about).")],
     bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
                                                  "(for memory and rag).")] = None,
     text: Annotated[Optional[Path], typer.Option("--text", help="Held-out text (Parquet/JSONL corpus) for "
@@ -813,7 +813,9 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {mode: {accuracy, n, correct, chance, "
-                                                         "perplexity}}.")] = False,
+                                                         "perplexity}}; memory also has right_retrieved, "
+                                                         "right_first, right_attention(_even) when questions "
+                                                         "have a \"title\".")] = False,
     show: Annotated[int, typer.Option("--show", help="Also print the first N questions with every mode's "
                                                      "answer side by side.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -823,6 +825,9 @@ def eval_cmd(
 
     A question counts as answered when the answer appears in the first sentence of the greedy
     completion. With --text, also held-out perplexity per mode (the same tokens in every mode).
+    When the questions name their knowledge-base document ("title", as `m3 synth` writes),
+    memory mode also says how often that document was retrieved (and first) and what share of
+    the memory attention it got as the answer began: a retrieval failure or a reading failure.
     """
     from .evaluate import evaluate, read_qa
 
@@ -860,6 +865,11 @@ def eval_cmd(
         extra = f", chance {r['chance']:.3f}" if "chance" in r else ""
         extra += f", perplexity {r['perplexity']:.3f}" if "perplexity" in r else ""
         typer.echo(f"  {mode:6s} accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}{extra})")
+        if "right_retrieved" in r:
+            att = "-" if r["right_attention"] is None else \
+                f"{r['right_attention']:.3f} ({r['right_attention_even']:.3f} if even)"
+            typer.echo(f"         asked document: retrieved {r['right_retrieved']:.3f}, first {r['right_first']:.3f}, "
+                       f"memory attention {att}")
     from .evaluate import first_sentence, is_correct
 
     for j, q in enumerate(questions[:max(0, show)]):

@@ -57,11 +57,37 @@ def is_correct(answer: str, completion: str) -> bool:
     return bool(re.search(pattern, first_sentence(completion).lower()))
 
 
+def _memory_read(completion, title: str) -> tuple[bool, bool, float | None, float | None]:
+    """For one memory-mode completion of a question about the document `title`, at the prompt's
+    last token (the position that writes the answer's first token): was that document among the
+    memories it read, was it the retriever's first, what share of the memory layers' attention
+    to memories went to its memories (averaged over layers and heads; None when it was not
+    retrieved or nothing was measured), and what share reading all memories alike would give."""
+    prompt = [r for r in completion.chunks if r.source == "prompt"]
+    if not prompt:
+        return False, False, None, None
+    rec = prompt[-1]
+    right = [h.title == title for h in rec.hits]
+    share = chance = None
+    if any(right) and rec.last_attention is not None and sum(rec.last_attention) > 0:
+        share = sum(a for a, r in zip(rec.last_attention, right) if r) / sum(rec.last_attention)
+        chance = sum(right) / len(right)
+    return any(right), bool(right and right[0]), share, chance
+
+
 def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 12,
              batch_size: int = 32, max_overlap: float | None = 0.67, memories: int = 5, texts: list[str] | None = None,
              chat: bool = False, progress=None) -> dict:
     """{mode: {"accuracy", "n", "correct", "chance", "perplexity"?}} plus per-question records
-    under "_answers" (mode -> list of completions)."""
+    under "_answers" (mode -> list of completions).
+
+    When every question names the knowledge-base document it is about ("title"), memory mode
+    also reports, at the prompt's last token (which writes the answer's first token), how memory
+    was used: "right_retrieved" (the share of questions whose document was among the memories
+    read there), "right_first" (it was the retriever's first), "right_attention" (over those
+    questions, the mean share of the memory layers' attention to memories that went to that
+    document's memories) and "right_attention_even" (the same share if every memory got as much
+    attention as the others). They tell a retrieval failure from a reading failure."""
     from .generate import Options
 
     if "{question}" not in template:
@@ -73,18 +99,31 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
         if n > limit:
             raise M3Error(f"held-out text {j + 1} has {n} tokens, more than the model's context of {limit}")
     chance = [q.get("chance") for q in qa]
+    titles = [q.get("title") for q in qa]
+    has_titles = all(isinstance(t, str) and t.strip() for t in titles)
     result: dict = {"_answers": {}}
     for mode in modes:
-        opts = Options(mode=mode, max_new_tokens=max_new_tokens, memories=memories, max_overlap=max_overlap, chat=chat)
-        completions = []
+        diagnose = mode == "memory" and has_titles
+        opts = Options(mode=mode, max_new_tokens=max_new_tokens, memories=memories, max_overlap=max_overlap, chat=chat,
+                       cite=diagnose)
+        completions, reads = [], []
         for start in range(0, len(prompts), batch_size):
-            completions += [c.text for c in gen.generate(prompts[start:start + batch_size], opts)]
+            batch = gen.generate(prompts[start:start + batch_size], opts)
+            completions += [c.text for c in batch]
+            if diagnose:
+                reads += [_memory_read(c, t) for c, t in zip(batch, titles[start:start + batch_size])]
             if progress is not None:
                 progress(mode, len(completions), len(prompts))
         correct = sum(is_correct(q["answer"], c) for q, c in zip(qa, completions))
         entry = {"accuracy": round(correct / len(qa), 4), "n": len(qa), "correct": correct}
         if all(isinstance(c, (int, float)) for c in chance):
             entry["chance"] = round(sum(chance) / len(chance), 4)
+        if diagnose:
+            measured = [(s, c) for _, _, s, c in reads if s is not None]
+            entry["right_retrieved"] = round(sum(r[0] for r in reads) / len(reads), 4)
+            entry["right_first"] = round(sum(r[1] for r in reads) / len(reads), 4)
+            entry["right_attention"] = round(sum(s for s, _ in measured) / len(measured), 4) if measured else None
+            entry["right_attention_even"] = round(sum(c for _, c in measured) / len(measured), 4) if measured else None
         if texts:
             nll, count = 0.0, 0
             for t in texts:

@@ -85,6 +85,7 @@ class ChunkRecord:
     query: str | None
     hits: list  # retrieval.Hit
     attention: list[float] | None = None  # share of memory-layer attention per hit (cite)
+    last_attention: list[float] | None = None  # prompt chunks, cite: the same at the chunk's last token
 
     def to_json(self) -> dict:
         refs = []
@@ -315,6 +316,7 @@ class Generator:
                     s, e = rec.tokens
                     cols = share[b, pads[b] + s:pads[b] + e, rec.chunk * opts.memories:rec.chunk * opts.memories + len(rec.hits)]
                     rec.attention = cols.mean(0).tolist()
+                    rec.last_attention = cols[-1].tolist()  # the last prompt chunk's: what writes token 0
 
         # decoding
         if opts.mode == "memory":

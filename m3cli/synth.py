@@ -101,7 +101,8 @@ def people(n: int, seed: int) -> list[Person]:
 
 def qa(person: Person) -> list[dict]:
     return [{"question": q.format(name=person.name), "answer": getattr(person, attr), "attribute": attr,
-             "chance": round(1 / len(ATTRIBUTES[attr]), 6)} for attr, q in QUESTIONS.items()]
+             "chance": round(1 / len(ATTRIBUTES[attr]), 6), "title": person.name}
+            for attr, q in QUESTIONS.items()]
 
 
 def namesake_pairs(seen: list[Person], n: int, seed: int) -> list[dict]:

@@ -94,6 +94,11 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 for mode in ("none", "memory", "rag"):
     print(f"  {mode:6s} accuracy {r[mode]['accuracy']:.3f}  ({r[mode]['correct']}/{r[mode]['n']}, chance {r[mode]['chance']:.3f})")
+m = r["memory"]
+if m.get("right_attention") is not None:
+    print(f"  the asked person's memory: retrieved {m['right_retrieved']:.3f}, first {m['right_first']:.3f}, "
+          f"share of memory attention as the answer begins {m['right_attention']:.3f} "
+          f"(no preference: {m['right_attention_even']:.3f})")
 ok = r["memory"]["accuracy"] >= 0.8 and r["none"]["accuracy"] <= r["none"]["chance"] + 0.05
 print("PASS" if ok else "FAIL", "(memory >= 0.8 and none <= chance + 0.05)")
 sys.exit(0 if ok else 1)

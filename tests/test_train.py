@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import numpy as np
@@ -138,6 +139,10 @@ def test_synth_is_deterministic_and_keeps_unseen_facts_out_of_training(task, tmp
     assert len(unseen) == 4 and not any(name in train for name in unseen)  # 10% of 40
     assert all(any(r["title"] == name for r in kb) for name in unseen) and len(kb) == 40
     assert len(read_qa(task / "qa_unseen.jsonl")) == 20 and len(read_qa(task / "qa_seen.jsonl")) == 180
+    # every question names its person's knowledge-base document (eval's retrieval/reading diagnostics)
+    titles = {r["title"] for r in kb}
+    for q in read_qa(task / "qa_unseen.jsonl") + read_qa(task / "qa_seen.jsonl"):
+        assert q["title"] in titles and q["title"] in q["question"]
     # every seen person has a biography and a question-only document
     ids = pq.read_table(task / "train.parquet").column("id").to_pylist()
     assert len(ids) == 72 and sum(i.endswith("#qa") for i in ids) == 36
@@ -241,6 +246,61 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
     for r in out.values():
         assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["chance"] > 0 and r["perplexity"] > 1
     assert len({r["perplexity_tokens"] for r in out.values()}) == 1  # the same tokens in every mode
+    # the questions name their documents: memory mode says whether the answers had them in memory
+    mem = out["memory"]
+    assert 0 <= mem["right_first"] <= mem["right_retrieved"] <= 1
+    assert mem["right_retrieved"] > 0 and 0 <= mem["right_attention"] <= 1 and 0 < mem["right_attention_even"] <= 1
+    assert not {"right_retrieved", "right_attention"} & (set(out["none"]) | set(out["rag"]))
+    # the same figures from m3 search: the question's own top-5 (eval's prompt is a single chunk)
+    qa = read_qa(task / "qa_unseen.jsonl")[:6]
+    found = first = 0
+    for q in qa:
+        hits = json.loads(m3("search", bank2, f"Question: {q['question']} Answer:", "-k", "5", "--max-overlap",
+                             "0.67", "--json").stdout)["results"]
+        titles = [h["title"] for h in hits]
+        found, first = found + (q["title"] in titles), first + (titles[:1] == [q["title"]])
+    assert mem["right_retrieved"] == round(found / 6, 4) and mem["right_first"] == round(first / 6, 4)
+    # bench/memory_reading.py (README's experiments) runs on this run's rows and retrievals
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "rows",
+                           "--model", str(model), "--corpus", str(task / "train.parquet"), "--bank", str(bank2),
+                           "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"), "--seq-len", "128",
+                           "--seed", "0", "--rows", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row["answers"] > 0 and all(0 <= v <= 1 for k, v in row.items() if k not in ("model", "answers"))
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "rows",
+                           "--model", str(model), "--corpus", str(task / "train.parquet"), "--bank", str(bank2),
+                           "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"), "--seq-len", "128",
+                           "--seed", "1", "--rows", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "belongs to" in proc.stderr  # another seed packs other rows
+    # without titles: no such fields
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in q.items() if k != "title"}) + "\n" for q in qa))
+    result = m3("eval", "-m", model, "-b", bank2, "--qa", plain, "--modes", "memory", "--json")
+    assert result.exit_code == 0 and "right_retrieved" not in json.loads(result.stdout)["memory"]
+
+
+def test_memory_read_diagnostic_of_one_completion():
+    """At the prompt's last token: right_attention is the share of memory attention on the
+    question's document among all memories (several references of one document add up); the
+    last prompt chunk counts; a document not retrieved gives no share."""
+    from m3cli.evaluate import _memory_read
+    from m3cli.generate import ChunkRecord, Completion
+    from m3cli.retrieval import Hit
+
+    def hit(title):
+        return Hit(ref=0, score=1.0, doc_id=title, title=title, text="")
+
+    hits = [hit("B"), hit("A"), hit("C"), hit("A")]
+    early = ChunkRecord(0, "prompt", (0, 64), "q", [hit("Z")], attention=[0.5], last_attention=[0.5])
+    last = ChunkRecord(1, "prompt", (64, 70), "q", hits, attention=[0.9, 0, 0, 0], last_attention=[0.1, 0.2, 0.05, 0.05])
+    decoded = ChunkRecord(2, "inherited", (0, 3), None, hits, attention=[0.9, 0.0, 0.0, 0.0])
+    c = Completion("q", "x", [1, 2, 3], 70, "length", [early, last, decoded])
+    retrieved, first, share, even = _memory_read(c, "A")
+    assert retrieved and not first and abs(share - 0.25 / 0.4) < 1e-9 and even == 0.5
+    assert _memory_read(c, "B")[:3] == (True, True, 0.25) and _memory_read(c, "Z") == (False, False, None, None)
+    unmeasured = Completion("q", "", [], 70, "eos", [ChunkRecord(0, "prompt", (0, 9), "q", hits[1:])])
+    assert _memory_read(unmeasured, "A") == (True, True, None, None)
 
 
 def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):

@@ -1,0 +1,229 @@
+"""Does a model tell its memories apart? Experiments behind README § Training (issue #6).
+
+  rows   teacher-forced accuracy of each answer's first token ("Answer: X.") on a continual
+         run's training rows, with the memories each chunk reads swapped: none, that run's
+         cached retrievals (its state dir's retrieval.npy), only their top-1, the top-1 plus
+         random references, the top-5 of the chunk's first question alone (as eval retrieves). If the top-1 alone is read well and the
+         top-1 plus distractors is not, the model does not pick the right memory.
+  train  a continual stage (`m3 pretrain --stage continual`) with variants that are not CLI
+         options: each chunk's top-1 plus random references (`--random K`), and references
+         whose document-title tokens are left out of the training memories (`--mask-titles`).
+         It reuses the chunk retrievals of an earlier run on the same corpus, seed and length
+         (`--retrievals`), so it starts in seconds. The random references are drawn once per
+         chunk (seed 123), so a row reads the same ones in every epoch.
+
+    python bench/memory_reading.py rows --model out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
+        --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy
+    python bench/memory_reading.py train -o out/exp/s6 --init-from out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
+        --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy --random 5 --steps 800 --seed 1
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import m3cli.bank as bank_module  # noqa: E402
+import m3cli.train as train_module  # noqa: E402
+from m3cli.bank import Bank  # noqa: E402
+from m3cli.checkpoint import load_model_dir, load_tokenizer  # noqa: E402
+from m3cli.corpus import read_corpus  # noqa: E402
+from m3cli.retrieval import Retriever, query_embedder  # noqa: E402
+
+CHUNK = 64
+
+
+def with_random(refs: np.ndarray, n_refs: int, k: int, seed: int) -> np.ndarray:
+    """Each chunk's top-1 (column 0) plus k-1 references drawn uniformly (never the top-1)."""
+    out = np.full(refs.shape[:2] + (k,), -1, dtype=np.int64)
+    out[:, :, 0] = refs[:, :, 0]
+    r = np.random.default_rng(seed).integers(0, n_refs, size=out[:, :, 1:].shape)
+    out[:, :, 1:] = np.where(r == out[:, :, :1], (r + 1) % n_refs, r)
+    out[out[:, :, 0] < 0] = -1
+    return out
+
+
+def title_masks(ref_tokens, tokenizer) -> list[np.ndarray]:
+    """Per reference: which of its tokens overlap a word of its document's title."""
+    masks = []
+    for ids, title in zip(ref_tokens.ids, ref_tokens.titles):
+        parts = [tokenizer.decode([t]) for t in ids]
+        lens = np.array([len(p) for p in parts])
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        text = "".join(parts)
+        m = np.zeros(len(ids), bool)
+        for word in title.split():
+            for x in re.finditer(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text):
+                m |= (starts < x.end()) & (ends > x.start())
+        masks.append(m)
+    return masks
+
+
+def masked_memory(tokenizer):
+    """`continual_memory` with each reference's title tokens marked invalid (never read)."""
+    from m3cli.attention import Memory
+
+    def continual_memory(model, chunk_refs, ref_tokens, seq_len, detach):
+        mem = original_memory(model, chunk_refs, ref_tokens, seq_len, detach)
+        if mem is None:
+            return None
+        if not hasattr(ref_tokens, "title_masks"):
+            ref_tokens.title_masks = title_masks(ref_tokens, tokenizer)
+        flat = (chunk_refs if chunk_refs.dim() == 3 else chunk_refs[:, :, None]).flatten().tolist()
+        unique = sorted({r for r in flat if r >= 0})
+        with torch.no_grad():  # positions only (the same selection as the encoding inside mem)
+            ids, lengths = ref_tokens.batch(unique, model.embed.weight.device)
+            positions = model.encode_references(ids, lengths).positions  # (R, L, Hkv, k)
+        p = len(model.config.reference_prefix_ids)
+        where = {r: j for j, r in enumerate(unique)}
+        positions = positions.cpu()
+        is_title = torch.zeros((len(flat),) + positions.shape[1:], dtype=torch.bool)
+        for s, r in enumerate(flat):
+            if r < 0:
+                continue
+            pos = positions[where[r]] - p
+            m = torch.from_numpy(ref_tokens.title_masks[r])
+            is_title[s] = (pos >= 0) & m[pos.clamp(0, len(m) - 1)]
+        valid = mem.valid & ~is_title.view(mem.valid.shape).to(mem.valid.device)
+        return Memory(kv=mem.kv, valid=valid, sink=mem.sink, visible=mem.visible)
+
+    return continual_memory
+
+
+original_memory = train_module.continual_memory
+
+
+def rows_cmd(a) -> None:
+    tok = load_tokenizer(a.model)
+    model = load_model_dir(a.model, "cpu", torch.float32).eval()
+    texts = [d.text for d in read_corpus(a.corpus) if d.text.strip()]
+    info = Path(a.retrievals).with_name("retrieval.json")
+    aligned = json.loads(info.read_text())["key"].get("align_docs", True) if info.is_file() else True
+    rows = train_module.pack_sequences(texts, tok, a.seq_len, a.seed, align=CHUNK if aligned else None)
+    refs = load_retrievals(a, rows.shape[0])
+    pick = np.random.default_rng(0).choice(rows.shape[0], min(a.rows, rows.shape[0]), replace=False)
+    rows, refs = rows[pick], refs[pick]
+    T = a.seq_len
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    first = np.zeros((len(rows), T), bool)  # target positions of each answer's first token
+    for i, row in enumerate(rows):
+        parts = ["\n" if t in special else tok.decode([t]) for t in row]
+        starts = np.cumsum([0] + [len(p) for p in parts])[:-1]
+        for m in re.finditer(r"Answer: ?([^\n]*?)\.(?= |\n|$)", "".join(parts)):
+            idx = [j for j in range(len(row)) if starts[j] + len(parts[j]) > m.start(1) and starts[j] < m.end(1)
+                   and parts[j].strip()]
+            if idx and idx[0] >= 1:
+                first[i, idx[0] - 1] = True
+    ref_tokens = train_module.ReferenceTokens(Path(a.bank), tok, model.config.reference_length)
+    memory_fn = masked_memory(tok) if a.mask_titles else original_memory
+    with Bank(Path(a.bank)) as bank:
+        n_refs = bank.n_refs
+        retriever = Retriever(bank, query_embedder(bank, model_dir=a.model, device="cpu"))
+        question = np.full(refs.shape[:2] + (5,), -1, dtype=np.int64)
+        queries, where = [], []
+        for r in range(len(rows)):
+            for c in range(T // CHUNK):
+                text = tok.decode(rows[r, c * CHUNK:(c + 1) * CHUNK].tolist(), skip_special_tokens=True)
+                m = re.search(r"Question: [^?]*\?", text)
+                if m:
+                    queries.append(m.group(0))
+                    where.append((r, c))
+        for (r, c), hits in zip(where, retriever.search(queries, k=5, max_overlap=0.67)):
+            question[r, c, :len(hits)] = [h.ref for h in hits]
+
+    def accuracy(chunk_refs) -> float:
+        right = 0
+        with torch.no_grad():
+            for s in range(0, len(rows), 8):
+                x = torch.from_numpy(rows[s:s + 8, :T])
+                y = torch.from_numpy(rows[s:s + 8, 1:])
+                mem = None if chunk_refs is None else memory_fn(model, torch.from_numpy(chunk_refs[s:s + 8]),
+                                                                ref_tokens, T, True)
+                right += int(((model(x, memory=mem).argmax(-1) == y).numpy() & first[s:s + 8]).sum())
+        return round(right / int(first.sum()), 3)
+
+    k = refs.shape[2]
+    out = {"model": str(a.model), "answers": int(first.sum()), "none": accuracy(None),
+           "top-1": accuracy(refs[:, :, :1]), f"cached top-{k}": accuracy(refs),
+           "top-1 + 1 random": accuracy(with_random(refs, n_refs, 2, 5)),
+           "top-1 + 4 random": accuracy(with_random(refs, n_refs, 5, 5)),
+           "first question's top-5": accuracy(question)}
+    print(json.dumps(out))
+
+
+def load_retrievals(a, n_rows: int) -> np.ndarray:
+    """The cached chunk retrievals, checked against this corpus, seed and length."""
+    refs = np.load(a.retrievals, allow_pickle=False)
+    info = Path(a.retrievals).with_name("retrieval.json")
+    if info.is_file():
+        key = json.loads(info.read_text())["key"]
+        if (Path(key["corpus"]).name, key["seed"], key["seq_len"]) != (Path(a.corpus).name, a.seed, a.seq_len):
+            raise SystemExit(f"{a.retrievals} belongs to {key['corpus']} (seed {key['seed']}, length "
+                             f"{key['seq_len']}), not to {a.corpus} (seed {a.seed}, length {a.seq_len})")
+    if refs.shape[0] != n_rows:
+        raise SystemExit(f"{a.retrievals} holds {refs.shape[0]} rows, the corpus packs into {n_rows}")
+    return refs
+
+
+def train_cmd(a) -> None:
+    if Path(a.output).with_name(Path(a.output).name + ".train").exists() and not a.force:
+        raise SystemExit(f"{a.output}.train exists (its cached retrievals would be reused); pass --force")
+    state = Path(a.output).with_name(Path(a.output).name + ".train")
+    for name in ("retrieval.npy", "retrieval.json"):  # this script's variants are not in their key
+        (state / name).unlink(missing_ok=True)
+
+    def retrieve_for_chunks(rows, *args, **kwargs):
+        cached = load_retrievals(a, rows.shape[0])
+        if a.random:
+            with Bank(Path(a.bank)) as bank:
+                return with_random(cached, bank.n_refs, a.random, 123)
+        return cached[:, :, :a.refs_per_chunk]
+
+    train_module.retrieve_for_chunks = retrieve_for_chunks
+    bank_module.require_same_model = lambda *args, **kwargs: None  # the bank serves only its text here
+    if a.mask_titles:
+        train_module.continual_memory = masked_memory(load_tokenizer(a.init_from))
+    k = a.random or a.refs_per_chunk
+    args = train_module.TrainArgs(
+        stage="continual", corpus=a.corpus, output=Path(a.output), init_from=Path(a.init_from), bank=Path(a.bank),
+        steps=a.steps, batch_size=8, seq_len=a.seq_len, lr=a.lr, seed=a.seed, refs_per_chunk=k, prev_chunks=0,
+        distractors="retrieved", align_docs=True, memory_match_loss=a.memory_match_loss)
+    print(train_module.pretrain(args, force=a.force, show_progress=False))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("rows", "train"):
+        s = sub.add_parser(name)
+        s.add_argument("--corpus", required=True)
+        s.add_argument("--bank", required=True, help="the references (its text and index); rows: for retrieval")
+        s.add_argument("--retrievals", required=True, help="retrieval.npy of the run whose rows are used")
+        s.add_argument("--seq-len", type=int, default=256)
+        s.add_argument("--seed", type=int, default=1, help="the data seed of that run (the rows' packing)")
+        s.add_argument("--mask-titles", action="store_true")
+    r = sub.choices["rows"]
+    r.add_argument("--model", required=True)
+    r.add_argument("--rows", type=int, default=64)
+    t = sub.choices["train"]
+    t.add_argument("-o", "--output", required=True)
+    t.add_argument("--init-from", required=True)
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--random", type=int, default=0, help="K memories per chunk: the top-1 plus K-1 random")
+    t.add_argument("--refs-per-chunk", type=int, default=5, help="without --random: the cached top-K")
+    t.add_argument("--memory-match-loss", type=float, default=0.0)
+    t.add_argument("--force", action="store_true")
+    a = p.parse_args()
+    rows_cmd(a) if a.cmd == "rows" else train_cmd(a)
+
+
+if __name__ == "__main__":
+    main()
