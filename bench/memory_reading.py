@@ -11,9 +11,16 @@
          It reuses the chunk retrievals of an earlier run on the same corpus, seed and length
          (`--retrievals`), so it starts in seconds. The random references are drawn once per
          chunk (seed 123), so a row reads the same ones in every epoch.
+  probe  is the asked person's identity in the queries and the memory keys at all? Per memory
+         layer and query head, a bilinear score q·W·k (logsumexp over a memory's kept tokens)
+         is trained to pick the asked person's memory among a question's top-5 (questions that
+         name their document, `title`), and compared with the model's own W = I, on held-out
+         questions. Queries are taken at the prompt's last token in a pass without memory.
 
     python bench/memory_reading.py rows --model out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy
+    python bench/memory_reading.py probe --model out/proof/model --bank out/proof/kb.m3bank \
+        --train-qa out/proof/synth/qa_seen.jsonl --test-qa out/proof/qa_unseen.jsonl
     python bench/memory_reading.py train -o out/exp/s6 --init-from out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy --random 5 --steps 800 --seed 1
 """
@@ -28,6 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import math  # noqa: E402
 
 import m3cli.bank as bank_module  # noqa: E402
 import m3cli.train as train_module  # noqa: E402
@@ -198,6 +207,70 @@ def train_cmd(a) -> None:
     print(train_module.pretrain(args, force=a.force, show_progress=False))
 
 
+def probe_cmd(a) -> None:
+    from m3cli.model import apply_rope, rope_cos_sin
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(a.model)
+    model = load_model_dir(a.model, "cpu", torch.float32).eval()
+    cfg = model.config
+    ref_tokens = train_module.ReferenceTokens(Path(a.bank), tok, cfg.reference_length)
+
+    def features(path: str, n: int, every: int):
+        qa = [json.loads(line) for line in open(path) if line.strip()][::every][:n]
+        prompts = [f"Question: {q['question']} Answer:" for q in qa]
+        with Bank(Path(a.bank)) as bank:
+            hits = Retriever(bank, query_embedder(bank, model_dir=a.model, device="cpu")).search(
+                prompts, k=5, max_overlap=0.67)
+        qs, ks, valid, target = [], [], [], []
+        for q, prompt, h in zip(qa, prompts, hits):
+            right = [x.title == q["title"] for x in h]
+            if len(h) < 5 or not any(right):
+                continue
+            ids = torch.tensor([tok(prompt)["input_ids"]])
+            T = ids.shape[1]
+            pos = torch.arange(T) + cfg.context_offset
+            with torch.no_grad():
+                caps = model._run_captured(ids, pos, torch.ones(T, T, dtype=torch.bool).tril()[None, None],
+                                           cfg.mem_layers)
+                cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+                qs.append(torch.stack([apply_rope(c["q"], cos, sin)[0, :, -1] for c in caps]))  # (L, H, D)
+                enc = model.encode_references(*ref_tokens.batch([x.ref for x in h], "cpu"))
+            ks.append(enc.kv[:, :, 0])  # (5, L, Hkv, k, D)
+            valid.append(enc.valid)
+            target.append(right.index(True))
+        return torch.stack(qs), torch.stack(ks), torch.stack(valid), torch.tensor(target)
+
+    train = features(a.train_qa, a.train_n, 4)
+    test = features(a.test_qa, a.test_n, 1)
+    L, H, D = train[0].shape[1:]
+    group = H // cfg.n_kv_heads
+
+    def scores(qs, ks, valid, W, layer, head):  # (N, 5): logsumexp over each memory's kept tokens
+        s = torch.einsum("nd,nmkd->nmk", qs[:, layer, head] @ W, ks[:, :, layer, head // group]) / math.sqrt(D)
+        return s.masked_fill(~valid[:, :, layer, head // group], -1e9).logsumexp(-1)
+
+    def accuracy(data, W, layer, head) -> float:
+        with torch.no_grad():
+            return round(float((scores(*data[:3], W, layer, head).argmax(-1) == data[3]).float().mean()), 3)
+
+    heads = {}
+    for layer in range(L):
+        for head in range(H):
+            W = torch.eye(D).requires_grad_(True)
+            opt = torch.optim.Adam([W], lr=1e-2)
+            for _ in range(a.steps):
+                loss = torch.nn.functional.cross_entropy(scores(*train[:3], W, layer, head), train[3])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            heads[f"layer {cfg.mem_layers[layer]} head {head}"] = {
+                "own": accuracy(test, torch.eye(D), layer, head), "trained_fit": accuracy(train, W, layer, head),
+                "trained_held_out": accuracy(test, W, layer, head)}
+    print(json.dumps({"model": str(a.model), "train_questions": len(train[3]), "test_questions": len(test[3]),
+                      "right_is_first": round(float((test[3] == 0).float().mean()), 3), "heads": heads}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -221,8 +294,16 @@ def main() -> None:
     t.add_argument("--refs-per-chunk", type=int, default=5, help="without --random: the cached top-K")
     t.add_argument("--memory-match-loss", type=float, default=0.0)
     t.add_argument("--force", action="store_true")
+    q = sub.add_parser("probe")
+    q.add_argument("--model", required=True)
+    q.add_argument("--bank", required=True, help="an indexed bank of the questions' documents")
+    q.add_argument("--train-qa", required=True, help="questions with a title, to fit W (every 4th is used)")
+    q.add_argument("--test-qa", required=True, help="held-out questions with a title")
+    q.add_argument("--train-n", type=int, default=2000)
+    q.add_argument("--test-n", type=int, default=500)
+    q.add_argument("--steps", type=int, default=300)
     a = p.parse_args()
-    rows_cmd(a) if a.cmd == "rows" else train_cmd(a)
+    {"rows": rows_cmd, "train": train_cmd, "probe": probe_cmd}[a.cmd](a)
 
 
 if __name__ == "__main__":

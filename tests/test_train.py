@@ -273,6 +273,16 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
                            "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"), "--seq-len", "128",
                            "--seed", "1", "--rows", "4"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "belongs to" in proc.stderr  # another seed packs other rows
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "probe",
+                           "--model", str(model), "--bank", str(bank2), "--train-qa", str(task / "qa_seen.jsonl"),
+                           "--test-qa", str(task / "qa_unseen.jsonl"), "--train-n", "8", "--test-n", "6", "--steps",
+                           "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    probe = json.loads(proc.stdout.splitlines()[-1])
+    model_cfg = json.loads((model / "config.json").read_text())
+    n_mem = len(model_cfg["memory_layers"] or range(model_cfg["n_layers"] // 2))  # None: the first half
+    assert probe["test_questions"] > 0 and len(probe["heads"]) == n_mem * model_cfg["n_heads"]
+    assert all(0 <= v <= 1 for h in probe["heads"].values() for v in h.values())
     # without titles: no such fields
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in q.items() if k != "title"}) + "\n" for q in qa))
