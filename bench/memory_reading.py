@@ -16,11 +16,18 @@
          is trained to pick the asked person's memory among a question's top-5 (questions that
          name their document, `title`), and compared with the model's own W = I, on held-out
          questions. Queries are taken at the prompt's last token in a pass without memory.
+  score-prior  an emulation, without training: every memory slot's attention logits get
+         beta * (its retriever score - the chunk's top score) in every layer, and the
+         questions are answered with 5 memories (`m3 eval`'s memory mode). What would steering
+         the reading by the retriever's confidence give this model? (The paper reads memories
+         by content alone: beta 0.)
 
     python bench/memory_reading.py rows --model out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy
     python bench/memory_reading.py probe --model out/proof/model --bank out/proof/kb.m3bank \
         --train-qa out/proof/synth/qa_seen.jsonl --test-qa out/proof/qa_unseen.jsonl
+    python bench/memory_reading.py score-prior --model out/proof/model --bank out/proof/kb.m3bank \
+        --qa out/proof/qa_unseen.jsonl --limit 500 --betas 0,20,30,50,100,1000
     python bench/memory_reading.py train -o out/exp/s6 --init-from out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy --random 5 --steps 800 --seed 1
 """
@@ -271,6 +278,59 @@ def probe_cmd(a) -> None:
                       "right_is_first": round(float((test[3] == 0).float().mean()), 3), "heads": heads}))
 
 
+def score_prior_cmd(a) -> None:
+    import m3cli.model as model_module
+    from m3cli.cli import _open_generator
+    from m3cli.evaluate import evaluate, read_qa
+
+    qa = read_qa(Path(a.qa), a.limit)
+    state: dict = {"bias": None, "beta": 0.0}
+
+    def biased(q, k, v, mask):  # attention_reference plus the per-slot bias on the memory keys
+        B, H, T, D = q.shape
+        group = H // k.shape[1]
+        s = q.float() @ k.repeat_interleave(group, dim=1).float().transpose(-1, -2) / math.sqrt(D)
+        bias = state["bias"]
+        if bias is not None and bias.shape[0] == B and s.shape[-1] >= state["p"] + bias.shape[1] * state["k"]:
+            lo, hi = state["p"], state["p"] + bias.shape[1] * state["k"]
+            s[..., lo:hi] += bias.repeat_interleave(state["k"], dim=1)[:, None, None, :]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(s, dim=-1)
+        if mask is not None:
+            probs = torch.where(mask.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+        return (probs @ v.repeat_interleave(group, dim=1).float()).to(q.dtype)
+
+    saved = dict(model_module.ATTENTION_IMPLS)
+    try:
+        with _open_generator(Path(a.model), Path(a.bank), "cpu", "float32", None) as (gen, _):
+            cfg = gen.model.config
+            if len(cfg.mem_layers) != cfg.n_layers:
+                raise SystemExit("score-prior assumes memory in every layer (the key layout of the others differs)")
+            state["p"], state["k"] = len(cfg.reference_prefix_ids), cfg.memory_top_k
+            for name in model_module.ATTENTION_IMPLS:
+                model_module.ATTENTION_IMPLS[name] = biased
+            retrieve = gen._retrieve
+
+            def retrieve_with_bias(queries, opts):  # one chunk per prompt here: slots are its hits
+                hits = retrieve(queries, opts)
+                bias = torch.zeros(len(hits), opts.memories)
+                for i, h in enumerate(hits):
+                    for j, x in enumerate(h):
+                        bias[i, j] = state["beta"] * (x.score - h[0].score)
+                state["bias"] = bias
+                return hits
+
+            gen._retrieve = retrieve_with_bias
+            for beta in [float(x) for x in a.betas.split(",")]:
+                state["beta"] = beta
+                m = evaluate(gen, qa, ["memory"], memories=5, batch_size=32)["memory"]
+                print(json.dumps({"beta": beta, "accuracy": m["accuracy"], "n": m["n"]}), flush=True)
+    finally:
+        model_module.ATTENTION_IMPLS.clear()
+        model_module.ATTENTION_IMPLS.update(saved)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -302,8 +362,14 @@ def main() -> None:
     q.add_argument("--train-n", type=int, default=2000)
     q.add_argument("--test-n", type=int, default=500)
     q.add_argument("--steps", type=int, default=300)
+    sp = sub.add_parser("score-prior")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--bank", required=True)
+    sp.add_argument("--qa", required=True, help="questions of one prompt chunk each (m3 synth's)")
+    sp.add_argument("--limit", type=int, default=None)
+    sp.add_argument("--betas", default="0,20,30,50,100")
     a = p.parse_args()
-    {"rows": rows_cmd, "train": train_cmd, "probe": probe_cmd}[a.cmd](a)
+    {"rows": rows_cmd, "train": train_cmd, "probe": probe_cmd, "score-prior": score_prior_cmd}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ does not reach.
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,4 +51,13 @@ def test_sample_model_answers_unseen_people_from_memory(tmp_path):
     result = m3("eval", "-m", SAMPLES / "model", "-b", bank, "--qa", qa, "--limit", "200", "--json",
                 "--modes", "memory", "--memories", "1")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["memory"]["accuracy"] >= 0.8
+    top1 = json.loads(result.stdout)["memory"]["accuracy"]
+    assert top1 >= 0.8
+    # README's emulation: a retriever-score bias on the memory logits (beta 0: the model as is)
+    proc = subprocess.run([sys.executable, str(SAMPLES.parent / "bench" / "memory_reading.py"), "score-prior",
+                           "--model", str(SAMPLES / "model"), "--bank", str(bank), "--qa", str(qa), "--limit", "200",
+                           "--betas", "0,1000"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    by_beta = {r["beta"]: r["accuracy"] for r in map(json.loads, proc.stdout.splitlines())}
+    assert abs(by_beta[0.0] - r["memory"]["accuracy"]) <= 0.02  # the same reading as m3 eval's
+    assert abs(by_beta[1000.0] - top1) <= 0.02  # a huge bias leaves only the top-1 memory
