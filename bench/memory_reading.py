@@ -87,16 +87,25 @@ def masked_memory(tokenizer):
     from m3cli.attention import Memory
 
     def continual_memory(model, chunk_refs, ref_tokens, seq_len, detach):
-        mem = original_memory(model, chunk_refs, ref_tokens, seq_len, detach)
+        encode, seen = model.encode_references, {}
+
+        def spy(*args, **kwargs):  # keep the kept tokens' positions of the one encoding inside
+            enc = encode(*args, **kwargs)
+            seen["positions"] = enc.positions
+            return enc
+
+        model.encode_references = spy
+        try:
+            mem = original_memory(model, chunk_refs, ref_tokens, seq_len, detach)
+        finally:
+            del model.encode_references  # the class's method again
         if mem is None:
             return None
         if not hasattr(ref_tokens, "title_masks"):
             ref_tokens.title_masks = title_masks(ref_tokens, tokenizer)
         flat = (chunk_refs if chunk_refs.dim() == 3 else chunk_refs[:, :, None]).flatten().tolist()
-        unique = sorted({r for r in flat if r >= 0})
-        with torch.no_grad():  # positions only (the same selection as the encoding inside mem)
-            ids, lengths = ref_tokens.batch(unique, model.embed.weight.device)
-            positions = model.encode_references(ids, lengths).positions  # (R, L, Hkv, k)
+        unique = sorted({r for r in flat if r >= 0})  # the order continual_memory encodes them in
+        positions = seen["positions"].detach()  # (R, L, Hkv, k)
         p = len(model.config.reference_prefix_ids)
         where = {r: j for j, r in enumerate(unique)}
         positions = positions.cpu()
@@ -120,10 +129,10 @@ def rows_cmd(a) -> None:
     tok = load_tokenizer(a.model)
     model = load_model_dir(a.model, "cpu", torch.float32).eval()
     texts = [d.text for d in read_corpus(a.corpus) if d.text.strip()]
-    info = Path(a.retrievals).with_name("retrieval.json")
-    aligned = json.loads(info.read_text())["key"].get("align_docs", True) if info.is_file() else True
+    key = retrievals_key(a)
+    aligned = key.get("align_docs", True) if key else True
     rows = train_module.pack_sequences(texts, tok, a.seq_len, a.seed, align=CHUNK if aligned else None)
-    refs = load_retrievals(a, rows.shape[0])
+    refs = load_retrievals(a, rows.shape[0], key)
     pick = np.random.default_rng(0).choice(rows.shape[0], min(a.rows, rows.shape[0]), replace=False)
     rows, refs = rows[pick], refs[pick]
     T = a.seq_len
@@ -174,12 +183,16 @@ def rows_cmd(a) -> None:
     print(json.dumps(out))
 
 
-def load_retrievals(a, n_rows: int) -> np.ndarray:
+def retrievals_key(a) -> dict | None:
+    """The settings of the run whose retrieval.npy this is (its retrieval.json), if kept."""
+    info = Path(a.retrievals).with_name("retrieval.json")
+    return json.loads(info.read_text())["key"] if info.is_file() else None
+
+
+def load_retrievals(a, n_rows: int, key: dict | None) -> np.ndarray:
     """The cached chunk retrievals, checked against this corpus, seed and length."""
     refs = np.load(a.retrievals, allow_pickle=False)
-    info = Path(a.retrievals).with_name("retrieval.json")
-    if info.is_file():
-        key = json.loads(info.read_text())["key"]
+    if key is not None:
         if (Path(key["corpus"]).name, key["seed"], key["seq_len"]) != (Path(a.corpus).name, a.seed, a.seq_len):
             raise SystemExit(f"{a.retrievals} belongs to {key['corpus']} (seed {key['seed']}, length "
                              f"{key['seq_len']}), not to {a.corpus} (seed {a.seed}, length {a.seq_len})")
@@ -196,7 +209,7 @@ def train_cmd(a) -> None:
         (state / name).unlink(missing_ok=True)
 
     def retrieve_for_chunks(rows, *args, **kwargs):
-        cached = load_retrievals(a, rows.shape[0])
+        cached = load_retrievals(a, rows.shape[0], retrievals_key(a))
         if a.random:
             with Bank(Path(a.bank)) as bank:
                 return with_random(cached, bank.n_refs, a.random, 123)
