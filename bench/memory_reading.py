@@ -136,7 +136,7 @@ def rows_cmd(a) -> None:
     pick = np.random.default_rng(0).choice(rows.shape[0], min(a.rows, rows.shape[0]), replace=False)
     rows, refs = rows[pick], refs[pick]
     T = a.seq_len
-    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, train_module.PAD}
     first = np.zeros((len(rows), T), bool)  # target positions of each answer's first token
     for i, row in enumerate(rows):
         parts = ["\n" if t in special else tok.decode([t]) for t in row]
@@ -155,7 +155,8 @@ def rows_cmd(a) -> None:
         queries, where = [], []
         for r in range(len(rows)):
             for c in range(T // CHUNK):
-                text = tok.decode(rows[r, c * CHUNK:(c + 1) * CHUNK].tolist(), skip_special_tokens=True)
+                text = tok.decode([t for t in rows[r, c * CHUNK:(c + 1) * CHUNK].tolist() if t != train_module.PAD],
+                                  skip_special_tokens=True)
                 m = re.search(r"Question: [^?]*\?", text)
                 if m:
                     queries.append(m.group(0))
@@ -167,8 +168,7 @@ def rows_cmd(a) -> None:
         right = 0
         with torch.no_grad():
             for s in range(0, len(rows), 8):
-                x = torch.from_numpy(rows[s:s + 8, :T])
-                y = torch.from_numpy(rows[s:s + 8, 1:])
+                x, y = train_module.split_rows(torch.from_numpy(rows[s:s + 8]), train_module.pad_fill(tok))
                 mem = None if chunk_refs is None else memory_fn(model, torch.from_numpy(chunk_refs[s:s + 8]),
                                                                 ref_tokens, T, True)
                 right += int(((model(x, memory=mem).argmax(-1) == y).numpy() & first[s:s + 8]).sum())

@@ -7,6 +7,7 @@ User mistakes raise M3Error and end as one line on stderr with exit status 1.
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -113,6 +114,9 @@ def score(
     memories: Annotated[int, typer.Option(help="References per chunk (memory) or in front (rag).")] = 5,
     max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
                                                           "with the query text (Eq. 6) exceeds this.")] = None,
+    max_gap: Annotated[Optional[float], typer.Option("--max-score-gap", help="Drop references scoring more than "
+                                                      "this below the chunk's best (retriever confidence: a clear "
+                                                      "winner is read alone); default: keep all.")] = None,
     embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {token_ids, logprobs, perplexity, mode, chunks} "
                                                          "as JSON.")] = False,
@@ -126,6 +130,7 @@ def score(
     """
     from .score import score_text
 
+    _check_gap(max_gap)
     mode = mode or ("memory" if bank is not None else "none")
     body = _read_text_arg(text)
     try:
@@ -145,7 +150,7 @@ def score(
         from .generate import Options
 
         with _open_generator(model, bank, device, dtype, embedder) as (gen, tokenizer):
-            result = gen.score(body, Options(mode=mode, memories=memories, max_overlap=max_overlap))
+            result = gen.score(body, Options(mode=mode, memories=memories, max_overlap=max_overlap, max_gap=max_gap))
     if as_json:
         typer.echo(json.dumps(result, ensure_ascii=False))
         return
@@ -373,6 +378,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query (JSON lines).")] = False,
     max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
                                                           "with the query (Eq. 6, words) exceeds this, e.g. 0.67.")] = None,
+    max_gap: Annotated[Optional[float], typer.Option("--max-score-gap", help="Drop references scoring more than "
+                                                      "this below the query's best; default: keep all.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for banks indexed with "
                                                                         "the `self` embedder.")] = None,
     embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
@@ -385,12 +392,13 @@ def search(
 
     if k < 1:
         raise M3Error("-k must be at least 1")
+    _check_gap(max_gap)
     queries = [query] if query != "-" else [q for q in _read_text_arg("-").splitlines() if q.strip()]
     if not queries:
         raise M3Error("no query on standard input")
     with Bank(bank) as b:
         emb = query_embedder(b, model_dir=model, encoder=embedder, device=resolve_device(device))
-        results = Retriever(b, emb).search(queries, k=k, max_overlap=max_overlap)
+        results = Retriever(b, emb).search(queries, k=k, max_overlap=max_overlap, max_gap=max_gap)
         for q, hits in zip(queries, results):
             if as_json:
                 typer.echo(json.dumps({"query": q, "results": [h.__dict__ for h in hits]}, ensure_ascii=False))
@@ -503,6 +511,9 @@ def generate(
                                                 "after this many generated tokens.")] = 64,
     max_overlap: Annotated[Optional[float], typer.Option("--max-overlap", help="Drop references whose overlap "
                                                           "with the query text (Eq. 6) exceeds this, e.g. 0.67.")] = None,
+    max_gap: Annotated[Optional[float], typer.Option("--max-score-gap", help="Drop references scoring more than "
+                                                      "this below the chunk's best (retriever confidence: a clear "
+                                                      "winner is read alone); default: keep all.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt: text, and per chunk the "
                                                          "references read, their scores and attention share.")] = False,
@@ -523,7 +534,7 @@ def generate(
     mode = mode or ("memory" if bank is not None else "none")
     opts = Options(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, memories=memories, retrieve_every=retrieve_every, max_overlap=max_overlap, chat=chat,
-                   cite=as_json or explain)
+                   cite=as_json or explain, max_gap=max_gap)
     opts.check()
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
@@ -809,6 +820,9 @@ def eval_cmd(
     memories: Annotated[int, typer.Option(help="References per chunk (memory) or in front (rag).")] = 5,
     max_overlap: Annotated[float, typer.Option("--max-overlap", help="Drop references whose overlap with the "
                                                 "question exceeds this (the paper's 2/3).")] = 0.67,
+    max_gap: Annotated[Optional[float], typer.Option("--max-score-gap", help="Drop references scoring more than "
+                                                      "this below the chunk's best (retriever confidence: a clear "
+                                                      "winner is read alone); default: keep all.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
@@ -841,6 +855,7 @@ def eval_cmd(
         raise M3Error("--limit must be at least 1")
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
+    _check_gap(max_gap)
     if "{question}" not in prompt_template:
         raise M3Error("--prompt-template must contain {question}")
     questions = read_qa(qa, limit)
@@ -854,7 +869,7 @@ def eval_cmd(
     with _open_generator(model, bank, device, dtype, embedder) as (gen, _):
         result = evaluate(gen, questions, mode_list, template=prompt_template, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, max_overlap=max_overlap, memories=memories, texts=texts,
-                          chat=chat)
+                          chat=chat, max_gap=max_gap)
     answers = result.pop("_answers")
     if as_json:
         typer.echo(json.dumps(result))
@@ -877,6 +892,11 @@ def eval_cmd(
         for m in mode_list:
             mark = "right" if is_correct(q["answer"], answers[m][j]) else "wrong"
             typer.echo(f"  {m:6s} {mark}  {terminal_safe(first_sentence(answers[m][j]).strip())!r}")
+
+
+def _check_gap(max_gap: float | None) -> None:
+    if max_gap is not None and not (max_gap >= 0 and math.isfinite(max_gap)):
+        raise M3Error("--max-score-gap must be a number >= 0")
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def _memory_read(completion, title: str) -> tuple[bool, bool, float | None, floa
 
 def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 12,
              batch_size: int = 32, max_overlap: float | None = 0.67, memories: int = 5, texts: list[str] | None = None,
-             chat: bool = False, progress=None) -> dict:
+             chat: bool = False, progress=None, max_gap: float | None = None) -> dict:
     """{mode: {"accuracy", "n", "correct", "chance", "perplexity"?}} plus per-question records
     under "_answers" (mode -> list of completions).
 
@@ -105,7 +105,8 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
     for mode in modes:
         diagnose = mode == "memory" and has_titles
         opts = Options(mode=mode, max_new_tokens=max_new_tokens, memories=memories, max_overlap=max_overlap, chat=chat,
-                       cite=diagnose)
+                       cite=diagnose, max_gap=max_gap)
+        opts.check()
         completions, reads = [], []
         for start in range(0, len(prompts), batch_size):
             batch = gen.generate(prompts[start:start + batch_size], opts)
@@ -127,7 +128,7 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
         if texts:
             nll, count = 0.0, 0
             for t in texts:
-                r = gen.score(t, Options(mode=mode, memories=memories, max_overlap=max_overlap))
+                r = gen.score(t, Options(mode=mode, memories=memories, max_overlap=max_overlap, max_gap=max_gap))
                 nll -= sum(r["logprobs"])
                 count += len(r["logprobs"])
             entry["perplexity"] = round(math.exp(nll / count), 4)

@@ -14,6 +14,7 @@ reference used again costs nothing. Retrieval for all sequences of a batch is on
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Options:
     memories: int = 5
     retrieve_every: int = 64
     max_overlap: float | None = None
+    max_gap: float | None = None  # drop hits scoring more than this below the chunk's best (None = keep top-k)
     chat: bool = False
     stop_at_eos: bool = True
     cite: bool = False  # measure the attention share of every memory (costs an explicit softmax)
@@ -75,6 +77,8 @@ class Options:
             raise M3Error("--retrieve-every must be at least 1")
         if self.max_overlap is not None and not 0 <= self.max_overlap <= 1:
             raise M3Error("--max-overlap must be in [0, 1]")
+        if self.max_gap is not None and not (self.max_gap >= 0 and math.isfinite(self.max_gap)):
+            raise M3Error("--max-score-gap must be a number >= 0")
 
 
 @dataclass
@@ -209,9 +213,15 @@ class Generator:
                 self._sink = self.model.encode_prefix()
         return self._sink
 
-    def _retrieve(self, queries: list[str], opts: Options) -> list[list]:
+    def _retrieve(self, queries: list[str | None], opts: Options) -> list[list]:
+        """Hits per query; None (a chat prompt's chunk of template text only) gets none."""
         t0 = time.perf_counter()
-        hits = self.retriever.search(queries, k=opts.memories, max_overlap=opts.max_overlap) if queries else []
+        asked = [i for i, q in enumerate(queries) if q is not None]
+        found = self.retriever.search([queries[i] for i in asked], k=opts.memories, max_overlap=opts.max_overlap,
+                                      max_gap=opts.max_gap) if asked else []
+        hits: list[list] = [[] for _ in queries]
+        for i, h in zip(asked, found):
+            hits[i] = h
         self._tick("retrieval", t0)
         return hits
 
@@ -224,16 +234,54 @@ class Generator:
         self._tick("memory_load", t0)
         return mem
 
+    def _chat(self, text: str) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise M3Error("--chat: this model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+
     def encode_prompt(self, prompt: str, opts: Options, context: list[str] | None = None) -> list[int]:
         """Token ids of a prompt: with the references' text in front (rag), in the chat template."""
         text = prompt if not context else "\n\n".join(context) + "\n\n" + prompt
         if opts.chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise M3Error("--chat: this model's tokenizer has no chat template")
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            return [int(i) for i in self.tokenizer(self._chat(text), add_special_tokens=False)["input_ids"]]
         return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+    def user_tokens(self, prompt: str, opts: Options) -> list[bool] | None:
+        """With --chat, which of encode_prompt's tokens hold the user's text: memory mode's prompt
+        chunks retrieve with those alone, not with the template's system prompt and role names,
+        which would otherwise outweigh a short question. None without --chat, or where the user's
+        text cannot be located in the template verbatim (then chunks retrieve with all their text)."""
+        if not opts.chat or not prompt:
+            return None
+        text = self._chat(prompt)
+        marker = "\u2063m3-user-text\u2063"  # where the template puts the content, whatever it repeats
+        marked = self._chat(marker)
+        start = marked.find(marker)
+        if start < 0 or marked.count(marker) != 1 or text[:start] != marked[:start] \
+                or text[start:start + len(prompt)] != prompt:
+            return None
+        end = start + len(prompt)
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
+            return None
+        return [s < end and e > start for s, e in enc["offset_mapping"]]
+
+    def chat_queries(self, ids: list[int], users: list[bool], spans: list[tuple[int, int]]) -> list[str | None]:
+        """Retrieval queries of a chat prompt's chunks: each chunk's user tokens; a chunk after the
+        user's text with none of it (the template's closing tokens) uses the last chunk_length
+        user tokens before it, so the answer still reads memories of the question; a chunk before
+        it (system prompt only) gets None: no retrieval, no memories."""
+        out: list[str | None] = []
+        for s, e in spans:
+            own = [t for t, u in zip(ids[s:e], users[s:e]) if u]
+            if not own:
+                before = [t for t, u in zip(ids[:s], users[:s]) if u][-self.cfg.chunk_length:]
+                out.append(self.tokenizer.decode(before, skip_special_tokens=True) if before else None)
+            else:
+                out.append(self.tokenizer.decode(own, skip_special_tokens=True))
+        return out
 
     # -- the main loop -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -284,7 +332,11 @@ class Generator:
         memory, decode_hits = None, [[] for _ in range(B)]
         if opts.mode == "memory":
             spans = [prompt_chunks(n, cfg.chunk_length) for n in lengths]
-            queries = [self.tokenizer.decode(ids[b][s:e], skip_special_tokens=True) for b in range(B) for s, e in spans[b]]
+            users = [None if forced_ids is not None else self.user_tokens(p, opts) for p in prompts]
+            users = [u if u is not None and len(u) == len(seq) else None for u, seq in zip(users, ids)]
+            queries = [q for b in range(B) for q in (
+                [self.tokenizer.decode(ids[b][s:e], skip_special_tokens=True) for s, e in spans[b]]
+                if users[b] is None else self.chat_queries(ids[b], users[b], spans[b]))]
             found = self._retrieve(queries, opts)
             n_chunks = max(len(s) for s in spans)
             per_seq, slot_chunk = [], torch.full((B, n_chunks * opts.memories), -1, dtype=torch.long)

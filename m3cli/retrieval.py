@@ -203,7 +203,11 @@ class Retriever:
                           f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})")
         self.bank, self.embedder, self.index = bank, embedder, load_index(bank)
 
-    def search(self, queries: list[str], k: int = 5, max_overlap: float | None = None) -> list[list[Hit]]:
+    def search(self, queries: list[str], k: int = 5, max_overlap: float | None = None,
+               max_gap: float | None = None) -> list[list[Hit]]:
+        """Up to k hits per query, best first. max_overlap: skip references whose text overlaps
+        the query's by more than this (Eq. 6). max_gap: also drop hits scoring more than this
+        below the query's best hit (the retriever's confidence: a clear winner comes alone)."""
         vectors = self.embedder.embed(queries)
         fetch = min(self.index.ntotal, k if max_overlap is None else 4 * k)
         scores, ids = self.index.search(vectors, fetch)
@@ -223,6 +227,8 @@ class Retriever:
                 hits.append(Hit(int(i), float(score), doc.id, doc.title, ref.text))
                 if len(hits) == k:
                     break
+            if max_gap is not None and hits:
+                hits = [h for h in hits if h.score >= hits[0].score - max_gap]
             results.append(hits)
         return results
 

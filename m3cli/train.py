@@ -139,20 +139,40 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, ...] | None:
 
 
 # --- data -----------------------------------------------------------------------------------
+PAD = -1  # alignment padding in packed rows: not a token id; no loss, fed as `pad_fill`
+
+
+def pad_fill(tokenizer) -> int:
+    """The token fed where a packed row holds PAD: the pad token, else the end token (a
+    converted model may have no pad token, or one equal to its end token: either way PAD
+    positions, not token ids, decide what the loss ignores)."""
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def split_rows(batch: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (B, T + 1) -> inputs (B, T) with PAD fed as `fill`, and targets (B, T) with
+    PAD as -100 (ignored by the loss)."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    return x.masked_fill(x == PAD, fill), y.masked_fill(y == PAD, -100)
+
+
 def pack_sequences(texts: list[str], tokenizer, seq_len: int, seed: int, align: int | None = None) -> np.ndarray:
     """Documents (shuffled once by seed) as [BOS] text [EOS], concatenated and cut into rows of
     seq_len + 1 tokens (inputs and shifted targets). Returns (N, seq_len + 1) int64.
 
     align=L: every document starts at a multiple of L tokens within its row (the gap is filled
-    with the pad token, which the loss ignores), so a chunk of L tokens never mixes two documents
-    and its retrieval query is about one document only."""
+    with PAD, which is not a token: `split_rows` feeds it as the tokenizer's pad (or end) token
+    and the loss ignores it), so a chunk of L tokens never mixes two documents and its retrieval
+    query is about one document only."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))
     bos = tokenizer.bos_token_id
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id  # never a real token, so the loss can ignore it
-    if align is not None and (pad is None or seq_len % align):
-        raise M3Error(f"aligned documents need a pad token and --seq-len a multiple of {align}")
+    if align is not None and seq_len % align:
+        raise M3Error(f"aligned documents need --seq-len a multiple of {align}")
     stream: list[int] = []
     for i in order:
         ids = list(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
@@ -160,7 +180,7 @@ def pack_sequences(texts: list[str], tokenizer, seq_len: int, seed: int, align: 
             at = len(stream) % (seq_len + 1)  # position within the row being filled
             start = -(-at // align) * align  # the next chunk boundary
             # rows hold seq_len + 1 tokens and only 0..seq_len-1 are inputs: past them, the next row
-            stream += [pad] * (start - at if start < seq_len else seq_len + 1 - at)
+            stream += [PAD] * (start - at if start < seq_len else seq_len + 1 - at)
         stream += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
     n = len(stream) // (seq_len + 1)
     if n == 0:
@@ -204,8 +224,9 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     t0 = time.perf_counter()
     with Bank(bank_path) as bank:
         retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=encoder, device=device))
-        queries = [tokenizer.decode(rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist(),
-                                    skip_special_tokens=True) for r in range(n_rows) for c in range(n_chunks)]
+        queries = [tokenizer.decode([t for t in rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist()
+                                     if t != PAD], skip_special_tokens=True)
+                   for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
             batch = queries[start:start + 256]
             hits = retriever.search(batch, k=k, max_overlap=max_overlap)
@@ -236,7 +257,7 @@ def title_targets(rows: np.ndarray, chunk_refs: np.ndarray, titles: list[str], t
     import re
 
     n_rows, T = rows.shape[0], rows.shape[1] - 1
-    special = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    special = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, PAD) if t is not None}
     pieces: dict[int, str] = {}
     out = np.full((n_rows, T), -1, dtype=np.int64)
     patterns: dict[int, re.Pattern] = {}
@@ -433,7 +454,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")
     rows = pack_sequences(texts, tokenizer, args.seq_len, args.seed,
                           align=cfg.chunk_length if args.align_docs else None)
-    pad_id = tokenizer.pad_token_id if args.align_docs else None
+    fill = pad_fill(tokenizer)
 
     # resume state
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -528,8 +549,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                     group["lr"] = lr
                 idx = batch_indices(step, rows.shape[0], args.batch_size, args.seed, accelerator.process_index,
                                     accelerator.num_processes)
-                batch = torch.from_numpy(rows[idx]).to(device)
-                x, y = batch[:, :-1], batch[:, 1:]
+                x, y = split_rows(torch.from_numpy(rows[idx]).to(device), fill)
                 with accelerator.autocast():
                     memory = None
                     scores = [] if targets is not None else None
@@ -539,7 +559,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                                                   args.detach_memory)
                     logits = model(x, memory=memory, memory_scores=scores if memory is not None else None)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                           ignore_index=-100 if pad_id is None else pad_id)
+                                           ignore_index=-100)
                     match = None
                     if scores:  # compared by document: a document's references are all right
                         docs = ref_tokens.docs

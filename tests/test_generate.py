@@ -1,6 +1,7 @@
 """`m3 generate` and `m3 score --bank`: the retrieval schedule, caching, batching, modes, errors."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,3 +242,57 @@ def test_rag_score_without_any_reference_equals_closed_book(kb):
         out[mode] = json.loads(result.stdout)
     assert out["rag"]["chunks"][0]["references"] == []
     assert out["rag"]["logprobs"] == pytest.approx(out["none"]["logprobs"], abs=1e-5)
+
+
+def test_chat_prompt_chunks_retrieve_with_the_user_text_only(gen):
+    """With --chat, the template's own words (a system prompt, role names) stay out of memory
+    mode's retrieval queries: a chunk of system prompt only reads no memories, and a last chunk
+    of template only (the generation prompt) retrieves with the user's last words."""
+    gen.tokenizer.chat_template = ("hello world model hello {% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                   "{% if add_generation_prompt %} answer{% endif %}")
+    opts = Options(mode="memory", max_new_tokens=2, memories=2, chat=True)
+    long, short = "the capital of italy is", "the capital of italy"
+    assert gen.user_tokens(long, opts) == [False] * 4 + [True] * 5 + [False]
+    assert gen.user_tokens("model", opts) == [False] * 4 + [True] + [False]  # not the template's own "model"
+    assert gen.user_tokens(long, Options(mode="memory")) is None
+    completions = gen.generate([long, short], opts)  # different lengths: the short one is left-padded
+    expected = {long: [(0, 4), (4, 8), (8, 10)], short: [(0, 4), (4, 8), (8, 9)]}
+    queries = {long: [None, "the capital of italy", "is"], short: [None, "the capital of italy", "the capital of italy"]}
+    for p, c in zip([long, short], completions):
+        prompt_chunks_ = [r for r in c.chunks if r.source == "prompt"]
+        assert [r.tokens for r in prompt_chunks_] == expected[p]
+        assert [r.query for r in prompt_chunks_] == queries[p]
+        assert prompt_chunks_[0].hits == [] and prompt_chunks_[1].hits and prompt_chunks_[2].hits
+    # without --chat every chunk retrieves with all its text, as before
+    (plain,) = gen.generate([long], Options(mode="memory", max_new_tokens=2, memories=2))
+    assert all(r.query and r.hits for r in plain.chunks if r.source == "prompt")
+
+
+def test_max_score_gap_keeps_each_chunks_near_best_references(gen):
+    opts = Options(mode="memory", max_new_tokens=3, memories=3)
+    (full,) = gen.generate([PROMPT], opts)
+    (gapped,) = gen.generate([PROMPT], Options(mode="memory", max_new_tokens=3, memories=3, max_gap=0.0))
+    for a, b in zip(full.chunks, gapped.chunks):
+        assert [h.ref for h in b.hits] == [h.ref for h in a.hits if h.score >= a.hits[0].score]
+    assert sum(len(c.hits) for c in gapped.chunks) < sum(len(c.hits) for c in full.chunks)
+    with pytest.raises(generate_mod.M3Error, match="--max-score-gap"):
+        Options(mode="memory", max_gap=-1.0).check()
+
+
+def test_eval_and_score_pass_the_score_gap_and_check_it_first(monkeypatch, tmp_path):
+    from m3cli import evaluate as ev
+
+    seen = []
+
+    class FakeGen:
+        cfg = SimpleNamespace(context_length=64)
+
+        def generate(self, prompts, opts):
+            seen.append((opts.mode, opts.max_gap))
+            return [generate_mod.Completion(p, "x", [], 0, "length") for p in prompts]
+
+    ev.evaluate(FakeGen(), [{"question": "q", "answer": "a"}], ["memory", "rag"], max_gap=0.03)
+    assert seen == [("memory", 0.03), ("rag", 0.03)]
+    missing = tmp_path / "no-model"
+    for args in (["eval", "--model", missing, "--qa", tmp_path / "qa.jsonl"], ["score", "--model", missing, "text"]):
+        assert_user_error(m3(*args, "--max-score-gap", "-1"), "--max-score-gap")

@@ -82,6 +82,23 @@ def test_max_overlap_drops_references_that_contain_the_query(bank):
     assert 0 not in top(path, DOCS[0]["text"], "-k", "2", "--max-overlap", "0.67")
 
 
+def test_max_score_gap_keeps_the_hits_near_the_best(bank):
+    path, _ = bank
+    result = m3("search", path, "the capital of italy", "--json", "-k", "4")
+    hits = json.loads(result.stdout)["results"]
+    scores = [h["score"] for h in hits]
+    assert len(hits) == 4 and scores == sorted(scores, reverse=True) and scores[0] - scores[-1] > 0.02
+    gap = (scores[0] - scores[1]) / 2 if scores[0] > scores[1] else (scores[0] - scores[-1]) / 2
+    kept = [h["ref"] for h in hits if h["score"] >= scores[0] - gap]
+    assert 0 < len(kept) < 4
+    assert top(path, "the capital of italy", "-k", "4", "--max-score-gap", str(gap)) == kept
+    assert top(path, "the capital of italy", "-k", "4", "--max-score-gap", "0") == [h["ref"] for h in hits
+                                                                                 if h["score"] == scores[0]]
+    assert top(path, "the capital of italy", "-k", "4", "--max-score-gap", "10") == [h["ref"] for h in hits]
+    assert_user_error(m3("search", path, "paris", "--max-score-gap", "-0.1"), "--max-score-gap")
+    assert_user_error(m3("search", path, "paris", "--max-score-gap", "nan"), "--max-score-gap")
+
+
 def test_queries_from_stdin_give_json_lines(bank):
     path, _ = bank
     result = m3("search", path, "-", "--json", "-k", "1", input="paris\nrome\n\nhello\n")

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from m3cli.checkpoint import load_tokenizer
+from m3cli.train import PAD
 from safetensors.torch import load_file
 
 from m3cli.evaluate import first_sentence, is_correct, read_qa
@@ -61,9 +63,27 @@ def test_aligned_packing_starts_every_document_at_a_chunk_boundary():
     # documents lose nothing: every one starts once, in shuffled order, and keeps all its tokens
     assert sorted(starts) == sorted(10 + i for i in range(len(lengths)))
     unaligned = pack_sequences(texts, _WordTokenizer(), 16, seed=0).flatten()
-    kept = rows.flatten()[rows.flatten() != 0]  # without the padding: the same token stream
+    kept = rows.flatten()[rows.flatten() != PAD]  # without the padding: the same token stream
     n = min(len(kept), len(unaligned))
-    assert not (unaligned == 0).any() and n > 0.6 * len(unaligned) and (kept[:n] == unaligned[:n]).all()
+    assert not (unaligned == PAD).any() and n > 0.6 * len(unaligned) and (kept[:n] == unaligned[:n]).all()
+
+
+@pytest.mark.parametrize("pad", [None, 2, 0])  # no pad token (a converted GGUF can have none), pad = end token, own pad
+def test_aligned_rows_feed_padding_and_keep_every_real_target(pad):
+    """Alignment padding is marked by position, not by a token id: a tokenizer without a pad
+    token packs too, and where pad = end token the end-of-document targets still count."""
+    from m3cli.train import pack_sequences, pad_fill, split_rows
+
+    tok = _WordTokenizer()
+    tok.pad_token_id = pad
+    texts = [" ".join([str(10 + i)] * n) for i, n in enumerate([5, 20, 3, 9, 17, 1, 40])]
+    rows = pack_sequences(texts, tok, 16, seed=0, align=8)
+    x, y = split_rows(torch.from_numpy(rows), pad_fill(tok))
+    padded = torch.from_numpy(rows == PAD)
+    assert padded.any()
+    assert (x[padded[:, :-1]] == (2 if pad is None else pad)).all() and (x >= 0).all()
+    assert ((y == -100) == padded[:, 1:]).all()  # exactly the padding is ignored
+    assert int((y == 2).sum()) == int((torch.from_numpy(rows[:, 1:]) == 2).sum()) > 0  # end tokens are targets
 
 
 class _Refs:
@@ -311,6 +331,27 @@ def test_memory_read_diagnostic_of_one_completion():
     assert _memory_read(c, "B")[:3] == (True, True, 0.25) and _memory_read(c, "Z") == (False, False, None, None)
     unmeasured = Completion("q", "", [], 70, "eos", [ChunkRecord(0, "prompt", (0, 9), "q", hits[1:])])
     assert _memory_read(unmeasured, "A") == (True, True, None, None)
+
+
+def test_aligned_training_loss_ignores_exactly_the_padding(task, tmp_path, monkeypatch):
+    """`m3 pretrain --align-docs`: the loss sees every end-of-document target and none of the padding."""
+    import m3cli.train as train_module
+
+    seen = []
+    real = train_module.F.cross_entropy
+
+    def spy(logits, targets, **kw):
+        seen.append((targets.clone(), kw.get("ignore_index")))
+        return real(logits, targets, **kw)
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", spy)
+    out = tmp_path / "w"
+    assert m3("pretrain", task / "train.parquet", "-o", out, "--config", "mini", "--steps", "2", "--batch-size", "2",
+              "--seq-len", "128", "--align-docs", "-q").exit_code == 0
+    eos = load_tokenizer(out).eos_token_id
+    assert seen and all(ignore == -100 for _, ignore in seen)
+    targets = torch.cat([t.flatten() for t, _ in seen])
+    assert (targets == -100).any() and (targets == eos).any() and (targets >= -100).all()
 
 
 def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
