@@ -33,3 +33,7 @@ $M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jso
 echo; echo "== m3 eval --memories 1: the same questions with only the retriever's top reference in memory"
 $M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jsonl" --limit 200 --modes memory \
   --memories 1 --show 0
+
+echo; echo "== m3 eval --max-score-gap 0.03: each chunk keeps only the references within 0.03 of its best (most keep one)"
+$M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jsonl" --limit 200 --modes memory,rag \
+  --max-score-gap 0.03 --show 0
