@@ -838,10 +838,11 @@ def eval_cmd(
     """Answer the same questions closed book, with memory and with RAG, in one run.
 
     A question counts as answered when the answer appears in the first sentence of the greedy
-    completion. With --text, also held-out perplexity per mode (the same tokens in every mode).
-    When the questions name their knowledge-base document ("title", as `m3 synth` writes),
-    memory mode also says how often that document was retrieved (and first) and what share of
-    the memory attention it got as the answer began: a retrieval failure or a reading failure.
+    completion (leading blank lines skipped). With --text, also held-out perplexity per mode
+    (the same tokens in every mode). When the questions name their knowledge-base document
+    ("title", as `m3 synth` writes), memory mode also says how often that document was retrieved
+    (and first) and what share of the memory attention it got as the answer began: a retrieval
+    failure or a reading failure.
     """
     from .evaluate import evaluate, read_qa
 

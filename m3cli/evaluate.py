@@ -46,6 +46,9 @@ def read_qa(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def first_sentence(text: str) -> str:
+    """Up to the first '.', '?', '!' or line break, after any leading blank lines (an
+    instruct model may start its answer on a new line)."""
+    text = text.lstrip()
     m = _FIRST_SENTENCE.search(text)
     return text if m is None else text[:m.start()]
 

@@ -411,7 +411,9 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
 
 
 def test_first_sentence_scoring():
-    assert first_sentence(" Port Adler. Question: Where") == " Port Adler"
+    assert first_sentence(" Port Adler. Question: Where") == "Port Adler"
+    assert first_sentence("\n\nLima is the capital.\nMore") == "Lima is the capital"  # an answer on a new line
+    assert is_correct("Lima", "\nLima.") and not is_correct("Lima", "\nPeru.\nLima")
     assert is_correct("Port Adler", " port adler.")
     assert not is_correct("Windham", " Port Adler. Question: Where was Yara born? Answer: Windham.")
     assert is_correct("Kessel", " the University of Kessel") and not is_correct("Kessel", " Kesselton")
