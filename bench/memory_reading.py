@@ -7,7 +7,8 @@
          top-1 plus distractors is not, the model does not pick the right memory.
   train  a continual stage (`m3 pretrain --stage continual`) with variants that are not CLI
          options: each chunk's top-1 plus random references (`--random K`), and references
-         whose document-title tokens are left out of the training memories (`--mask-titles`).
+         whose document-title tokens are left out of the training memories (`--mask-titles`),
+         and the memory-match loss on chosen layers only (`--match-layers`).
          It reuses the chunk retrievals of an earlier run on the same corpus, seed and length
          (`--retrievals`), so it starts in seconds. The random references are drawn once per
          chunk (seed 123), so a row reads the same ones in every epoch.
@@ -219,11 +220,17 @@ def train_cmd(a) -> None:
     bank_module.require_same_model = lambda *args, **kwargs: None  # the bank serves only its text here
     if a.mask_titles:
         train_module.continual_memory = masked_memory(load_tokenizer(a.init_from))
+    if a.match_layers:  # the memory-match loss on these memory layers only (the others read freely)
+        keep = {int(x) for x in a.match_layers.split(",")}
+        original_loss = train_module.memory_match_loss
+        train_module.memory_match_loss = lambda scores, *rest, **kw: original_loss(
+            [(layer, sc) for layer, sc in scores if layer in keep], *rest, **{**kw, "skip_layer0": False})
     k = a.random or a.refs_per_chunk
     args = train_module.TrainArgs(
         stage="continual", corpus=a.corpus, output=Path(a.output), init_from=Path(a.init_from), bank=Path(a.bank),
         steps=a.steps, batch_size=8, seq_len=a.seq_len, lr=a.lr, seed=a.seed, refs_per_chunk=k, prev_chunks=0,
-        distractors="retrieved", align_docs=True, memory_match_loss=a.memory_match_loss)
+        distractors="retrieved", align_docs=(retrievals_key(a) or {}).get("align_docs", True),
+        memory_match_loss=a.memory_match_loss)
     print(train_module.pretrain(args, force=a.force, show_progress=False))
 
 
@@ -366,6 +373,8 @@ def main() -> None:
     t.add_argument("--random", type=int, default=0, help="K memories per chunk: the top-1 plus K-1 random")
     t.add_argument("--refs-per-chunk", type=int, default=5, help="without --random: the cached top-K")
     t.add_argument("--memory-match-loss", type=float, default=0.0)
+    t.add_argument("--match-layers", default="", help="comma-separated memory layers the match loss steers "
+                   "(default: all but layer 0, as m3 pretrain)")
     t.add_argument("--force", action="store_true")
     q = sub.add_parser("probe")
     q.add_argument("--model", required=True)

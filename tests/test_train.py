@@ -293,6 +293,13 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
                            "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"), "--seq-len", "128",
                            "--seed", "1", "--rows", "4"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "belongs to" in proc.stderr  # another seed packs other rows
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "train",
+                           "-o", str(tmp_path / "ml"), "--init-from", str(model), "--corpus", str(task / "train.parquet"),
+                           "--bank", str(bank2), "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"),
+                           "--seq-len", "128", "--seed", "0", "--steps", "2", "--memory-match-loss", "0.5",
+                           "--match-layers", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "'steps': 2" in proc.stdout and (tmp_path / "ml" / "config.json").is_file()
     proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "probe",
                            "--model", str(model), "--bank", str(bank2), "--train-qa", str(task / "qa_seen.jsonl"),
                            "--test-qa", str(task / "qa_unseen.jsonl"), "--train-n", "8", "--test-n", "6", "--steps",
