@@ -7,7 +7,6 @@ User mistakes raise M3Error and end as one line on stderr with exit status 1.
 import contextlib
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -896,8 +895,10 @@ def eval_cmd(
 
 
 def _check_gap(max_gap: float | None) -> None:
-    if max_gap is not None and not (max_gap >= 0 and math.isfinite(max_gap)):
-        raise M3Error("--max-score-gap must be a number >= 0")
+    """Before any model or bank loads."""
+    from .retrieval import check_max_gap
+
+    check_max_gap(max_gap)
 
 
 def main() -> None:

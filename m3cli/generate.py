@@ -23,6 +23,7 @@ import torch
 
 from .attention import KVCache, Memory, MemoryEncoding, chunk_visibility
 from .errors import M3Error
+from .retrieval import check_max_gap
 
 MODES = ("memory", "none", "rag")
 
@@ -77,8 +78,7 @@ class Options:
             raise M3Error("--retrieve-every must be at least 1")
         if self.max_overlap is not None and not 0 <= self.max_overlap <= 1:
             raise M3Error("--max-overlap must be in [0, 1]")
-        if self.max_gap is not None and not (self.max_gap >= 0 and math.isfinite(self.max_gap)):
-            raise M3Error("--max-score-gap must be a number >= 0")
+        check_max_gap(self.max_gap)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from a factory string and adds both to the bank without rewriting its KV payload
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -188,6 +189,12 @@ class Hit:
     doc_id: str
     title: str
     text: str
+
+
+def check_max_gap(max_gap: float | None) -> None:
+    """`--max-score-gap`: None (keep the top-k) or a finite number >= 0."""
+    if max_gap is not None and not (max_gap >= 0 and math.isfinite(max_gap)):
+        raise M3Error("--max-score-gap must be a number >= 0")
 
 
 class Retriever:
