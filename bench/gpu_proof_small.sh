@@ -9,7 +9,10 @@
 #   inference-time namesakes, `--distractors title`; S3=0 skips it) -> encode -> eval
 #   [-> with FRESH=N: FRESH_STEPS steps, title neighbours, on the question-answer text of N people
 #   the model has never seen, whose facts are only in a bank of theirs (`m3 synth --qa-only --seed
-#   11`), so no answer can be memorised -> encode -> eval].
+#   11`), so no answer can be memorised -> encode -> eval]. INIT=MODEL_DIR skips the stages before
+#   the fresh-people one and evaluates MODEL_DIR first (e.g. INIT=samples/model; PRESET, WARM, S1
+#   and S3 are then unused).
+# TOP1=0 skips the top-1 evaluations.
 # Each eval: 500 questions about unseen people, none / memory (5 retrieved memories) / rag, then
 # memory with the top-1 alone; eval.json's right_attention is the asked person's share of the
 # answer token's memory attention (0.2 = no preference).
@@ -36,6 +39,8 @@ LR=${LR:-1e-3}
 LR3=${LR3:-5e-4}
 FRESH=${FRESH:-0}
 FRESH_STEPS=${FRESH_STEPS:-2000}
+INIT=${INIT:-}
+TOP1=${TOP1:-1}
 BATCH=${BATCH:-16}
 LIMIT=${LIMIT:-500}
 BUDGET=${BUDGET:-420}
@@ -52,18 +57,23 @@ common=(--batch-size "$BATCH" --seq-len 256 --align-docs --device "$DEVICE" --fo
 continual=(--stage continual --refs-per-chunk 5 --prev-chunks 0 --embedder "$EMB")
 
 evaluate() {  # model bank tag
+  rm -f "$OUT/eval-$3-top1.json"
   $M3 eval --model "$1" --bank "$2" --qa "$W/synth/qa_unseen.jsonl" --limit "$LIMIT" --embedder "$EMB" \
     --device "$DEVICE" --json > "$OUT/eval-$3.json" 2> "$OUT/eval-$3.log" || { echo "eval $3 failed"; tail -5 "$OUT/eval-$3.log"; }
-  $M3 eval --model "$1" --bank "$2" --qa "$W/synth/qa_unseen.jsonl" --limit "$LIMIT" --embedder "$EMB" \
+  [ "$TOP1" = 1 ] && $M3 eval --model "$1" --bank "$2" --qa "$W/synth/qa_unseen.jsonl" --limit "$LIMIT" --embedder "$EMB" \
     --device "$DEVICE" --modes memory --memories 1 --json > "$OUT/eval-$3-top1.json" 2>> "$OUT/eval-$3.log"
   $PY - "$OUT/eval-$3.json" "$OUT/eval-$3-top1.json" "$3" <<'PY'
 import json, sys
 try:
-    r, t = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+    r = json.load(open(sys.argv[1]))
 except (OSError, ValueError) as e:
     sys.exit(f"{sys.argv[3]}: no result ({e})")
+try:
+    top1 = f"{json.load(open(sys.argv[2]))['memory']['accuracy']:.3f}"
+except (OSError, ValueError):
+    top1 = "-"
 m = r["memory"]
-print(f"{sys.argv[3]}: none {r['none']['accuracy']:.3f}  memory(5) {m['accuracy']:.3f}  top-1 {t['memory']['accuracy']:.3f}"
+print(f"{sys.argv[3]}: none {r['none']['accuracy']:.3f}  memory(5) {m['accuracy']:.3f}  top-1 {top1}"
       f"  rag {r['rag']['accuracy']:.3f}  right retrieved {m.get('right_retrieved')} share {m.get('right_attention')}"
       f" (even {m.get('right_attention_even')})")
 PY
@@ -72,32 +82,39 @@ copy_metrics() { [ -f "$1.train/metrics.jsonl" ] && cp "$1.train/metrics.jsonl" 
 
 echo "$(el) m3 synth: 2000 people, seed 0 (the proof's task)"
 $M3 synth "$W/synth" --people 2000 --seed 0 --force > /dev/null || exit 1
-echo "$(el) warmup: $WARM steps from scratch, preset $PRESET"
-$M3 pretrain "$W/synth/train.parquet" -o "$W/warm" --config "$PRESET" --stage warmup --steps "$WARM" --lr "$LR" \
-  "${common[@]}" || exit 1
-copy_metrics "$W/warm" warm
-$M3 encode "$W/synth/kb.parquet" -o "$W/kb-warm.m3bank" -m "$W/warm" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+if [ -n "$INIT" ]; then  # start from a trained model: straight to the fresh-people stage
+  prev=$INIT
+  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-init.m3bank" -m "$INIT" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+  echo "$(el) evaluate $INIT (before)"
+  evaluate "$INIT" "$W/kb-init.m3bank" init
+else
+  echo "$(el) warmup: $WARM steps from scratch, preset $PRESET"
+  $M3 pretrain "$W/synth/train.parquet" -o "$W/warm" --config "$PRESET" --stage warmup --steps "$WARM" --lr "$LR" \
+    "${common[@]}" || exit 1
+  copy_metrics "$W/warm" warm
+  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-warm.m3bank" -m "$W/warm" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
 
-over "continual stage 1" && exit 0
-echo "$(el) continual stage 1: $S1 steps (the first $SINGLE read only each chunk's top-1), memory in every layer, top-16"
-$M3 pretrain "$W/synth/train.parquet" -o "$W/c1" --init-from "$W/warm" --bank "$W/kb-warm.m3bank" --steps "$S1" \
-  "${continual[@]}" --single-ref-steps "$SINGLE" --memory-layers all --memory-top-k 16 --lr "$LR" "${common[@]}" || exit 1
-copy_metrics "$W/c1" c1
-$M3 encode "$W/synth/kb.parquet" -o "$W/kb-c1.m3bank" -m "$W/c1" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-echo "$(el) evaluate stage 1"
-evaluate "$W/c1" "$W/kb-c1.m3bank" c1
+  over "continual stage 1" && exit 0
+  echo "$(el) continual stage 1: $S1 steps (the first $SINGLE read only each chunk's top-1), memory in every layer, top-16"
+  $M3 pretrain "$W/synth/train.parquet" -o "$W/c1" --init-from "$W/warm" --bank "$W/kb-warm.m3bank" --steps "$S1" \
+    "${continual[@]}" --single-ref-steps "$SINGLE" --memory-layers all --memory-top-k 16 --lr "$LR" "${common[@]}" || exit 1
+  copy_metrics "$W/c1" c1
+  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-c1.m3bank" -m "$W/c1" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+  echo "$(el) evaluate stage 1"
+  evaluate "$W/c1" "$W/kb-c1.m3bank" c1
 
-prev=c1
-if [ "$S3" -gt 0 ]; then
-  over "continual stage 3" && exit 0
-  echo "$(el) continual stage 3: $S3 steps, each chunk reading its top-1 and 4 title neighbours (namesakes)"
-  $M3 pretrain "$W/synth/train.parquet" -o "$W/c3" --init-from "$W/c1" --bank "$W/kb-c1.m3bank" --steps "$S3" \
-    "${continual[@]}" --distractors title --lr "$LR3" "${common[@]}" || exit 1
-  copy_metrics "$W/c3" c3
-  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-c3.m3bank" -m "$W/c3" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-  echo "$(el) evaluate stage 3"
-  evaluate "$W/c3" "$W/kb-c3.m3bank" c3
-  prev=c3
+  prev="$W/c1"
+  if [ "$S3" -gt 0 ]; then
+    over "continual stage 3" && exit 0
+    echo "$(el) continual stage 3: $S3 steps, each chunk reading its top-1 and 4 title neighbours (namesakes)"
+    $M3 pretrain "$W/synth/train.parquet" -o "$W/c3" --init-from "$W/c1" --bank "$W/kb-c1.m3bank" --steps "$S3" \
+      "${continual[@]}" --distractors title --lr "$LR3" "${common[@]}" || exit 1
+    copy_metrics "$W/c3" c3
+    $M3 encode "$W/synth/kb.parquet" -o "$W/kb-c3.m3bank" -m "$W/c3" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+    echo "$(el) evaluate stage 3"
+    evaluate "$W/c3" "$W/kb-c3.m3bank" c3
+    prev="$W/c3"
+  fi
 fi
 
 if [ "$FRESH" -gt 0 ]; then
@@ -106,8 +123,8 @@ if [ "$FRESH" -gt 0 ]; then
   over "the fresh-people stage" && exit 0
   echo "$(el) fresh-people stage: $FRESH new people (m3 synth --qa-only --seed 11), $FRESH_STEPS steps, top-1 + 4 title neighbours"
   $M3 synth "$W/fresh" --people "$FRESH" --seed 11 --qa-only --force > /dev/null || exit 1
-  $M3 encode "$W/fresh/kb.parquet" -o "$W/kb-fresh.m3bank" -m "$W/$prev" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-  $M3 pretrain "$W/fresh/train.parquet" -o "$W/cf" --init-from "$W/$prev" --bank "$W/kb-fresh.m3bank" --steps "$FRESH_STEPS" \
+  $M3 encode "$W/fresh/kb.parquet" -o "$W/kb-fresh.m3bank" -m "$prev" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+  $M3 pretrain "$W/fresh/train.parquet" -o "$W/cf" --init-from "$prev" --bank "$W/kb-fresh.m3bank" --steps "$FRESH_STEPS" \
     "${continual[@]}" --distractors title --lr "$LR3" "${common[@]}" || exit 1
   copy_metrics "$W/cf" fresh
   $M3 encode "$W/synth/kb.parquet" -o "$W/kb-cf.m3bank" -m "$W/cf" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
