@@ -2,7 +2,7 @@
 # Issue #6 on a GPU: does a wider model than the proof's `mini` learn to tell its memories apart?
 #
 # The proof's task (`m3 synth --people 2000 --seed 0`: 200 unseen people, namesakes among every
-# question's 5 retrieved memories) with the `small` preset (hidden 384, 8 layers, ~25x mini's
+# question's 5 retrieved memories) with the `small` preset (hidden 384, 8 layers, ~16x mini's
 # non-embedding parameters) instead of `mini`, trained on one GPU:
 #   warmup -> encode -> continual stage 1 (a top-1 curriculum, then each chunk reads its own top-5)
 #   -> encode -> eval -> continual stage 3 (top-1 + the 4 references its title retrieves, the

@@ -115,6 +115,22 @@ def test_no_memory_equals_empty_memory():
 
 
 @torch.no_grad()
+def test_memory_slot_order_does_not_matter():
+    # parallel positions: every memory sits at the positions it had while encoded, so the model
+    # cannot tell its memories apart by their order (the retriever's rank is not an input)
+    model = make_model(memory_layers=[0, 1, 2, 3])
+    enc = encode(model, n_refs=5)
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    shuffled = MemoryEncoding(enc.kv[perm], enc.valid[perm], enc.positions[perm])
+    ids = torch.randint(4, 512, (1, 30))
+    a, b = model(ids, memory=memory_for(model, [enc])), model(ids, memory=memory_for(model, [shuffled]))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # ...but which memories it reads does
+    other = MemoryEncoding(enc.kv[:4], enc.valid[:4], enc.positions[:4])
+    assert not torch.allclose(model(ids, memory=memory_for(model, [other])), a, atol=1e-3)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("attn_impl", ["reference", "sdpa"])
 def test_memory_path_is_exact_without_sparsification(attn_impl):
     """Memory in all layers, k = all tokens: reading one memory == one causal pass over
