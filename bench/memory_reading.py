@@ -17,6 +17,10 @@
          is trained to pick the asked person's memory among a question's top-5 (questions that
          name their document, `title`), and compared with the model's own W = I, on held-out
          questions. Queries are taken at the prompt's last token in a pass without memory.
+  names  does the answer token know whom the question names? Per layer, linear probes on the
+         residual stream at the prompt's last token ("… Answer:", no memory) predict the asked
+         person's first and last name (fitted on one set of questions, scored on another's
+         people). A memory layer's queries come from the residual entering it.
   score-prior  an emulation, without training: every memory slot's attention logits get
          beta * (its retriever score - the chunk's top score) in every layer, and the
          questions are answered with 5 memories (`m3 eval`'s memory mode). What would steering
@@ -27,6 +31,8 @@
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy
     python bench/memory_reading.py probe --model out/proof/model --bank out/proof/kb.m3bank \
         --train-qa out/proof/synth/qa_seen.jsonl --test-qa out/proof/qa_unseen.jsonl
+    python bench/memory_reading.py names --model samples/model --train-qa out/demo/synth/qa_seen.jsonl \
+        --test-qa out/demo/synth/qa_unseen.jsonl
     python bench/memory_reading.py score-prior --model out/proof/model --bank out/proof/kb.m3bank \
         --qa out/proof/qa_unseen.jsonl --limit 500 --betas 0,20,30,50,100,1000
     python bench/memory_reading.py train -o out/exp/s6 --init-from out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
@@ -298,6 +304,61 @@ def probe_cmd(a) -> None:
                       "right_is_first": round(float((test[3] == 0).float().mean()), 3), "heads": heads}))
 
 
+def names_cmd(a) -> None:
+    torch.manual_seed(0)
+    tok = load_tokenizer(a.model)
+    model = load_model_dir(a.model, "cpu", torch.float32).eval()
+    n_layers = model.config.n_layers
+
+    def read(path: str, n: int) -> list[dict]:
+        return [q for q in (json.loads(line) for line in open(path) if line.strip()) if q.get("title")][:n]
+
+    train, test = read(a.train_qa, a.train_n), read(a.test_qa, a.test_n)
+    if not train or not test or any(len(q["title"].split()) != 2 for q in train + test):
+        raise SystemExit("names needs questions whose title is a first and a last name (m3 synth's)")
+    vocab = [sorted({q["title"].split()[i] for q in train + test}) for i in (0, 1)]
+
+    @torch.no_grad()
+    def features(qa: list[dict]) -> list[torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        hooks = [layer.register_forward_hook(lambda _m, _i, o, i=i: out.__setitem__(i, o))
+                 for i, layer in enumerate(model.layers)]
+        rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
+        try:
+            for q in qa:
+                ids = torch.tensor([[int(i) for i in tok(f"Question: {q['question']} Answer:")["input_ids"]]])
+                rows[0].append(model.embed(ids)[0, -1])
+                model(ids)
+                for i in range(n_layers):
+                    rows[i + 1].append(out[i][0, -1])
+        finally:
+            for h in hooks:
+                h.remove()
+        return [torch.stack(r) for r in rows]
+
+    def fit(x, y, xt, yt, n_classes: int) -> float:
+        mu, sd = x.mean(0), x.std(0) + 1e-5
+        x, xt = (x - mu) / sd, (xt - mu) / sd
+        w = torch.nn.Linear(x.shape[1], n_classes)
+        opt = torch.optim.Adam(w.parameters(), 1e-2, weight_decay=1e-4)
+        for _ in range(a.steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(w(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            return float((w(xt).argmax(-1) == yt).float().mean())
+
+    xs, xts = features(train), features(test)
+    labels = [[torch.tensor([vocab[i].index(q["title"].split()[i]) for q in qa]) for i in (0, 1)] for qa in (train, test)]
+    for layer in range(n_layers + 1):
+        first = fit(xs[layer], labels[0][0], xts[layer], labels[1][0], len(vocab[0]))
+        last = fit(xs[layer], labels[0][1], xts[layer], labels[1][1], len(vocab[1]))
+        print(json.dumps({"residual": "embedding" if layer == 0 else f"after layer {layer - 1}",
+                          "first_name": round(first, 3), "last_name": round(last, 3),
+                          "first_names": len(vocab[0]), "last_names": len(vocab[1]),
+                          "train": len(train), "test": len(test)}), flush=True)
+
+
 def score_prior_cmd(a) -> None:
     import m3cli.model as model_module
     from m3cli.cli import _open_generator
@@ -384,6 +445,13 @@ def main() -> None:
     q.add_argument("--train-n", type=int, default=2000)
     q.add_argument("--test-n", type=int, default=500)
     q.add_argument("--steps", type=int, default=300)
+    nm = sub.add_parser("names")
+    nm.add_argument("--model", required=True)
+    nm.add_argument("--train-qa", required=True, help="questions with a title (m3 synth's qa_seen.jsonl)")
+    nm.add_argument("--test-qa", required=True, help="questions about other people (qa_unseen.jsonl)")
+    nm.add_argument("--train-n", type=int, default=4000)
+    nm.add_argument("--test-n", type=int, default=1000)
+    nm.add_argument("--steps", type=int, default=300)
     sp = sub.add_parser("score-prior")
     sp.add_argument("--model", required=True)
     sp.add_argument("--bank", required=True)
@@ -391,7 +459,8 @@ def main() -> None:
     sp.add_argument("--limit", type=int, default=None)
     sp.add_argument("--betas", default="0,20,30,50,100")
     a = p.parse_args()
-    {"rows": rows_cmd, "train": train_cmd, "probe": probe_cmd, "score-prior": score_prior_cmd}[a.cmd](a)
+    {"rows": rows_cmd, "train": train_cmd, "probe": probe_cmd, "names": names_cmd,
+     "score-prior": score_prior_cmd}[a.cmd](a)
 
 
 if __name__ == "__main__":

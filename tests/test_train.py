@@ -310,6 +310,14 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
     n_mem = len(model_cfg["memory_layers"] or range(model_cfg["n_layers"] // 2))  # None: the first half
     assert probe["test_questions"] > 0 and len(probe["heads"]) == n_mem * model_cfg["n_heads"]
     assert all(0 <= v <= 1 for h in probe["heads"].values() for v in h.values())
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "names",
+                           "--model", str(model), "--train-qa", str(task / "qa_seen.jsonl"), "--test-qa",
+                           str(task / "qa_unseen.jsonl"), "--train-n", "8", "--test-n", "6", "--steps", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(names) == model_cfg["n_layers"] + 1 and names[0]["residual"] == "embedding"
+    assert all(0 <= r[k] <= 1 and r["test"] == 6 for r in names for k in ("first_name", "last_name"))
     # without titles: no such fields
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in q.items() if k != "title"}) + "\n" for q in qa))
