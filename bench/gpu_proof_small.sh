@@ -81,14 +81,18 @@ print(f"{sys.argv[3]}: none {r['none']['accuracy']:.3f}  memory(5) {m['accuracy'
 PY
 }
 copy_metrics() { [ -f "$1.train/metrics.jsonl" ] && cp "$1.train/metrics.jsonl" "$OUT/metrics-$2.jsonl"; }
+finish() {  # model tag: keep its loss curve, re-encode the proof's knowledge base with it, evaluate
+  copy_metrics "$1" "$2"
+  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-$2.m3bank" -m "$1" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+  echo "$(el) evaluate $2"
+  evaluate "$1" "$W/kb-$2.m3bank" "$2"
+}
 
 echo "$(el) m3 synth: 2000 people, seed 0 (the proof's task)"
 $M3 synth "$W/synth" --people 2000 --seed 0 --force > /dev/null || exit 1
 if [ -n "$INIT" ]; then  # start from a trained model: straight to the fresh-people stage
   prev=$INIT
-  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-init.m3bank" -m "$INIT" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-  echo "$(el) evaluate $INIT (before)"
-  evaluate "$INIT" "$W/kb-init.m3bank" init
+  finish "$INIT" init
 else
   echo "$(el) warmup: $WARM steps from scratch, preset $PRESET"
   $M3 pretrain "$W/synth/train.parquet" -o "$W/warm" --config "$PRESET" --stage warmup --steps "$WARM" --lr "$LR" \
@@ -100,10 +104,7 @@ else
   echo "$(el) continual stage 1: $S1 steps (the first $SINGLE read only each chunk's top-1), memory in every layer, top-16"
   $M3 pretrain "$W/synth/train.parquet" -o "$W/c1" --init-from "$W/warm" --bank "$W/kb-warm.m3bank" --steps "$S1" \
     "${continual[@]}" --single-ref-steps "$SINGLE" --memory-layers all --memory-top-k 16 --lr "$LR" "${common[@]}" || exit 1
-  copy_metrics "$W/c1" c1
-  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-c1.m3bank" -m "$W/c1" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-  echo "$(el) evaluate stage 1"
-  evaluate "$W/c1" "$W/kb-c1.m3bank" c1
+  finish "$W/c1" c1
 
   prev="$W/c1"
   if [ "$S3" -gt 0 ]; then
@@ -111,10 +112,7 @@ else
     echo "$(el) continual stage 3: $S3 steps, each chunk reading its top-1 and 4 title neighbours (namesakes)"
     $M3 pretrain "$W/synth/train.parquet" -o "$W/c3" --init-from "$W/c1" --bank "$W/kb-c1.m3bank" --steps "$S3" \
       "${continual[@]}" --distractors title --lr "$LR3" "${common[@]}" || exit 1
-    copy_metrics "$W/c3" c3
-    $M3 encode "$W/synth/kb.parquet" -o "$W/kb-c3.m3bank" -m "$W/c3" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-    echo "$(el) evaluate stage 3"
-    evaluate "$W/c3" "$W/kb-c3.m3bank" c3
+    finish "$W/c3" c3
     prev="$W/c3"
   fi
 fi
@@ -125,12 +123,9 @@ if [ "$FRESH" -gt 0 ]; then
   over "the fresh-people stage" && exit 3
   echo "$(el) fresh-people stage: $FRESH new people (m3 synth --qa-only --seed 11), $FRESH_STEPS steps, top-1 + 4 title neighbours"
   $M3 synth "$W/fresh" --people "$FRESH" --seed 11 --qa-only --force > /dev/null || exit 1
-  $M3 encode "$W/fresh/kb.parquet" -o "$W/kb-fresh.m3bank" -m "$prev" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-  $M3 pretrain "$W/fresh/train.parquet" -o "$W/cf" --init-from "$prev" --bank "$W/kb-fresh.m3bank" --steps "$FRESH_STEPS" \
+  $M3 encode "$W/fresh/kb.parquet" -o "$W/kb-fresh-people.m3bank" -m "$prev" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
+  $M3 pretrain "$W/fresh/train.parquet" -o "$W/cf" --init-from "$prev" --bank "$W/kb-fresh-people.m3bank" --steps "$FRESH_STEPS" \
     "${continual[@]}" --distractors title --lr "$LR3" "${common[@]}" || exit 1
-  copy_metrics "$W/cf" fresh
-  $M3 encode "$W/synth/kb.parquet" -o "$W/kb-cf.m3bank" -m "$W/cf" --embedder "$EMB" --device "$DEVICE" --force -q || exit 1
-  echo "$(el) evaluate the fresh-people stage (on the proof's unseen people)"
-  evaluate "$W/cf" "$W/kb-cf.m3bank" fresh
+  finish "$W/cf" fresh  # on the proof's unseen people
 fi
 echo "$(el) done"
