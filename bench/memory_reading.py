@@ -8,7 +8,9 @@
   train  a continual stage (`m3 pretrain --stage continual`) with variants that are not CLI
          options: each chunk's top-1 plus random references (`--random K`), and references
          whose document-title tokens are left out of the training memories (`--mask-titles`),
-         and the memory-match loss on chosen layers only (`--match-layers`).
+         and the memory-match loss on chosen layers only (`--match-layers`), and a name loss
+         (`--name-loss W --name-layers 1 --name-sides ctx,ref`, `install_name_loss`) that makes
+         the residual after those layers predict whom the text is about.
          It reuses the chunk retrievals of an earlier run on the same corpus, seed and length
          (`--retrievals`), so it starts in seconds. The random references are drawn once per
          chunk (seed 123), so a row reads the same ones in every epoch.
@@ -208,6 +210,113 @@ def load_retrievals(a, n_rows: int, key: dict | None) -> np.ndarray:
     return refs
 
 
+def install_name_loss(a) -> None:
+    """`--name-loss W`: an auxiliary loss that makes the residual stream after the listed layers
+    (`--name-layers`) name whom the text is about. A token whose document last mentioned a
+    retrieved reference's title (the memory-match loss's target), and a reference token at or
+    after its own title, should predict that title's tokens (uniformly) through a probe per layer
+    (a linear map, then the model's embedding of the titles' tokens, detached, as the readout; the
+    probes have their own Adam and are thrown away). It steers both sides of the memory match: the queries of
+    the question's answer token and the keys of the facts' tokens in the references."""
+    layers = [int(x) for x in a.name_layers.split(",")]
+    captured: dict[int, list] = {i: [] for i in layers}
+    state: dict = {}
+
+    def hook(i):
+        def fn(_module, _inputs, output):
+            if torch.is_grad_enabled():
+                captured[i].append(output)
+        return fn
+
+    encode_memory = train_module.continual_memory
+
+    def continual_memory(model, chunk_refs, ref_tokens, seq_len, detach):
+        if "model" not in state:  # first call: hooks, probes, title tokens
+            state["model"], state["ref_tokens"] = model, ref_tokens
+            for i in layers:
+                model.layers[i].register_forward_hook(hook(i))
+            d = model.config.hidden_size
+            state["probes"] = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in layers).to(model.embed.weight.device)
+            state["opt"] = torch.optim.Adam(state["probes"].parameters(), lr=a.lr)
+            tok = load_tokenizer(a.init_from)
+            from m3cli.corpus import reference_ids
+            titles = {}
+            for r, t in enumerate(ref_tokens.titles):
+                titles.setdefault(int(ref_tokens.docs[r]), reference_ids(tok, t))
+            m = max(len(v) for v in titles.values())
+            table = torch.full((int(ref_tokens.docs.max()) + 2, m), -1, dtype=torch.long)
+            for doc, ids in titles.items():
+                table[doc, :len(ids)] = torch.tensor(ids)
+            vocab = torch.unique(table[table >= 0])  # the readout: the tokens of any title
+            index = torch.full((int(vocab.max()) + 1,), -1, dtype=torch.long)
+            index[vocab] = torch.arange(len(vocab))
+            state["vocab"] = vocab.to(model.embed.weight.device)
+            state["doc_titles"] = torch.where(table >= 0, index[table.clamp(min=0)], -1)  # as readout indices
+            masks = title_masks(ref_tokens, tok)
+            state["after_title"] = [int(np.flatnonzero(mk)[-1]) if mk.any() else -1 for mk in masks]
+            state["log"] = open(Path(a.output).with_name(Path(a.output).name + ".names.jsonl"), "w")
+            state["n"], state["sum"] = 0, {}
+        for i in layers:
+            captured[i].clear()
+        flat = (chunk_refs if chunk_refs.dim() == 3 else chunk_refs[:, :, None]).flatten().tolist()
+        state["unique"] = sorted({r for r in flat if r >= 0})  # the order continual_memory encodes them in
+        return encode_memory(model, chunk_refs, ref_tokens, seq_len, detach)
+
+    def probe_loss(h, want, j):  # h (N, D), want (N, m) title token ids, -1 padding
+        emb = state["model"].embed.weight.detach()[state["vocab"]]
+        z = state["probes"][j](h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+        logp = torch.log_softmax(z @ emb.float().T, dim=-1)
+        ok = want >= 0
+        picked = logp.gather(-1, want.clamp(min=0)) * ok
+        return -(picked.sum(-1) / ok.sum(-1)).mean()
+
+    match_loss = train_module.memory_match_loss
+
+    def combined(scores, targets, slot_refs, visible, **kw):
+        opt = state["opt"]
+        opt.step()  # the probes' gradients of the previous step
+        opt.zero_grad(set_to_none=True)
+        total = a.memory_match_loss * match_loss(scores, targets, slot_refs, visible, **kw) \
+            if a.memory_match_loss > 0 else None
+        table = state["doc_titles"].to(targets.device)
+        p = len(state["model"].config.reference_prefix_ids)
+        unique = state["unique"]
+        for j, i in enumerate(layers):
+            losses = {}
+            for out in captured[i]:
+                if out.shape[:2] == targets.shape:  # the context
+                    if "ctx" not in a.name_sides:
+                        continue
+                    has = targets >= 0
+                    if bool(has.any()):
+                        losses["ctx"] = probe_loss(out[has], table[targets[has]], j)
+                elif "ref" in a.name_sides and out.shape[0] == len(unique) and out.shape[0] > 1:  # the references
+                    want = torch.full(out.shape[:2], -1, dtype=torch.long, device=out.device)
+                    for row, r in enumerate(unique):
+                        if state["after_title"][r] >= 0:
+                            want[row, p + state["after_title"][r]:] = int(state["ref_tokens"].docs[r])
+                    n = min(out.shape[1], p + max(len(state["ref_tokens"].ids[r]) for r in unique))
+                    lengths = torch.tensor([p + len(state["ref_tokens"].ids[r]) for r in unique], device=out.device)
+                    want[torch.arange(out.shape[1], device=out.device)[None] >= lengths[:, None]] = -1
+                    has = want[:, :n] >= 0
+                    if bool(has.any()):
+                        losses["ref"] = probe_loss(out[:, :n][has], table[want[:, :n][has]], j)
+            captured[i].clear()
+            for side, v in losses.items():
+                total = a.name_loss * v if total is None else total + a.name_loss * v
+                key = f"L{i}_{side}"
+                state["sum"][key] = state["sum"].get(key, 0.0) + float(v.detach())
+        state["n"] += 1
+        if state["n"] % 20 == 0:
+            state["log"].write(json.dumps({"step": state["n"], **{k: round(v / 20, 4) for k, v in state["sum"].items()}}) + "\n")
+            state["log"].flush()
+            state["sum"] = {}
+        return total
+
+    train_module.continual_memory = continual_memory
+    train_module.memory_match_loss = combined
+
+
 def train_cmd(a) -> None:
     if Path(a.output).with_name(Path(a.output).name + ".train").exists() and not a.force:
         raise SystemExit(f"{a.output}.train exists (its cached retrievals would be reused); pass --force")
@@ -231,12 +340,14 @@ def train_cmd(a) -> None:
         original_loss = train_module.memory_match_loss
         train_module.memory_match_loss = lambda scores, *rest, **kw: original_loss(
             [(layer, sc) for layer, sc in scores if layer in keep], *rest, **{**kw, "skip_layer0": False})
+    if a.name_loss > 0:
+        install_name_loss(a)
     k = a.random or a.refs_per_chunk
     args = train_module.TrainArgs(
         stage="continual", corpus=a.corpus, output=Path(a.output), init_from=Path(a.init_from), bank=Path(a.bank),
         steps=a.steps, batch_size=8, seq_len=a.seq_len, lr=a.lr, seed=a.seed, refs_per_chunk=k, prev_chunks=0,
         distractors="retrieved", align_docs=(retrievals_key(a) or {}).get("align_docs", True),
-        memory_match_loss=a.memory_match_loss)
+        memory_match_loss=a.memory_match_loss if a.name_loss <= 0 else 1.0)  # 1: `combined` weighs its parts
     print(train_module.pretrain(args, force=a.force, show_progress=False))
 
 
@@ -436,6 +547,9 @@ def main() -> None:
     t.add_argument("--memory-match-loss", type=float, default=0.0)
     t.add_argument("--match-layers", default="", help="comma-separated memory layers the match loss steers "
                    "(default: all but layer 0, as m3 pretrain)")
+    t.add_argument("--name-loss", type=float, default=0.0, help="weight of the name loss (install_name_loss)")
+    t.add_argument("--name-layers", default="0,1", help="layers whose output residual the name loss steers")
+    t.add_argument("--name-sides", default="ctx,ref", help="ctx (the training text), ref (the references)")
     t.add_argument("--force", action="store_true")
     q = sub.add_parser("probe")
     q.add_argument("--bank", required=True, help="an indexed bank of the questions' documents")
