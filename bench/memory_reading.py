@@ -91,6 +91,12 @@ def title_masks(ref_tokens, tokenizer) -> list[np.ndarray]:
     return masks
 
 
+def encoded_order(chunk_refs) -> tuple[list[int], list[int]]:
+    """A batch's references slot by slot, and the order `continual_memory` encodes them in."""
+    flat = (chunk_refs if chunk_refs.dim() == 3 else chunk_refs[:, :, None]).flatten().tolist()
+    return flat, sorted({r for r in flat if r >= 0})
+
+
 def masked_memory(tokenizer):
     """`continual_memory` with each reference's title tokens marked invalid (never read)."""
     from m3cli.attention import Memory
@@ -112,8 +118,7 @@ def masked_memory(tokenizer):
             return None
         if not hasattr(ref_tokens, "title_masks"):
             ref_tokens.title_masks = title_masks(ref_tokens, tokenizer)
-        flat = (chunk_refs if chunk_refs.dim() == 3 else chunk_refs[:, :, None]).flatten().tolist()
-        unique = sorted({r for r in flat if r >= 0})  # the order continual_memory encodes them in
+        flat, unique = encoded_order(chunk_refs)
         positions = seen["positions"].detach()  # (R, L, Hkv, k)
         p = len(model.config.reference_prefix_ids)
         where = {r: j for j, r in enumerate(unique)}
@@ -258,8 +263,7 @@ def install_name_loss(a) -> None:
             state["n"], state["sum"] = 0, {}
         for i in layers:
             captured[i].clear()
-        flat = (chunk_refs if chunk_refs.dim() == 3 else chunk_refs[:, :, None]).flatten().tolist()
-        state["unique"] = sorted({r for r in flat if r >= 0})  # the order continual_memory encodes them in
+        state["unique"] = encoded_order(chunk_refs)[1]
         return encode_memory(model, chunk_refs, ref_tokens, seq_len, detach)
 
     def probe_loss(h, want, j):  # h (N, D), want (N, m) title token ids, -1 padding
@@ -276,8 +280,8 @@ def install_name_loss(a) -> None:
         opt = state["opt"]
         opt.step()  # the probes' gradients of the previous step
         opt.zero_grad(set_to_none=True)
-        total = a.memory_match_loss * match_loss(scores, targets, slot_refs, visible, **kw) \
-            if a.memory_match_loss > 0 else None
+        match = match_loss(scores, targets, slot_refs, visible, **kw) if a.memory_match_loss > 0 else None
+        total = None if match is None else a.memory_match_loss * match
         table = state["doc_titles"].to(targets.device)
         p = len(state["model"].config.reference_prefix_ids)
         unique = state["unique"]
@@ -292,15 +296,13 @@ def install_name_loss(a) -> None:
                         losses["ctx"] = probe_loss(out[has], table[targets[has]], j)
                 elif "ref" in a.name_sides and out.shape[0] == len(unique) and out.shape[0] > 1:  # the references
                     want = torch.full(out.shape[:2], -1, dtype=torch.long, device=out.device)
-                    for row, r in enumerate(unique):
+                    for row, r in enumerate(unique):  # from the title's last token to the reference's end
                         if state["after_title"][r] >= 0:
-                            want[row, p + state["after_title"][r]:] = int(state["ref_tokens"].docs[r])
-                    n = min(out.shape[1], p + max(len(state["ref_tokens"].ids[r]) for r in unique))
-                    lengths = torch.tensor([p + len(state["ref_tokens"].ids[r]) for r in unique], device=out.device)
-                    want[torch.arange(out.shape[1], device=out.device)[None] >= lengths[:, None]] = -1
-                    has = want[:, :n] >= 0
+                            want[row, p + state["after_title"][r]:p + len(state["ref_tokens"].ids[r])] = \
+                                int(state["ref_tokens"].docs[r])
+                    has = want >= 0
                     if bool(has.any()):
-                        losses["ref"] = probe_loss(out[:, :n][has], table[want[:, :n][has]], j)
+                        losses["ref"] = probe_loss(out[has], table[want[has]], j)
             captured[i].clear()
             for side, v in losses.items():
                 total = a.name_loss * v if total is None else total + a.name_loss * v
