@@ -501,6 +501,9 @@ def score_prior_cmd(a) -> None:
             cfg = gen.model.config
             if len(cfg.mem_layers) != cfg.n_layers:
                 raise SystemExit("score-prior assumes memory in every layer (the key layout of the others differs)")
+            if cfg.memory_score_prior:
+                raise SystemExit("this model has a learned retriever-score prior (m3 pretrain --memory-score-prior); "
+                                 "compare with `m3 eval --no-score-prior` instead of emulating one")
             state["p"], state["k"] = len(cfg.reference_prefix_ids), cfg.memory_top_k
             for name in model_module.ATTENTION_IMPLS:
                 model_module.ATTENTION_IMPLS[name] = biased

@@ -18,21 +18,30 @@ from torch import Tensor
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """Plain softmax attention with grouped-query heads, computed in float32.
 
-    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool, broadcastable
-    to (B, H, T, S), True = may attend. A row with no visible key returns zeros.
+    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask broadcastable to
+    (B, H, T, S): bool (True = may attend) or float (added to the logits; -inf = may not
+    attend, as SDPA reads it). A row with no visible key returns zeros.
     Returns (B, H, T, D) in q's dtype.
     """
     B, H, T, D = q.shape
     group = H // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(group, dim=1)
-    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(D)  # (B, H, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = masked_logits(q.float() @ k.float().transpose(-1, -2) / math.sqrt(D), mask)  # (B, H, T, S)
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:  # fully masked rows: softmax gives NaN, define them as zero
-        probs = torch.where(mask.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+        probs = torch.where(torch.isfinite(scores).any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
     return (probs @ v.float()).to(q.dtype)
+
+
+def masked_logits(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention logits with a mask applied: a bool mask hides keys (-inf where False), a float
+    mask is added (its -inf entries hide keys, finite ones bias them)."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.to(scores.dtype)
 
 
 _CUDNN_SDPA_OFF = False
@@ -50,6 +59,8 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
     if q.is_cuda and not _CUDNN_SDPA_OFF:
         torch.backends.cuda.enable_cudnn_sdp(False)
         _CUDNN_SDPA_OFF = True
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)  # SDPA adds a float mask of the query's dtype
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -85,6 +96,11 @@ class Memory:
                                       front of the memories at every layer (`encode_prefix`)
     visible: (B, T, S) bool or None   query token t may read slot s; None = every token reads
                                       every slot (one chunk, e.g. a decoding step)
+    scores:  (B, S) float or None     each slot's retriever score minus the best score of the
+                                      chunk that retrieved it (<= 0; 0 for empty slots), read by
+                                      a model with the retriever-score prior
+                                      (`M3Config.memory_score_prior`); None = no scores (the
+                                      prior then adds nothing)
 
     A query token that sees no valid memory sees no sink either, so an empty memory is the
     same as no memory.
@@ -94,6 +110,7 @@ class Memory:
     valid: Tensor
     sink: Tensor
     visible: Tensor | None = None
+    scores: Tensor | None = None
     prepared: dict = field(default_factory=dict, repr=False, compare=False)  # per-model caches
 
     @property

@@ -751,6 +751,11 @@ def pretrain(
                                              "namesakes a question about it meets at inference).")] = "retrieved",
     embedder: Annotated[Optional[str], typer.Option(help="continual: the encoder or static embedder dir the "
                                                          "bank was indexed with (minilm and self need none).")] = None,
+    memory_score_prior: Annotated[bool, typer.Option("--memory-score-prior", help="Give the model the "
+                                                     "retriever-score prior (not in the paper): each memory's "
+                                                     "attention logits get a learned gain times how far its "
+                                                     "retriever score falls below its chunk's best; the gains "
+                                                     "start at 0 (the model reads as before) and are saved.")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", help="Write metrics every N steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
@@ -776,7 +781,8 @@ def pretrain(
                      detach_memory=detach_memory, train=train, device=device, memory_selection=memory_selection,
                      memory_top_k=memory_top_k, memory_layers=memory_layers, refs_per_chunk=refs_per_chunk,
                      prev_chunks=prev_chunks, single_ref_steps=single_ref_steps, align_docs=align_docs,
-                     memory_match_loss=memory_match_loss, distractors=distractors, embedder=embedder)
+                     memory_match_loss=memory_match_loss, distractors=distractors, embedder=embedder,
+                     score_prior=memory_score_prior)
     if config is not None:
         from .config import PRESETS
 
@@ -822,6 +828,10 @@ def eval_cmd(
     max_gap: Annotated[Optional[float], typer.Option("--max-score-gap", help="Drop references scoring more than "
                                                       "this below the chunk's best (retriever confidence: a clear "
                                                       "winner is read alone); default: keep all.")] = None,
+    score_prior: Annotated[bool, typer.Option("--score-prior/--no-score-prior", help="For a model trained with "
+                                              "--memory-score-prior: --no-score-prior hides the retriever's "
+                                              "scores from it, so it reads its memories by content alone (the "
+                                              "paper's Eq. 4), for comparison.")] = True,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
@@ -869,7 +879,7 @@ def eval_cmd(
     with _open_generator(model, bank, device, dtype, embedder) as (gen, _):
         result = evaluate(gen, questions, mode_list, template=prompt_template, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, max_overlap=max_overlap, memories=memories, texts=texts,
-                          chat=chat, max_gap=max_gap)
+                          chat=chat, max_gap=max_gap, score_prior=score_prior)
     answers = result.pop("_answers")
     if as_json:
         typer.echo(json.dumps(result))

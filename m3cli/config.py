@@ -47,6 +47,11 @@ class M3Config:
     chunk_length: int = 64  # context tokens per chunk; each chunk reads its own memories
     memories_per_chunk: int = 5  # memories retrieved per chunk at inference
     train_prev_chunks: int = 4  # in training, chunk c also sees the memories of c-4..c-1
+    # The retriever-score prior (not in the paper, whose Eq. 4 reads memories by content alone;
+    # off by default): a memory slot's attention logits in memory layer l, head h get
+    # memory_score_gain[l, h] * SCORE_UNIT * (the slot's retriever score - the best score of the
+    # chunk that retrieved it), the gains learned in training (zero-initialised weights).
+    memory_score_prior: bool = False
     reference_prefix: str = "Reference:"  # text prepended to every reference when encoded
     # token ids of BOS + reference_prefix; set from the tokenizer when a model dir is made.
     # Its KV is the attention sink in front of memories. Empty = memory cannot be used yet.
@@ -73,6 +78,8 @@ class M3Config:
         if self.memory_selection not in MEMORY_SELECTIONS:
             raise ConfigError(f"memory_selection must be one of {', '.join(MEMORY_SELECTIONS)}, "
                               f"got {self.memory_selection!r}")
+        if not isinstance(self.memory_score_prior, bool):
+            raise ConfigError(f"memory_score_prior must be true or false, got {self.memory_score_prior!r}")
         if self.train_prev_chunks < 0:
             raise ConfigError(f"train_prev_chunks must be >= 0, got {self.train_prev_chunks}")
         if self.n_heads % self.n_kv_heads:

@@ -80,7 +80,7 @@ def _memory_read(completion, title: str) -> tuple[bool, bool, float | None, floa
 
 def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 12,
              batch_size: int = 32, max_overlap: float | None = 0.67, memories: int = 5, texts: list[str] | None = None,
-             chat: bool = False, progress=None, max_gap: float | None = None) -> dict:
+             chat: bool = False, progress=None, max_gap: float | None = None, score_prior: bool = True) -> dict:
     """{mode: {"accuracy", "n", "correct", "chance", "perplexity"?}} plus per-question records
     under "_answers" (mode -> list of completions).
 
@@ -90,7 +90,10 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
     read there), "right_first" (it was the retriever's first), "right_attention" (over those
     questions, the mean share of the memory layers' attention to memories that went to that
     document's memories) and "right_attention_even" (the same share if every memory got as much
-    attention as the others). They tell a retrieval failure from a reading failure."""
+    attention as the others). They tell a retrieval failure from a reading failure.
+
+    With a model that has the retriever-score prior, memory mode says whether it read the
+    retriever's scores ("score_prior"; score_prior=False reads by content alone, as the paper)."""
     from .generate import Options
 
     if "{question}" not in template:
@@ -108,7 +111,7 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
     for mode in modes:
         diagnose = mode == "memory" and has_titles
         opts = Options(mode=mode, max_new_tokens=max_new_tokens, memories=memories, max_overlap=max_overlap, chat=chat,
-                       cite=diagnose, max_gap=max_gap)
+                       cite=diagnose, max_gap=max_gap, score_prior=score_prior)
         opts.check()
         completions, reads = [], []
         for start in range(0, len(prompts), batch_size):
@@ -120,6 +123,8 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
                 progress(mode, len(completions), len(prompts))
         correct = sum(is_correct(q["answer"], c) for q, c in zip(qa, completions))
         entry = {"accuracy": round(correct / len(qa), 4), "n": len(qa), "correct": correct}
+        if mode == "memory" and gen.cfg.memory_score_prior:
+            entry["score_prior"] = score_prior
         if all(isinstance(c, (int, float)) for c in chance):
             entry["chance"] = round(sum(chance) / len(chance), 4)
         if diagnose:
@@ -131,7 +136,8 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
         if texts:
             nll, count = 0.0, 0
             for t in texts:
-                r = gen.score(t, Options(mode=mode, memories=memories, max_overlap=max_overlap, max_gap=max_gap))
+                r = gen.score(t, Options(mode=mode, memories=memories, max_overlap=max_overlap, max_gap=max_gap,
+                                         score_prior=score_prior))
                 nll -= sum(r["logprobs"])
                 count += len(r["logprobs"])
             entry["perplexity"] = round(math.exp(nll / count), 4)

@@ -60,6 +60,7 @@ class Options:
     chat: bool = False
     stop_at_eos: bool = True
     cite: bool = False  # measure the attention share of every memory (costs an explicit softmax)
+    score_prior: bool = True  # a model with the retriever-score prior reads the hits' scores (False: content alone)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -225,12 +226,27 @@ class Generator:
         self._tick("retrieval", t0)
         return hits
 
-    def _memory(self, rows: list[list], n_slots: int, visible=None) -> Memory:
-        """Memory whose sequence b holds rows[b]'s hits (None = an empty slot) in its first slots."""
+    def _memory(self, rows: list[list], n_slots: int, visible=None, group: int | None = None,
+                scored: bool = True) -> Memory:
+        """Memory whose sequence b holds rows[b]'s hits (None = an empty slot) in its first slots.
+        group: slots per chunk (each chunk's hits fill `group` consecutive slots; default: all of
+        a row is one chunk's) — the retriever-score prior compares a hit with its chunk's best.
+        scored=False leaves the scores out (the prior then adds nothing: the paper's reading)."""
         t0 = time.perf_counter()
         ids = [[None if h is None else h.ref for h in row] + [None] * (n_slots - len(row)) for row in rows]
         kv, valid = self.memory_cache.stack(ids, n_slots, self.retriever.bank.memory_shape)
-        mem = Memory(kv=kv, valid=valid, sink=self.sink(), visible=visible)
+        scores = None
+        if self.cfg.memory_score_prior and scored:
+            scores = torch.zeros(len(rows), n_slots)
+            step = group or max(1, n_slots)
+            for b, row in enumerate(rows):
+                for start in range(0, len(row), step):
+                    hits = [(start + s, h) for s, h in enumerate(row[start:start + step]) if h is not None]
+                    best = max((h.score for _, h in hits), default=0.0)
+                    for s, h in hits:
+                        scores[b, s] = h.score - best
+            scores = scores.to(self.device)
+        mem = Memory(kv=kv, valid=valid, sink=self.sink(), visible=visible, scores=scores)
         self._tick("memory_load", t0)
         return mem
 
@@ -354,7 +370,8 @@ class Generator:
                 per_seq.append(row)
                 decode_hits[b] = chunks[b][-1].hits
             visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
-            memory = self._memory(per_seq, n_chunks * opts.memories, visible)
+            memory = self._memory(per_seq, n_chunks * opts.memories, visible, group=opts.memories,
+                                  scored=opts.score_prior)
         probe = [] if opts.cite and opts.mode == "memory" else None
         t0 = time.perf_counter()
         cache = KVCache(cfg.n_layers)
@@ -372,7 +389,7 @@ class Generator:
 
         # decoding
         if opts.mode == "memory":
-            memory = self._memory(decode_hits, opts.memories)
+            memory = self._memory(decode_hits, opts.memories, scored=opts.score_prior)
             for b in range(B):
                 chunks[b].append(ChunkRecord(len(chunks[b]), "inherited", (0, opts.retrieve_every), None,
                                              decode_hits[b]))
@@ -427,7 +444,7 @@ class Generator:
                     decode_hits[b] = hs
                     chunks[b].append(ChunkRecord(len(chunks[b]), "generated", (step, step + opts.retrieve_every),
                                                  qs[live.index(b)], hs))
-                memory = self._memory(decode_hits, opts.memories)
+                memory = self._memory(decode_hits, opts.memories, scored=opts.score_prior)
                 t0 = time.perf_counter()
             pos = None
             if padded:
@@ -504,7 +521,8 @@ class Generator:
                 slot_chunk[0, c * opts.memories:c * opts.memories + len(hs)] = c
                 row.extend(hs + [None] * (opts.memories - len(hs)))
                 token_chunk[0, s:e] = c
-            memory = self._memory([row], len(row), chunk_visibility(token_chunk, slot_chunk, 0).to(self.device))
+            memory = self._memory([row], len(row), chunk_visibility(token_chunk, slot_chunk, 0).to(self.device),
+                                  group=opts.memories, scored=opts.score_prior)
         x = torch.tensor([seq], device=self.device)
         t0 = time.perf_counter()
         logits = self.model(x, memory=memory).float()[0, first:-1]

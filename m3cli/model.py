@@ -16,8 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import ATTENTION_IMPLS, KVCache, Memory, MemoryEncoding
+from .attention import ATTENTION_IMPLS, KVCache, Memory, MemoryEncoding, masked_logits
 from .config import M3Config
+
+# The retriever-score prior's unit: the retriever scores (cosines) of a chunk's hits differ by
+# ~0.001-0.1, so in thousandths a gap is logit-sized at gains of ~0.01-0.1, and Adam's steps
+# (about the learning rate each) move the prior as fast as it pays off (measured on the proof's
+# task: a unit of 100 learned half as fast and read 5 memories at 0.836, 1000 at 0.884).
+SCORE_UNIT = 1000.0
 
 
 class RMSNorm(nn.Module):
@@ -89,9 +95,7 @@ class Attention(nn.Module):
         if probe is not None:
             out_list, start, slots, k_top = probe
             scores = q.float() @ k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(-1, -2)
-            scores = scores / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
+            scores = masked_logits(scores / math.sqrt(self.head_dim), mask)
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, T, keys)
             mass = probs[..., start:start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
             out_list.append(mass.mean(1))  # (B, T, slots)
@@ -99,8 +103,7 @@ class Attention(nn.Module):
             out_list, start, slots, k_top = slot_scores
             mem_k = k[:, :, start:start + slots * k_top].repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             logits = (q.float() @ mem_k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, S*k)
-            if mask is not None:
-                logits = logits.masked_fill(~mask[..., start:start + slots * k_top], float("-inf"))
+            logits = masked_logits(logits, None if mask is None else mask[..., start:start + slots * k_top])
             out_list.append((layer, logits.view(B, self.n_heads, T, slots, k_top).logsumexp(-1)))
         out = attn_fn(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -148,6 +151,19 @@ class Memory3Model(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._mem_index = {layer: i for i, layer in enumerate(cfg.mem_layers)}
         self.apply(self._init_weights)
+        if cfg.memory_score_prior:
+            self.memory_score_gain = nn.Parameter(torch.zeros(cfg.n_mem_layers, cfg.n_heads))
+
+    def enable_score_prior(self) -> bool:
+        """Give the model the retriever-score prior (`M3Config.memory_score_prior`) with zero
+        gains, which leaves its outputs as they were until training moves them. Returns False
+        when it already has it."""
+        if self.config.memory_score_prior:
+            return False
+        self.config = self.config.replace(memory_score_prior=True)
+        self.memory_score_gain = nn.Parameter(torch.zeros(self.config.n_mem_layers, self.config.n_heads,
+                                                          device=self.embed.weight.device))
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
@@ -262,15 +278,26 @@ class Memory3Model(nn.Module):
 
         Memory layers attend to [sink | memories | context], the others to [sink | context].
         A row that reads no memory sees no sink. When every key is visible the mask is None.
+        With the retriever-score prior and scores on the memory, a memory layer's mask is float:
+        the bool mask as 0 / -inf plus each slot's bias on its keys (`score_bias`).
         """
         cfg = self.config
         prep = self.prepare_memory(memory, dtype)
         extra = prep["extra"]
-        if memory.visible is None and prep["all_real"] and ctx is None:
-            return extra, lambda i: None  # one decoding step reading real memories, no padding
-        group = cfg.n_heads // cfg.n_kv_heads
         S, k_top, p = memory.n_slots, memory.kv.shape[5], memory.sink.shape[3]
         device = memory.kv.device
+        bias = self.score_bias(memory)  # (n_mem_layers, B, H, S*k) or None
+
+        def biased(layer: int, m: Tensor | None) -> Tensor | None:
+            if bias is None or layer not in self._mem_index:
+                return m
+            full = torch.zeros((B, cfg.n_heads, T, p + S * k_top + past + T), dtype=torch.float32, device=device)
+            full[..., p:p + S * k_top] = bias[self._mem_index[layer]][:, :, None, :]
+            return full if m is None else full.masked_fill(~m, float("-inf"))
+
+        if memory.visible is None and prep["all_real"] and ctx is None:
+            return extra, lambda i: biased(i, None)  # one decoding step reading real memories, no padding
+        group = cfg.n_heads // cfg.n_kv_heads
         slot_has = memory.valid.flatten(2).any(-1).to(device)  # (B, S)
         if memory.visible is None:
             visible = slot_has[:, None, :].expand(B, T, S)  # (B, T, S)
@@ -291,11 +318,23 @@ class Memory3Model(nn.Module):
             if layer not in self._mem_index:
                 return plain
             if shared is not None:
-                return shared
+                return biased(layer, shared)
             mem = (vis & prep["key_ok"][layer][:, :, None, :]).repeat_interleave(group, dim=1)  # (B, H, T, S*k)
-            return torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem, ctx.expand(B, cfg.n_heads, T, -1)], dim=-1)
+            return biased(layer, torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem,
+                                            ctx.expand(B, cfg.n_heads, T, -1)], dim=-1))
 
         return extra, masks
+
+    def score_bias(self, memory: Memory) -> Tensor | None:
+        """The retriever-score prior's logit bias on each memory key: (n_mem_layers, B, H, S*k),
+        gain[layer, head] * SCORE_UNIT * memory.scores[b, slot]; None without the prior or
+        without scores."""
+        if not self.config.memory_score_prior or memory.scores is None:
+            return None
+        k_top = memory.kv.shape[5]
+        gaps = memory.scores.to(self.memory_score_gain.device, torch.float32)  # (B, S)
+        bias = self.memory_score_gain.float()[:, None, :, None] * SCORE_UNIT * gaps[None, :, None, :]  # (L, B, H, S)
+        return bias.repeat_interleave(k_top, dim=-1)
 
     # --- the reference prefix (attention sink) ---------------------------------------------
     def encode_prefix(self) -> Tensor:

@@ -211,11 +211,13 @@ class Retriever:
         self.bank, self.embedder, self.index = bank, embedder, load_index(bank)
 
     def search(self, queries: list[str], k: int = 5, max_overlap: float | None = None,
-               max_gap: float | None = None) -> list[list[Hit]]:
+               max_gap: float | None = None, vectors: np.ndarray | None = None) -> list[list[Hit]]:
         """Up to k hits per query, best first. max_overlap: skip references whose text overlaps
         the query's by more than this (Eq. 6). max_gap: also drop hits scoring more than this
-        below the query's best hit (the retriever's confidence: a clear winner comes alone)."""
-        vectors = self.embedder.embed(queries)
+        below the query's best hit (the retriever's confidence: a clear winner comes alone).
+        vectors: the queries' embeddings when the caller has them already."""
+        if vectors is None:
+            vectors = self.embedder.embed(queries)
         fetch = min(self.index.ntotal, k if max_overlap is None else 4 * k)
         scores, ids = self.index.search(vectors, fetch)
         results = []

@@ -70,6 +70,7 @@ class TrainArgs:
     memory_match_loss: float = 0.0  # continual: weight of the memory-match loss (`memory_match_loss`)
     distractors: str = "retrieved"  # continual: the other k-1 references (see `retrieve_for_chunks`)
     embedder: str | None = None  # continual: the encoder or static embedder dir the bank was indexed with
+    score_prior: bool = False  # give the model the retriever-score prior (M3Config.memory_score_prior)
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -204,10 +205,12 @@ def batch_indices(step: int, n_rows: int, batch: int, seed: int, rank: int = 0, 
 
 def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_length: int, max_overlap: float,
                         device, log=print, model_dir: Path | None = None, k: int = 1,
-                        distractors: str = "retrieved", encoder: str | None = None) -> np.ndarray:
+                        distractors: str = "retrieved", encoder: str | None = None, with_scores: bool = False):
     """Reference indices per (row, chunk, rank): the top-k of the bank's retriever for the
     chunk's text, skipping references that overlap it by more than max_overlap; -1 where fewer
-    qualify. Returns (rows, chunks, k) int64.
+    qualify. Returns (rows, chunks, k) int64; with_scores, also (rows, chunks, k) float32: each
+    reference's retriever score for the chunk's text (the inner product of their embeddings,
+    which a title distractor gets too; 0 where -1), for the retriever-score prior.
 
     distractors="title": rank 0 as above; ranks 1..k-1 are the references retrieved with the
     *title* of rank 0's document as the query (that document's references left out, and the
@@ -216,20 +219,25 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     facts it states, so its other hits tend to share those facts and teach little.)"""
     from .bank import Bank
     from .overlap import overlap, words
-    from .retrieval import Retriever, query_embedder
+    from .retrieval import Retriever, embeddings_of, query_embedder
 
     n_rows, T = rows.shape[0], rows.shape[1] - 1
     n_chunks = -(-T // chunk_length)
     out = np.full((n_rows, n_chunks, k), -1, dtype=np.int64)
+    scores = np.zeros((n_rows, n_chunks, k), dtype=np.float32)
     t0 = time.perf_counter()
     with Bank(bank_path) as bank:
         retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=encoder, device=device))
+        emb = embeddings_of(bank) if with_scores else None
+        if with_scores and emb is None:
+            raise M3Error(f"{bank_path} stores no reference embeddings; re-index it with `m3 index`")
         queries = [tokenizer.decode([t for t in rows[r, c * chunk_length:min(T, (c + 1) * chunk_length)].tolist()
                                      if t != PAD], skip_special_tokens=True)
                    for r in range(n_rows) for c in range(n_chunks)]
         for start in range(0, len(queries), 256):
             batch = queries[start:start + 256]
-            hits = retriever.search(batch, k=k, max_overlap=max_overlap)
+            vectors = retriever.embedder.embed(batch)
+            hits = retriever.search(batch, k=k, max_overlap=max_overlap, vectors=vectors)
             if distractors == "title" and k > 1:
                 firsts = [h[0] if h else None for h in hits]
                 by_title = retriever.search([f.title or f.text if f else "" for f in firsts], k=4 * k)
@@ -240,9 +248,20 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
                 r, c = divmod(start + j, n_chunks)
                 for rank, hit in enumerate(h[:k]):
                     out[r, c, rank] = hit.ref
+                    if emb is not None:
+                        scores[r, c, rank] = float(vectors[j] @ emb[hit.ref])
     log(f"retrieved references for {len(queries)} chunks in {time.perf_counter() - t0:.0f} s "
         f"({(out[:, :, 0] >= 0).mean():.0%} found one)")
-    return out
+    return (out, scores) if with_scores else out
+
+
+def score_gaps(chunk_refs: np.ndarray, chunk_scores: np.ndarray) -> np.ndarray:
+    """Each slot's retriever score minus the best of its chunk's (the retriever-score prior's
+    input, `Memory.scores`): (B, chunks, k) -> (B, chunks * k) float32, 0 where no reference."""
+    real = chunk_refs >= 0
+    best = np.where(real, chunk_scores, -np.inf).max(axis=-1, keepdims=True)
+    gaps = np.where(real, chunk_scores - np.where(np.isfinite(best), best, 0.0), 0.0)
+    return gaps.reshape(chunk_refs.shape[0], -1).astype(np.float32)
 
 
 def title_targets(rows: np.ndarray, chunk_refs: np.ndarray, titles: list[str], tokenizer) -> np.ndarray:
@@ -382,7 +401,8 @@ def _set_trainable(model, what: str) -> None:
     mem = set(model.config.mem_layers)
     for name, p in model.named_parameters():
         parts = name.split(".")
-        p.requires_grad = parts[0] == "layers" and int(parts[1]) in mem and parts[2] == "attn"
+        p.requires_grad = (parts[0] == "layers" and int(parts[1]) in mem and parts[2] == "attn") \
+            or name == "memory_score_gain"
 
 
 def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_progress: bool = True,
@@ -449,6 +469,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
     if overrides:
         model.config = model.config.replace(**overrides)  # validated there
+    if args.score_prior and model.enable_score_prior():
+        log("added the retriever-score prior (zero gains: the model reads as before until trained)")
     cfg = model.config
     if args.seq_len > cfg.context_length:
         raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")
@@ -478,7 +500,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         metrics_path = state_dir / "metrics.jsonl"
         metrics_path.unlink(missing_ok=True)
 
-    chunk_refs = ref_tokens = targets = None
+    chunk_refs = chunk_scores = ref_tokens = targets = None
     match_sum, match_n = 0.0, 0
     if args.stage == "continual":
         if not cfg.reference_prefix_ids:
@@ -489,17 +511,27 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             if old_fingerprint is not None:
                 require_same_model(b, old_fingerprint)
         cache = state_dir / "retrieval.npy"
+        score_cache = state_dir / "retrieval-scores.npy"  # only for a model with the retriever-score prior
         cache_key = state_dir / "retrieval.json"
+        want_scores = cfg.memory_score_prior
         rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size,
-                "embedder": args.embedder}
-        if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey:
+                "embedder": args.embedder, "scores": want_scores}
+        if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey \
+                and (score_cache.is_file() or not want_scores):
             chunk_refs = np.load(cache, allow_pickle=False)
+            chunk_scores = np.load(score_cache, allow_pickle=False) if want_scores else None
+            if chunk_scores is not None and chunk_scores.shape != chunk_refs.shape:
+                raise M3Error(f"{score_cache} does not match {cache}; delete both to retrieve again")
         else:
-            chunk_refs = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
-                                             device, log, model_dir=args.init_from, k=args.refs_per_chunk,
-                                             distractors=args.distractors, encoder=args.embedder)
+            found = retrieve_for_chunks(rows, tokenizer, Path(args.bank), cfg.chunk_length, args.max_overlap,
+                                        device, log, model_dir=args.init_from, k=args.refs_per_chunk,
+                                        distractors=args.distractors, encoder=args.embedder, with_scores=want_scores)
+            chunk_refs, chunk_scores = found if want_scores else (found, None)
             with atomic_file(cache) as tmp:
                 np.save(tmp, chunk_refs, allow_pickle=False)
+            if want_scores:
+                with atomic_file(score_cache) as tmp:
+                    np.save(tmp, chunk_scores, allow_pickle=False)
             with atomic_file(cache_key) as f:
                 f.write(json.dumps(rkey).encode())
         ref_tokens = ReferenceTokens(Path(args.bank), tokenizer, cfg.reference_length)
@@ -512,8 +544,9 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     _set_trainable(model, args.train)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    gain = getattr(model, "memory_score_gain", None)
+    decay = [p for p in params if p.dim() >= 2 and p is not gain]
+    no_decay = [p for p in params if p.dim() < 2 or p is gain]  # weight decay would pull the prior to none
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     if start_step:
@@ -557,6 +590,9 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                         refs = chunk_refs[idx][:, :, :1] if step < args.single_ref_steps else chunk_refs[idx]
                         memory = continual_memory(raw, torch.from_numpy(refs), ref_tokens, args.seq_len,
                                                   args.detach_memory)
+                        if memory is not None and chunk_scores is not None:
+                            memory.scores = torch.from_numpy(
+                                score_gaps(refs, chunk_scores[idx][:, :, :refs.shape[2]])).to(device)
                     logits = model(x, memory=memory, memory_scores=scores if memory is not None else None)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                            ignore_index=-100)
@@ -589,6 +625,8 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                            "elapsed_s": round(elapsed, 1)}
                     if match_n:
                         row["memory_match"] = round(match_sum / match_n, 5)
+                    if cfg.memory_score_prior:  # the learned gains: how far the reading trusts the retriever
+                        row["score_gain"] = round(float(raw.memory_score_gain.detach().mean()), 4)
                         match_sum, match_n = 0.0, 0
                     if accelerator.is_main_process:
                         metrics.write(json.dumps(row) + "\n")

@@ -30,6 +30,10 @@ $M3 generate --model "$MODEL" --bank "$OUT/kb.m3bank" --explain -n 8 "Question: 
 echo; echo "== m3 eval: 200 questions about unseen people, closed book / with memory / with RAG"
 $M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jsonl" --limit 200 --show 5
 
+echo; echo "== m3 eval --no-score-prior: the same questions, the retriever's scores hidden from the model (it reads its 5 memories by content alone, as the paper's Eq. 4)"
+$M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jsonl" --limit 200 --modes memory \
+  --no-score-prior --show 0
+
 echo; echo "== m3 eval --memories 1: the same questions with only the retriever's top reference in memory"
 $M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jsonl" --limit 200 --modes memory \
   --memories 1 --show 0

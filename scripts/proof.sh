@@ -7,14 +7,19 @@
 #   re-encoded bank, the training text plus namesake-pair documents from `m3 synth
 #   --namesake-pairs`) -> m3 encode -> m3 pretrain (continual 3: the same text, each chunk
 #   reading its top-1 plus the 4 references its title retrieves, `--distractors title`)
+#   -> m3 encode -> m3 pretrain (continual 4: as stage 3, with `--memory-score-prior`: the model
+#   learns how far to trust the retriever's scores when it weighs its memories; not in the paper)
 #   -> m3 encode (the KB, with the final model)
 #   -> m3 eval on questions about *unseen* people (their facts are only in the bank), then again
-#      with --max-score-gap (reported beside it; the pass/fail check uses the first).
+#      with --no-score-prior (the same model reading by content alone, as the paper's Eq. 4) and
+#      with --max-score-gap (both reported beside it; the pass/fail check uses the first).
 #
-# Leaves DIR/model/, DIR/kb.m3bank, DIR/qa_unseen.jsonl, DIR/eval.json, DIR/eval-gap.json; exits 1
+# Leaves DIR/model/, DIR/kb.m3bank, DIR/qa_unseen.jsonl, DIR/eval.json, DIR/eval-content.json,
+# DIR/eval-gap.json; exits 1
 # unless memory accuracy >= 0.8 and closed-book accuracy <= chance + 0.05 (5 memories, no gap). Settings can be changed
 # through the environment (defaults: the recorded run in README.md; CONTINUAL2_STEPS=0 skips
-# the second and third continual stages, CONTINUAL3_STEPS=0 the third).
+# the second to fourth continual stages, CONTINUAL3_STEPS=0 the third and fourth, CONTINUAL4_STEPS=0
+# the fourth).
 set -euo pipefail
 OUT=${1:?usage: scripts/proof.sh OUT_DIR}
 M3=${M3:-.venv/bin/m3}
@@ -27,6 +32,8 @@ CONTINUAL2_STEPS=${CONTINUAL2_STEPS:-1200}
 NAMESAKE_PAIRS=${NAMESAKE_PAIRS:-3600}
 CONTINUAL3_STEPS=${CONTINUAL3_STEPS:-600}
 LR3=${LR3:-1e-3}
+CONTINUAL4_STEPS=${CONTINUAL4_STEPS:-300}
+LR4=${LR4:-1e-3}
 SEED3=${SEED3:-1}  # the third stage's data order (the recorded run's)
 LR=${LR:-2e-3}
 BATCH=${BATCH:-8}
@@ -78,8 +85,18 @@ if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
     step "m3 encode: the knowledge base with the second continual model"
     $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual2.m3bank" -m "$stage2" --force -q
     step "m3 pretrain --stage continual: $CONTINUAL3_STEPS more steps, every chunk reading its top-1 and the $(( REFS_PER_CHUNK - 1 )) references its title retrieves (namesakes)"
-    $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$OUT/model" --init-from "$stage2" --bank "$OUT/kb-continual2.m3bank" \
+    stage3="$OUT/model"
+    [ "$CONTINUAL4_STEPS" -gt 0 ] && stage3="$OUT/continual3"
+    $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$stage3" --init-from "$stage2" --bank "$OUT/kb-continual2.m3bank" \
       --steps "$CONTINUAL3_STEPS" "${continual[@]}" --distractors title --lr "$LR3" --seed "$SEED3" "${common[@]}"
+    if [ "$CONTINUAL4_STEPS" -gt 0 ]; then
+      step "m3 encode: the knowledge base with the third continual model"
+      $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual3.m3bank" -m "$stage3" --force -q
+      step "m3 pretrain --stage continual --memory-score-prior: $CONTINUAL4_STEPS more steps as stage 3, the model learning how far to trust the retriever's scores"
+      $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$OUT/model" --init-from "$stage3" --bank "$OUT/kb-continual3.m3bank" \
+        --steps "$CONTINUAL4_STEPS" "${continual[@]}" --distractors title --memory-score-prior --lr "$LR4" \
+        --seed "$SEED3" "${common[@]}"
+    fi
   fi
 fi
 
@@ -90,14 +107,25 @@ step "m3 eval: $QUESTIONS questions about unseen people, 5 retrieved memories pe
 $M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl" --limit "$QUESTIONS" --json \
   > "$OUT/eval.json.tmp"
 mv "$OUT/eval.json.tmp" "$OUT/eval.json"
+rm -f "$OUT/eval-content.json"
+if [ "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1])).get("memory_score_prior", False))' "$OUT/model/config.json")" = True ]; then
+  step "m3 eval --no-score-prior: the same questions, the model reading its 5 memories by content alone (the paper's Eq. 4)"
+  $M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl" --limit "$QUESTIONS" \
+    --modes memory --no-score-prior --json > "$OUT/eval-content.json.tmp" \
+    && mv "$OUT/eval-content.json.tmp" "$OUT/eval-content.json" || echo "the --no-score-prior evaluation failed (not the check)"
+fi
 step "m3 eval --max-score-gap $GAP: the same questions, each chunk keeping the references within $GAP of its best"
 rm -f "$OUT/eval-gap.json"
 $M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl" --limit "$QUESTIONS" \
   --modes memory,rag --max-score-gap "$GAP" --json > "$OUT/eval-gap.json.tmp" \
   && mv "$OUT/eval-gap.json.tmp" "$OUT/eval-gap.json" || echo "the --max-score-gap evaluation failed (not the check)"
 step "done in $(( $(date +%s) - start )) s"
-$PY - "$OUT/eval.json" "$OUT/eval-gap.json" <<'PY'
+$PY - "$OUT/eval.json" "$OUT/eval-gap.json" "$OUT/eval-content.json" <<'PY'
 import json, os, sys
+if os.path.exists(sys.argv[3]):
+    c = json.load(open(sys.argv[3]))
+    print(f"  with --no-score-prior (the retriever's scores hidden: the memories told apart by content alone):"
+          f" memory {c['memory']['accuracy']:.3f}")
 if os.path.exists(sys.argv[2]):
     g = json.load(open(sys.argv[2]))
     print(f"  with --max-score-gap (not the acceptance's setting: most chunks then read the top reference alone):"

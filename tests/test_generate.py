@@ -65,9 +65,17 @@ def _recorded_logits(monkeypatch):
     return seen
 
 
-def test_cached_generation_equals_recomputation(gen, monkeypatch):
+@pytest.mark.parametrize("prior", [False, True])
+def test_cached_generation_equals_recomputation(gen, monkeypatch, prior):
     """Every logit of a generation (prompt chunks, inherited chunk, chunks retrieved while decoding,
-    cache front rewritten each time) equals one full forward with the same memories per token."""
+    cache front rewritten each time) equals one full forward with the same memories per token.
+    With the retriever-score prior, each slot is biased by its hit's score minus the best of its
+    chunk's hits, in every chunk."""
+    if prior:
+        gen.model.enable_score_prior()
+        gen.cfg = gen.cfg.replace(memory_score_prior=True)
+        with torch.no_grad():
+            gen.model.memory_score_gain.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
     seen = _recorded_logits(monkeypatch)
     opts = Options(mode="memory", max_new_tokens=11, retrieve_every=3, memories=2, stop_at_eos=False)
     c = gen.generate([PROMPT], opts)[0]
@@ -81,14 +89,17 @@ def test_cached_generation_equals_recomputation(gen, monkeypatch):
     # the recomputation: one slot group per chunk record, each token reads its own chunk's group
     ids = gen.encode_prompt(PROMPT, opts) + c.token_ids[:-1]
     token_group = [i // 4 for i in range(c.prompt_tokens)] + [n_prompt + g // 3 for g in range(10)]
-    slots, slot_group = [], []
+    slots, slot_group, gaps = [], [], []
     for grp, rec in enumerate(c.chunks):
         for h in rec.hits:
             slots.append(h.ref)
             slot_group.append(grp)
+            gaps.append(h.score - max(x.score for x in rec.hits))
+    assert not prior or min(gaps) < -1e-3  # some slot is biased
     enc = gen.retriever.bank.memories(slots)
     memory = Memory(kv=enc.kv[None], valid=enc.valid[None], sink=gen.sink(),
-                    visible=chunk_visibility(torch.tensor(token_group), torch.tensor([slot_group]), 0))
+                    visible=chunk_visibility(torch.tensor(token_group), torch.tensor([slot_group]), 0),
+                    scores=torch.tensor([gaps]) if prior else None)
     with torch.no_grad():
         full = gen.model(torch.tensor([ids]), memory=memory)[0]
     for i, logits in enumerate(seen):
@@ -285,14 +296,16 @@ def test_eval_and_score_pass_the_score_gap_and_check_it_first(monkeypatch, tmp_p
     seen = []
 
     class FakeGen:
-        cfg = SimpleNamespace(context_length=64)
+        cfg = SimpleNamespace(context_length=64, memory_score_prior=True)
 
         def generate(self, prompts, opts):
-            seen.append((opts.mode, opts.max_gap))
+            seen.append((opts.mode, opts.max_gap, opts.score_prior))
             return [generate_mod.Completion(p, "x", [], 0, "length") for p in prompts]
 
-    ev.evaluate(FakeGen(), [{"question": "q", "answer": "a"}], ["memory", "rag"], max_gap=0.03)
-    assert seen == [("memory", 0.03), ("rag", 0.03)]
+    out = ev.evaluate(FakeGen(), [{"question": "q", "answer": "a"}], ["memory", "rag"], max_gap=0.03)
+    assert seen == [("memory", 0.03, True), ("rag", 0.03, True)] and out["memory"]["score_prior"] is True
+    out = ev.evaluate(FakeGen(), [{"question": "q", "answer": "a"}], ["memory"], score_prior=False)
+    assert seen[-1] == ("memory", None, False) and out["memory"]["score_prior"] is False
     missing = tmp_path / "no-model"
     for args in (["eval", "--model", missing, "--qa", tmp_path / "qa.jsonl"], ["score", "--model", missing, "text"]):
         assert_user_error(m3(*args, "--max-score-gap", "-1"), "--max-score-gap")

@@ -258,13 +258,24 @@ def test_bf16_runs_through_the_same_code():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_matches_cpu_fp32():
+@pytest.mark.parametrize("prior", [False, True])
+def test_cuda_bf16_matches_cpu_fp32(prior):
     cpu = make_model()
+    scores = None
+    if prior:  # the retriever-score prior's float mask, cast to bf16 for SDPA
+        cpu.enable_score_prior()
+        with torch.no_grad():
+            cpu.memory_score_gain.fill_(0.02)
+        scores = torch.tensor([[0.0, -0.01, -0.05], [-0.03, 0.0, -0.2]])
     ids = torch.randint(4, 512, (2, 40))
     mem = memory_for(cpu, [encode(cpu), encode(cpu, seed=3)])
-    want = cpu(ids, memory=mem)
+    want = cpu(ids, memory=Memory(mem.kv, mem.valid, mem.sink, scores=scores))
     gpu = make_model().to("cuda", torch.bfloat16)
-    mem_gpu = Memory(mem.kv.cuda(), mem.valid.cuda(), mem.sink.cuda())
+    if prior:
+        gpu.enable_score_prior()
+        gpu.load_state_dict(cpu.state_dict())
+        assert not torch.allclose(want, cpu(ids, memory=mem), atol=1e-3)  # the bias matters here
+    mem_gpu = Memory(mem.kv.cuda(), mem.valid.cuda(), mem.sink.cuda(), scores=None if scores is None else scores.cuda())
     got = gpu(ids.cuda(), memory=mem_gpu).float().cpu()
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
@@ -276,3 +287,77 @@ def test_value_norm_selection_changes_what_is_kept():
     a = make_model(memory_top_k=4).encode_references(ref, lengths)
     b = make_model(memory_top_k=4, memory_selection="attention_x_value_norm").encode_references(ref, lengths)
     assert not torch.equal(a.positions, b.positions)
+
+
+# --- the retriever-score prior (M3Config.memory_score_prior; not in the paper) --------------------
+def with_scores(mem, scores):
+    return Memory(kv=mem.kv, valid=mem.valid, sink=mem.sink, visible=mem.visible, scores=scores)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn_impl", ["reference", "sdpa"])
+def test_score_prior_at_zero_gain_is_the_paper_model(attn_impl):
+    plain = make_model(attn_impl, memory_layers=[0, 1])
+    prior = make_model(attn_impl, memory_layers=[0, 1])
+    assert prior.enable_score_prior() and not prior.enable_score_prior()
+    assert prior.memory_score_gain.shape == (2, prior.config.n_heads) and prior.config.memory_score_prior
+    mem = memory_for(plain, [encode(plain, 4), encode(plain, 2, seed=3)])
+    scored = with_scores(mem, torch.tensor([[0.0, -0.05, -0.1, -0.3], [0.0, -0.2, 0.0, 0.0]]))
+    ids = torch.randint(4, 512, (2, 21))
+    torch.testing.assert_close(prior(ids, memory=scored), plain(ids, memory=mem), atol=1e-5, rtol=1e-5)
+    prior.memory_score_gain.fill_(3.0)  # a gain changes the reading only where scores differ
+    torch.testing.assert_close(prior(ids, memory=mem), plain(ids, memory=mem), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prior(ids, memory=with_scores(mem, torch.zeros(2, 4))), plain(ids, memory=mem),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(prior(ids, memory=scored), plain(ids, memory=mem), atol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn_impl", ["reference", "sdpa"])
+def test_score_prior_with_a_large_gain_reads_the_best_slot_alone(attn_impl):
+    model = make_model(attn_impl, memory_layers=[0, 1, 2, 3])
+    model.enable_score_prior()
+    model.memory_score_gain.fill_(50.0)  # a gap of 0.1 -> a logit bias of -500
+    enc = encode(model, n_refs=4)
+    best = MemoryEncoding(enc.kv[2:3], enc.valid[2:3], enc.positions[2:3])
+    ids = torch.randint(4, 512, (1, 30))
+    scored = with_scores(memory_for(model, [enc]), torch.tensor([[-0.1, -0.2, 0.0, -0.15]]))
+    torch.testing.assert_close(model(ids, memory=scored), model(ids, memory=memory_for(model, [best])),
+                               atol=1e-5, rtol=1e-5)
+    # the attention probe (citations) sees the bias too
+    probe = []
+    model(ids, memory=scored, attention_probe=probe)
+    share = torch.stack(probe).mean(0)[0, -1]  # (slots,): shares of all the token's attention
+    assert share[2] > 0.01 and float(share[[0, 1, 3]].max()) < 1e-6
+
+
+@torch.no_grad()
+def test_score_prior_in_cached_decoding_and_block_masks():
+    model = make_model(memory_layers=[0, 1])
+    model.enable_score_prior()
+    model.memory_score_gain.normal_(0, 2.0)
+    ids = torch.randint(4, 512, (2, 23))
+    mem = with_scores(memory_for(model, [encode(model, 3), encode(model, 3, seed=5)]),
+                      torch.tensor([[0.0, -0.02, -0.07], [-0.01, 0.0, -0.2]]))
+    full = model(ids, memory=mem)
+    cache = KVCache(model.config.n_layers)
+    parts = [model(ids[:, :9], memory=mem, cache=cache)]
+    for t in range(9, 23):  # one token at a time: the mask-free fast path gets the bias too
+        parts.append(model(ids[:, t:t + 1], memory=mem, cache=cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+    # with a block mask (training) each token's slots keep their own bias
+    visible = torch.ones(2, 23, 3, dtype=torch.bool)
+    visible[:, :10, 2] = False
+    masked = with_scores(memory_for(model, [encode(model, 3), encode(model, 3, seed=5)], visible), mem.scores)
+    reference = make_model("reference", memory_layers=[0, 1])
+    reference.enable_score_prior()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids, memory=masked), reference(ids, memory=masked), atol=1e-5, rtol=1e-4)
+
+
+def test_score_prior_gain_gets_a_gradient():
+    model = make_model(memory_layers=[0, 1])
+    model.enable_score_prior()
+    mem = with_scores(memory_for(model, [encode(model, 3)]), torch.tensor([[0.0, -0.05, -0.1]]))
+    model(torch.randint(4, 512, (1, 12)), memory=mem).logsumexp(-1).sum().backward()
+    assert model.memory_score_gain.grad is not None and model.memory_score_gain.grad.abs().sum() > 0

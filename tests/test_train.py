@@ -425,6 +425,90 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     assert (np.load(tmp_path / "e.train" / "retrieval.npy") == refs).all()
 
 
+def test_score_gaps_compare_each_slot_with_its_chunks_best():
+    from m3cli.train import score_gaps
+
+    refs = np.array([[[4, 7, -1], [-1, -1, -1]], [[2, 3, 5], [9, -1, 1]]])
+    scores = np.array([[[0.9, 0.7, 0.0], [0.0, 0.0, 0.0]], [[0.5, 0.6, 0.1], [0.3, 0.0, 0.8]]], dtype=np.float32)
+    np.testing.assert_allclose(score_gaps(refs, scores), [[0.0, -0.2, 0.0, 0.0, 0.0, 0.0],
+                                                          [-0.1, 0.0, -0.5, -0.5, 0.0, 0.0]], atol=1e-6)
+
+
+def test_continual_training_learns_the_retriever_score_prior(task, tmp_path):
+    """--memory-score-prior: the model gets zero gains (reading unchanged), training retrieves each
+    slot's score for its chunk's text (title distractors too) and moves the gains; the saved model
+    carries them, and evaluation passes the retriever's scores to them."""
+    from m3cli.bank import Bank
+    from m3cli.checkpoint import load_model_dir, model_fingerprint
+    from m3cli.retrieval import embeddings_of
+
+    warm = tmp_path / "warm"
+    common = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--align-docs", "-q"]
+    assert m3("pretrain", task / "train.parquet", "-o", warm, "--config", "mini", "--steps", "2", "--memory-layers",
+              "all", *common).exit_code == 0
+    bank = tmp_path / "kb.m3bank"
+    assert m3("encode", task / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
+    # README's emulation of a fixed prior (bench/memory_reading.py score-prior) on the model without one:
+    # beta 0 reads as m3 eval does, a huge beta as the retriever's top-1 alone
+    qa = task / "qa_unseen.jsonl"
+    bench = [sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "score-prior",
+             "--bank", str(bank), "--qa", str(qa), "--limit", "8", "--betas", "0,1000"]
+    proc = subprocess.run([*bench, "--model", str(warm)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    by_beta = {r["beta"]: r["accuracy"] for r in map(json.loads, proc.stdout.splitlines())}
+    answers = {}
+    for extra in ([], ["--memories", "1"]):
+        result = m3("eval", "-m", warm, "-b", bank, "--qa", qa, "--limit", "8", "--modes", "memory", "--json", *extra)
+        answers[len(extra)] = json.loads(result.stdout)["memory"]["accuracy"]
+    assert by_beta[0.0] == answers[0] and by_beta[1000.0] == answers[2]
+    cont = ["pretrain", task / "train.parquet", "--init-from", warm, "--stage", "continual", "--bank", bank,
+            "--steps", "3", "--prev-chunks", "0", "--refs-per-chunk", "3", "--distractors", "title", *common]
+    result = m3(*cont, "-o", tmp_path / "p", "--memory-score-prior", "--lr", "1e-2")
+    assert result.exit_code == 0, result.output
+    assert "added the retriever-score prior" in result.stderr
+    refs = np.load(tmp_path / "p.train" / "retrieval.npy")
+    scores = np.load(tmp_path / "p.train" / "retrieval-scores.npy")
+    assert scores.shape == refs.shape and (scores[refs < 0] == 0).all()
+    real = (refs >= 0).all(-1)
+    assert real.mean() > 0.9  # the chunk's own top-1 is its best hit, its title's namesakes score lower
+    assert (scores[real][:, 0] >= scores[real][:, 1:].max(-1) - 1e-5).all()
+    assert (scores[real][:, 1:] < scores[real][:, :1] - 1e-3).any()
+    with Bank(bank) as b:  # every score is an inner product with a stored reference embedding
+        emb = embeddings_of(b)
+    assert np.abs(scores[real]).max() <= np.linalg.norm(emb, axis=1).max() * 1.01
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["memory_score_prior"] is True
+    gain = _weights(tmp_path / "p")["memory_score_gain"]
+    assert gain.shape == (4, 4) and gain.abs().min() > 0  # mini: 4 memory layers here, 4 heads; all moved
+    rows = [json.loads(x) for x in (tmp_path / "p.train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("score_gain" in r for r in rows)
+    assert rows[-1]["score_gain"] == pytest.approx(float(gain.mean()), abs=1e-4)
+    # the prior is a config field the fingerprint covers only when on: the warm model keeps its identity
+    assert model_fingerprint(warm) != model_fingerprint(tmp_path / "p")
+    assert load_model_dir(warm).config.memory_score_prior is False
+    # a second continual stage from the prior's model keeps its gains as its starting point
+    kb2 = tmp_path / "kb2.m3bank"
+    assert m3("encode", task / "kb.parquet", "-o", kb2, "-m", tmp_path / "p", "-q").exit_code == 0
+    second = ["pretrain", task / "train.parquet", "--init-from", tmp_path / "p", "--stage", "continual", "--bank", kb2,
+              "--steps", "1", "--prev-chunks", "0", "--refs-per-chunk", "3", *common]
+    result = m3(*second, "-o", tmp_path / "p2")
+    assert result.exit_code == 0, result.output
+    assert "retriever-score prior" not in result.stderr
+    assert (tmp_path / "p2.train" / "retrieval-scores.npy").is_file()
+    result = m3("eval", "--model", tmp_path / "p", "--bank", kb2, "--qa", task / "qa_unseen.jsonl", "--limit", "3",
+                "--modes", "memory", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["memory"]["n"] == 3 and json.loads(result.stdout)["memory"]["score_prior"] is True
+    # --no-score-prior hides the scores from the prior
+    result = m3("eval", "--model", tmp_path / "p", "--bank", kb2, "--qa", task / "qa_unseen.jsonl", "--limit", "3",
+                "--modes", "memory", "--json", "--no-score-prior")
+    assert result.exit_code == 0 and json.loads(result.stdout)["memory"]["score_prior"] is False
+    # the emulation refuses a model with a learned prior
+    proc = subprocess.run([*bench[:3], "--bank", str(kb2), *bench[5:], "--model", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--no-score-prior" in proc.stderr
+
+
 def test_first_sentence_scoring():
     assert first_sentence(" Port Adler. Question: Where") == "Port Adler"
     assert first_sentence("\n\nLima is the capital.\nMore") == "Lima is the capital"  # an answer on a new line
