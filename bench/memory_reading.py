@@ -27,7 +27,10 @@
          beta * (its retriever score - the chunk's top score) in every layer, and the
          questions are answered with 5 memories (`m3 eval`'s memory mode). What would steering
          the reading by the retriever's confidence give this model? (The paper reads memories
-         by content alone: beta 0.)
+         by content alone: beta 0.) For models without the learned prior of
+         `m3 pretrain --memory-score-prior`, such as x8 (samples/model at commit 1659e0f).
+  (rows, probe and names build memories without retriever scores: on a model with the
+  learned prior they measure its content-only reading.)
 
     python bench/memory_reading.py rows --model out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy
@@ -327,6 +330,9 @@ def train_cmd(a) -> None:
         (state / name).unlink(missing_ok=True)
 
     def retrieve_for_chunks(rows, *args, **kwargs):
+        if kwargs.get("with_scores"):
+            raise SystemExit("this script's train runs have no retriever scores for the retriever-score prior; "
+                             "start from a model without it (e.g. x8: samples/model at commit 1659e0f)")
         cached = load_retrievals(a, rows.shape[0], retrievals_key(a))
         if a.random:
             with Bank(Path(a.bank)) as bank:

@@ -149,10 +149,20 @@ class Memory3Model(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._mem_index = {layer: i for i, layer in enumerate(cfg.mem_layers)}
         self.apply(self._init_weights)
         if cfg.memory_score_prior:
             self.memory_score_gain = nn.Parameter(torch.zeros(cfg.n_mem_layers, cfg.n_heads))
+
+    @property
+    def config(self) -> M3Config:
+        return self._config
+
+    @config.setter
+    def config(self, cfg: M3Config) -> None:
+        """Replacing the config (e.g. `m3 pretrain --memory-layers`) re-derives which layers read
+        memory, so training reads the layers the saved config names."""
+        self._config = cfg
+        self._mem_index = {layer: i for i, layer in enumerate(cfg.mem_layers)}
 
     def enable_score_prior(self) -> bool:
         """Give the model the retriever-score prior (`M3Config.memory_score_prior`) with zero
@@ -291,9 +301,13 @@ class Memory3Model(nn.Module):
         def biased(layer: int, m: Tensor | None) -> Tensor | None:
             if bias is None or layer not in self._mem_index:
                 return m
-            full = torch.zeros((B, cfg.n_heads, T, p + S * k_top + past + T), dtype=torch.float32, device=device)
-            full[..., p:p + S * k_top] = bias[self._mem_index[layer]][:, :, None, :]
-            return full if m is None else full.masked_fill(~m, float("-inf"))
+            b = bias[self._mem_index[layer]].to(dtype)  # (B, H, S*k)
+            zeros = b.new_zeros(())
+            row = torch.cat([zeros.expand(B, cfg.n_heads, p), b, zeros.expand(B, cfg.n_heads, past + T)], dim=-1)
+            row = row[:, :, None, :]  # (B, H, 1, keys): the same bias for every query token
+            if m is None:
+                return row
+            return torch.where(m, row, torch.tensor(float("-inf"), dtype=dtype, device=device))  # (B, H, T, keys)
 
         if memory.visible is None and prep["all_real"] and ctx is None:
             return extra, lambda i: biased(i, None)  # one decoding step reading real memories, no padding

@@ -92,6 +92,8 @@ class TrainArgs:
             raise M3Error("--refs-per-chunk must be at least 1 and --prev-chunks at least 0")
         if self.distractors not in DISTRACTORS:
             raise M3Error(f"unknown --distractors {self.distractors!r}; choose {', '.join(DISTRACTORS)}")
+        if self.score_prior and self.stage != "continual":
+            raise M3Error("--memory-score-prior needs --stage continual (its gains learn from reading memories)")
         if not 0 <= self.memory_match_loss <= 1000:
             raise M3Error("--memory-match-loss must be a weight between 0 and 1000")
         if self.memory_top_k is not None and self.memory_top_k < 1:
@@ -104,6 +106,8 @@ class TrainArgs:
         d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
         for k in ("save_every", "log_every", "device", "state_dir", "embedder"):
             d.pop(k)  # may change between a run and its resumption (steps may not: the schedule uses it)
+        if not d["score_prior"]:
+            d.pop("score_prior")  # added later: runs started before it still resume
         return d
 
 
@@ -469,6 +473,9 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
     if overrides:
         model.config = model.config.replace(**overrides)  # validated there
+    if "memory_layers" in overrides and model.config.memory_score_prior:
+        raise M3Error("--memory-layers cannot change a model with the retriever-score prior (its gains are per "
+                      "memory layer)")
     if args.score_prior and model.enable_score_prior():
         log("added the retriever-score prior (zero gains: the model reads as before until trained)")
     cfg = model.config
@@ -515,7 +522,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         cache_key = state_dir / "retrieval.json"
         want_scores = cfg.memory_score_prior
         rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size,
-                "embedder": args.embedder, "scores": want_scores}
+                "embedder": args.embedder, **({"scores": True} if want_scores else {})}
         if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey \
                 and (score_cache.is_file() or not want_scores):
             chunk_refs = np.load(cache, allow_pickle=False)
@@ -625,9 +632,9 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                            "elapsed_s": round(elapsed, 1)}
                     if match_n:
                         row["memory_match"] = round(match_sum / match_n, 5)
+                        match_sum, match_n = 0.0, 0
                     if cfg.memory_score_prior:  # the learned gains: how far the reading trusts the retriever
                         row["score_gain"] = round(float(raw.memory_score_gain.detach().mean()), 4)
-                        match_sum, match_n = 0.0, 0
                     if accelerator.is_main_process:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()

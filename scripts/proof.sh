@@ -42,7 +42,8 @@ QUESTIONS=${QUESTIONS:-500}
 GAP=${GAP:-0.03}  # --max-score-gap of the second evaluation (chosen on qa_seen with the sample model; README)
 REFS_PER_CHUNK=${REFS_PER_CHUNK:-5}
 PREV_CHUNKS=${PREV_CHUNKS:-0}
-MEMORY_LAYERS=${MEMORY_LAYERS:-all}
+MEMORY_LAYERS1=${MEMORY_LAYERS1:-first-half}  # stage 1: layers 0-1 of mini, as the paper
+MEMORY_LAYERS=${MEMORY_LAYERS:-all}  # from stage 2 on
 MEMORY_TOP_K=${MEMORY_TOP_K:-16}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1
@@ -68,19 +69,19 @@ $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-warm.m3bank" -m "$OUT/warm" --for
 
 stage1="$OUT/model"
 [ "$CONTINUAL2_STEPS" -gt 0 ] && stage1="$OUT/continual1"
-step "m3 pretrain --stage continual: $CONTINUAL_STEPS steps; every 64-token chunk retrieves $REFS_PER_CHUNK references and reads them (only the top-1 for the first $SINGLE_REF_STEPS steps) and those of $PREV_CHUNKS chunks before it; memory in $MEMORY_LAYERS layers, top-$MEMORY_TOP_K tokens"
+step "m3 pretrain --stage continual: $CONTINUAL_STEPS steps; every 64-token chunk retrieves $REFS_PER_CHUNK references and reads them (only the top-1 for the first $SINGLE_REF_STEPS steps) and those of $PREV_CHUNKS chunks before it; memory in $MEMORY_LAYERS1 layers, top-$MEMORY_TOP_K tokens"
 $M3 pretrain "$OUT/synth/train.parquet" -o "$stage1" --init-from "$OUT/warm" --bank "$OUT/kb-warm.m3bank" \
   --steps "$CONTINUAL_STEPS" "${continual[@]}" --single-ref-steps "$SINGLE_REF_STEPS" \
-  --memory-layers "$MEMORY_LAYERS" --memory-top-k "$MEMORY_TOP_K" --lr "$LR" --seed "$SEED" "${common[@]}"
+  --memory-layers "$MEMORY_LAYERS1" --memory-top-k "$MEMORY_TOP_K" --lr "$LR" --seed "$SEED" "${common[@]}"
 
 if [ "$CONTINUAL2_STEPS" -gt 0 ]; then
   stage2="$OUT/model"
   [ "$CONTINUAL3_STEPS" -gt 0 ] && stage2="$OUT/continual2"
   step "m3 encode: the knowledge base with the first continual model"
   $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual1.m3bank" -m "$stage1" --force -q
-  step "m3 pretrain --stage continual: $CONTINUAL2_STEPS more steps, every chunk reading its own top-$REFS_PER_CHUNK, namesake pairs added"
+  step "m3 pretrain --stage continual: $CONTINUAL2_STEPS more steps, every chunk reading its own top-$REFS_PER_CHUNK, namesake pairs added, memory in $MEMORY_LAYERS layers"
   $M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$stage2" --init-from "$stage1" --bank "$OUT/kb-continual1.m3bank" \
-    --steps "$CONTINUAL2_STEPS" "${continual[@]}" --lr "$LR" --seed "$SEED" "${common[@]}"
+    --steps "$CONTINUAL2_STEPS" "${continual[@]}" --memory-layers "$MEMORY_LAYERS" --lr "$LR" --seed "$SEED" "${common[@]}"
   if [ "$CONTINUAL3_STEPS" -gt 0 ]; then
     step "m3 encode: the knowledge base with the second continual model"
     $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual2.m3bank" -m "$stage2" --force -q

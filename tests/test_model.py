@@ -361,3 +361,16 @@ def test_score_prior_gain_gets_a_gradient():
     mem = with_scores(memory_for(model, [encode(model, 3)]), torch.tensor([[0.0, -0.05, -0.1]]))
     model(torch.randint(4, 512, (1, 12)), memory=mem).logsumexp(-1).sum().backward()
     assert model.memory_score_gain.grad is not None and model.memory_score_gain.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_replacing_the_config_re_derives_the_memory_layers():
+    """`m3 pretrain --memory-layers all` on a first-half model: training must read the layers
+    the saved config names (the model dir reloaded reads all of them too)."""
+    half = make_model()  # tiny: memory in the first half
+    full = make_model(memory_layers=[0, 1, 2, 3])
+    full.load_state_dict(half.state_dict())
+    half.config = half.config.replace(memory_layers=(0, 1, 2, 3))
+    ids = torch.randint(4, 512, (1, 20))
+    mem = memory_for(full, [encode(full)])
+    torch.testing.assert_close(half(ids, memory=mem), full(ids, memory=mem), atol=1e-6, rtol=1e-6)

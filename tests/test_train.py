@@ -408,6 +408,8 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "t.train" / "metrics.jsonl").read_text().splitlines()]
     assert all("memory_match" in r and r["memory_match"] > 0 for r in rows[1:])
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--distractors", "nearest"), "--distractors")
+    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "c", "--init-from", warm,
+                         "--memory-score-prior", *common), "--stage continual")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-match-loss", "-1"), "--memory-match-loss")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-layers", "0,9"), "layers 0..3")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "0"), "--refs-per-chunk")
@@ -494,6 +496,13 @@ def test_continual_training_learns_the_retriever_score_prior(task, tmp_path):
     result = m3(*second, "-o", tmp_path / "p2")
     assert result.exit_code == 0, result.output
     assert "retriever-score prior" not in result.stderr
+    # its gains are per memory layer: the layers cannot change under it
+    assert_user_error(m3(*second, "-o", tmp_path / "p3", "--memory-layers", "0,1"), "--memory-layers")
+    # the resume key of a run without the prior is what it was before the prior existed
+    plain = TrainArgs(stage="continual", corpus="x", output="y", init_from="m", bank="b")
+    assert "score_prior" not in plain.key()
+    assert TrainArgs(stage="continual", corpus="x", output="y", init_from="m", bank="b",
+                     score_prior=True).key()["score_prior"] is True
     assert (tmp_path / "p2.train" / "retrieval-scores.npy").is_file()
     result = m3("eval", "--model", tmp_path / "p", "--bank", kb2, "--qa", task / "qa_unseen.jsonl", "--limit", "3",
                 "--modes", "memory", "--json")
