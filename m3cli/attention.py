@@ -152,6 +152,18 @@ class Memory:
         return cls(kv=kv, valid=valid, sink=sink, visible=visible)
 
 
+def score_gaps(refs, scores) -> Tensor:
+    """`Memory.scores` from retrievals: each slot's retriever score minus the best of its chunk's.
+
+    refs (B, chunks, k) reference ids (-1 = empty slot), scores (B, chunks, k) their scores
+    (tensors or arrays). Returns (B, chunks * k) float32, 0 for empty slots."""
+    refs, scores = torch.as_tensor(refs), torch.as_tensor(scores, dtype=torch.float32)
+    real = refs >= 0
+    best = scores.masked_fill(~real, float("-inf")).amax(dim=-1, keepdim=True)
+    gaps = torch.where(real, scores - best.nan_to_num(0.0, neginf=0.0), torch.zeros(()))
+    return gaps.reshape(refs.shape[0], -1)
+
+
 def chunk_visibility(token_chunk: Tensor, slot_chunk: Tensor, window: int) -> Tensor:
     """Which memory slots each token may read, as one tensor expression (no loop over chunks).
 

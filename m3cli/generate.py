@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import KVCache, Memory, MemoryEncoding, chunk_visibility
+from .attention import KVCache, Memory, MemoryEncoding, chunk_visibility, score_gaps
 from .errors import M3Error
 from .retrieval import check_max_gap
 
@@ -236,16 +236,11 @@ class Generator:
         ids = [[None if h is None else h.ref for h in row] + [None] * (n_slots - len(row)) for row in rows]
         kv, valid = self.memory_cache.stack(ids, n_slots, self.retriever.bank.memory_shape)
         scores = None
-        if self.cfg.memory_score_prior and scored:
-            scores = torch.zeros(len(rows), n_slots)
-            step = group or max(1, n_slots)
-            for b, row in enumerate(rows):
-                for start in range(0, len(row), step):
-                    hits = [(start + s, h) for s, h in enumerate(row[start:start + step]) if h is not None]
-                    best = max((h.score for _, h in hits), default=0.0)
-                    for s, h in hits:
-                        scores[b, s] = h.score - best
-            scores = scores.to(self.device)
+        if self.cfg.memory_score_prior and scored and n_slots:
+            step = group or n_slots
+            hit_scores = [[0.0 if h is None else h.score for h in row] + [0.0] * (n_slots - len(row)) for row in rows]
+            refs = torch.tensor([[-1 if r is None else r for r in row] for row in ids]).view(len(rows), -1, step)
+            scores = score_gaps(refs, torch.tensor(hit_scores).view(refs.shape)).to(self.device)
         mem = Memory(kv=kv, valid=valid, sink=self.sink(), visible=visible, scores=scores)
         self._tick("memory_load", t0)
         return mem

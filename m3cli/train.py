@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import score_gaps
 from .errors import M3Error
 
 STAGES = ("warmup", "continual")
@@ -257,15 +258,6 @@ def retrieve_for_chunks(rows: np.ndarray, tokenizer, bank_path: Path, chunk_leng
     log(f"retrieved references for {len(queries)} chunks in {time.perf_counter() - t0:.0f} s "
         f"({(out[:, :, 0] >= 0).mean():.0%} found one)")
     return (out, scores) if with_scores else out
-
-
-def score_gaps(chunk_refs: np.ndarray, chunk_scores: np.ndarray) -> np.ndarray:
-    """Each slot's retriever score minus the best of its chunk's (the retriever-score prior's
-    input, `Memory.scores`): (B, chunks, k) -> (B, chunks * k) float32, 0 where no reference."""
-    real = chunk_refs >= 0
-    best = np.where(real, chunk_scores, -np.inf).max(axis=-1, keepdims=True)
-    gaps = np.where(real, chunk_scores - np.where(np.isfinite(best), best, 0.0), 0.0)
-    return gaps.reshape(chunk_refs.shape[0], -1).astype(np.float32)
 
 
 def title_targets(rows: np.ndarray, chunk_refs: np.ndarray, titles: list[str], tokenizer) -> np.ndarray:
@@ -598,8 +590,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                         memory = continual_memory(raw, torch.from_numpy(refs), ref_tokens, args.seq_len,
                                                   args.detach_memory)
                         if memory is not None and chunk_scores is not None:
-                            memory.scores = torch.from_numpy(
-                                score_gaps(refs, chunk_scores[idx][:, :, :refs.shape[2]])).to(device)
+                            memory.scores = score_gaps(refs, chunk_scores[idx][:, :, :refs.shape[2]]).to(device)
                     logits = model(x, memory=memory, memory_scores=scores if memory is not None else None)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                            ignore_index=-100)
