@@ -23,8 +23,8 @@ def test_sample_model_is_a_small_model_dir_with_its_recorded_evaluation():
 
     assert is_model_dir(SAMPLES / "model")
     cfg = read_config(SAMPLES / "model")
-    assert cfg.memory_layers == (0, 1, 2, 3) and cfg.memory_top_k == 16 and cfg.reference_prefix_ids
-    assert cfg.train_prev_chunks == 0  # trained with each chunk reading only its own top-5
+    assert cfg.memory_layers == (0, 1, 2, 3) and cfg.memory_top_k == 32 and cfg.reference_prefix_ids
+    assert cfg.train_prev_chunks == 0  # stage 1 read each chunk's top-1, stage 2 its top-1 + 4 title neighbours
     assert cfg.memory_score_prior  # its last stage learned the retriever-score prior
     assert sum(p.stat().st_size for p in (SAMPLES / "model").iterdir()) < 20e6
     recorded = json.loads((SAMPLES / "eval.json").read_text())
