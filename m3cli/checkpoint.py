@@ -37,7 +37,9 @@ def save_model_dir(model, tokenizer, out: Path, overwrite: bool = False) -> Path
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(Path(out), overwrite=overwrite, replaceable=is_model_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "m3"})
+        # one metadata key: safetensors writes metadata in hash-map order, so with two keys the
+        # same weights gave files (and model fingerprints) that differed from run to run
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(model.config.to_json())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

