@@ -79,12 +79,10 @@ $M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl
   > "$OUT/eval.json.tmp"
 mv "$OUT/eval.json.tmp" "$OUT/eval.json"
 rm -f "$OUT/eval-content.json"
-if [ "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1])).get("memory_score_prior", False))' "$OUT/model/config.json")" = True ]; then
-  step "m3 eval --no-score-prior: the same questions, the model reading its 5 memories by content alone (the paper's Eq. 4)"
-  $M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl" --limit "$QUESTIONS" \
-    --modes memory --no-score-prior --json > "$OUT/eval-content.json.tmp" \
-    && mv "$OUT/eval-content.json.tmp" "$OUT/eval-content.json" || echo "the --no-score-prior evaluation failed (not the check)"
-fi
+step "m3 eval --no-score-prior: the same questions, the model reading its 5 memories by content alone (the paper's Eq. 4)"
+$M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl" --limit "$QUESTIONS" \
+  --modes memory --no-score-prior --json > "$OUT/eval-content.json.tmp" \
+  && mv "$OUT/eval-content.json.tmp" "$OUT/eval-content.json" || echo "the --no-score-prior evaluation failed (not the check)"
 step "m3 eval --memories 1: the same questions, each chunk reading only the retriever's top-1 memory"
 rm -f "$OUT/eval-top1.json"
 $M3 eval --model "$OUT/model" --bank "$OUT/kb.m3bank" --qa "$OUT/qa_unseen.jsonl" --limit "$QUESTIONS" \
