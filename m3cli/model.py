@@ -56,20 +56,38 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: M3Config) -> None:
+    def __init__(self, cfg: M3Config, reader_rank: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.reader_rank = 0
+        if reader_rank:
+            self.add_reader(reader_rank)
+
+    def add_reader(self, rank: int) -> None:
+        """The memory reader (`M3Config.memory_reader_rank`): a query delta that only memory keys
+        see, mem_q_b @ mem_q_a @ x, and an output path that only memory values feed,
+        mem_o_b @ mem_o_a @ (their attention-weighted sum). The b factors start at zero, so
+        the layer computes exactly what it did without them until training moves them."""
+        hidden, width = self.q_proj.in_features, self.n_heads * self.head_dim
+        device = self.q_proj.weight.device
+        self.reader_rank = rank
+        self.mem_q_a = nn.Parameter(torch.randn(rank, hidden, device=device) * hidden ** -0.5)
+        self.mem_q_b = nn.Parameter(torch.zeros(width, rank, device=device))
+        self.mem_o_a = nn.Parameter(torch.randn(rank, width, device=device) * width ** -0.5)
+        self.mem_o_b = nn.Parameter(torch.zeros(hidden, rank, device=device))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, attn_fn,
                 extra_kv: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
                 layer: int = 0, capture: dict | None = None, probe: tuple | None = None,
-                slot_scores: tuple | None = None) -> Tensor:
+                slot_scores: tuple | None = None, n_sink: int = 0) -> Tensor:
         """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
 
+        n_sink: how many of extra_kv's keys are the sink; the rest are memories, which the
+        memory reader (if the layer has one) reads through its own query and output deltas.
         mask covers [extra | cached context | this call's tokens] (None: every key visible).
         `capture`, when given, receives the pre-RoPE q/k and the post-RoPE k and v of this
         call's tokens. `probe` = (out, start, slots, k): append to `out` the share of attention
@@ -79,11 +97,17 @@ class Attention(nn.Module):
         strongly each head prefers each memory, for the memory-match loss of training.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
         if capture is not None:
             capture["q"], capture["k"] = q, k
+        n_front = 0 if extra_kv is None else extra_kv[0].shape[2]
+        reads = self.reader_rank > 0 and n_front > n_sink  # this call reads memories
+        if reads:
+            dq = F.linear(F.linear(x, self.mem_q_a), self.mem_q_b).view(B, T, self.n_heads, D).transpose(1, 2)
+            dq = apply_rope(dq, cos, sin)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if capture is not None:
             capture["k_rope"], capture["v"] = k, v
@@ -92,21 +116,38 @@ class Attention(nn.Module):
         elif extra_kv is not None:
             k = torch.cat([extra_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([extra_kv[1].to(v.dtype), v], dim=2)
+        if reads:
+            # one attention call over doubled heads: [q | dq] . [k | k on memory keys, else 0] is
+            # q.k for the sink and the context and (q + dq).k for memories; the second half of
+            # [v | v on memory keys] is what the memories alone contribute. The factor sqrt(2)
+            # keeps the kernels' 1/sqrt(head width) scale at 1/sqrt(D).
+            gate = torch.zeros(k.shape[2], 1, dtype=k.dtype, device=k.device)
+            gate[n_sink:n_front] = 1
+            q = torch.cat([q, dq.to(q.dtype)], dim=-1) * math.sqrt(2.0)  # (B, H, T, 2D)
+            k = torch.cat([k, k * gate], dim=-1)  # (B, Hkv, S, 2D)
+            v = torch.cat([v, v * gate], dim=-1)
+        scale = math.sqrt(q.shape[-1])
         if probe is not None:
             out_list, start, slots, k_top = probe
             scores = q.float() @ k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(-1, -2)
-            scores = masked_logits(scores / math.sqrt(self.head_dim), mask)
+            scores = masked_logits(scores / scale, mask)
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, T, keys)
             mass = probs[..., start:start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
             out_list.append(mass.mean(1))  # (B, T, slots)
         if slot_scores is not None:
             out_list, start, slots, k_top = slot_scores
             mem_k = k[:, :, start:start + slots * k_top].repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            logits = (q.float() @ mem_k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, S*k)
+            logits = (q.float() @ mem_k.float().transpose(-1, -2)) / scale  # (B, H, T, S*k)
             logits = masked_logits(logits, None if mask is None else mask[..., start:start + slots * k_top])
             out_list.append((layer, logits.view(B, self.n_heads, T, slots, k_top).logsumexp(-1)))
-        out = attn_fn(q, k, v, mask)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = attn_fn(q, k, v, mask)  # (B, H, T, D), or (B, H, T, 2D) when the reader reads
+        if reads:
+            mem = out[..., D:].transpose(1, 2).reshape(B, T, self.n_heads * D)
+            out = out[..., :D]
+        y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
+        if reads:
+            y = y + F.linear(F.linear(mem, self.mem_o_a), self.mem_o_b)
+        return y
 
 
 class MLP(nn.Module):
@@ -121,10 +162,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: M3Config) -> None:
+    def __init__(self, cfg: M3Config, reader_rank: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, reader_rank)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -146,7 +187,8 @@ class Memory3Model(nn.Module):
         self.config = cfg
         self.attn_impl = attn_impl
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.memory_reader_rank if i in cfg.mem_layers else 0)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -175,6 +217,19 @@ class Memory3Model(nn.Module):
                                                           device=self.embed.weight.device))
         return True
 
+    def enable_reader(self, rank: int) -> bool:
+        """Give every memory layer the memory reader (`M3Config.memory_reader_rank`) with zero
+        output factors, which leaves the model's outputs as they were until training moves them.
+        Returns False when it already has one of that rank."""
+        if self.config.memory_reader_rank == rank:
+            return False
+        if self.config.memory_reader_rank:
+            raise ValueError(f"the model already has a memory reader of rank {self.config.memory_reader_rank}")
+        self.config = self.config.replace(memory_reader_rank=rank)
+        for i in self.config.mem_layers:
+            self.layers[i].attn.add_reader(rank)
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
         if isinstance(module, nn.Linear):
@@ -195,7 +250,8 @@ class Memory3Model(nn.Module):
     def forward(self, input_ids: Tensor, memory: Memory | None = None, cache: KVCache | None = None,
                 position_ids: Tensor | None = None, return_hidden: bool = False,
                 key_mask: Tensor | None = None, last_only: bool = False,
-                attention_probe: list | None = None, memory_scores: list | None = None) -> Tensor:
+                attention_probe: list | None = None, memory_scores: list | None = None,
+                segment_ids: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states if return_hidden.
 
         memory: explicit memories read by the memory layers (see `Memory`); None or an empty
@@ -207,6 +263,8 @@ class Memory3Model(nn.Module):
         memory slot got, (B, T, slots) — for citations; costs an explicit softmax.
         memory_scores: a list that receives, per memory layer, (layer, (B, H, T, slots)) the
         logsumexp of each slot's attention logits, with gradient (training's memory-match loss).
+        segment_ids (B, T): packed training rows; a token attends only to earlier tokens of its
+        own segment (no cache, no key_mask).
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -216,7 +274,13 @@ class Memory3Model(nn.Module):
             position_ids = torch.arange(past, past + T, device=device) + cfg.context_offset  # (T,)
         h = self.embed(input_ids)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-        ctx = self._context_mask(B, T, past, key_mask, device)  # (B|1, 1, T, past+T) or None
+        if segment_ids is not None:
+            if cache is not None or key_mask is not None:
+                raise ValueError("segment_ids cannot be combined with a cache or a key_mask")
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            ctx = (torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same)[:, None]
+        else:
+            ctx = self._context_mask(B, T, past, key_mask, device)  # (B|1, 1, T, past+T) or None
         if memory is not None and not memory.readable():
             memory = None  # an empty memory, or one no token may read, is no memory
         attn_fn = self.attn_fn
@@ -231,7 +295,7 @@ class Memory3Model(nn.Module):
                 probe = (attention_probe, p, S, k_top) if mem and attention_probe is not None else None
                 scores = (memory_scores, p, S, k_top) if mem and memory_scores is not None else None
                 h = layer(h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe,
-                          slot_scores=scores)
+                          slot_scores=scores, n_sink=p)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

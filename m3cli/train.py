@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from .errors import M3Error
 
 STAGES = ("warmup", "continual")
 SCHEDULES = ("wsd", "cosine", "constant")
-TRAINABLE = ("all", "memory-attention")
+TRAINABLE = ("all", "memory-attention", "reader")
 DISTRACTORS = ("retrieved", "title")
 CONTINUAL_MAX_OVERLAP = 0.9
 
@@ -72,6 +71,9 @@ class TrainArgs:
     distractors: str = "retrieved"  # continual: the other k-1 references (see `retrieve_for_chunks`)
     embedder: str | None = None  # continual: the encoder or static embedder dir the bank was indexed with
     score_prior: bool = False  # give the model the retriever-score prior (M3Config.memory_score_prior)
+    reader_rank: int = 16  # --train reader: rank of the memory reader (M3Config.memory_reader_rank)
+    compile: bool = False  # --train reader: torch.compile the model
+    max_time: float = 0.0  # --train reader: seconds of training before a clean stop (0: none)
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -109,6 +111,10 @@ class TrainArgs:
             d.pop(k)  # may change between a run and its resumption (steps may not: the schedule uses it)
         if not d["score_prior"]:
             d.pop("score_prior")  # added later: runs started before it still resume
+        d.pop("compile")
+        d.pop("max_time")
+        if d["train"] != "reader":
+            d.pop("reader_rank")
         return d
 
 
@@ -418,6 +424,10 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     from .tokenizer import new_model, train_bpe
 
     args.check()
+    if args.train == "reader":
+        from .reader_train import train_reader
+
+        return train_reader(args, resume=resume, force=force, show_progress=show_progress, log=log)
     out = Path(args.output)
     state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".train")
     if out.exists() and not force and not resume:

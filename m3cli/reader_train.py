@@ -1,0 +1,569 @@
+"""`m3 pretrain --stage continual --train reader`: teach a frozen pretrained model to read memory.
+
+Only the memory reader trains (`M3Config.memory_reader_rank`: per memory layer, a query delta
+that only memory keys see and an output path that only memory values feed); every weight of the
+model it starts from stays as it was. Three things follow:
+
+- the memory encoder is the frozen model, so every reference the training retrieves is encoded
+  once, in batches, before the first step (DESIGN §3.5), and a step costs little more than a
+  plain forward and backward;
+- the model reading no memory (closed book, RAG, the encoder) computes exactly what it did;
+- the trained delta is small: `OUTPUT.train/reader.safetensors` (see `reader.py`).
+
+Training examples (JSONL or Parquet):
+  {"prompt", "answer"}  a chat turn: the loss is on the answer; the prompt's 64-token chunks
+                        retrieve with the user's text, as `m3 generate --chat` does, and the
+                        answer reads the last prompt chunk's memories
+  {"text"}              plain text: the loss is on every token; each 64-token chunk retrieves
+                        with its own text, references overlapping it by > max_overlap dropped
+Rows pack several examples; a token sees only its own example (positions restart in each, as a
+prompt's do at inference) and reads only its own chunk's memories. Retrieval runs once, before
+training. Data order is a pure function of (seed, step): a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import M3Error
+
+IGNORE = -100
+# Dense bf16 peak of the accelerators we meet, for model-FLOPs utilisation (MFU).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "L4": 121.0, "A10": 125.0, "4090": 165.0}
+
+
+# --- examples ---------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """One tokenized example: ids, which positions are scored, and each token's chunk query."""
+    ids: list[int]
+    loss: list[bool]  # loss[i]: token i+1 is a target (predicted at position i)
+    queries: list[str | None]  # retrieval query of each of its chunks (None: no memory)
+    token_query: list[int]  # index into queries per token (-1: reads no memory)
+
+
+def read_examples(path: str) -> list[dict]:
+    """{"prompt", "answer"} and {"text"} records from JSONL or Parquet."""
+    p = Path(path)
+    if not p.is_file():
+        raise M3Error(f"training data {path} does not exist")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p).to_pylist()
+    else:
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise M3Error(f"{path} line {n}: invalid JSON ({e.msg})") from None
+    out = []
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise M3Error(f"{path} record {n} is not an object")
+        chat = isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
+        if not chat and not isinstance(r.get("text"), str):
+            raise M3Error(f"{path} record {n} needs \"prompt\" and \"answer\", or \"text\"")
+        if (chat and r["prompt"].strip() and r["answer"].strip()) or (not chat and r["text"].strip()):
+            out.append(r)
+    if not out:
+        raise M3Error(f"{path} holds no training examples")
+    return out
+
+
+def chat_prompt(tokenizer, prompt: str) -> tuple[list[int], list[bool]]:
+    """The prompt in the tokenizer's chat template, as `m3 generate --chat` builds it, and which of
+    its tokens hold the user's text (the retrieval query)."""
+    from .generate import user_token_mask
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    users = user_token_mask(tokenizer, prompt, text)
+    return ids, users if users is not None and len(users) == len(ids) else [True] * len(ids)
+
+
+def segments(examples: list[dict], tokenizer, seq_len: int, chunk: int) -> list[Segment]:
+    """Tokenize examples; texts longer than seq_len are cut into pieces of seq_len tokens."""
+    from .generate import chat_queries, prompt_chunks
+
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
+        raise M3Error("the tokenizer has no end token")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    out = []
+    for ex in examples:
+        if "prompt" in ex and "answer" in ex:
+            if not has_chat:
+                raise M3Error("chat examples ({\"prompt\", \"answer\"}) need a model whose tokenizer has a chat template")
+            p_ids, users = chat_prompt(tokenizer, ex["prompt"])
+            a_ids = [int(i) for i in tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]] + [int(eos)]
+            ids = (p_ids + a_ids)[:seq_len]
+            if len(ids) <= len(p_ids):
+                continue  # the prompt alone fills the row: nothing to learn
+            queries = chat_queries(tokenizer, p_ids, users, prompt_chunks(len(p_ids), chunk), chunk)
+            n_prompt = len(p_ids)
+            token_query = [i // chunk if queries[i // chunk] is not None else -1 for i in range(n_prompt)]
+            last = len(queries) - 1
+            token_query += [last if queries[last] is not None else -1] * (len(ids) - n_prompt)
+            loss = [n_prompt - 1 <= i < len(ids) - 1 for i in range(len(ids))]
+            out.append(Segment(ids, loss, queries, token_query))
+        else:
+            body = ([bos] if bos is not None else []) + \
+                [int(i) for i in tokenizer(ex["text"], add_special_tokens=False)["input_ids"]] + [int(eos)]
+            for s in range(0, len(body) - 1, seq_len):
+                ids = body[s:s + seq_len]
+                if len(ids) < 2:
+                    continue
+                queries = [tokenizer.decode(ids[c:c + chunk], skip_special_tokens=True) for c in range(0, len(ids), chunk)]
+                token_query = [i // chunk for i in range(len(ids))]
+                out.append(Segment(ids, [i < len(ids) - 1 for i in range(len(ids))], queries, token_query))
+    if not out:
+        raise M3Error("no training example fits --seq-len")
+    return out
+
+
+@dataclass
+class Packed:
+    """Rows of seq_len tokens holding whole segments (padding: segment -1)."""
+    ids: np.ndarray  # (N, T) int64
+    targets: np.ndarray  # (N, T) int64, IGNORE where no loss
+    segment: np.ndarray  # (N, T) int32, -1 = padding
+    position: np.ndarray  # (N, T) int32, position within the segment
+    query: np.ndarray  # (N, T) int32, global chunk-query id, -1 = reads no memory
+    row_queries: list[list[int]]  # the chunk-query ids each row uses (its memory slots, in order)
+
+
+def pack(segs: list[Segment], seq_len: int, seed: int, fill: int) -> tuple[Packed, list[str]]:
+    """Segments in a seed-shuffled order, each put into the first open row it fits (rows stay open
+    for the last 64 rows seen); returns the rows and the global list of chunk queries."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(segs))
+    rows: list[list[int]] = []  # segment indices per row
+    used: list[int] = []
+    open_rows: list[int] = []
+    for i in order:
+        n = len(segs[i].ids)
+        for r in open_rows:
+            if used[r] + n <= seq_len:
+                rows[r].append(int(i))
+                used[r] += n
+                break
+        else:
+            rows.append([int(i)])
+            used.append(n)
+            open_rows.append(len(rows) - 1)
+            if len(open_rows) > 64:
+                open_rows.pop(0)
+        open_rows = [r for r in open_rows if used[r] < seq_len - 8]
+    N = len(rows)
+    ids = np.full((N, seq_len), fill, dtype=np.int64)
+    targets = np.full((N, seq_len), IGNORE, dtype=np.int64)
+    segment = np.full((N, seq_len), -1, dtype=np.int32)
+    position = np.zeros((N, seq_len), dtype=np.int32)
+    query = np.full((N, seq_len), -1, dtype=np.int32)
+    queries: list[str] = []
+    row_queries: list[list[int]] = []
+    for r, members in enumerate(rows):
+        at, mine = 0, []
+        for j, i in enumerate(members):
+            s = segs[i]
+            n = len(s.ids)
+            ids[r, at:at + n] = s.ids
+            tg = np.asarray(s.ids[1:] + [IGNORE], dtype=np.int64)
+            targets[r, at:at + n] = np.where(np.asarray(s.loss), tg, IGNORE)
+            segment[r, at:at + n] = j
+            position[r, at:at + n] = np.arange(n)
+            local = []
+            for q in s.queries:
+                if q is None:
+                    local.append(-1)
+                else:
+                    local.append(len(queries))
+                    mine.append(len(queries))
+                    queries.append(q)
+            query[r, at:at + n] = [local[t] if t >= 0 else -1 for t in s.token_query]
+            at += n
+        row_queries.append(mine)
+    return Packed(ids, targets, segment, position, query, row_queries), queries
+
+
+# --- retrieval and frozen memories -------------------------------------------------------------
+def retrieve(queries: list[str], bank_path: Path, k: int, max_overlap: float, embedder, model_dir, device, log):
+    """(len(queries), k) reference ids (-1 where fewer qualify) and their scores, once."""
+    from .bank import Bank
+    from .retrieval import Retriever, query_embedder
+
+    refs = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.zeros((len(queries), k), dtype=np.float32)
+    unique = sorted(set(queries))
+    where = {q: j for j, q in enumerate(unique)}
+    t0 = time.perf_counter()
+    u_refs = np.full((len(unique), k), -1, dtype=np.int64)
+    u_scores = np.zeros((len(unique), k), dtype=np.float32)
+    with Bank(bank_path) as bank:
+        retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=embedder, device=device))
+        for s in range(0, len(unique), 256):
+            for j, hits in enumerate(retriever.search(unique[s:s + 256], k=k, max_overlap=max_overlap)):
+                for rank, h in enumerate(hits):
+                    u_refs[s + j, rank], u_scores[s + j, rank] = h.ref, h.score
+    idx = np.array([where[q] for q in queries], dtype=np.int64)
+    refs[:], scores[:] = u_refs[idx], u_scores[idx]
+    log(f"retrieved {k} references for {len(unique):,} distinct chunk queries in {time.perf_counter() - t0:.0f} s "
+        f"({(refs[:, 0] >= 0).mean():.0%} found one)")
+    return refs, scores
+
+
+@torch.no_grad()
+def encode_once(model, bank_path: Path, tokenizer, refs: list[int], device, dtype, batch: int = 64, log=print):
+    """Memories of the listed references by the frozen model, in one tensor on `device`:
+    kv (U, L, 2, Hkv, k, D) in `dtype`, valid (U, L, Hkv, k)."""
+    from .bank import Bank
+    from .corpus import reference_ids
+
+    cfg = model.config
+    with Bank(bank_path) as bank:
+        ids = [reference_ids(tokenizer, bank.reference(r).text)[:cfg.reference_length] or [tokenizer.eos_token_id]
+               for r in refs]
+    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: little padding
+    kv = torch.zeros((len(refs),) + cfg.memory_shape, dtype=dtype, device=device)
+    valid = torch.zeros((len(refs), cfg.n_mem_layers, cfg.n_kv_heads, cfg.memory_top_k), dtype=torch.bool,
+                        device=device)
+    t0 = time.perf_counter()
+    for s in range(0, len(refs), batch):
+        part = order[s:s + batch]
+        n = max(len(ids[i]) for i in part)
+        x = torch.zeros((len(part), n), dtype=torch.long)
+        for j, i in enumerate(part):
+            x[j, :len(ids[i])] = torch.tensor(ids[i])
+        lengths = torch.tensor([len(ids[i]) for i in part])
+        enc = model.encode_references(x.to(device), lengths.to(device))
+        at = torch.as_tensor(part, device=device)
+        kv[at] = enc.kv.to(dtype)
+        valid[at] = enc.valid
+    log(f"encoded {len(refs):,} references once with the frozen model in {time.perf_counter() - t0:.0f} s "
+        f"({kv.numel() * kv.element_size() / 2**20:.0f} MiB)")
+    return kv, valid
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+def step_flops(cfg, n_tokens: int, n_targets: int, keys_per_token: float, reader_params: int) -> float:
+    """FLOPs one step performs: forward (matmuls of every layer for every token, the output head for
+    scored tokens only, attention over keys_per_token keys, doubled head width where memory is
+    read), backward to the activations (the same again; frozen weights need no weight
+    gradients) and the reader's weight gradients."""
+    C, I, H, Hkv, D, L = (cfg.hidden_size, cfg.intermediate_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                          cfg.n_layers)
+    per_layer = 2 * (C * H * D * 2 + C * Hkv * D * 2 + 3 * C * I)  # q, o, k, v, gate/up/down
+    attn = 2 * 2 * H * (2 * D) * keys_per_token  # logits and values, doubled width
+    fwd = n_tokens * (L * (per_layer + attn)) + 2 * n_targets * C * cfg.vocab_size + 2 * n_tokens * reader_params
+    return 2 * fwd + 2 * n_tokens * reader_params
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def reader_params(model) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".attn.mem_" in n]
+
+
+def train_reader(args, resume: bool = False, force: bool = False, show_progress: bool = True, log=print) -> dict:
+    """Run `m3 pretrain --train reader` (see the module docstring); returns a summary."""
+    from accelerate import Accelerator
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from safetensors.torch import load_file, save_file
+
+    from .atomic import atomic_dir, atomic_file
+    from .attention import Memory, score_gaps
+    from .bank import Bank, require_same_model
+    from .checkpoint import is_model_dir, load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
+    from .device import resolve_device
+    from .reader import save_reader
+    from .train import _sha, batch_indices, lr_at, pad_fill, parse_layers
+
+    if args.stage != "continual" or args.init_from is None or args.bank is None:
+        raise M3Error("--train reader needs --stage continual, --init-from MODEL_DIR and --bank BANK")
+    if args.reader_rank < 1:
+        raise M3Error("--reader-rank must be at least 1")
+    out = Path(args.output)
+    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".train")
+    if out.exists() and not force and not resume:
+        raise M3Error(f"{out} already exists; pass --force to replace it (or --resume to continue a run)")
+    if out.exists() and not is_model_dir(out):
+        raise M3Error(f"{out} exists and is not a model dir m3 wrote; refusing to replace it")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    device = accelerator.device
+
+    tokenizer = load_tokenizer(args.init_from)
+    base_fingerprint = model_fingerprint(args.init_from)
+    model = load_model_dir(args.init_from, "cpu", torch.float32)
+    with Bank(Path(args.bank)) as b:
+        require_same_model(b, base_fingerprint)
+    overrides = {}
+    if args.memory_selection is not None:
+        overrides["memory_selection"] = args.memory_selection
+    if args.memory_top_k is not None:
+        overrides["memory_top_k"] = args.memory_top_k
+    if args.memory_layers is not None:
+        overrides["memory_layers"] = parse_layers(args.memory_layers, model.config.n_layers)
+    overrides["train_prev_chunks"] = 0  # a chunk reads its own memories, as at inference
+    overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
+    if overrides and model.config.memory_reader_rank:
+        raise M3Error("the model already has a memory reader: its memory layers and tokens cannot change")
+    if overrides:
+        model.config = model.config.replace(**overrides)
+    if args.score_prior:
+        model.enable_score_prior()
+    torch.manual_seed(args.seed)  # the reader's initial factors: a function of the seed
+    model.enable_reader(args.reader_rank)
+    cfg = model.config
+    if not cfg.reference_prefix_ids:
+        raise M3Error("the model has no reference prefix; it cannot read memory")
+    if args.seq_len > cfg.context_length:
+        raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")
+    for p in model.parameters():
+        p.requires_grad = False
+    params = reader_params(model)
+    if cfg.memory_score_prior:
+        params.append(model.memory_score_gain)
+    for p in params:
+        p.requires_grad = True
+
+    segs = segments(read_examples(args.corpus), tokenizer, args.seq_len, cfg.chunk_length)
+    packed, queries = pack(segs, args.seq_len, args.seed, pad_fill(tokenizer))
+    n_rows = packed.ids.shape[0]
+    key = {**args.key(), "rows": _sha(packed.ids[:, :16].tolist()), "n_rows": n_rows, "base": base_fingerprint}
+    log(f"{len(segs):,} examples in {n_rows:,} rows of {args.seq_len} tokens "
+        f"({(packed.segment >= 0).mean():.0%} filled, {(packed.targets != IGNORE).mean():.0%} scored)")
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = state_dir / "checkpoint"
+    start_step = 0
+    metrics_path = state_dir / "metrics.jsonl"
+    saved_reader = None
+    if resume and (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved.get("key") != key:
+            raise M3Error(f"{state_dir} holds a run with other settings; run without --resume (and --force)")
+        saved_reader = load_file(str(ckpt / "reader.safetensors"))
+        start_step = int(saved["step"])
+        log(f"resuming at step {start_step} of {args.steps}")
+        if metrics_path.is_file():
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            with atomic_file(metrics_path) as f:
+                f.write("".join(k + "\n" for k in kept).encode())
+    elif not resume:
+        metrics_path.unlink(missing_ok=True)
+    if saved_reader is not None:
+        names = dict(model.named_parameters())
+        for k, v in saved_reader.items():
+            if k not in names or tuple(names[k].shape) != tuple(v.shape):
+                raise M3Error(f"{ckpt} does not match this model ({k})")
+            names[k].data.copy_(v)
+
+    # retrieval once; the retrieved references encoded once by the frozen model. Both only for the
+    # rows this run's steps use (a pure function of the seed), so a short run on a large corpus
+    # pays for what it reads; the set does not depend on where a resumed run starts.
+    k = args.refs_per_chunk
+    used = np.unique(np.concatenate([batch_indices(s, n_rows, args.batch_size, args.seed, r, accelerator.num_processes)
+                                     for s in range(args.steps) for r in range(accelerator.num_processes)]))
+    needed = sorted({q for r in used.tolist() for q in packed.row_queries[r]})
+    log(f"{args.steps:,} steps of {args.batch_size} rows use {len(used):,} rows, {len(needed):,} chunk queries")
+    cache = state_dir / "retrieval.npz"
+    rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size}
+    cache_key = state_dir / "retrieval.json"
+    if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey:
+        with np.load(cache, allow_pickle=False) as z:
+            q_refs, q_scores = z["refs"], z["scores"]
+        if q_refs.shape != (len(queries), k):
+            raise M3Error(f"{cache} does not match this run; delete it to retrieve again")
+    else:
+        q_refs = np.full((len(queries), k), -1, dtype=np.int64)
+        q_scores = np.zeros((len(queries), k), dtype=np.float32)
+        if needed:
+            q_refs[needed], q_scores[needed] = retrieve([queries[q] for q in needed], Path(args.bank), k,
+                                                        args.max_overlap, args.embedder, args.init_from, device, log)
+        with atomic_file(cache) as tmp:
+            np.savez(tmp, refs=q_refs, scores=q_scores)
+        with atomic_file(cache_key) as f:
+            f.write(json.dumps(rkey).encode())
+    unique = np.unique(q_refs[q_refs >= 0])
+    local = np.full(max(int(unique.max()) + 1 if len(unique) else 1, 1), -1, dtype=np.int64)
+    local[unique] = np.arange(len(unique))
+    mem_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model.to(device)
+    model.eval()
+    mem_kv, mem_valid = encode_once(model, Path(args.bank), tokenizer, unique.tolist(), device, mem_dtype, log=log)
+    sink = model.encode_prefix().detach()
+
+    # per row: its slots (reference, chunk query, score gap), padded to the widest row
+    S = max(1, max(len(r) for r in packed.row_queries) * k)
+    slot_ref = np.full((n_rows, S), -1, dtype=np.int64)
+    slot_query = np.full((n_rows, S), -2, dtype=np.int64)
+    slot_gap = np.zeros((n_rows, S), dtype=np.float32)
+    for r, qs in enumerate(packed.row_queries):
+        if not qs:
+            continue
+        refs = q_refs[qs]  # (n, k)
+        slot_ref[r, :refs.size] = np.where(refs >= 0, local[np.maximum(refs, 0)], -1).reshape(-1)
+        slot_query[r, :refs.size] = np.repeat(np.asarray(qs), k)
+        slot_gap[r, :refs.size] = score_gaps(torch.from_numpy(refs)[None], torch.from_numpy(q_scores[qs])[None])[0].numpy()
+    on = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    t_ids, t_targets, t_segment = on(packed.ids), on(packed.targets), on(packed.segment.astype(np.int64))
+    t_position, t_query = on(packed.position.astype(np.int64)), on(packed.query.astype(np.int64))
+    t_slot_ref, t_slot_query, t_slot_gap = on(slot_ref), on(slot_query), on(slot_gap)
+
+    model.train()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2 or p is getattr(model, "memory_score_gain", None)]
+    decay = [p for p in decay if not any(p is q for q in no_decay)]  # weight decay would pull the prior to none
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if start_step:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    forward = torch.compile(model) if args.compile else model
+    n_reader = sum(p.numel() for p in params)
+    peak = peak_flops(device)
+
+    def reader_state() -> dict:
+        return {n: p.detach().float().contiguous().cpu() for n, p in raw.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        with atomic_dir(ckpt, overwrite=True, replaceable=lambda d: (d / "state.json").is_file()) as tmp:
+            save_file(reader_state(), str(tmp / "reader.safetensors"), metadata={"format": "pt"})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
+
+    def batch(step: int):
+        idx = torch.as_tensor(batch_indices(step, n_rows, args.batch_size, args.seed, accelerator.process_index,
+                                            accelerator.num_processes), device=device)
+        refs, qid = t_slot_ref[idx], t_slot_query[idx]  # (B, S)
+        real = refs >= 0
+        kv = mem_kv[refs.clamp_min(0)] * real[:, :, None, None, None, None, None].to(mem_kv.dtype)
+        valid = mem_valid[refs.clamp_min(0)] & real[:, :, None, None, None]
+        query = t_query[idx]  # (B, T)
+        visible = (query[:, :, None] == qid[:, None, :]) & (query[:, :, None] >= 0) & real[:, None, :]
+        memory = Memory(kv=kv, valid=valid, sink=sink, visible=visible,
+                        scores=t_slot_gap[idx] if cfg.memory_score_prior else None)
+        memory.prepared["readable"] = True  # every row reads something; asking would stall the GPU
+        return (t_ids[idx], t_targets[idx], t_segment[idx], t_position[idx] + cfg.context_offset, memory)
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("reader"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=not show_progress or not console.is_terminal or not accelerator.is_main_process)
+    metrics = open(metrics_path, "a")
+    keys_per_token = args.seq_len / 2 + k * cfg.memory_top_k + cfg.prefix_length  # causal context + one chunk's memories
+    t_start = time.perf_counter()
+    tokens = 0
+    window_loss = torch.zeros((), device=device)
+    window_scored = torch.zeros((), dtype=torch.long, device=device)
+    window_n, window_t0, window_tokens, window_targets = 0, time.perf_counter(), 0, 0
+    loss_value, step_times, last_row = float("nan"), [], {}
+    stopped_at = None
+    try:
+        with progress:
+            task = progress.add_task("train", total=args.steps, completed=start_step, loss="-", tps="-")
+            for step in range(start_step, args.steps):
+                lr = args.lr * lr_at(step, args)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                ids, targets, segment, position, memory = batch(step)
+                with accelerator.autocast():
+                    h = forward(ids, memory=memory, position_ids=position, segment_ids=segment, return_hidden=True)
+                    sel = targets != IGNORE
+                    logits = F.linear(h[sel], raw.output_weight())
+                    loss = F.cross_entropy(logits.float(), targets[sel])
+                accelerator.backward(loss)
+                if args.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach()
+                window_scored += sel.sum()
+                window_n += 1
+                n_tok = int(args.batch_size * args.seq_len * accelerator.num_processes)
+                tokens += n_tok
+                window_tokens += n_tok
+                done = step + 1
+                if done % args.log_every == 0 or done == args.steps:
+                    window_targets = int(window_scored) * accelerator.num_processes  # one sync per log window
+                    loss_value = float(window_loss) / window_n
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    dt = time.perf_counter() - window_t0
+                    flops = step_flops(cfg, window_tokens, window_targets, keys_per_token, n_reader)
+                    row = {"step": done, "stage": "continual-reader", "loss": round(loss_value, 5), "lr": round(lr, 8),
+                           "tokens_per_s": round(window_tokens / dt, 1), "step_s": round(dt / window_n, 4),
+                           "tflops": round(flops / dt / 1e12, 3),
+                           "mfu": round(flops / dt / peak, 4) if peak else None,
+                           "elapsed_s": round(time.perf_counter() - t_start, 1)}
+                    last_row = row
+                    step_times.append(dt / window_n)
+                    if accelerator.is_main_process:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    progress.update(task, completed=done, loss=f"{loss_value:.3f}", tps=f"{row['tokens_per_s']:.0f}")
+                    window_loss.zero_()
+                    window_scored.zero_()
+                    window_n, window_t0, window_tokens, window_targets = 0, time.perf_counter(), 0, 0
+                if done % args.save_every == 0 and done < args.steps:
+                    save_checkpoint(done)
+                if args.max_time and time.perf_counter() - t_start >= args.max_time and done < args.steps:
+                    stopped_at = done
+                    break
+    finally:
+        metrics.close()
+    accelerator.wait_for_everyone()
+    if stopped_at is not None:
+        save_checkpoint(stopped_at)
+        return {"stage": "continual", "train": "reader", "steps": args.steps, "stopped_at": stopped_at,
+                "final_loss": loss_value, "last_tokens_per_s": last_row.get("tokens_per_s"), "mfu": last_row.get("mfu"),
+                "state_dir": str(state_dir)}
+    save_checkpoint(args.steps)
+    elapsed = time.perf_counter() - t_start
+    summary = {"stage": "continual", "train": "reader", "steps": args.steps, "final_loss": loss_value,
+               "tokens_per_s": round(tokens / max(1e-9, elapsed), 1),
+               "last_tokens_per_s": last_row.get("tokens_per_s"), "mfu": last_row.get("mfu"),
+               "tflops": last_row.get("tflops"),
+               "mean_step_s": round(float(np.mean(step_times)) if step_times else 0.0, 4),
+               "reader_parameters": n_reader, "state_dir": str(state_dir), "output": str(out)}
+    if accelerator.is_main_process:
+        raw.eval()
+        save_model_dir(raw.to(torch.float32), tokenizer, out, overwrite=True)
+        save_reader(raw, state_dir / "reader.safetensors", base_fingerprint)
+        summary["fingerprint"] = model_fingerprint(out)
+        summary["previous_fingerprint"] = base_fingerprint
+        summary["reader"] = str(state_dir / "reader.safetensors")
+        with atomic_file(state_dir / "summary.json") as f:
+            f.write((json.dumps(summary, indent=1) + "\n").encode())
+    return summary

@@ -1,0 +1,251 @@
+"""`m3 pretrain --train reader`: the memory reader that teaches a pretrained model to read memory
+(issue #22), on the tiny configuration of the same code path the GPU runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cli_helpers import assert_user_error, m3
+from m3cli.attention import Memory
+from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint
+from m3cli.errors import M3Error
+from m3cli.reader import apply_reader, read_reader
+from m3cli.reader_train import IGNORE, pack, segments
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small model warmed up on one set of invented people (s), and a bank it encoded of other
+    people (s2) whose question documents are the training text: their answers are only in the bank."""
+    d = tmp_path_factory.mktemp("reader")
+    assert m3("synth", d / "s", "--people", "40", "--seed", "1").exit_code == 0
+    assert m3("synth", d / "s2", "--people", "40", "--seed", "2", "--qa-only").exit_code == 0
+    warm = d / "warm"
+    result = m3("pretrain", d / "s" / "train.parquet", "-o", warm, "--config", "mini", "--steps", "40",
+                "--batch-size", "8", "--seq-len", "128", "--lr", "3e-3", "-q")
+    assert result.exit_code == 0, result.output
+    bank = d / "kb.m3bank"
+    assert m3("encode", d / "s2" / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
+    return d, warm, bank
+
+
+def reader_args(d, bank, warm, *extra, steps=16):
+    return ["pretrain", d / "s2" / "train.parquet", "--init-from", warm, "--stage", "continual", "--bank", bank,
+            "--train", "reader", "--reader-rank", "8", "--memory-layers", "all", "--memory-top-k", "8",
+            "--refs-per-chunk", "1", "--steps", str(steps), "--batch-size", "4", "--seq-len", "128", "--lr", "2e-2",
+            "--warmup-steps", "2", "--save-every", "4", "--log-every", "4", "-q", *extra]
+
+
+def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_round_trips(base, tmp_path):
+    d, warm, bank = base
+    args = reader_args(d, bank, warm)
+    result = m3(*args, "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(x) for x in (tmp_path / "a.train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [4, 8, 12, 16]
+    assert all(m["stage"] == "continual-reader" and m["tokens_per_s"] > 0 and "mfu" in m for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2, metrics  # it learns to read the answers
+    summary = json.loads((tmp_path / "a.train" / "summary.json").read_text())
+    assert summary["train"] == "reader" and summary["tokens_per_s"] > 0 and summary["reader_parameters"] > 0
+
+    # killed after a checkpoint, resumed: the same reader, bit for bit
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "m3cli", *[str(a) for a in args], "-o", str(tmp_path / "b")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "b.train" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b").exists()
+    result = m3(*args, "-o", tmp_path / "b", "--resume")
+    assert result.exit_code == 0, result.output
+    a = load_file(str(tmp_path / "a.train" / "reader.safetensors"))
+    b = load_file(str(tmp_path / "b.train" / "reader.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the reader file applied to the base model is the trained model: same weights, same fingerprint
+    meta, tensors = read_reader(tmp_path / "a.train" / "reader.safetensors")
+    assert meta["base_fingerprint"] == model_fingerprint(warm)
+    assert meta["config"]["memory_reader_rank"] == 8 and meta["config"]["memory_layers"] == list(range(load_model_dir(warm).config.n_layers))
+    trained = load_model_dir(tmp_path / "a")
+    applied = apply_reader(load_model_dir(warm), tmp_path / "a.train" / "reader.safetensors", model_fingerprint(warm))
+    assert applied.config == trained.config
+    sa, sb = applied.state_dict(), trained.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if k.endswith("mem_o_b"))  # it trained
+
+    # reading no memory, the trained model computes exactly what the base did (closed book, RAG)
+    plain = load_model_dir(warm)
+    ids = torch.randint(3, plain.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(plain(ids), trained(ids))
+    # banks stay bound to the model that reads them
+    assert_user_error(m3("eval", "-m", tmp_path / "a", "-b", bank, "--qa", d / "s" / "qa_unseen.jsonl"), "re-encode")
+
+
+def test_the_reader_reads_memory_and_starts_as_the_identity(base):
+    """A fresh reader (zero b factors) leaves every output unchanged, memory or not; once its
+    factors move, only tokens that read memories change."""
+    _, warm, _ = base
+    model = load_model_dir(warm)
+    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
+    torch.manual_seed(0)
+    refs = torch.randint(3, model.config.vocab_size, (3, 12))
+    enc = model.encode_references(refs, torch.tensor([12, 9, 12]))
+    ids = torch.randint(3, model.config.vocab_size, (1, 10))
+    visible = torch.zeros(1, 10, 3, dtype=torch.bool)
+    visible[0, 5:] = True  # the first five tokens read nothing
+    memory = Memory(kv=enc.kv[None], valid=enc.valid[None], sink=model.encode_prefix(), visible=visible)
+    with torch.no_grad():
+        before = model(ids, memory=memory)
+        model.enable_reader(3)
+        assert torch.allclose(model(ids, memory=memory), before, atol=1e-5)
+        for layer in model.layers:
+            layer.attn.mem_q_b.normal_(0, 0.5)
+            layer.attn.mem_o_b.normal_(0, 0.5)
+        after = model(ids, memory=memory)
+    assert torch.allclose(after[:, :5], before[:, :5], atol=1e-5)
+    assert (after[:, 5:] - before[:, 5:]).abs().max() > 1e-3
+
+
+def test_packed_segments_see_only_themselves():
+    """segment_ids: each packed example computes what it computes alone, from position 0."""
+    from m3cli.config import M3Config
+    from m3cli.model import Memory3Model
+
+    torch.manual_seed(0)
+    model = Memory3Model(M3Config(vocab_size=50, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  intermediate_size=64, context_length=64, head_dim=8)).eval()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
+    row = torch.cat([a, b], 1)
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None] + model.config.context_offset
+    with torch.no_grad():
+        packed = model(row, position_ids=pos, segment_ids=seg)
+        assert torch.allclose(packed[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(packed[:, 7:], model(b), atol=1e-5)
+
+
+def test_chat_examples_score_the_answer_and_read_their_question_memories(base):
+    _, warm, _ = base
+    tok = load_tokenizer(warm)
+    tok.chat_template = ("{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    ex = [{"prompt": "Where was Ada born?", "answer": "In Rome."}, {"text": "Ada was born in Rome. " * 30}]
+    segs = segments(ex, tok, seq_len=64, chunk=16)
+    chat, texts = segs[0], segs[1:]
+    answer = tok("In Rome.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert chat.ids[-len(answer):] == answer
+    targets = [t for t, on in zip(chat.ids[1:], chat.loss) if on]
+    assert targets == answer  # the loss is on the answer and its end token, nothing else
+    assert "Ada" in chat.queries[-1] and "assistant" not in chat.queries[-1]
+    assert chat.token_query[-1] == len(chat.queries) - 1  # the answer reads its question's memories
+    assert len(texts) > 1 and all(len(s.ids) <= 64 for s in texts)  # long text is cut into rows
+    assert all(q and q in tok.decode(s.ids, skip_special_tokens=True) for s in texts for q in s.queries)
+
+    packed, queries = pack(segs, 64, seed=0, fill=0)
+    for r in range(packed.ids.shape[0]):
+        for s in set(packed.segment[r].tolist()) - {-1}:
+            at = packed.segment[r] == s
+            assert (packed.position[r][at] == range(at.sum())).all()  # positions restart per example
+    n_scored = sum(sum(s.loss) for s in segs)
+    assert (packed.targets != IGNORE).sum() == n_scored
+    assert sorted(queries) == sorted(q for s in segs for q in s.queries if q is not None)
+
+
+def test_reader_files_are_checked(base, tmp_path):
+    _, warm, _ = base
+    with pytest.raises(M3Error, match="does not exist"):
+        read_reader(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(M3Error, match="not"):
+        read_reader(tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(M3Error, match="not an m3 reader"):
+        read_reader(tmp_path / "plain.safetensors")
+    model = load_model_dir(warm)
+    model.enable_reader(2)
+    from m3cli.reader import save_reader
+
+    good = save_reader(model, tmp_path / "r.safetensors", "sha256:" + "0" * 64)
+    with pytest.raises(M3Error, match="trained on the model"):
+        apply_reader(load_model_dir(warm), good, model_fingerprint(warm))
+    meta, tensors = read_reader(good)
+    tensors["layers.0.attn.mem_q_a"] = torch.zeros(3, 3)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"m3.reader": json.dumps(meta)})
+    with pytest.raises(M3Error, match="shape"):
+        apply_reader(load_model_dir(warm), tmp_path / "bad.safetensors")
+    tensors = dict(read_reader(good)[1])
+    tensors["layers.0.attn.mem_o_b"] = torch.full_like(tensors["layers.0.attn.mem_o_b"], float("nan"))
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata={"m3.reader": json.dumps(meta)})
+    with pytest.raises(M3Error, match="NaN"):
+        apply_reader(load_model_dir(warm), tmp_path / "nan.safetensors")
+
+
+def test_reader_training_errors(base, tmp_path):
+    d, warm, bank = base
+    train = d / "s" / "train.parquet"
+    assert_user_error(m3("pretrain", train, "-o", tmp_path / "x", "--init-from", warm, "--stage", "continual",
+                         "--train", "reader"), "--bank")
+    assert_user_error(m3(*reader_args(d, bank, warm, "--reader-rank", "0"), "-o", tmp_path / "x"), "--reader-rank")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no"}\n')
+    assert_user_error(m3("pretrain", bad, *reader_args(d, bank, warm)[2:], "-o", tmp_path / "x"), "needs")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_the_default_model_is_made_once_even_when_two_processes_start_together(tmp_path, monkeypatch):
+    """`--model default`: the packaged SmolLM2, converted, with the shipped memory reader applied,
+    materialised once into M3_HOME; two processes asking at once get the same, whole model dir."""
+    from m3cli.default_model import SHIPPED_READER
+
+    env = {**os.environ, "M3_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    code = "from m3cli.default_model import default_model; print(default_model())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert path.parent == tmp_path / "home" / "models"
+    assert sum("materialising the default model" in o[1] for o in outs) == 1  # one of them made it
+    assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == [path.name]
+    model = load_model_dir(path)
+    assert model.config.vocab_size == 49152 and model.config.n_layers == 30
+    if SHIPPED_READER.is_file():
+        meta, _ = read_reader(SHIPPED_READER)
+        assert model.config.memory_reader_rank == meta["config"]["memory_reader_rank"]
+        assert list(model.config.mem_layers) == meta["config"]["memory_layers"]
+    # the CLI takes the word `default` for a model dir, and finds the one made above
+    monkeypatch.setenv("M3_HOME", str(tmp_path / "home"))
+    result = m3("score", "--model", "default", "The capital of France is Paris.", "--json")
+    assert result.exit_code == 0, result.output
+    assert "materialising" not in result.stderr and json.loads(result.stdout)["perplexity"] > 1
+
+
+def test_max_time_stops_at_a_checkpoint_that_resume_continues(base, tmp_path):
+    d, warm, bank = base
+    args = reader_args(d, bank, warm, steps=6)
+    result = m3(*args, "-o", tmp_path / "m", "--max-time", "1e-9")
+    assert result.exit_code == 0, result.output
+    assert "stopped at step 1 of 6" in result.stdout and not (tmp_path / "m").exists()
+    assert json.loads((tmp_path / "m.train" / "checkpoint" / "state.json").read_text())["step"] == 1
+    result = m3(*args, "-o", tmp_path / "m", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert json.loads((tmp_path / "m.train" / "summary.json").read_text())["steps"] == 6
