@@ -27,7 +27,6 @@ case $cmd in
 prep)
   VPY=${VPY:-.venv/bin/python}
   mkdir -p $G/whl $G/data
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   for w in faiss-cpu==1.15.1 zstandard==0.25.0 gguf==0.19.0 platformdirs==4.14.9; do
     $VPY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
