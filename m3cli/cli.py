@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .errors import M3Error
-from .default_model import resolve_model
+from .default_model import choose_model, model_hint, resolve_bank, resolve_model
 from .output import print_fields, terminal_safe
 
 app = typer.Typer(
@@ -30,6 +30,9 @@ app = typer.Typer(
 )
 
 EXIT_ERROR = 1
+MODEL_HELP = ("m3 model dir, or default. Without it: $M3_MODEL, else the model the bank names, else the "
+              "default model (SmolLM2-135M-Instruct with the memory reader m3 ships, made once; see m3 inspect).")
+BANK_HELP = "An indexed .m3bank (default: $M3_BANK)."
 
 
 def _fail(message: str) -> None:
@@ -105,10 +108,9 @@ def convert(
 @user_errors
 def score(
     text: Annotated[str, typer.Argument(help="The text to score, or - to read it from standard input.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir, or default (SmolLM2-135M-Instruct "
-                                        "with the memory reader m3 ships, made once).")],
-    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
-                                                 "(for --mode memory or rag).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help=BANK_HELP + " For --mode memory or "
+                                                 "rag.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="none (closed book), memory (each 64-token chunk reads "
                                                      "its own memories) or rag (references in front); "
                                                      "default: memory with --bank, else none.")] = None,
@@ -129,7 +131,7 @@ def score(
     logprobs[i] is log p(token_ids[i+1] | token_ids[:i+1]); every mode scores the same tokens,
     so perplexities compare across modes.
     """
-    model = resolve_model(model)
+    bank = resolve_bank(bank)
     from .score import score_text
 
     _check_gap(max_gap)
@@ -139,6 +141,7 @@ def score(
         body.encode("utf-8")
     except UnicodeEncodeError:
         raise M3Error("the text is not valid UTF-8") from None
+    model = resolve_model(model, bank)
     if mode == "none" and bank is None:
         from .checkpoint import load_model_dir, load_tokenizer, read_config
         from .device import resolve_device, resolve_dtype
@@ -168,8 +171,9 @@ def encode(
     corpus: Annotated[str, typer.Argument(help="Parquet (column text; optional id, title, source), JSONL with the "
                                                "same fields, or - for JSONL on standard input.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .m3bank file to write.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir that encodes the memories, or "
-                                        "default (see m3 generate --help).")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="m3 model dir that encodes the memories, "
+                                                  "or default; without it $M3_MODEL, else the default model. The "
+                                                  "bank records which, so later commands find it.")] = None,
     codec: Annotated[str, typer.Option(help="KV codec: bf16 (exact), int8 (per-vector scale) or vq (product "
                                             "quantization trained on the bank's own vectors).")] = "bf16",
     vq_subquantizers: Annotated[Optional[int], typer.Option("--vq-subquantizers", help="vq: bytes per vector "
@@ -191,6 +195,7 @@ def encode(
     reference's memory is computed by the model and written with its text. The output path never
     holds a half-written bank; a killed run continues with --resume and gives the same bytes.
     """
+    hint = model_hint(choose_model(model)[0])
     model = resolve_model(model)
     from .bank import CODECS
     from .encode import encode_corpus
@@ -207,7 +212,7 @@ def encode(
     try:
         summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
                                 dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet,
-                                vq_subquantizers=vq_subquantizers)
+                                vq_subquantizers=vq_subquantizers, model_hint=hint)
     except KeyboardInterrupt:
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)
@@ -226,12 +231,13 @@ def encode(
         typer.echo(f"indexed {output}: {info['factory']} over {info['embedder']} embeddings (dim {info['dim']})")
 
 
-@app.command(epilog="Examples:\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16\n\n"
+@app.command(epilog="Examples:\n\n  m3 inspect\n\n  m3 inspect --json | jq -r .default_model\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16\n\n"
                     "  m3 inspect kb.m3bank --verify\n\n  m3 inspect kb.m3bank --ref 3 --model out/smollm2")
 @user_errors
 def inspect(
-    target: Annotated[str, typer.Argument(help="An .m3bank file, an m3 model dir, or a preset name "
-                                               "(memory3-2.4b, small, mini, tiny).")],
+    target: Annotated[Optional[str], typer.Argument(help="An .m3bank file, an m3 model dir, or a preset name "
+                                                         "(memory3-2.4b, small, mini, tiny); none: the "
+                                                         "environment (default model, cache, device, versions).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ref: Annotated[Optional[int], typer.Option("--ref", help="Bank: show reference N and the tokens kept "
                                                              "per memory layer and KV head.")] = None,
@@ -240,10 +246,24 @@ def inspect(
     verify: Annotated[bool, typer.Option("--verify", help="Bank: recompute every checksum and check every "
                                                           "record; exit 1 on any problem.")] = False,
 ) -> None:
-    """Describe a bank (counts, model, codec, sections) or a model (parameters, memory geometry)."""
+    """Describe a bank (counts, model, embedder, index, sections), a model (parameters, memory
+    geometry), or with no target what commands fall back on: the model, bank and embedder they
+    use without flags, the cache dir, the device and versions."""
     from .checkpoint import config_summary, read_config
     from .config import PRESETS
 
+    if target is None:
+        if ref is not None or verify or model is not None:
+            raise M3Error("--ref, --verify and --model need a bank: m3 inspect BANK …")
+        from .default_model import environment
+
+        info = environment()
+        if as_json:
+            typer.echo(json.dumps(info))
+            return
+        versions = info.pop("versions")
+        print_fields({**info, "versions": " ".join(f"{k} {v}" for k, v in versions.items())})
+        return
     path = Path(target)
     if path.is_file():
         from .inspect_bank import inspect_bank
@@ -276,7 +296,8 @@ def index_cmd(
                                                "--model), a local Hugging Face encoder dir, or a static "
                                                "embedder dir (m3 distill-embedder).")] = "minilm",
     pooling: Annotated[str, typer.Option(help="Pooling for an encoder dir: mean or cls.")] = "mean",
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for --embedder self.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for --embedder self "
+                                                  "(default: the model the bank names).")] = None,
     factory: Annotated[str, typer.Option(help="FAISS index factory: Flat, HNSW32, IVF4096,PQ32, …")] = "Flat",
     nprobe: Annotated[int, typer.Option(help="IVF lists searched per query (stored in the bank).")] = 16,
     ef_search: Annotated[int, typer.Option("--ef-search", help="HNSW search depth (stored in the bank).")] = 64,
@@ -303,10 +324,12 @@ def index_cmd(
 
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
-    with Bank(bank) as b:  # a clear error for a bad bank before loading any model
-        if embedder == "self" and model is not None:
-            from .checkpoint import model_fingerprint
+    Bank(bank).close()  # a clear error for a bad bank before loading any model
+    if embedder == "self":  # the bank's own model embeds: the one it names, unless told otherwise
+        from .checkpoint import model_fingerprint
 
+        model = resolve_model(model, bank)
+        with Bank(bank) as b:
             require_same_model(b, model_fingerprint(model))
     emb = load_embedder(embedder, model_dir=model, pooling=pooling, device=resolve_device(device))
     info = index_bank(bank, emb, factory=factory, batch_size=batch_size, show_progress=not quiet,
@@ -385,7 +408,7 @@ def search(
     max_gap: Annotated[Optional[float], typer.Option("--max-score-gap", help="Drop references scoring more than "
                                                       "this below the query's best; default: keep all.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model dir, for banks indexed with "
-                                                                        "the `self` embedder.")] = None,
+                                                  "the `self` embedder (default: the model the bank names).")] = None,
     embedder: Annotated[Optional[str], typer.Option(help="Encoder or static embedder dir, for banks indexed with one.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
@@ -401,6 +424,8 @@ def search(
     if not queries:
         raise M3Error("no query on standard input")
     with Bank(bank) as b:
+        if b.header.get("m3.embed.name") == "self":  # queries go through the bank's own model
+            model = resolve_model(model, bank)
         emb = query_embedder(b, model_dir=model, encoder=embedder, device=resolve_device(device))
         results = Retriever(b, emb).search(queries, k=k, max_overlap=max_overlap, max_gap=max_gap)
         for q, hits in zip(queries, results):
@@ -447,10 +472,12 @@ def _open_generator(model: Path, bank: Optional[Path], device: str, dtype: str, 
             b.close()
 
 
-def _read_prompts(prompt: str) -> list[str]:
-    """One prompt, or (for -) one per line of standard input; JSON lines need a "prompt" field."""
-    if prompt != "-":
+def _read_prompts(prompt: str | None) -> list[str]:
+    """One prompt, or (for - or none) one per line of standard input; JSON lines need a "prompt" field."""
+    if prompt is not None and prompt != "-":
         return [prompt]
+    if prompt is None and sys.stdin.isatty():
+        raise M3Error("no prompt: give one (m3 generate \"…\") or pipe prompts on standard input, one per line")
     prompts = []
     for n, line in enumerate(_read_text_arg("-").splitlines(), 1):
         if not line.strip():
@@ -490,17 +517,18 @@ def _explain(completion, bank, echo) -> None:
                  f"{terminal_safe(text[:120])}{'…' if len(text) > 120 else ''}")
 
 
-@app.command(epilog="Examples:\n\n  m3 generate --model out/smollm2 --bank kb.m3bank \"What is the capital of Mali?\"\n\n"
-                    "  m3 generate --model out/smollm2 --bank kb.m3bank --explain --chat \"Who founded Northwind?\"\n\n"
-                    "  m3 generate --model out/smollm2 --mode none \"Once upon a time\"\n\n"
-                    "  cat questions.txt | m3 generate --model out/smollm2 --bank kb.m3bank --json - | jq -r .text")
+@app.command(epilog="Examples:\n\n  m3 generate --bank kb.m3bank \"What is the capital of Mali?\"\n\n"
+                    "  m3 generate --bank kb.m3bank --explain --chat \"Who founded Northwind?\"\n\n"
+                    "  m3 generate --mode none \"Once upon a time\"\n\n"
+                    "  cat questions.txt | m3 generate --bank kb.m3bank --json | jq -r .text\n\n"
+                    "  m3 generate --model out/smollm2 --bank kb.m3bank \"Where is Bamako?\"")
 @user_errors
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt, or - to read prompts from standard input: one per "
-                                               "line, or JSON lines with a \"prompt\" field.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir, or default (SmolLM2-135M-Instruct "
-                                        "with the memory reader m3 ships, made once).")],
-    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt. Without it (or with -), prompts come from "
+                                                         "standard input: one per line, or JSON lines with a "
+                                                         "\"prompt\" field.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help=BANK_HELP)] = None,
     mode: Annotated[Optional[str], typer.Option(help="memory (explicit memory), none (closed book) or rag (the "
                                                      "retrieved references' text in front of the prompt); "
                                                      "default: memory with --bank, else none.")] = None,
@@ -532,9 +560,10 @@ def generate(
     """Generate text while the model reads its explicit memories.
 
     Each 64-token chunk of the prompt retrieves its own memories; while decoding, every 64
-    generated tokens retrieve the next chunk's. One prompt streams to standard output.
+    generated tokens retrieve the next chunk's. One prompt streams to standard output; prompts
+    from standard input give one line per answer, in order (--json: one JSON object per line).
     """
-    model = resolve_model(model)
+    bank = resolve_bank(bank)
     from .generate import Options
 
     mode = mode or ("memory" if bank is not None else "none")
@@ -544,9 +573,10 @@ def generate(
     opts.check()
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
-    if mode == "none" and bank is not None:
-        bank = None  # closed book: the bank is not read
     prompts = _read_prompts(prompt)
+    model = resolve_model(model, bank)
+    if mode == "none" and bank is not None:
+        bank = None  # closed book: the bank is not read (it only named the model)
     with _open_generator(model, bank, device, dtype, embedder, cache_size) as (gen, _):
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
@@ -560,7 +590,9 @@ def generate(
                 if as_json:
                     typer.echo(json.dumps(c.to_json(mode), ensure_ascii=False))
                     continue
-                typer.echo("" if stream else c.text)
+                # several prompts: one line per answer (whitespace runs made single spaces), so a
+                # program pairs answers with prompts line by line; --json keeps the exact text
+                typer.echo("" if stream else " ".join(c.text.split()))
                 if explain:
                     _explain(c, gen.retriever and gen.retriever.bank, typer.echo)
 
@@ -619,7 +651,7 @@ def bench(
         raise M3Error(f"unknown mode {bad[0] if bad else modes!r}; choose from none, memory, rag")
     if repeats < 1 or prompt_len < 1 or new_tokens < 1 or memories < 1:
         raise M3Error("--repeats, --prompt-len, --new-tokens and --memories must be at least 1")
-    log = (lambda s: typer.echo(s, err=True)) if as_json else typer.echo
+    log = lambda s: typer.echo(s, err=True)  # noqa: E731 (progress and setup notes: stdout carries only results)
     with contextlib.ExitStack() as stack:
         if not Path(model).is_dir() and model in PRESETS:
             if bank is not None:
@@ -835,11 +867,10 @@ def pretrain(
                             "--json | jq .memory.accuracy")
 @user_errors
 def eval_cmd(
-    model: Annotated[Path, typer.Option("--model", "-m", help="m3 model dir, or default (SmolLM2-135M-Instruct "
-                                        "with the memory reader m3 ships, made once).")],
     qa: Annotated[Path, typer.Option("--qa", help="JSONL with {\"question\", \"answer\"} per line (optional \"title\": the document it is about).")],
-    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="An indexed bank encoded by MODEL "
-                                                 "(for memory and rag).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help=BANK_HELP + " For memory and "
+                                                 "rag.")] = None,
     text: Annotated[Optional[Path], typer.Option("--text", help="Held-out text (Parquet/JSONL corpus) for "
                                                                 "perplexity per mode.")] = None,
     modes: Annotated[Optional[str], typer.Option(help="Comma-separated; default none,memory,rag with --bank, "
@@ -879,7 +910,7 @@ def eval_cmd(
     (and first) and what share of the memory attention it got as the answer began: a retrieval
     failure or a reading failure.
     """
-    model = resolve_model(model)
+    bank = resolve_bank(bank)
     from .evaluate import evaluate, read_qa
 
     mode_list = [m.strip() for m in (modes or ("none,memory,rag" if bank else "none")).split(",") if m.strip()]
@@ -896,6 +927,7 @@ def eval_cmd(
     if "{question}" not in prompt_template:
         raise M3Error("--prompt-template must contain {question}")
     questions = read_qa(qa, limit)
+    model = resolve_model(model, bank)
     texts = None
     if text is not None:
         from .corpus import read_corpus
@@ -903,10 +935,19 @@ def eval_cmd(
         texts = [d.text for d in read_corpus(text) if d.text.strip()]
         if not texts:
             raise M3Error(f"{text} holds no text")
-    with _open_generator(model, bank, device, dtype, embedder) as (gen, _):
+    from .output import stderr_progress
+
+    with _open_generator(model, bank, device, dtype, embedder) as (gen, _), stderr_progress("eval") as bar:
+        tasks: dict = {}
+
+        def on_progress(mode: str, done: int, total: int) -> None:
+            if mode not in tasks:
+                tasks[mode] = bar.add_task(mode, total=total)
+            bar.update(tasks[mode], completed=done)
+
         result = evaluate(gen, questions, mode_list, template=prompt_template, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, max_overlap=max_overlap, memories=memories, texts=texts,
-                          chat=chat, max_gap=max_gap, score_prior=score_prior)
+                          chat=chat, max_gap=max_gap, score_prior=score_prior, progress=on_progress)
     answers = result.pop("_answers")
     if as_json:
         typer.echo(json.dumps(result))
@@ -939,6 +980,8 @@ def _check_gap(max_gap: float | None) -> None:
 
 
 def main() -> None:
+    if not sys.stderr.isatty():  # progress bars only on a terminal: libraries' tqdm bars too (GGUF loading)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         app()
     except BrokenPipeError:  # e.g. `m3 search … | head -1`: the reader is gone, stop quietly

@@ -1,8 +1,9 @@
 """Reading corpora and cutting documents into references.
 
 Corpora: Parquet (column `text`; optional `id`, `title`, `source`), JSONL (one object per line
-with the same fields), or `-` for JSONL on standard input. Documents stream one at a time, so
-memory use does not grow with the corpus. References are ≤ max_tokens tokens, cut at sentence
+with the same fields), CSV with the same columns, text and Markdown files (one document each), a
+directory of them, or `-` for standard input (JSONL, or plain text as one document). Documents
+stream one at a time, so memory use does not grow with the corpus (plain text on stdin excepted). References are ≤ max_tokens tokens, cut at sentence
 boundaries where possible. Knows nothing about models beyond a tokenizer.
 """
 
@@ -84,22 +85,125 @@ def _parquet(path: Path) -> Iterator[Document]:
         raise M3Error(f"{path}: cannot read row {n + 1} ({(str(e).splitlines() or ['unreadable'])[0]})") from None
 
 
-def read_corpus(source: str | Path) -> Iterator[Document]:
-    """Documents of a corpus path (.parquet, .jsonl/.json/other = JSONL) or '-' (JSONL on stdin)."""
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text", ".rst")
+
+
+def _text_file(path: Path, name: str) -> Document:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise M3Error(f"{path} is not valid UTF-8 text") from None
+    return Document(id=name, title=name, source=name, text=text)
+
+
+def corpus_files(directory: Path) -> list[Path]:
+    """The text and Markdown files under a directory, recursively, in a stable (sorted) order;
+    hidden files and directories are skipped."""
+    files = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+            files.append(path)
+    return files
+
+
+def _directory(directory: Path) -> Iterator[Document]:
+    files = corpus_files(directory)
+    if not files:
+        raise M3Error(f"{directory} holds no text or Markdown files ({', '.join(TEXT_SUFFIXES)})")
+    for path in files:
+        name = path.relative_to(directory).as_posix()
+        yield _text_file(path, name)
+
+
+def _csv(path: Path) -> Iterator[Document]:
+    import csv
+
+    csv.field_size_limit(1 << 26)
+    with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
+        try:
+            reader = csv.DictReader(f)
+            names = reader.fieldnames or []
+            if "text" not in names:
+                raise M3Error(f"{path} has no 'text' column (columns: {', '.join(names) or 'none'})")
+            for n, row in enumerate(reader, start=1):
+                if row.get("text") is None:
+                    raise M3Error(f"{path}: row {n} has no value in column 'text'")
+                yield _document({k: row.get(k) for k in ("id", "title", "source", "text")}, str(path), n)
+        except UnicodeDecodeError:
+            raise M3Error(f"{path} is not valid UTF-8") from None
+        except csv.Error as e:
+            raise M3Error(f"{path}: not readable as CSV ({e})") from None
+
+
+def _stdin() -> Iterator[Document]:
+    """JSONL when the first non-blank byte is `{`, else the whole input is one plain-text document."""
+    if not hasattr(sys.stdin, "buffer"):  # a text stream without bytes underneath
+        stream = io.BytesIO(sys.stdin.read().encode("utf-8", "surrogateescape"))
+    else:
+        stream = io.BufferedReader(sys.stdin.buffer)
+    head = stream.peek(1)
+    while head and not head.strip():  # skip leading blank bytes
+        stream.read(len(head))
+        head = stream.peek(1)
+    if head.lstrip()[:1] == b"{":
+        yield from _jsonl(stream, "stdin")
+        return
+    try:
+        text = stream.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise M3Error("standard input is not valid UTF-8") from None
+    if text.strip():
+        yield Document(id="stdin", title="", source="stdin", text=text)
+
+
+def corpus_kind(source: str | Path) -> str:
+    """How read_corpus reads a source: stdin, directory, parquet, csv, text or jsonl."""
     if str(source) == "-":
-        yield from _jsonl(io.BufferedReader(sys.stdin.buffer) if hasattr(sys.stdin, "buffer") else sys.stdin, "stdin")
+        return "stdin"
+    path = Path(source)
+    if path.is_dir():
+        return "directory"
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1" or path.suffix.lower() == ".parquet":
+            return "parquet"
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return "jsonl"
+
+
+def read_corpus(source: str | Path) -> Iterator[Document]:
+    """Documents of a corpus: Parquet, JSONL (.jsonl, .json or any other name), CSV with a `text`
+    column, one text or Markdown file (one document), a directory of them (one document per file,
+    recursively, the relative path as id and title), or '-': standard input, JSONL when it starts
+    with `{`, else one plain-text document."""
+    if str(source) == "-":
+        yield from _stdin()
         return
     path = Path(source)
     if not path.exists():
         raise M3Error(f"corpus {path} does not exist")
+    kind = corpus_kind(path)
+    if kind == "directory":
+        yield from _directory(path)
+        return
     if not path.is_file():
         raise M3Error(f"corpus {path} is not a file")
-    with open(path, "rb") as f:
-        is_parquet = f.read(4) == b"PAR1"
-    if is_parquet or path.suffix == ".parquet":
-        if not is_parquet:
-            raise M3Error(f"{path} is not a readable Parquet file (bad magic)")
+    if kind == "parquet":
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise M3Error(f"{path} is not a readable Parquet file (bad magic)")
         yield from _parquet(path)
+    elif kind == "csv":
+        yield from _csv(path)
+    elif kind == "text":
+        yield _text_file(path, path.name)
     else:
         with open(path, "rb") as f:
             yield from _jsonl(f, str(path))

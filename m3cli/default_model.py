@@ -89,8 +89,102 @@ def materialise(target: Path, reader: Path | None = SHIPPED_READER) -> None:
         save_model_dir(model, load_tokenizer(base), target)
 
 
-def resolve_model(value: Path | str | None) -> Path:
-    """A --model value: a model dir, or `default` (or nothing) for the default model."""
+MODEL_ENV = "M3_MODEL"
+BANK_ENV = "M3_BANK"
+
+
+def model_hint(value: Path | str | None) -> str:
+    """What a bank records to find its model again: `default`, or the model dir's absolute path."""
     if value is None or str(value) == DEFAULT_NAME:
+        return DEFAULT_NAME
+    return str(Path(value).expanduser().resolve())
+
+
+def choose_model(value: Path | str | None, bank: Path | None = None) -> tuple[str, str]:
+    """Which model a command uses, as (value, where it came from): --model, then M3_MODEL, then the
+    model `bank` names in its header (`m3.model.hint`), then the default."""
+    if value is not None:
+        return str(value), "--model"
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV], MODEL_ENV
+    if bank is not None and Path(bank).is_file():
+        from .bank import Bank
+
+        with Bank(bank) as b:
+            hint = b.header.get("m3.model.hint")
+            fingerprint = b.header.get("m3.model.fingerprint")
+        if isinstance(hint, str) and hint:
+            if hint != DEFAULT_NAME and not (Path(hint) / "config.json").is_file():
+                raise M3Error(f"{bank} was encoded by the model at {hint}, which is not here; pass --model DIR "
+                              f"(or set {MODEL_ENV}) naming the model with fingerprint {fingerprint}")
+            return hint, str(bank)
+    return DEFAULT_NAME, "default"
+
+
+def resolve_model(value: Path | str | None, bank: Path | None = None) -> Path:
+    """The model dir a command uses (see choose_model); `default` is materialised on first use."""
+    chosen, _ = choose_model(value, bank)
+    if chosen == DEFAULT_NAME:
         return default_model()
-    return Path(value)
+    return Path(chosen).expanduser()
+
+
+def resolve_bank(value: Path | None) -> Path | None:
+    """--bank, else M3_BANK, else none."""
+    if value is not None:
+        return value
+    env = os.environ.get(BANK_ENV)
+    return Path(env).expanduser() if env else None
+
+
+def environment() -> dict:
+    """What `m3 inspect` (no target) prints: the defaults every command falls back on and where
+    they come from, the cache dir, the device and versions."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    target = default_model_dir()
+    ready = (target / "config.json").is_file()
+    fingerprint = None
+    if ready:
+        from .checkpoint import model_fingerprint
+
+        fingerprint = model_fingerprint(target)
+    try:
+        source = str(packaged_smollm2())
+    except M3Error:
+        source = None
+    chosen, where = choose_model(None)
+    try:
+        from .embed import minilm_dir
+
+        embedder = str(minilm_dir())
+    except M3Error:
+        embedder = None
+    versions = {"m3": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("faiss", "transformers", "safetensors"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # not installed or no version: say so rather than fail
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "kind": "environment",
+        "model": chosen if chosen != DEFAULT_NAME else str(target),
+        "model_from": where if where != "default" else "default (no --model, M3_MODEL unset)",
+        "bank": os.environ.get(BANK_ENV) or None,
+        "default_model": str(target),
+        "default_model_ready": ready,
+        "default_model_fingerprint": fingerprint,
+        "default_model_source": source,
+        "default_model_reader": str(SHIPPED_READER) if SHIPPED_READER.is_file() else None,
+        "embedder": "minilm",
+        "embedder_dir": embedder,
+        "cache_dir": str(m3_home()),
+        "device": f"cuda ({torch.cuda.get_device_name()})" if cuda else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "versions": versions,
+    }

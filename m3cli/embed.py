@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +40,12 @@ class EmbedderSpec:
 
     def header(self) -> dict:
         return {f"m3.embed.{k}": v for k, v in asdict(self).items()}
+
+    def same_as(self, other: "EmbedderSpec | None") -> bool:
+        """The same embedder: same files (fingerprint), width and pooling. The directory's name
+        is informational, so a renamed or moved embedder dir still matches."""
+        return other is not None and (self.fingerprint, self.dim, self.pooling) == \
+            (other.fingerprint, other.dim, other.pooling)
 
     @classmethod
     def from_header(cls, header: dict) -> "EmbedderSpec | None":
@@ -213,7 +220,7 @@ def _vocab_vectors(teacher: HFEncoder, batch_size: int, show_progress: bool) -> 
     first, last = (start, end) if teacher.pooling == "cls" else (end, start)  # cls: the start token first
     out = []
     with torch.inference_mode():
-        for s in tqdm(range(0, ids, batch_size), desc="distilling", unit="batch", disable=not show_progress):
+        for s in tqdm(range(0, ids, batch_size), desc="distilling", unit="batch", disable=not show_progress or not sys.stderr.isatty()):
             chunk = torch.arange(s, min(s + batch_size, ids))
             x = torch.stack([torch.full_like(chunk, first), chunk, torch.full_like(chunk, last)], dim=1)
             x = x.to(teacher.device)
@@ -322,13 +329,19 @@ def distill_static(teacher: HFEncoder, out: Path, dims: int | None = None, sif: 
     return {**config, "path": str(out)}
 
 
+def _with_hint(embedder, hint: str):
+    """Remember how to load this embedder again (`m3.embed.hint` in a bank it indexes)."""
+    embedder.hint = hint
+    return embedder
+
+
 def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean",
                   device: torch.device | str = "cpu"):
     """'minilm', 'self' (needs model_dir: the bank's model), a local encoder directory or a static
     embedder directory."""
     device = torch.device(device)
     if name == "minilm":
-        return HFEncoder(minilm_dir(), "mean", "minilm", device)
+        return _with_hint(HFEncoder(minilm_dir(), "mean", "minilm", device), "minilm")
     if name == "self":
         if model_dir is None:
             raise M3Error("the `self` embedder needs --model DIR (the model that encoded the bank)")
@@ -336,12 +349,12 @@ def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean
 
         from .device import resolve_dtype
 
-        return SelfEmbedder(load_model_dir(model_dir, device, resolve_dtype(device)), load_tokenizer(model_dir),
-                            model_fingerprint(model_dir))
-    path = Path(name)
+        return _with_hint(SelfEmbedder(load_model_dir(model_dir, device, resolve_dtype(device)),
+                                       load_tokenizer(model_dir), model_fingerprint(model_dir)), "self")
+    path = Path(name).expanduser()
     if path.is_dir() and (path / STATIC_CONFIG).is_file():
-        return StaticEmbedder(path)
+        return _with_hint(StaticEmbedder(path), str(path.resolve()))
     if path.is_dir():
-        return HFEncoder(path, pooling, f"hf:{path.resolve().name}", device)
+        return _with_hint(HFEncoder(path, pooling, f"hf:{path.resolve().name}", device), str(path.resolve()))
     raise M3Error(f"unknown embedder {name!r}: use minilm, self, a local encoder directory or a static "
                   "embedder directory (m3 distill-embedder)")

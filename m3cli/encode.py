@@ -20,7 +20,7 @@ from . import __version__
 from .bank import Bank
 from .bank_writer import BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
-from .corpus import Document, read_corpus, split_references
+from .corpus import Document, corpus_files, corpus_kind, read_corpus, split_references
 from .device import resolve_device, resolve_dtype
 from .errors import M3Error
 
@@ -39,9 +39,10 @@ class EncodeSummary:
     fingerprint: str
 
 
-def bank_header(cfg, fingerprint: str) -> dict:
+def bank_header(cfg, fingerprint: str, model_hint: str | None = None) -> dict:
     """The model-describing part of a bank header (format_spec.md, "Header")."""
-    return {
+    hint = {"m3.model.hint": model_hint} if model_hint else {}
+    return {**hint,
         "m3.memory.layers": cfg.n_mem_layers,
         "m3.memory.layer_ids": list(cfg.mem_layers),
         "m3.memory.kv_heads": cfg.n_kv_heads,
@@ -58,20 +59,26 @@ def bank_header(cfg, fingerprint: str) -> dict:
 
 
 def _count_documents(corpus: str) -> int | None:
-    """Cheap total for the progress bar: Parquet row count or JSONL line count; None for stdin."""
+    """Cheap total for the progress bar (rows, lines or files); None for stdin and CSV."""
     if corpus == "-":
         return None
     path = Path(corpus)
     try:
-        with open(path, "rb") as f:
-            if f.read(4) == b"PAR1":
-                import pyarrow.parquet as pq
+        kind = corpus_kind(path)
+        if kind == "directory":
+            return len(corpus_files(path))
+        if kind == "text":
+            return 1
+        if kind == "parquet":
+            import pyarrow.parquet as pq
 
-                return pq.ParquetFile(path).metadata.num_rows
-            f.seek(0)
-            return sum(1 for line in f if line.strip())
+            return pq.ParquetFile(path).metadata.num_rows
+        if kind == "jsonl":
+            with open(path, "rb") as f:
+                return sum(1 for line in f if line.strip())
     except Exception:  # the real reader reports the problem properly
         return None
+    return None
 
 
 @torch.inference_mode()
@@ -89,8 +96,12 @@ def _encode_batch(model, refs: list[list[int]]):
 def _corpus_identity(corpus: str) -> dict:
     if corpus == "-":
         return {"corpus": "-"}
-    st = Path(corpus).stat()
-    return {"corpus": str(Path(corpus).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    path = Path(corpus)
+    if path.is_dir():  # every file read, with its size and time
+        files = [(f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in corpus_files(path)]
+        return {"corpus": str(path.resolve()), "files": files}
+    st = path.stat()
+    return {"corpus": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def distributed_state():
@@ -109,13 +120,15 @@ def part_path(out: Path, rank: int, world: int) -> Path:
 
 def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
                   device: str = "auto", dtype: str = "auto", overwrite: bool = False, resume: bool = False,
-                  show_progress: bool = True, vq_subquantizers: int | None = None) -> EncodeSummary | None:
+                  show_progress: bool = True, vq_subquantizers: int | None = None,
+                  model_hint: str | None = None) -> EncodeSummary | None:
     """Encode `corpus` into the bank `out`. With `resume`, an interrupted run of the same
     command continues from its last checkpoint and gives the same bytes.
 
     Launched as several processes (`accelerate launch`), rank r encodes documents r, r+W, …
     into a part bank; rank 0 then merges the parts into `out` in corpus order and returns the
-    summary (other ranks return None).
+    summary (other ranks return None). `model_hint` (`default` or the model dir's path) goes into
+    the header so that later commands find the model from the bank alone.
     """
     out = Path(out)
     if batch_size < 1:
@@ -143,7 +156,7 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     torch_dtype = resolve_dtype(dev, dtype)
     model = load_model_dir(model_dir, dev, torch_dtype)
     fingerprint = model_fingerprint(model_dir)
-    header = bank_header(cfg, fingerprint)
+    header = bank_header(cfg, fingerprint, model_hint)
     if codec == "vq":
         from .bank import record_bytes
         from .vq import default_subquantizers

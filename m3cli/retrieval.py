@@ -166,7 +166,7 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
     with Bank(path) as bank:
         if bank.n_refs == 0:
             raise M3Error(f"{path} holds no references to index")
-        vectors = embeddings_of(bank) if EmbedderSpec.from_header(bank.header) == embedder.spec else None
+        vectors = embeddings_of(bank) if embedder.spec.same_as(EmbedderSpec.from_header(bank.header)) else None
         fresh = vectors is None
         if fresh:
             vectors = compute_embeddings(bank, embedder, batch_size, show_progress)
@@ -175,7 +175,8 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
     add = {INDEX_SECTION: blob}
     if fresh:
         add[EMB_SECTION] = vectors.astype("<f2").tobytes()
-    update_bank(path, add, {**embedder.spec.header(), "m3.index.factory": factory, "m3.index.metric": "inner_product",
+    hint = getattr(embedder, "hint", None) or embedder.spec.name
+    update_bank(path, add, {**embedder.spec.header(), "m3.embed.hint": hint, "m3.index.factory": factory, "m3.index.metric": "inner_product",
                             "m3.index.count": int(index.ntotal), "m3.index.nprobe": nprobe,
                             "m3.index.ef_search": ef_search})
     return {"references": int(index.ntotal), "factory": factory, "embedder": embedder.spec.name,
@@ -204,7 +205,7 @@ class Retriever:
         spec = EmbedderSpec.from_header(bank.header)
         if INDEX_SECTION not in bank.sections or spec is None:
             raise M3Error(f"{bank.path} has no retrieval index; build one with `m3 index {bank.path}`")
-        if spec != embedder.spec:
+        if not spec.same_as(embedder.spec):
             raise M3Error(f"{bank.path} was indexed with embedder {spec.name} ({spec.fingerprint[:19]}…, "
                           f"dim {spec.dim}) but the query embedder is {embedder.spec.name} "
                           f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})")
@@ -283,5 +284,11 @@ def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, devic
             return SelfEmbedder(model, tokenizer, model_fingerprint(model_dir))
         return load_embedder("self", model_dir=model_dir, device=device)
     if encoder is None:
-        raise M3Error(f"{bank.path} was indexed with the encoder {spec.name}: pass its directory with --embedder")
+        hint = bank.header.get("m3.embed.hint")
+        if isinstance(hint, str) and Path(hint).is_dir():
+            encoder = hint  # the directory it was indexed with; the Retriever checks its fingerprint
+        else:
+            where = f" (at {hint}, which is not here)" if isinstance(hint, str) and hint else ""
+            raise M3Error(f"{bank.path} was indexed with the embedder {spec.name}{where}: pass its directory "
+                          "with --embedder")
     return load_embedder(encoder, pooling=spec.pooling, device=device)

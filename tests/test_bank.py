@@ -25,7 +25,7 @@ def golden_header():
             "m3.memory.head_dim": 4, "m3.memory.reference_length": 128,
             "m3.model.fingerprint": "sha256:" + "ab" * 32, "m3.model.name": "golden",
             "m3.model.reference_prefix": "Reference:", "m3.model.reference_prefix_ids": [1, 7],
-            "m3.model.rope_theta": 10000.0, "m3.encode.producer": "m3 test"}
+            "m3.model.rope_theta": 10000.0, "m3.encode.producer": "m3 test", "m3.model.hint": "default"}
 
 
 def write_golden(path: Path, codec: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,8 @@ def test_golden_bytes(tmp_path):
     assert path.read_bytes() == (DATA / "golden-2ref.m3bank").read_bytes(), \
         "the bytes of a 2-reference bank changed: a format change needs a version bump and new golden bytes"
     with Bank(DATA / "golden-2ref.m3bank") as bank:
-        assert bank.version == (1, 0) and bank.n_refs == 2 and bank.n_docs == 2
+        assert bank.version == (1, 1) and bank.n_refs == 2 and bank.n_docs == 2
+        assert bank.header["m3.model.hint"] == "default"
         mem = bank.memories([1, 0])
         assert torch.equal(mem.kv, kv[[1, 0]])
         assert torch.equal(mem.positions, pos[[1, 0]].long()) and torch.equal(mem.valid, pos[[1, 0]] >= 0)
@@ -56,11 +57,21 @@ def test_golden_bytes(tmp_path):
         assert bank.verify() == []
 
 
+def test_a_version_1_0_bank_still_opens(tmp_path):
+    """1.1 added header keys only (m3.model.hint, m3.embed.hint): 1.0 banks read as before."""
+    kv, pos = write_golden(tmp_path / "g.m3bank")
+    with Bank(DATA / "golden-2ref-v1.0.m3bank") as bank:
+        assert bank.version == (1, 0) and bank.n_refs == 2 and "m3.model.hint" not in bank.header
+        assert bank.reference(1).text == "Delta\u00e9." and bank.verify() == []
+        mem = bank.memories([1, 0])
+        assert torch.equal(mem.kv, kv[[1, 0]]) and torch.equal(mem.positions, pos[[1, 0]].long())
+
+
 def test_preamble_layout_by_hand():
     data = (DATA / "golden-2ref.m3bank").read_bytes()
     assert data[:8] == bytes.fromhex("894D3342414E4B0A")
     major, minor, flags, table_offset, hlen, count = struct.unpack_from("<HHIQQI", data, 8)
-    assert (major, minor, flags, count, table_offset) == (1, 0, 0, 6, 64)
+    assert (major, minor, flags, count, table_offset) == (1, 1, 0, 6, 64)
     assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
     name, off, length = struct.unpack_from("<32sQQ", data, 64)
     assert name.rstrip(b"\0") == b"refs.table" and off % 64 == 0 and length == 2 * 32
@@ -154,7 +165,7 @@ def open_bytes(tmp_path, data: bytes):
 @pytest.mark.parametrize("damage,fragment", [
     (lambda d: d[:40], "too short"),
     (lambda d: b"NOTABANK" + d[8:], "bad magic"),
-    (lambda d: refresh_crcs(patch(d, 8, struct.pack("<H", 2))), "version 2.0"),
+    (lambda d: refresh_crcs(patch(d, 8, struct.pack("<H", 2))), "version 2.1"),
     (lambda d: refresh_crcs(patch(d, 12, struct.pack("<I", 4))), "unknown file flags"),
     (lambda d: patch(d, 100, b"\xff"), "section table checksum"),
     (lambda d: patch(d, 20, b"\x01"), "preamble checksum"),

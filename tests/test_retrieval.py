@@ -110,14 +110,19 @@ def test_queries_from_stdin_give_json_lines(bank):
 
 def test_self_embedder(bank):
     path, model = bank
-    assert_user_error(m3("index", path, "--embedder", "self"), "needs --model")
-    result = m3("index", path, "--embedder", "self", "--model", model, "-q")
+    result = m3("index", path, "--embedder", "self", "-q")  # the model the bank names embeds
     assert result.exit_code == 0, result.output
     with Bank(path) as b:
         assert b.header["m3.embed.name"] == "self" and b.header["m3.embed.dim"] == 32
-    assert_user_error(m3("search", path, "paris"), "needs --model")
+        assert b.header["m3.embed.hint"] == "self" and b.header["m3.model.hint"] == str(model.resolve())
     assert sorted(top(path, "paris", "--model", model)) == [0, 1, 2, 3]  # k=5 > 4 references: all of them
     assert top(path, DOCS[1]["text"], "--model", model)[0] == 1
+    assert top(path, DOCS[1]["text"]) == top(path, DOCS[1]["text"], "--model", model)  # found from the bank
+    moved = model.with_name("moved-model")
+    model.rename(moved)  # the bank's model is gone: one line naming what to pass
+    assert_user_error(m3("search", path, "paris"), "--model", "M3_MODEL")
+    assert_user_error(m3("index", path, "--embedder", "self"), "--model", "M3_MODEL")
+    assert top(path, DOCS[1]["text"], "--model", moved)[0] == 1
 
 
 def test_errors_leave_the_bank_untouched(bank, tmp_path):
@@ -150,8 +155,11 @@ def test_embedder_mismatch_names_both(bank, tmp_path):
     shutil.copytree(minilm_dir(), other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "note": "changed"}))
-    assert_user_error(m3("search", path, "paris"), "pass its directory with --embedder")
+    assert top(path, DOCS[0]["text"])[0] == 0  # the bank names the encoder dir it was indexed with
     assert top(path, DOCS[0]["text"], "--embedder", enc)[0] == 0
+    shutil.move(enc, tmp_path / "moved-encoder")
+    assert_user_error(m3("search", path, "paris"), "pass its directory with --embedder", str(enc.resolve()))
+    assert top(path, DOCS[0]["text"], "--embedder", tmp_path / "moved-encoder")[0] == 0  # renamed: same files
     assert_user_error(m3("search", path, "paris", "--embedder", other), "query embedder")
 
 
@@ -172,7 +180,7 @@ def test_spec_lists_the_retrieval_keys(bank):
     spec = (Path(__file__).parent.parent / "format_spec.md").read_text()
     with Bank(path) as b:
         keys = [k for k in b.header if k.startswith(("m3.embed.", "m3.index."))]
-        assert len(keys) == 9
+        assert len(keys) == 10
         assert all(f"`{k}`" in spec for k in keys)
         assert all(f"**`{name}`**" in spec for name in ("emb.data", "index.faiss"))
 
@@ -185,6 +193,10 @@ def test_interrupted_embedding_resumes(bank, monkeypatch):
     path, _ = bank
     with Bank(path) as b:
         want = retrieval.embeddings_of(b)
+    encoder = path.parent / "encoder"  # MiniLM's weights under other files: another embedder, embedded anew
+    shutil.copytree(minilm_dir(), encoder)
+    cfg = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**cfg, "note": "a copy"}))
     monkeypatch.setattr(retrieval, "CHECKPOINT_SECONDS", 0.0)
     real, seen = embed_mod.HFEncoder.embed, []
 
@@ -195,13 +207,13 @@ def test_interrupted_embedding_resumes(bank, monkeypatch):
         return real(self, texts)
 
     monkeypatch.setattr(embed_mod.HFEncoder, "embed", dying)
-    result = m3("index", path, "--factory", "HNSW32", "--batch-size", "1", "--embedder", minilm_dir(), "-q")
+    result = m3("index", path, "--factory", "HNSW32", "--batch-size", "1", "--embedder", encoder, "-q")
     assert result.exit_code != 0
     spool = path.parent / f".{path.name}.emb.partial"
     assert json.loads((path.parent / (spool.name + ".json")).read_text())["done"] == 2
     monkeypatch.setattr(embed_mod.HFEncoder, "embed", lambda self, texts: (seen.append(len(texts)), real(self, texts))[1])
     seen.clear()
-    assert m3("index", path, "--batch-size", "1", "--embedder", minilm_dir(), "-q").exit_code == 0
+    assert m3("index", path, "--batch-size", "1", "--embedder", encoder, "-q").exit_code == 0
     assert sum(seen) == len(DOCS) - 2  # only the missing references were embedded
     with Bank(path) as b:
         import numpy as np

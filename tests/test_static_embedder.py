@@ -3,6 +3,7 @@ for indexing, search and generation."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +65,9 @@ def test_index_search_and_generate_with_a_static_embedder(static_dir, llama_dir,
     assert result.exit_code == 0, result.output
     with Bank(path) as b:
         assert b.header["m3.embed.name"] == "static:static" and b.header["m3.embed.dim"] == 16
-    assert_user_error(m3("search", path, "paris"), "pass its directory with --embedder")
+        assert b.header["m3.embed.hint"] == str(Path(static_dir).resolve())
+    result = m3("search", path, DOCS[0]["text"], "--json", "-k", "1")  # the bank names its embedder dir
+    assert result.exit_code == 0 and json.loads(result.stdout)["results"][0]["ref"] == 0, result.output
     for i, doc in enumerate(DOCS):  # a reference's own text finds it first, with cosine 1
         result = m3("search", path, doc["text"], "--embedder", static_dir, "--json", "-k", "1")
         assert result.exit_code == 0, result.output

@@ -413,8 +413,8 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-match-loss", "-1"), "--memory-match-loss")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-layers", "0,9"), "layers 0..3")
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "0"), "--refs-per-chunk")
-    # a bank indexed with an encoder dir (here a copy of MiniLM): --embedder names it, and the
-    # retrievals are those of the same weights under the default name
+    # a bank indexed with an encoder dir (here a copy of MiniLM): the bank names it, --embedder
+    # names it once it moved, and the retrievals are those of the same weights under the default name
     import shutil
 
     from m3cli.embed import minilm_dir
@@ -422,8 +422,11 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     enc = tmp_path / "encoder"
     shutil.copytree(minilm_dir(), enc)
     assert m3("index", bank, "--embedder", enc, "-q").exit_code == 0
-    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "3"), "pass its directory with --embedder")
-    assert m3(*cont, "-o", tmp_path / "e", "--refs-per-chunk", "3", "--embedder", enc).exit_code == 0
+    assert m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "3").exit_code == 0
+    assert (np.load(tmp_path / "c.train" / "retrieval.npy") == refs).all()
+    shutil.move(enc, tmp_path / "moved")
+    assert_user_error(m3(*cont, "-o", tmp_path / "d", "--refs-per-chunk", "3"), "pass its directory with --embedder")
+    assert m3(*cont, "-o", tmp_path / "e", "--refs-per-chunk", "3", "--embedder", tmp_path / "moved").exit_code == 0
     assert (np.load(tmp_path / "e.train" / "retrieval.npy") == refs).all()
 
 
