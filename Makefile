@@ -39,7 +39,7 @@ OUT ?= out/proof
 proof: setup
 	bash scripts/proof.sh $(OUT)
 
-# The default model's results table (README, "The default model reads memory"): closed book /
+# The memory reader's results table (docs/reader.md; issue #22): closed book /
 # memory / RAG on held-out entities and real country facts, and held-out perplexity.
 reader-eval: setup
 	bash scripts/reader_eval.sh

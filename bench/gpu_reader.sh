@@ -7,11 +7,12 @@
 #
 # Prepare here (the GPU machine has no network, no faiss/zstandard/gguf, and takes 64 MiB a call):
 #   bash bench/gpu_reader.sh prep          # fills .gpu/ (git-ignored): wheels, data, embedder, GGUF parts
-# then on the device, within 30 s of each other (a warm machine keeps /tmp between calls); the
-# GGUF travels in 30 MiB parts because a call carries at most 64 MiB:
-#   carry .gpu/gguf.part.aa .gpu/gguf.part.ab:    bash bench/gpu_reader.sh part
-#   carry .gpu/gguf.part.ac .gpu/gguf.part.ad:    bash bench/gpu_reader.sh part   (if there is an ad)
-#   carry .gpu/whl .gpu/data .gpu/emb .gpu/gguf.sha256 (.gpu/resume):   bash bench/gpu_reader.sh run
+# then on the device, within 30 s of each other (a warm machine keeps /tmp between calls); a call
+# carries at most 64 MiB, so the GGUF (94 MiB, in 30 MiB parts) and the wheels go ahead:
+#   carry .gpu/gguf.part.aa .gpu/gguf.part.ab:              bash bench/gpu_reader.sh part
+#   carry .gpu/gguf.part.ac .gpu/gguf.part.ad .gpu/whl:     bash bench/gpu_reader.sh part
+#   carry .gpu/data .gpu/emb .gpu/gguf.sha256 .gpu/resume:  bash bench/gpu_reader.sh run
+# (about 60, 58 and 37 MiB; .gpu/resume only when continuing a run).
 # Copy what came back into .gpu/resume/ to continue the run in a later session.
 # A dry run on this CPU, on a small task, kept apart from .gpu/:
 #   export G=out/gpu-dry DATA=out/gpu-dry-data OUT=out/gpu-dry-out
@@ -25,7 +26,7 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-3000}
 BATCH=${BATCH:-64}
-BUDGET=${BUDGET:-420}   # seconds of training in this call; the run checkpoints and stops cleanly
+BUDGET=${BUDGET:-360}   # seconds of training in this call; the run checkpoints and stops cleanly
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 case $cmd in
@@ -47,8 +48,11 @@ prep)
   split -b 30M "$GGUF" $G/gguf.part.
   sha256sum < "$GGUF" | cut -d' ' -f1 > $G/gguf.sha256
   du -sh $G/* ;;
-part)  # keep the GGUF parts this call carried, for the next call on the same (warm) machine
-  mkdir -p /tmp/m3-gguf && cp $G/gguf.part.* /tmp/m3-gguf/ && ls -la /tmp/m3-gguf ;;
+part)  # keep what this call carried (GGUF parts, wheels) for the next call on the same warm machine
+  mkdir -p /tmp/m3-gguf /tmp/m3-whl
+  cp $G/gguf.part.* /tmp/m3-gguf/ 2>/dev/null || true
+  cp $G/whl/*.whl /tmp/m3-whl/ 2>/dev/null || true
+  ls -la /tmp/m3-gguf /tmp/m3-whl ;;
 run)
   mkdir -p /tmp/m3-gguf && { cp $G/gguf.part.* /tmp/m3-gguf/ 2>/dev/null || true; }
   cat /tmp/m3-gguf/gguf.part.* > /tmp/m3-smollm2.gguf
@@ -56,7 +60,8 @@ run)
     echo "the GGUF parts here do not make the whole file: carry the missing parts with 'part' first"; ls /tmp/m3-gguf; exit 1
   fi
   if [ "$DEVICE" = cuda ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $G/whl/*.whl
+    mkdir -p /tmp/m3-whl && { cp $G/whl/*.whl /tmp/m3-whl/ 2>/dev/null || true; }
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/m3-whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
     M3="$PY -m m3cli"
   else

@@ -6,6 +6,7 @@ problem with the directory into a one-line M3Error. Knows nothing about training
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -90,12 +91,31 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: t
     return model_from_state(cfg, state, str(path), attn_impl).to(device=device, dtype=dtype).eval()
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+                   "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def _no_weight_init():
+    """Build modules without filling their weights (they are about to be replaced). On the meta
+    device the fill does nothing but costs about a second: torch routes it through its Python
+    reference implementations and imports torch._dynamo on the way."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def model_from_state(cfg: M3Config, state: dict, where: str, attn_impl: str = "sdpa"):
     """A Memory3Model holding exactly `state`: every tensor name and shape is checked against the
     config first (built on the meta device, so nothing is allocated twice)."""
     from .model import Memory3Model
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_weight_init():
         model = Memory3Model(cfg, attn_impl=attn_impl)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -130,7 +150,7 @@ def config_summary(cfg: M3Config) -> dict:
     """Parameter counts and memory geometry, computed on the meta device (no weights needed)."""
     from .model import Memory3Model
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_weight_init():
         model = Memory3Model(cfg)
     return {
         "name": cfg.name,
@@ -169,6 +189,42 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+HASH_CACHE = "file-hashes.json"
+HASH_CACHE_ENTRIES = 256
+
+
+def _cached_sha256(path: Path) -> str:
+    """_file_sha256 of a large file, remembered in the cache dir (M3_HOME) under its path, size,
+    inode and modification and change times: a file changed in any way, even with its old
+    modification time put back, changes its change time and is hashed again. Saves re-reading
+    a model's weights (half a GB for SmolLM2) on every command; any cache problem means hashing."""
+    from .atomic import atomic_file
+    from .default_model import m3_home
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    cache_path = m3_home() / HASH_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if isinstance(hit, str) and len(hit) == 64 and all(c in "0123456789abcdef" for c in hit):
+        return hit
+    digest = _file_sha256(path)
+    cache.pop(key, None)
+    cache[key] = digest
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cache_path) as f:  # concurrent commands: the last writer wins, never a torn file
+            f.write(json.dumps(dict(list(cache.items())[-HASH_CACHE_ENTRIES:])).encode("utf-8"))
+    except OSError:  # a read-only cache dir: just no caching
+        pass
+    return digest
+
+
 # Config fields added after the first release; at their default they stay out of the fingerprint,
 # so models and banks made before the field existed keep their identity (format_spec.md).
 FINGERPRINT_LATER_DEFAULTS = {"memory_selection": "attention", "memory_score_prior": False, "memory_reader_rank": 0}
@@ -192,7 +248,7 @@ def model_fingerprint(model_dir: Path) -> str:
         h.update(name.encode() + b"\0" + data + b"\0")
 
     part("config", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
-    part("weights", _file_sha256(model_dir / WEIGHTS_FILE).encode())
+    part("weights", _cached_sha256(model_dir / WEIGHTS_FILE).encode())
     for name in FINGERPRINT_TOKENIZER_FILES:
         if (model_dir / name).is_file():
             part(name, _file_sha256(model_dir / name).encode())

@@ -191,7 +191,8 @@ class Memory3Model(nn.Module):
                                     for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        if not self.embed.weight.is_meta:  # on meta (loading a model dir) there is nothing to fill
+            self.apply(self._init_weights)
         if cfg.memory_score_prior:
             self.memory_score_gain = nn.Parameter(torch.zeros(cfg.n_mem_layers, cfg.n_heads))
 

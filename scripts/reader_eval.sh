@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results table (issue #22): a model that reads memory, asked about knowledge it
+# The memory reader's results table (docs/reader.md, issue #22): a model that reads memory, asked about knowledge it
 # cannot hold in its weights, closed book / with memory / with RAG, on the same model and questions.
 #
 #   bash scripts/reader_eval.sh                       # the default model (SmolLM2 + m3's reader)

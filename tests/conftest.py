@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# m3's cache dir (default model, file-hash cache): the tests' own, never the user's
+os.environ["M3_HOME"] = __import__("tempfile").mkdtemp(prefix="m3-test-home-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

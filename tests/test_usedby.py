@@ -161,6 +161,28 @@ def test_a_bank_indexed_with_a_static_embedder_is_searched_with_it(sample_bank, 
     assert result.exit_code == 0, result.output
 
 
+def test_the_weights_hash_is_remembered_and_any_change_is_noticed(home, tmp_path, monkeypatch):
+    import m3cli.checkpoint as ck
+
+    model = tmp_path / "m"
+    shutil.copytree(SAMPLE, model)
+    calls = []
+    real = ck._file_sha256
+    monkeypatch.setattr(ck, "_file_sha256", lambda p: (calls.append(Path(p).name), real(p))[1])
+    first = ck.model_fingerprint(model)
+    assert calls.count("model.safetensors") == 1 and (home / ck.HASH_CACHE).is_file()
+    assert ck.model_fingerprint(model) == first and calls.count("model.safetensors") == 1  # remembered
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, and the old modification time put back: the change time still moves
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ck.model_fingerprint(model) != first and calls.count("model.safetensors") == 2
+    (home / ck.HASH_CACHE).write_text("{not json")  # a damaged cache is only a miss
+    assert ck.model_fingerprint(model) != first and calls.count("model.safetensors") == 3
+
+
 def _run(cmd, cwd, env, timeout=900):
     return subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
