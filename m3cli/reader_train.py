@@ -299,7 +299,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     from .checkpoint import is_model_dir, load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
     from .device import resolve_device
     from .reader import save_reader
-    from .train import _sha, batch_indices, lr_at, pad_fill, parse_layers
+    from .train import _sha, batch_indices, lr_at, memory_overrides, pad_fill
 
     if args.stage != "continual" or args.init_from is None or args.bank is None:
         raise M3Error("--train reader needs --stage continual, --init-from MODEL_DIR and --bank BANK")
@@ -322,13 +322,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     model = load_model_dir(args.init_from, "cpu", torch.float32)
     with Bank(Path(args.bank)) as b:
         require_same_model(b, base_fingerprint)
-    overrides = {}
-    if args.memory_selection is not None:
-        overrides["memory_selection"] = args.memory_selection
-    if args.memory_top_k is not None:
-        overrides["memory_top_k"] = args.memory_top_k
-    if args.memory_layers is not None:
-        overrides["memory_layers"] = parse_layers(args.memory_layers, model.config.n_layers)
+    overrides = memory_overrides(args, model.config)
     overrides["train_prev_chunks"] = 0  # a chunk reads its own memories, as at inference
     overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
     if overrides and model.config.memory_reader_rank:

@@ -135,6 +135,19 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return 1.0 - (1.0 - args.min_lr_ratio) * min(1.0, t)
 
 
+def memory_overrides(args: "TrainArgs", cfg) -> dict:
+    """Config fields the memory options of a training run set: --memory-selection,
+    --memory-top-k, --memory-layers."""
+    overrides = {}
+    if args.memory_selection is not None:
+        overrides["memory_selection"] = args.memory_selection
+    if args.memory_top_k is not None:
+        overrides["memory_top_k"] = args.memory_top_k
+    if args.memory_layers is not None:
+        overrides["memory_layers"] = parse_layers(args.memory_layers, cfg.n_layers)
+    return overrides
+
+
 def parse_layers(text: str, n_layers: int) -> tuple[int, ...] | None:
     """--memory-layers: "all", "first-half" (None: the config's default), or layer indices."""
     if text == "all":
@@ -463,13 +476,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             with atomic_dir(saved_tok, overwrite=True, replaceable=lambda d: (d / "tokenizer.json").is_file()) as tmp:
                 tokenizer.save_pretrained(str(tmp))
         model = new_model(cfg, tokenizer, seed=args.seed)
-    overrides = {}
-    if args.memory_selection is not None:
-        overrides["memory_selection"] = args.memory_selection
-    if args.memory_top_k is not None:
-        overrides["memory_top_k"] = args.memory_top_k
-    if args.memory_layers is not None:
-        overrides["memory_layers"] = parse_layers(args.memory_layers, model.config.n_layers)
+    overrides = memory_overrides(args, model.config)
     if args.prev_chunks is not None and args.stage == "continual":
         overrides["train_prev_chunks"] = args.prev_chunks  # so a later --init-from stage keeps it
     overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}

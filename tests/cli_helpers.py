@@ -1,6 +1,12 @@
 """Running the CLI in-process and checking how it fails."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -35,3 +41,21 @@ def encoded_bank(hf_dir, tmp_path, docs, *encode_args):
     result = m3("encode", corpus, "-o", path, "-m", model, "-q", *encode_args)
     assert result.exit_code == 0, result.output
     return path, model
+
+
+def kill_after_checkpoint(args, output: Path, step: int, timeout: float = 300) -> None:
+    """Run `m3 ARGS -o OUTPUT` as a process and SIGKILL it once its checkpoint reaches `step`;
+    fails if it finished first or left a half-written OUTPUT."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "m3cli", *[str(a) for a in args], "-o", str(output)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = output.with_name(output.name + ".train") / "checkpoint" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not output.exists()

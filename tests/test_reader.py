@@ -3,17 +3,15 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import assert_user_error, m3
+from cli_helpers import assert_user_error, kill_after_checkpoint, m3
 from m3cli.attention import Memory
 from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint
 from m3cli.errors import M3Error
@@ -57,19 +55,7 @@ def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_roun
     assert summary["train"] == "reader" and summary["tokens_per_s"] > 0 and summary["reader_parameters"] > 0
 
     # killed after a checkpoint, resumed: the same reader, bit for bit
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "m3cli", *[str(a) for a in args], "-o", str(tmp_path / "b")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "b.train" / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 8:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "b").exists()
+    kill_after_checkpoint(args, tmp_path / "b", step=8, timeout=300)
     result = m3(*args, "-o", tmp_path / "b", "--resume")
     assert result.exit_code == 0, result.output
     a = load_file(str(tmp_path / "a.train" / "reader.safetensors"))

@@ -1,12 +1,9 @@
 """`m3 synth`, `m3 pretrain` and `m3 eval`: schedules, data order, gradient paths, resume, errors."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from safetensors.torch import load_file
 from m3cli.evaluate import first_sentence, is_correct, read_qa
 from m3cli.train import TrainArgs, batch_indices, continual_memory, lr_at
 
-from cli_helpers import assert_user_error, m3
+from cli_helpers import assert_user_error, kill_after_checkpoint, m3
 
 
 def test_lr_schedules():
@@ -220,19 +217,7 @@ def test_warmup_loss_falls_and_a_killed_run_resumes_to_the_same_weights(task, tm
     losses = [json.loads(x)["loss"] for x in (tmp_path / "a.train" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0] - 1.0
     # the same run, SIGKILLed after a checkpoint, then resumed
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "m3cli", *[str(a) for a in base], "-o", str(tmp_path / "b")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "b.train" / "checkpoint" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 8:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "b").exists()
+    kill_after_checkpoint(base, tmp_path / "b", step=8, timeout=120)
     result = m3(*base, "-o", tmp_path / "b", "--resume")
     assert result.exit_code == 0, result.output
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
