@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -40,6 +41,9 @@ KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.d
 VQ_SECTION = "codec.vq"  # PQ codebooks, present with the vq codec
 ZSTD_SECTIONS = ("docs.strings",)  # the only section that may be compressed (read whole)
 MAX_ZSTD_RATIO = 64
+MAX_RECORD_BYTES = 1 << 26  # one reference's kv.data record (the paper's 2.4B model: 225 KiB in bf16)
+MAX_INDEX_PARAM = 65536  # m3.index.nprobe and m3.index.ef_search
+MAX_EMBED_DIM = 65536
 MAX_PROBLEMS = 100  # verify() stops after this many
 _NAME_RE = re.compile(r"^[a-z0-9._-]{1,32}$")
 _PREAMBLE = struct.Struct("<8sHHIQQIII16sI")  # magic, major, minor, flags, hdr off, hdr len, count, crcs, pad, crc
@@ -132,10 +136,12 @@ class Document:
     n_refs: int
 
 
-def _int(header: dict, key: str, lo: int = 0, hi: int = 2**63) -> int:
+def _int(header: dict, key: str, lo: int = 0, hi: int = 2**63, optional: bool = False) -> int | None:
     v = header.get(key)
+    if optional and key not in header:
+        return None
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise BankError(f"header key {key} is missing or out of range ({v!r})")
+        raise BankError(f"header key {key} is missing or out of range ({str(v)[:40]!r}; allowed {lo}..{hi})")
     return v
 
 
@@ -143,8 +149,11 @@ class Bank:
     """A read-only, memory-mapped .m3bank. Opening validates the structure (see format_spec.md
     "Reading rules"); `verify()` also recomputes checksums and checks every record."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, preamble: bytes | None = None) -> None:
+        """`preamble`: read the file as if its first 64 bytes were these (a writer checking a new
+        section table before it switches the file over to it)."""
         self.path = Path(path)
+        self._preamble_override = preamble
         if not self.path.exists():
             raise M3Error(f"bank {self.path} does not exist")
         if not self.path.is_file():
@@ -178,7 +187,7 @@ class Bank:
     # structure -------------------------------------------------------------------------------
     def _parse(self) -> None:
         mm, size = self._mm, self.size
-        pre = mm[:PREAMBLE_SIZE]
+        pre = self._preamble_override or mm[:PREAMBLE_SIZE]
         magic, major, minor, flags, toff, hlen, count, table_crc, header_crc, _pad, pre_crc = _PREAMBLE.unpack(pre)
         if magic != MAGIC:
             raise BankError(f"{self.path} is not an .m3bank (bad magic)")
@@ -252,7 +261,7 @@ class Bank:
             raise BankError(f"unknown KV codec {self.codec!r} in the header")
         self.memory_shape = (_int(h, "m3.memory.layers", 1, 4096), 2, _int(h, "m3.memory.kv_heads", 1, 4096),
                              _int(h, "m3.memory.top_k", 1, 4096), _int(h, "m3.memory.head_dim", 1, 4096))
-        self.record_bytes = _int(h, "m3.memory.record_bytes", 1, 2**40)
+        self.record_bytes = _int(h, "m3.memory.record_bytes", 1, MAX_RECORD_BYTES)
         self.subquantizers = None
         if self.codec == "vq":
             self.subquantizers = _int(h, "m3.memory.vq.subquantizers", 1, 4096)
@@ -274,6 +283,21 @@ class Bank:
                     not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in v):
                 raise BankError(f"header key {key} must be a list of {n or 'some'} non-negative integers")
         self.prefix_length = len(h["m3.model.reference_prefix_ids"])
+        ids = h["m3.memory.layer_ids"]
+        if any(b <= a for a, b in zip(ids, ids[1:])):
+            raise BankError(f"header key m3.memory.layer_ids must be strictly increasing, got {ids[:8]}")
+        theta = h.get("m3.model.rope_theta", 10000.0)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise BankError(f"header key m3.model.rope_theta must be a finite positive number, got {theta!r}")
+        for key in ("m3.index.nprobe", "m3.index.ef_search"):
+            _int(h, key, 0, MAX_INDEX_PARAM, optional=True)  # 0: FAISS's default
+        _int(h, "m3.embed.dim", 1, MAX_EMBED_DIM, optional=True)
+        _int(h, "m3.index.count", 0, 2**40, optional=True)
+        _int(h, "m3.bank.tokens", 0, 2**63, optional=True)
+        for key in ("m3.model.fingerprint", "m3.model.hint", "m3.embed.hint", "m3.embed.name", "m3.embed.pooling",
+                    "m3.embed.fingerprint", "m3.index.factory", "m3.index.metric"):
+            if key in h and not isinstance(h[key], str):
+                raise BankError(f"header key {key} must be a string")
         L, _, H, K, _d = self.memory_shape
         expect = {"refs.table": self.n_refs * REF_RECORD_SIZE, "docs.table": self.n_docs * DOC_RECORD_SIZE,
                   "kv.data": self.n_refs * self.record_bytes, "kv.positions": self.n_refs * L * H * K * 2}
@@ -383,7 +407,7 @@ class Bank:
         else:
             kv = decode_kv(records[idx], self.codec, self.memory_shape).to(device)
         valid = (pos >= 0).to(device)
-        kv = kv * valid[:, :, None, :, :, None]  # empty slots read as zero in every codec
+        kv = torch.where(valid[:, :, None, :, :, None], kv, 0)  # empty slots read as zero in every codec
         return MemoryEncoding(kv=kv.to(dtype=dtype), valid=valid, positions=pos.to(device))
 
     def codebooks(self) -> torch.Tensor:
@@ -439,6 +463,7 @@ class Bank:
                                                   f"{self.n_refs}"):
             return problems
         prefix = self.prefix_length
+        tokens = 0
         for start in range(0, self.n_refs, 4096):
             idx = list(range(start, min(start + 4096, self.n_refs)))
             pos = self.positions(idx)
@@ -454,11 +479,50 @@ class Bank:
                     if note(str(e)):
                         return problems
                     continue
+                tokens += ref.token_count
                 real = pos[k][pos[k] >= 0]
                 if real.numel() and (int(real.min()) < prefix or int(real.max()) >= prefix + ref.token_count):
                     if note(f"reference {i}: kept positions outside the reference"):
                         return problems
+                if (pos[k] < -1).any() and note(f"reference {i}: invalid kept position (below -1)"):
+                    return problems
+        if "m3.bank.tokens" in self.header and self.header["m3.bank.tokens"] != tokens and \
+                note(f"header says {self.header['m3.bank.tokens']} tokens, the references hold {tokens}"):
+            return problems
+        if self.codec == "vq" and not torch.isfinite(self.codebooks()).all():
+            note(f"section {VQ_SECTION}: codebooks hold values that are not finite numbers")
+            return problems
+        per_chunk = max(1, (1 << 24) // self.record_bytes)
+        for start in range(0, self.n_refs, per_chunk):
+            if self.codec == "vq":
+                break  # codes are bytes: any value decodes to a finite codebook entry
+            enc = self.memories(range(start, min(start + per_chunk, self.n_refs)))
+            bad = (~torch.isfinite(enc.kv)).flatten(1).any(1)
+            if bad.any():
+                note(f"reference {start + int(bad.nonzero()[0, 0])}: memory holds values that are not finite numbers")
+                return problems
         return problems
+
+
+def geometry_problems(bank: Bank, cfg) -> list[str]:
+    """How a bank's memories would not fit a model config (shape, layers, prefix, lengths)."""
+    problems = []
+    if tuple(bank.memory_shape) != tuple(cfg.memory_shape):
+        problems.append(f"memories of shape {tuple(bank.memory_shape)}, the model reads {tuple(cfg.memory_shape)}")
+    if list(bank.header["m3.memory.layer_ids"]) != list(cfg.mem_layers):
+        problems.append(f"memory layers {bank.header['m3.memory.layer_ids'][:8]}, the model's are {list(cfg.mem_layers)[:8]}")
+    if list(bank.header["m3.model.reference_prefix_ids"]) != list(cfg.reference_prefix_ids):
+        problems.append("a reference prefix other than the model's")
+    if bank.reference_length != cfg.reference_length:
+        problems.append(f"references of up to {bank.reference_length} tokens, the model's are {cfg.reference_length}")
+    return problems
+
+
+def require_geometry(bank: Bank, cfg) -> None:
+    """Refuse a bank whose memories the model cannot read (checked before any memory is loaded)."""
+    problems = geometry_problems(bank, cfg)
+    if problems:
+        raise BankError(f"{bank.path} does not fit this model: {problems[0]}; re-encode the corpus with it")
 
 
 def require_same_model(bank: Bank, fingerprint: str, allow_mismatch: bool = False) -> None:

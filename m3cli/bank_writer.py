@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_file, make_parent
+from .atomic import atomic_file, make_parent, open_existing, output_lock, remove_path
 from .bank import (_DOC, _ENTRY, _NAME_RE, _REF, KNOWN_SECTIONS, MAGIC, MAJOR, MAX_HEADER_BYTES,
-                   MAX_SECTIONS, MINOR, PREAMBLE_SIZE, SECTION_ENTRY_SIZE, SECTION_FLAG_REQUIRED, VQ_SECTION, Bank,
+                   MAX_SECTIONS, MAX_ZSTD_RATIO, MINOR, PREAMBLE_SIZE, SECTION_ENTRY_SIZE, SECTION_FLAG_REQUIRED, VQ_SECTION, Bank,
                    BankError, _align, decode_kv, encode_kv, record_bytes)
 from .errors import M3Error
 
@@ -60,20 +60,29 @@ class BankWriter:
         self.spool = self.path.parent / f".{self.path.name}.partial"
         self._key = {"header": self.header, "codec": codec, "shape": list(self.shape), **(resume_key or {})}
         self.resumed: dict = {}
+        self._doc_first: int | None = None  # first reference of the document being written
         make_parent(self.path)
-        state = self._load_state() if self.spool.exists() else None
-        if self.spool.exists() and not resume:
-            if not overwrite:
-                raise M3Error(f"an interrupted encode of {self.path} exists ({self.spool}); pass --resume to "
-                              "continue it or --force to start over")
-            shutil.rmtree(self.spool)
-        if state is not None and resume:
+        self._lock = output_lock(self.path)  # held until finish() or an error
+        self._lock.__enter__()
+        try:
+            self._open_spool(overwrite, resume)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+
+    def _open_spool(self, overwrite: bool, resume: bool) -> None:
+        spool_is_ours = self.spool.is_dir() and not self.spool.is_symlink()
+        if os.path.lexists(self.spool) and not resume and not overwrite:
+            raise M3Error(f"an interrupted encode of {self.path} exists ({self.spool}); pass --resume to "
+                          "continue it or --force to start over")
+        state = self._load_state() if spool_is_ours and resume else None
+        if state is not None:
             if state.get("key") != json.loads(json.dumps(self._key)):
                 raise M3Error(f"the interrupted encode in {self.spool} used other inputs or settings (model, "
                               "corpus, codec or batch size); rerun it as before, or pass --force to start over")
             self._files = {}
             for name in KNOWN_SECTIONS:
-                f = open(self.spool / name, "r+b")
+                f = open_existing(self.spool / name)
                 f.truncate(state["sizes"][name])
                 f.seek(0, os.SEEK_END)
                 self._files[name] = f
@@ -81,10 +90,9 @@ class BankWriter:
             self._text_bytes, self._doc_bytes = state["text_bytes"], state["doc_bytes"]
             self.resumed = state.get("progress", {})
         else:
-            if self.spool.exists():
-                shutil.rmtree(self.spool)
-            self.spool.mkdir()
-            self._files = {name: open(self.spool / name, "wb") for name in KNOWN_SECTIONS}
+            remove_path(self.spool)  # a stale spool, or a link planted in its place (never followed)
+            self.spool.mkdir()  # exclusive: fails if something appeared meanwhile
+            self._files = {name: open(self.spool / name, "xb") for name in KNOWN_SECTIONS}
             self.n_refs = self.n_docs = self.n_tokens = 0
             self._text_bytes = self._doc_bytes = 0
 
@@ -92,10 +100,11 @@ class BankWriter:
         try:
             state = json.loads((self.spool / self.STATE).read_text())
             sizes = state["sizes"]
-            if not all(os.path.getsize(self.spool / n) >= sizes[n] for n in KNOWN_SECTIONS):
+            if not all(not (self.spool / n).is_symlink() and os.path.getsize(self.spool / n) >= sizes[n]
+                       for n in KNOWN_SECTIONS):
                 return None
             return state
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None  # no checkpoint yet: nothing to resume
 
     def __enter__(self) -> "BankWriter":
@@ -108,38 +117,61 @@ class BankWriter:
             f.close()
         if not issubclass(exc_type, KeyboardInterrupt):
             shutil.rmtree(self.spool, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def add_document(self, doc_id: str, title: str, source: str,
                      refs: list[tuple[str, int, torch.Tensor, torch.Tensor]]) -> int:
         """Append a document with its references: (text, token_count, kv (L, 2, H, K, d),
         positions (L, H, K)) each. Returns the document's index."""
+        for text, token_count, kv, positions in refs:
+            self.add_reference(text, token_count, kv, positions)
+        return self.end_document(doc_id, title, source)
+
+    def add_reference(self, text: str, token_count: int, kv, positions) -> None:
+        """Append one reference of the document being written (see end_document); a document's
+        references may arrive over many calls, so one document of any size streams through."""
+        if self._doc_first is None:
+            self._doc_first = self.n_refs
+        if isinstance(kv, torch.Tensor):
+            if tuple(kv.shape) != self.shape:
+                raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
+            record = encode_kv(kv, self.spool_codec)
+            positions = positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes()
+        else:  # already-encoded records of the spool codec (merging banks)
+            record, positions = bytes(kv), bytes(positions)
+        L, _, H, K, _ = self.shape
+        if len(record) != self.record_bytes or len(positions) != L * H * K * 2:
+            raise ValueError("memory record has the wrong size for this bank")
+        data = text.encode("utf-8")
+        self._files["refs.text"].write(data)
+        self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs,
+                                                  self.n_refs - self._doc_first, b"\0" * 8))
+        self._text_bytes += len(data)
+        self._files["kv.data"].write(record)
+        self._files["kv.positions"].write(positions)
+        self.n_refs += 1
+        self.n_tokens += int(token_count)
+
+    def end_document(self, doc_id: str, title: str, source: str) -> int:
+        """Close the document whose references were just added (none is fine); its index."""
         strings = [s.encode("utf-8") for s in (doc_id, title, source)]
+        first = self.n_refs if self._doc_first is None else self._doc_first
         self._files["docs.strings"].write(b"".join(strings))
-        self._files["docs.table"].write(_DOC.pack(self._doc_bytes, *(len(s) for s in strings), self.n_refs,
-                                                  len(refs), 0))
+        self._files["docs.table"].write(_DOC.pack(self._doc_bytes, *(len(s) for s in strings), first,
+                                                  self.n_refs - first, 0))
         self._doc_bytes += sum(len(s) for s in strings)
-        for j, (text, token_count, kv, positions) in enumerate(refs):
-            if isinstance(kv, torch.Tensor):
-                if tuple(kv.shape) != self.shape:
-                    raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
-                record = encode_kv(kv, self.spool_codec)
-                positions = positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes()
-            else:  # already-encoded records of the spool codec (merging banks)
-                record, positions = bytes(kv), bytes(positions)
-            L, _, H, K, _ = self.shape
-            if len(record) != self.record_bytes or len(positions) != L * H * K * 2:
-                raise ValueError("memory record has the wrong size for this bank")
-            data = text.encode("utf-8")
-            self._files["refs.text"].write(data)
-            self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs, j,
-                                                      b"\0" * 8))
-            self._text_bytes += len(data)
-            self._files["kv.data"].write(record)
-            self._files["kv.positions"].write(positions)
-            self.n_refs += 1
-            self.n_tokens += int(token_count)
+        self._doc_first = None
         self.n_docs += 1
         return self.n_docs - 1
+
+    @property
+    def in_document(self) -> bool:
+        return self._doc_first is not None
 
     def _spooled(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """bf16 records and positions of spooled references -> (n, L, 2, H, K, d), (n, L, H, K)."""
@@ -181,7 +213,10 @@ class BankWriter:
         return [(VQ_SECTION, self.spool / VQ_SECTION, "raw", size)]
 
     def checkpoint(self, progress: dict) -> None:
-        """Make everything written so far durable; `progress` comes back as `resumed` on resume."""
+        """Make everything written so far durable; `progress` comes back as `resumed` on resume.
+        Only between documents."""
+        if self.in_document:
+            raise RuntimeError("checkpoint inside a document")
         sizes = {}
         for name, f in self._files.items():
             f.flush()
@@ -196,6 +231,8 @@ class BankWriter:
 
     def finish(self) -> Path:
         """Assemble preamble, table, header and sections into a temp file; rename onto the target."""
+        if self.in_document:
+            raise RuntimeError("finish inside a document")
         for f in self._files.values():
             f.close()
         final_bytes = record_bytes(self.codec, self.shape, getattr(self, "subquantizers", None))
@@ -214,7 +251,8 @@ class BankWriter:
 
                 raw = spool.read_bytes()
                 packed = zstandard.ZstdCompressor(level=10).compress(raw)
-                if len(packed) < len(raw):
+                # readers refuse frames that expand more than MAX_ZSTD_RATIO: store those raw
+                if len(packed) < len(raw) and len(raw) <= MAX_ZSTD_RATIO * len(packed):
                     spool = self.spool / (name + ".zst")  # the spool itself stays resumable
                     spool.write_bytes(packed)
                     codec = "zstd"
@@ -223,23 +261,28 @@ class BankWriter:
                 sections.append((name, self.spool / "kv.data.vq", codec, (self.spool / "kv.data.vq").stat().st_size))
             else:
                 sections.append((name, spool, codec, spool.stat().st_size))
-        write_bank_file(self.path, header, sections + extra)
-        shutil.rmtree(self.spool, ignore_errors=True)
+        try:
+            write_bank_file(self.path, header, sections + extra)
+            shutil.rmtree(self.spool, ignore_errors=True)
+        finally:
+            self._release()
         return self.path
 
 
-def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, str, int]]) -> None:
-    """Lay out a bank from section files [(name, file, codec, decoded_length)], atomically."""
+def write_bank_file(path: Path, header: dict, sections: list[tuple]) -> None:
+    """Lay out a bank from section files [(name, file, codec, decoded_length[, flags])], atomically,
+    after checking the result reads back (check_written)."""
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise M3Error("bank header too large")
     count = len(sections)
     header_off = PREAMBLE_SIZE + count * SECTION_ENTRY_SIZE  # the table sits right after the preamble
     offset = _align(header_off + len(header_bytes))
-    with atomic_file(path) as out:
+    with output_lock(path), atomic_file(path, validate=check_written) as out:
         out.write(b"\0" * offset)
         entries = []
-        for name, spool, codec, decoded in sections:
+        for name, spool, codec, decoded, *rest in sections:
+            section_flags = rest[0] if rest else SECTION_FLAG_REQUIRED
             h = hashlib.sha256()
             length = 0
             out.seek(offset)
@@ -249,12 +292,26 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple[str, Path, st
                     out.write(chunk)
                     length += len(chunk)
             entries.append(_ENTRY.pack(name.encode("ascii"), offset, length, decoded, codec.encode("ascii"),
-                                       SECTION_FLAG_REQUIRED, b"\0" * 28, h.digest()))
+                                       section_flags, b"\0" * 28, h.digest()))
             offset = _align(offset + length)
         out.truncate(max(offset, out.tell()))
         table = b"".join(entries)
         out.seek(0)
         out.write(_preamble(PREAMBLE_SIZE, table, header_bytes) + table + header_bytes)
+
+
+def check_written(path: Path) -> None:
+    """What a writer is about to publish passes the reader's own validation (structure, every
+    checksum and record, the index), or the write fails and the target is left as it was."""
+    from .retrieval import index_problems
+
+    try:
+        with Bank(path) as bank:
+            problems = bank.verify() or index_problems(bank)
+    except M3Error as e:
+        problems = [str(e)]
+    if problems:
+        raise M3Error(f"refusing to write a bank m3 would not read back: {problems[0]}")
 
 
 def _preamble(table_offset: int, table: bytes, header_bytes: bytes) -> bytes:
@@ -301,45 +358,110 @@ def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False, cod
     return out
 
 
+COMPACT_FRACTION = 4  # an update rewrites the whole file once dead space would exceed 1/4 of the live bytes
+
+
 def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: int = 0) -> None:
     """Add or replace sections and header keys of an existing bank without rewriting the rest.
 
     The new sections, then a new section table and header, are appended at the end of the
-    file and made durable; only then is the 64-byte preamble rewritten to point at the new
-    table. Until that single write the file is the old, valid bank (trailing bytes are
-    ignored); after it, the new one. Replaced sections become unreferenced space.
+    file and made durable, checked by the reader's own validation, and only then is the 64-byte
+    preamble rewritten to point at the new table. Until that single write the file is the old,
+    valid bank (trailing bytes are ignored); after it, the new one. Replaced sections become
+    dead space; when it would exceed a quarter of the live bytes, the bank is instead rewritten
+    whole (a new file renamed into place), so repeated re-indexing does not grow the file.
     """
     import fcntl
 
-    with Bank(path) as bank:
-        header = {**bank.header, **header_updates}
-        header = {k: v for k, v in header.items() if v is not None}
-        entries = [e for name, e in bank._entries.items() if name not in add]
-        before = bytes(bank._mm[:PREAMBLE_SIZE])
-    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(header_bytes) > MAX_HEADER_BYTES:
-        raise M3Error("bank header too large")
-    with open(path, "r+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        if f.read(PREAMBLE_SIZE) != before:
-            raise M3Error(f"{path} changed while it was being updated; try again")
-        offset = _align(f.seek(0, os.SEEK_END))
-        for name, data in add.items():
+    with output_lock(path):
+        with Bank(path) as bank:
+            header = {**bank.header, **header_updates}
+            header = {k: v for k, v in header.items() if v is not None}
+            entries = [e for name, e in bank._entries.items() if name not in add]
+            kept = [s for name, s in bank.sections.items() if name not in add]
+            before = bytes(bank._mm[:PREAMBLE_SIZE])
+            size = bank.size
+        header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(header_bytes) > MAX_HEADER_BYTES:
+            raise M3Error("bank header too large")
+        if len(entries) + len(add) > MAX_SECTIONS:
+            raise M3Error(f"a bank holds at most {MAX_SECTIONS} sections")
+        for name in add:
             if not _NAME_RE.match(name):
                 raise ValueError(f"invalid section name {name!r}")
-            f.seek(offset)
-            f.write(data)
-            entries.append(_ENTRY.pack(name.encode("ascii"), offset, len(data), len(data), b"raw", flags,
-                                       b"\0" * 28, hashlib.sha256(data).digest()))
-            offset = _align(offset + len(data))
-        if len(entries) > MAX_SECTIONS:
-            raise M3Error(f"a bank holds at most {MAX_SECTIONS} sections")
-        table = b"".join(entries)
-        f.seek(offset)
-        f.write(table + header_bytes)
-        f.flush()
-        os.fsync(f.fileno())
-        f.seek(0)
-        f.write(_preamble(offset, table, header_bytes))
-        f.flush()
-        os.fsync(f.fileno())
+        table_bytes = (len(entries) + len(add)) * SECTION_ENTRY_SIZE
+        live = PREAMBLE_SIZE + sum(_align(s.length) for s in kept) + sum(_align(len(d)) for d in add.values()) \
+            + table_bytes + len(header_bytes)
+        grown = _align(size) + sum(_align(len(d)) for d in add.values()) + table_bytes + len(header_bytes)
+        if (grown - live) * COMPACT_FRACTION > live:
+            _rewrite(path, kept, add, header, flags)
+            return
+        try:
+            f = open(path, "r+b")
+        except OSError as e:
+            raise M3Error(f"cannot update {path}: {e.strerror}") from None
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if f.read(PREAMBLE_SIZE) != before:
+                raise M3Error(f"{path} changed while it was being updated; try again")
+            try:
+                offset = _align(f.seek(0, os.SEEK_END))
+                for name, data in add.items():
+                    f.seek(offset)
+                    f.write(data)
+                    entries.append(_ENTRY.pack(name.encode("ascii"), offset, len(data), len(data), b"raw", flags,
+                                               b"\0" * 28, hashlib.sha256(data).digest()))
+                    offset = _align(offset + len(data))
+                table = b"".join(entries)
+                f.seek(offset)
+                f.write(table + header_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+                preamble = _preamble(offset, table, header_bytes)
+                _check_updated(path, preamble)
+            except BaseException:
+                f.truncate(size)  # the old bank, exactly: its preamble was never touched
+                raise
+            f.seek(0)
+            f.write(preamble)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _check_updated(path: Path, preamble: bytes) -> None:
+    from .retrieval import index_problems
+
+    try:  # the new table and header, and what they add; the untouched sections are as they were
+        with Bank(path, preamble=preamble) as bank:
+            problems = index_problems(bank)
+    except M3Error as e:
+        problems = [str(e)]
+    if problems:
+        raise M3Error(f"refusing to update {path} into a bank m3 would not read back: {problems[0]}")
+
+
+def _rewrite(path: Path, kept: list, add: dict[str, bytes], header: dict, flags: int) -> None:
+    """Write the kept sections (as stored) and the added ones into a new file; rename it into place."""
+    import tempfile
+
+    make_parent(path)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(path).name}.sections-", dir=Path(path).parent) as tmp:
+        sections = []
+        with open(path, "rb") as src:
+            for s in kept:
+                part = Path(tmp) / s.name
+                with open(part, "xb") as out:
+                    src.seek(s.offset)
+                    left = s.length
+                    while left:
+                        chunk = src.read(min(left, 1 << 22))
+                        if not chunk:
+                            raise M3Error(f"{path} changed while it was being rewritten; try again")
+                        out.write(chunk)
+                        left -= len(chunk)
+                sections.append((s.name, part, s.codec, s.decoded_length, s.flags))
+        for name, data in add.items():
+            part = Path(tmp) / name
+            part.write_bytes(data)
+            sections.append((name, part, "raw", len(data), flags))
+        write_bank_file(path, header, sections)

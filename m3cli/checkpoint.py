@@ -20,6 +20,7 @@ from .errors import M3Error
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def reference_prefix_ids(tokenizer, text: str) -> tuple[int, ...]:
@@ -88,6 +89,10 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: t
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise M3Error(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    bad = next((k for k, v in state.items() if v.dtype not in WEIGHT_DTYPES), None)
+    if bad is not None:
+        raise M3Error(f"{path}: tensor {bad} is {str(state[bad].dtype).replace('torch.', '')}; m3 reads float32, "
+                      "float16 and bfloat16 weights (convert the model again)")
     return model_from_state(cfg, state, str(path), attn_impl).to(device=device, dtype=dtype).eval()
 
 

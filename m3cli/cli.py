@@ -41,6 +41,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_ERROR)
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an error of the file system, naming the file and what to do."""
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free some space and run it again (outputs are written whole or not at all)",
+            errno.EDQUOT: "free some space and run it again (outputs are written whole or not at all)",
+            errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+            errno.EROFS: "the file system is read-only; write somewhere else",
+            errno.EACCES: "no permission; write somewhere else or change the permissions",
+            errno.EPERM: "not permitted (an immutable or protected file?)"}.get(e.errno)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
+
+
 def user_errors(fn):
     """Turn M3Error/ConfigError into a one-line message and exit status 1."""
 
@@ -52,6 +67,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (M3Error, ConfigError) as e:
             _fail(str(e))
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # the disk, not m3: full, read-only, no permission, file too large
+            _fail(os_error_message(e))
         except KeyboardInterrupt:
             typer.echo("m3: interrupted", err=True)
             raise typer.Exit(130)
@@ -187,6 +206,9 @@ def encode(
     index: Annotated[str, typer.Option(help="Also build this FAISS retrieval index (see `m3 index`); "
                                             "'none' to skip.")] = "Flat",
     embedder: Annotated[str, typer.Option(help="Embedder for the index: minilm, self, or an encoder dir.")] = "minilm",
+    max_doc_bytes: Annotated[int, typer.Option("--max-doc-bytes", help="Largest record read whole (a JSONL "
+                                               "line, CSV field, Parquet row, text on stdin); text files of "
+                                               "any size stream.")] = 64 << 20,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Encode a corpus into an .m3bank of sparse explicit memories (and index it for retrieval).
@@ -198,21 +220,32 @@ def encode(
     hint = model_hint(choose_model(model)[0])
     model = resolve_model(model)
     from .bank import CODECS
-    from .encode import encode_corpus
 
     if codec not in CODECS:
         raise M3Error(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if max_doc_bytes < 1:
+        raise M3Error("--max-doc-bytes must be at least 1")
     if index.lower() != "none":  # an invalid factory fails before hours of encoding
-        import faiss
+        from .retrieval import empty_index
 
-        try:
-            faiss.index_factory(8 if "PQ" not in index else 64, index, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError:
-            raise M3Error(f"invalid FAISS index factory {index!r} (e.g. Flat, HNSW32, IVF1024,PQ32)") from None
+        empty_index(8 if "PQ" not in index else 64, index)
+    from .atomic import output_lock
+
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one writer at a time, encode and index alike
+            stack.enter_context(output_lock(output))
+        _encode_and_index(corpus, model, output, codec, vq_subquantizers, batch_size, device, dtype, force, resume,
+                          index, embedder, quiet, hint, max_doc_bytes)
+
+
+def _encode_and_index(corpus, model, output, codec, vq_subquantizers, batch_size, device, dtype, force, resume,
+                      index, embedder, quiet, hint, max_doc_bytes) -> None:
+    from .encode import encode_corpus
+
     try:
         summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
                                 dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet,
-                                vq_subquantizers=vq_subquantizers, model_hint=hint)
+                                vq_subquantizers=vq_subquantizers, model_hint=hint, max_doc_bytes=max_doc_bytes)
     except KeyboardInterrupt:
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)
@@ -226,8 +259,11 @@ def encode(
         from .embed import load_embedder
         from .retrieval import index_bank
 
-        emb = load_embedder(embedder, model_dir=model, device=resolve_device(device))
-        info = index_bank(output, emb, factory=index, show_progress=not quiet)
+        try:
+            emb = load_embedder(embedder, model_dir=model, device=resolve_device(device))
+            info = index_bank(output, emb, factory=index, show_progress=not quiet)
+        except M3Error as e:
+            raise M3Error(f"{e} (the bank was written without an index: run `m3 index {output}` to add one)") from None
         typer.echo(f"indexed {output}: {info['factory']} over {info['embedder']} embeddings (dim {info['dim']})")
 
 
@@ -838,8 +874,12 @@ def pretrain(
 
         if config not in PRESETS:
             raise M3Error(f"unknown preset {config!r}; choose one of {', '.join(PRESETS)}")
+    from .atomic import output_lock
+
     try:
-        summary = run(args, resume=resume, force=force, show_progress=not quiet, log=lambda m: typer.echo(m, err=True))
+        with output_lock(output) if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else contextlib.nullcontext():
+            summary = run(args, resume=resume, force=force, show_progress=not quiet,
+                          log=lambda m: typer.echo(m, err=True))
     except KeyboardInterrupt:
         typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
                    err=True)

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_FORMAT = "m3-model-config"
 CONFIG_VERSION = 1
 MEMORY_SELECTIONS = ("attention", "attention_x_value_norm")
+
+
+# The largest model m3 reads (far beyond any real one: these only stop a config from asking for
+# unbounded work or memory before its weights are even looked at).
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+          "head_dim": 1024, "intermediate_size": 1 << 20, "context_length": 1 << 20, "memory_top_k": 1024,
+          "reference_length": 1 << 16, "chunk_length": 1 << 16, "memories_per_chunk": 256}
 
 
 class ConfigError(ValueError):
@@ -79,7 +87,23 @@ class M3Config:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"config field {name} must be a positive integer, got {str(value)[:40]!r}")
+            if value > LIMITS[name]:
+                raise ConfigError(f"config field {name} is {value}; m3 reads models with at most {LIMITS[name]}")
+        if len(self.reference_prefix_ids) > 256:
+            raise ConfigError("reference_prefix_ids holds more than 256 tokens")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"config field {name} must be a finite number, got {str(value)[:40]!r}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name} must be true or false")
+        if not isinstance(self.reference_prefix, str) or not isinstance(self.name, str) or \
+                not isinstance(self.extra, dict):
+            raise ConfigError("config fields reference_prefix and name must be strings, extra an object")
+        if self.n_kv_heads > self.n_heads:
+            raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must not exceed n_heads ({self.n_heads})")
         if self.memory_selection not in MEMORY_SELECTIONS:
             raise ConfigError(f"memory_selection must be one of {', '.join(MEMORY_SELECTIONS)}, "
                               f"got {self.memory_selection!r}")
@@ -88,6 +112,9 @@ class M3Config:
         if not isinstance(self.memory_reader_rank, int) or isinstance(self.memory_reader_rank, bool) \
                 or not 0 <= self.memory_reader_rank <= 4096:
             raise ConfigError(f"memory_reader_rank must be an integer in 0..4096, got {self.memory_reader_rank!r}")
+        if not isinstance(self.train_prev_chunks, int) or isinstance(self.train_prev_chunks, bool) or \
+                not 0 <= self.train_prev_chunks <= 64:
+            raise ConfigError(f"train_prev_chunks must be in 0..64, got {self.train_prev_chunks!r}")
         if self.train_prev_chunks < 0:
             raise ConfigError(f"train_prev_chunks must be >= 0, got {self.train_prev_chunks}")
         if self.n_heads % self.n_kv_heads:
@@ -100,11 +127,14 @@ class M3Config:
         if layers is not None:
             if not layers:
                 raise ConfigError("memory_layers must name at least one layer (or be null for the first half)")
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+                raise ConfigError("memory_layers must be layer numbers")
             if len(set(layers)) != len(layers) or sorted(layers) != list(layers):
                 raise ConfigError(f"memory_layers must be strictly increasing, got {list(layers)}")
             if layers and (layers[0] < 0 or layers[-1] >= self.n_layers):
                 raise ConfigError(f"memory_layers must lie in 0..{self.n_layers - 1}, got {list(layers)}")
-        if any(i < 0 or i >= self.vocab_size for i in self.reference_prefix_ids):
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 or i >= self.vocab_size
+               for i in self.reference_prefix_ids):
             raise ConfigError("reference_prefix_ids must be valid token ids")
 
     # --- derived values ---------------------------------------------------------------------
@@ -176,6 +206,8 @@ class M3Config:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # huge integers, deep nesting
+            raise ConfigError(f"config cannot be read: {str(e)[:100]}") from None
         return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> "M3Config":

@@ -18,12 +18,15 @@ import torch
 
 from . import __version__
 from .bank import Bank
+from .atomic import output_lock
 from .bank_writer import BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
-from .corpus import Document, corpus_files, corpus_kind, read_corpus, split_references
+from .corpus import MAX_DOC_BYTES, corpus_files, corpus_kind, iter_references, read_corpus
 from .device import resolve_device, resolve_dtype
 from .errors import M3Error
 
+
+MID_DOC_REFS = 256  # references of one document queued before they are encoded without waiting for its end
 
 # how often a running encode makes its progress durable for --resume (M3_CHECKPOINT_SECONDS overrides)
 CHECKPOINT_SECONDS = float(os.environ.get("M3_CHECKPOINT_SECONDS", "2.0"))
@@ -121,16 +124,27 @@ def part_path(out: Path, rank: int, world: int) -> Path:
 def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
                   device: str = "auto", dtype: str = "auto", overwrite: bool = False, resume: bool = False,
                   show_progress: bool = True, vq_subquantizers: int | None = None,
-                  model_hint: str | None = None) -> EncodeSummary | None:
+                  model_hint: str | None = None, max_doc_bytes: int = MAX_DOC_BYTES) -> EncodeSummary | None:
     """Encode `corpus` into the bank `out`. With `resume`, an interrupted run of the same
     command continues from its last checkpoint and gives the same bytes.
 
     Launched as several processes (`accelerate launch`), rank r encodes documents r, r+W, …
     into a part bank; rank 0 then merges the parts into `out` in corpus order and returns the
     summary (other ranks return None). `model_hint` (`default` or the model dir's path) goes into
-    the header so that later commands find the model from the bank alone.
+    the header so that later commands find the model from the bank alone. The output is locked
+    for the whole run: a second writer of the same path fails at once.
     """
     out = Path(out)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        with output_lock(out):
+            return _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume,
+                                  show_progress, vq_subquantizers, model_hint, max_doc_bytes)
+    return _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume, show_progress,
+                          vq_subquantizers, model_hint, max_doc_bytes)
+
+
+def _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume, show_progress,
+                   vq_subquantizers, model_hint, max_doc_bytes) -> EncodeSummary | None:
     if batch_size < 1:
         raise M3Error("--batch-size must be at least 1")
     cfg = read_config(model_dir)
@@ -149,7 +163,7 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     if resume and str(corpus) == "-":
         raise M3Error("--resume needs a corpus file: standard input cannot be checked to be the same stream")
     tokenizer = load_tokenizer(model_dir)
-    documents = read_corpus(corpus)
+    documents = read_corpus(corpus, stream=True, max_doc_bytes=max_doc_bytes)
     first = next(documents, None)  # surface an unreadable corpus before loading the model
     documents = itertools.chain([first] if first is not None else [], documents)
     dev = state.device if state else resolve_device(device)
@@ -227,35 +241,45 @@ def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec
     with writer, progress:
         task = progress.add_task("encode", total=total, refs=writer.n_refs, rate="-", completed=skip)
         docs_done, start_refs = skip, writer.n_refs
-        pending: list[tuple[Document, list[tuple[str, list[int]]]]] = []
+        # queued work, in order: ("ref", text, ids) and ("end", document); encoded when a batch is
+        # full at a document's end, or mid-document once MID_DOC_REFS are waiting (a long document
+        # streams through in bounded memory; checkpoints stay at document boundaries)
+        pending: list[tuple] = []
         n_pending = 0
         last_checkpoint = time.monotonic()
 
         def flush() -> None:
             nonlocal n_pending, docs_done, last_checkpoint
-            flat = [ids for _, refs in pending for _, ids in refs]
+            flat = [item[2] for item in pending if item[0] == "ref"]
             results = [_encode_batch(model, flat[s:s + batch_size]) for s in range(0, len(flat), batch_size)]
             kv = torch.cat([r[0] for r in results]) if results else None
             pos = torch.cat([r[1] for r in results]) if results else None
-            k = 0
-            for doc, refs in pending:
-                writer.add_document(doc.id, doc.title, doc.source,
-                                    [(text, len(ids), kv[k + j], pos[k + j]) for j, (text, ids) in enumerate(refs)])
-                k += len(refs)
-            docs_done += len(pending)
-            if pending and time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
-                writer.checkpoint({"docs_done": docs_done})  # always at a batch boundary
+            k = ended = 0
+            for item in pending:
+                if item[0] == "ref":
+                    writer.add_reference(item[1], len(item[2]), kv[k], pos[k])
+                    k += 1
+                else:
+                    doc = item[1]
+                    writer.end_document(doc.id, doc.title, doc.source)
+                    ended += 1
+            docs_done += ended
+            if ended and not writer.in_document and time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+                writer.checkpoint({"docs_done": docs_done})  # always at a batch and document boundary
                 last_checkpoint = time.monotonic()
             elapsed = max(progress.tasks[0].elapsed or 1e-9, 1e-9)
-            progress.update(task, advance=len(pending), refs=writer.n_refs,
+            progress.update(task, advance=ended, refs=writer.n_refs,
                             rate=f"{(writer.n_refs - start_refs) / elapsed:.1f}")
             pending.clear()
             n_pending = 0
 
         for doc in itertools.islice(documents, skip, None):
-            refs = split_references(doc.text, tokenizer, cfg.reference_length)
-            pending.append((doc, refs))
-            n_pending += len(refs)
+            for text, ids in iter_references(doc.pieces(), tokenizer, cfg.reference_length):
+                pending.append(("ref", text, ids))
+                n_pending += 1
+                if n_pending >= max(batch_size, MID_DOC_REFS):
+                    flush()
+            pending.append(("end", doc))
             if n_pending >= batch_size:
                 flush()
         flush()

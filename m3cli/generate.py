@@ -14,6 +14,8 @@ reference used again costs nothing. Retrieval for all sequences of a batch is on
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -43,6 +45,9 @@ def retrieval_due(generated_index: int, every: int) -> bool:
 def decoded_chunk(generated_index: int, every: int) -> int:
     return generated_index // every
 
+MAX_MEMORIES = 256  # memories per chunk (--memories); a bank with fewer references gives all it has
+MAX_NEW_TOKENS = 1 << 20
+
 
 @dataclass
 class Options:
@@ -64,16 +69,16 @@ class Options:
     def check(self) -> None:
         if self.mode not in MODES:
             raise M3Error(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.max_new_tokens < 1:
-            raise M3Error("--max-new-tokens must be at least 1")
-        if self.temperature < 0:
-            raise M3Error("--temperature must be >= 0 (0 = greedy)")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise M3Error(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise M3Error("--temperature must be a finite number >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise M3Error("--top-p must be in (0, 1]")
         if self.top_k < 0:
             raise M3Error("--top-k must be >= 0 (0 = off)")
-        if self.memories < 1:
-            raise M3Error("--memories must be at least 1")
+        if not 1 <= self.memories <= MAX_MEMORIES:
+            raise M3Error(f"--memories must be in 1..{MAX_MEMORIES}")
         if self.retrieve_every < 1:
             raise M3Error("--retrieve-every must be at least 1")
         if self.max_overlap is not None and not 0 <= self.max_overlap <= 1:
@@ -133,6 +138,9 @@ class MemoryCache:
         self.misses += len(missing)
         if missing:
             enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
+            if not torch.isfinite(enc.kv).all():
+                raise M3Error(f"{self.bank.path}: a retrieved memory holds values that are not finite numbers "
+                              "(the file is damaged; see m3 inspect --verify)")
             for j, r in enumerate(missing):  # clones: a view would keep the whole decoded batch alive
                 self._items[r] = (enc.kv[j].clone(), enc.valid[j].clone())
         out = []
@@ -230,6 +238,9 @@ class Generator:
         self.memory_cache = None
         self._sink = None
         if retriever is not None:
+            from .bank import require_geometry
+
+            require_geometry(retriever.bank, self.cfg)
             self.memory_cache = MemoryCache(retriever.bank, self.device, self.dtype, cache_capacity)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
@@ -318,6 +329,8 @@ class Generator:
         opts.check()
         if opts.mode != "none" and self.retriever is None:
             raise M3Error(f"--mode {opts.mode} needs --bank (a bank encoded by this model, with an index)")
+        if self.retriever is not None and opts.memories > self.retriever.bank.n_refs:
+            opts = dataclasses.replace(opts, memories=self.retriever.bank.n_refs)  # all the bank has
         B = len(prompts)
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.temperature > 0 else None
@@ -500,6 +513,8 @@ class Generator:
         opts.check()
         if opts.mode != "none" and self.retriever is None:
             raise M3Error(f"--mode {opts.mode} needs --bank (a bank encoded by this model, with an index)")
+        if self.retriever is not None and opts.memories > self.retriever.bank.n_refs:
+            opts = dataclasses.replace(opts, memories=self.retriever.bank.n_refs)  # all the bank has
         ids = [int(i) for i in self.tokenizer(text)["input_ids"]]
         if len(ids) < 2:
             raise M3Error("the text has fewer than 2 tokens: nothing to score")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bank import Bank, BankError
+from .atomic import open_existing, open_new, output_lock, write_text_atomic
+from .bank import MAX_INDEX_PARAM, Bank, BankError
 from .bank_writer import update_bank
 from .embed import EmbedderSpec
 from .errors import M3Error
@@ -51,18 +52,22 @@ def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress
     state_path = Path(str(spool) + ".json")
     key = {"spec": spec.__dict__, "bank": bank.header.get("m3.model.fingerprint"), "n": bank.n_refs}
     done = 0
-    if spool.exists() and state_path.exists():
+    if os.path.lexists(spool) and os.path.lexists(state_path) and not spool.is_symlink() and not state_path.is_symlink():
         try:
             state = json.loads(state_path.read_text())
             if state["key"] == key and spool.stat().st_size >= state["done"] * spec.dim * 2:
                 done = int(state["done"])
-        except (ValueError, KeyError, OSError):
+        except (ValueError, KeyError, TypeError, OSError):
             done = 0
     console = Console(stderr=True)
     progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("refs"),
                         TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
     last = time.monotonic()
-    with open(spool, "r+b" if done else "wb") as f, progress:
+    try:
+        f = open_existing(spool) if done else open_new(spool, "w+b")  # never through a planted link
+    except OSError as e:
+        raise M3Error(f"cannot write {spool}: {e.strerror}") from None
+    with f, progress:
         f.truncate(done * spec.dim * 2)
         f.seek(0, os.SEEK_END)
         task = progress.add_task("embed", total=bank.n_refs, completed=done)
@@ -73,9 +78,11 @@ def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress
             if time.monotonic() - last >= CHECKPOINT_SECONDS:
                 f.flush()
                 os.fsync(f.fileno())
-                state_path.write_text(json.dumps({"key": key, "done": start + len(texts)}))
+                write_text_atomic(state_path, json.dumps({"key": key, "done": start + len(texts)}))
                 last = time.monotonic()
-    data = np.fromfile(spool, dtype="<f2").reshape(bank.n_refs, spec.dim).astype(np.float32)
+        f.flush()
+        f.seek(0)
+        data = np.frombuffer(f.read(), dtype="<f2").reshape(bank.n_refs, spec.dim).astype(np.float32)
     spool.unlink()
     state_path.unlink(missing_ok=True)
     return data
@@ -116,6 +123,12 @@ def empty_index(dim: int, factory: str, ef_construction: int | None = None, k_fa
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise M3Error(f"invalid FAISS index factory {factory!r} (e.g. Flat, HNSW32, IVF1024,PQ32)") from None
+    kinds = sorted({type(x).__name__ for x in _chain(base)} - ALLOWED_INDEXES)
+    if not kinds and any(x.metric_type != faiss.METRIC_INNER_PRODUCT for x in _chain(base)):
+        kinds = [f"{type(base).__name__} with another metric than inner product"]
+    if kinds:
+        raise M3Error(f"FAISS index factory {factory!r} builds {kinds[0]}, which m3 does not read; use Flat, "
+                      "HNSW (Flat, PQ or SQ storage), IVF (Flat, PQ or SQ), PQ, SQ, a PCA transform, or ,RFlat")
     if ef_construction is not None:
         hnsw = hnsw_of(base)
         if hnsw is None:
@@ -163,6 +176,17 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
     import faiss
 
     empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any embedding
+    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
+        if not 1 <= value <= MAX_INDEX_PARAM:
+            raise M3Error(f"{name} must be in 1..{MAX_INDEX_PARAM}")
+    with output_lock(path):
+        return _index_bank(path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction,
+                           k_factor)
+
+
+def _index_bank(path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor):
+    import faiss
+
     with Bank(path) as bank:
         if bank.n_refs == 0:
             raise M3Error(f"{path} holds no references to index")
@@ -171,6 +195,9 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
         if fresh:
             vectors = compute_embeddings(bank, embedder, batch_size, show_progress)
         index = build_index(vectors, factory, ef_construction=ef_construction, k_factor=k_factor)
+        problems = index_structure_problems(index, bank.n_refs, embedder.spec.dim)
+        if problems:
+            raise M3Error(f"m3 does not read back an index built with {factory!r}: {problems[0]}")
     blob = faiss.serialize_index(index).tobytes()
     add = {INDEX_SECTION: blob}
     if fresh:
@@ -205,6 +232,8 @@ class Retriever:
         spec = EmbedderSpec.from_header(bank.header)
         if INDEX_SECTION not in bank.sections or spec is None:
             raise M3Error(f"{bank.path} has no retrieval index; build one with `m3 index {bank.path}`")
+        if bank.n_refs == 0:
+            raise M3Error(f"{bank.path} holds no references to retrieve")
         if not spec.same_as(embedder.spec):
             raise M3Error(f"{bank.path} was indexed with embedder {spec.name} ({spec.fingerprint[:19]}…, "
                           f"dim {spec.dim}) but the query embedder is {embedder.spec.name} "
@@ -244,26 +273,196 @@ class Retriever:
 
 
 def load_index(bank: Bank):
-    """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table."""
+    """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table and
+    its leading tags name index types on the allow-list — then check its structure against the
+    bank (types, counts, dimensions, ids, graph links, list entries) before any search runs."""
     import faiss
 
     raw = bank.verified(INDEX_SECTION)
+    if raw[:4] != b"IxM2":
+        raise BankError(f"section {INDEX_SECTION} is not an m3 index (an IndexIDMap2); rebuild it with `m3 index`")
     try:
         index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8).copy())
-    except RuntimeError:
+    except (RuntimeError, MemoryError, ValueError):
         raise BankError(f"section {INDEX_SECTION} is not a readable FAISS index; rebuild it with `m3 index`") from None
-    if index.ntotal != bank.n_refs or index.d != bank.header.get("m3.embed.dim"):
+    dim = bank.header.get("m3.embed.dim")
+    if index.ntotal != bank.n_refs or index.d != dim:
         raise BankError(f"the index holds {index.ntotal} vectors of dim {index.d}, the bank "
-                        f"{bank.n_refs} references of dim {bank.header.get('m3.embed.dim')}")
-    params = faiss.ParameterSpace()
-    for name, key in (("nprobe", "m3.index.nprobe"), ("efSearch", "m3.index.ef_search")):
-        value = bank.header.get(key)
-        if isinstance(value, int) and value > 0:
-            try:
-                params.set_index_parameter(index, name, value)
-            except RuntimeError:
-                pass  # the index has no such parameter (e.g. nprobe on Flat)
+                        f"{bank.n_refs} references of dim {dim}")
+    problems = index_structure_problems(index, bank.n_refs, dim)
+    if problems:
+        raise BankError(f"section {INDEX_SECTION}: {problems[0]}; rebuild it with `m3 index`")
+    ivf = _find(index, "nprobe")
+    nprobe = bank.header.get("m3.index.nprobe")
+    if ivf is not None and isinstance(nprobe, int) and nprobe > 0:
+        faiss.downcast_index(ivf).nprobe = min(nprobe, int(faiss.downcast_index(ivf).nlist))
+    hnsw = hnsw_of(index)
+    ef = bank.header.get("m3.index.ef_search")
+    if hnsw is not None and isinstance(ef, int) and ef > 0:
+        hnsw.hnsw.efSearch = ef  # bounded by MAX_INDEX_PARAM when the bank was opened
     return index
+
+
+def index_problems(bank: Bank) -> list[str]:
+    """`m3 inspect --verify`'s retrieval part: the embeddings and the index load and fit the bank,
+    so that a bank that passes never fails a search for a reason inside the file."""
+    has_index, has_emb = INDEX_SECTION in bank.sections, EMB_SECTION in bank.sections
+    if not has_index and not has_emb:
+        return []
+    try:
+        spec = EmbedderSpec.from_header(bank.header)
+        if spec is None:
+            return ["the bank holds an index or embeddings but no embedder description (m3.embed.*)"]
+        if has_emb:
+            vectors = embeddings_of(bank)
+            if not np.isfinite(vectors).all():
+                return [f"section {EMB_SECTION} holds values that are not finite numbers"]
+        if has_index:
+            load_index(bank)
+            if bank.header.get("m3.index.count", bank.n_refs) != bank.n_refs:
+                return [f"header says the index holds {bank.header['m3.index.count']} vectors, the bank has "
+                        f"{bank.n_refs} references"]
+    except M3Error as e:
+        return [str(e)]
+    return []
+
+
+# The index types m3 builds and reads back; anything else in a bank is refused before use.
+ALLOWED_INDEXES = {"IndexIDMap2", "IndexFlatIP", "IndexFlat", "IndexHNSWFlat", "IndexHNSWPQ", "IndexHNSWSQ",
+                   "IndexIVFFlat", "IndexIVFPQ", "IndexIVFScalarQuantizer", "IndexPQ", "IndexScalarQuantizer",
+                   "IndexRefineFlat", "IndexRefine", "IndexPreTransform"}
+
+
+def _chain(index) -> list:
+    """Every index object inside `index` (ID map, refinement, transform, HNSW storage, IVF quantizer)."""
+    import faiss
+
+    out, todo = [], [index]
+    while todo and len(out) < 16:
+        x = todo.pop()
+        if x is None:
+            continue
+        x = faiss.downcast_index(x)
+        out.append(x)
+        for attr in ("index", "base_index", "refine_index", "storage", "quantizer"):
+            child = getattr(x, attr, None)
+            if child is not None:
+                todo.append(child)
+    return out
+
+
+def _arr(vec) -> np.ndarray:
+    import faiss
+
+    return faiss.vector_to_array(vec)
+
+
+def index_structure_problems(index, n: int, dim: int) -> list[str]:
+    """What in a FAISS index would make a search read out of bounds or answer with ids that are
+    not references of the bank: checked for every index type on the allow-list."""
+    import faiss
+
+    problems: list[str] = []
+    outer = faiss.downcast_index(index)
+    if type(outer).__name__ != "IndexIDMap2":
+        return [f"the index is a {type(outer).__name__}, not an IndexIDMap2"]
+    ids = _arr(outer.id_map)
+    if ids.size != n or (n and (ids.min() < 0 or ids.max() >= n or np.unique(ids).size != n)):
+        return ["its ids are not the bank's reference numbers, each once"]
+    for position, x in enumerate(_chain(outer)):
+        kind = type(x).__name__
+        if kind not in ALLOWED_INDEXES:
+            return [f"index type {kind} is not one m3 reads"]
+        if x.metric_type != faiss.METRIC_INNER_PRODUCT:
+            return [f"{kind} does not use the inner-product metric"]
+        if not x.is_trained:
+            return [f"{kind} is not trained"]
+        if not 1 <= x.d <= 65536:
+            return [f"{kind} has dimension {x.d}"]
+        expect_n = n if position == 0 or not _is_quantizer(outer, x) else int(_quantizer_lists(outer))
+        if x.ntotal != expect_n:
+            return [f"{kind} holds {x.ntotal} vectors, expected {expect_n}"]
+        if hasattr(x, "codes") and hasattr(x, "code_size") and not hasattr(x, "invlists"):
+            if x.code_size < 1 or x.codes.size() != x.ntotal * x.code_size:
+                return [f"{kind} stores {x.codes.size()} code bytes for {x.ntotal} vectors of {x.code_size}"]
+        if kind in ("IndexFlatIP", "IndexFlat") and x.code_size != 4 * x.d:
+            return [f"{kind} has code size {x.code_size} for dimension {x.d}"]
+        if hasattr(x, "pq") and (x.pq.M < 1 or x.pq.nbits < 1 or x.pq.nbits > 16 or x.pq.M * x.pq.dsub != x.d
+                                 or _arr(x.pq.centroids).size != x.d * (1 << x.pq.nbits)):
+            return [f"{kind} has an inconsistent product quantizer"]
+        if hasattr(x, "hnsw"):
+            problems = _hnsw_problems(x.hnsw, int(x.ntotal))
+        elif hasattr(x, "invlists"):
+            problems = _ivf_problems(x, n)
+        elif kind == "IndexPreTransform":
+            d = x.d
+            for i in range(x.chain.size()):
+                vt = faiss.downcast_VectorTransform(x.chain.at(i))
+                if type(vt).__name__ != "PCAMatrix" or vt.d_in != d or not 1 <= vt.d_out <= d or \
+                        _arr(vt.A).size != vt.d_in * vt.d_out or _arr(vt.b).size != vt.d_out or \
+                        not np.isfinite(_arr(vt.A)).all():
+                    return ["its vector transform is not a consistent PCA matrix"]
+                d = vt.d_out
+            if faiss.downcast_index(x.index).d != d:
+                return ["its transform's output dimension differs from the index it feeds"]
+        elif kind in ("IndexRefineFlat", "IndexRefine") and (x.base_index.d != x.d or x.refine_index.d != x.d):
+            return ["its refinement dimensions differ"]
+        elif kind == "IndexIDMap2" and position:
+            return ["it nests ID maps"]
+        if problems:
+            return problems
+    return []
+
+
+def _ivf(outer):
+    return next((y for y in _chain(outer) if hasattr(y, "invlists")), None)
+
+
+def _is_quantizer(outer, x) -> bool:
+    """True when x is the coarse quantizer of the IVF index inside `outer`."""
+    ivf = _ivf(outer)
+    return ivf is not None and int(ivf.quantizer.this) == int(x.this)
+
+
+def _quantizer_lists(outer) -> int:
+    return int(_ivf(outer).nlist)
+
+
+def _hnsw_problems(hnsw, n: int) -> list[str]:
+    levels, offsets = _arr(hnsw.levels), _arr(hnsw.offsets)
+    cum, neighbors = _arr(hnsw.cum_nneighbor_per_level), _arr(hnsw.neighbors)
+    if levels.size != n or offsets.size != n + 1 or cum.size < 2:
+        return ["its HNSW graph does not have one node per vector"]
+    if n and (levels.min() < 1 or levels.max() >= cum.size or offsets[0] != 0 or offsets[-1] != neighbors.size
+              or not (np.diff(offsets) == cum[levels]).all()):
+        return ["its HNSW graph's levels and offsets disagree"]
+    if neighbors.size and (neighbors.min() < -1 or neighbors.max() >= n):
+        return ["its HNSW graph links to nodes that do not exist"]
+    if n and (not 0 <= hnsw.entry_point < n or hnsw.max_level != levels.max() - 1
+              or levels[hnsw.entry_point] - 1 != hnsw.max_level):
+        return ["its HNSW entry point is not a node of the top level"]
+    return []
+
+
+def _ivf_problems(index, n: int) -> list[str]:
+    import faiss
+
+    inv = index.invlists
+    if inv.nlist != index.nlist or not 1 <= index.nlist <= 1 << 24 or inv.code_size != index.code_size:
+        return ["its inverted lists do not match the index"]
+    total = 0
+    for i in range(inv.nlist):
+        size = inv.list_size(i)
+        total += size
+        if total > n:
+            break
+        if size:
+            ids = faiss.rev_swig_ptr(inv.get_ids(i), size)
+            if ids.min() < 0 or ids.max() >= n:
+                return [f"inverted list {i} holds ids outside the bank"]
+    if total != n:
+        return [f"its inverted lists hold {total} entries for {n} vectors"]
+    return []
 
 
 def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, device="cpu", model=None,

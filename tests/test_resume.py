@@ -36,7 +36,7 @@ def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monk
     reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
     assert m3("encode", "--index", "none", c, "-o", reference, "-m", model_dir, "--batch-size", "4", "-q").exit_code == 0
 
-    real_checkpoint, real_add, calls = BankWriter.checkpoint, BankWriter.add_document, []
+    real_checkpoint, real_end, calls = BankWriter.checkpoint, BankWriter.end_document, []
 
     def counting(self, progress):
         real_checkpoint(self, progress)
@@ -47,10 +47,10 @@ def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monk
             calls.append("doc")
             if len(calls) == 6:
                 raise KeyboardInterrupt
-        return real_add(self, *args, **kwargs)
+        return real_end(self, *args, **kwargs)
 
     monkeypatch.setattr(BankWriter, "checkpoint", counting)
-    monkeypatch.setattr(BankWriter, "add_document", interrupted)
+    monkeypatch.setattr(BankWriter, "end_document", interrupted)
     monkeypatch.setattr("m3cli.encode.CHECKPOINT_SECONDS", 0.0)
     result = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
     assert result.exit_code == 130 and "--resume" in result.stderr
@@ -59,7 +59,7 @@ def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monk
     spooled = (tmp_path / ".kb.m3bank.partial" / "kv.data").stat().st_size
     assert spooled > state["sizes"]["kv.data"]  # written past the checkpoint: resume must cut it off
     monkeypatch.setattr(BankWriter, "checkpoint", real_checkpoint)
-    monkeypatch.setattr(BankWriter, "add_document", real_add)
+    monkeypatch.setattr(BankWriter, "end_document", real_end)
 
     again = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
     assert again.exit_code == 1 and "--resume" in again.stderr  # no silent restart

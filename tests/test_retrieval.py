@@ -47,7 +47,9 @@ def test_rebuild_keeps_ids_and_leaves_the_kv_payload_alone(bank):
     result = m3("index", path, "--factory", "HNSW32", "-q")
     assert result.exit_code == 0 and "reused" in result.stdout, result.output
     with Bank(path) as b:
-        assert b.sections["kv.data"] == kv_before and b.sections["emb.data"] == emb_before
+        # the same bytes (a small bank may be rewritten whole rather than grow: see update_bank)
+        for name, before_section in (("kv.data", kv_before), ("emb.data", emb_before)):
+            assert (b.sections[name].length, b.sections[name].sha256) == (before_section.length, before_section.sha256)
         assert len(b.sections) == n_sections and b.header["m3.index.factory"] == "HNSW32"
         assert b.verify() == []
     assert [top(path, d["text"], "-k", "4") for d in DOCS] == before
