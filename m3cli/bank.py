@@ -101,7 +101,8 @@ def decode_kv(buf: np.ndarray, codec: str, shape: tuple[int, ...]) -> torch.Tens
         nv = L * two * H * K * d
         q = np.ascontiguousarray(buf[:, :nv]).view(np.int8).reshape((n,) + tuple(shape))
         s = np.ascontiguousarray(buf[:, nv:]).view("<f2").reshape((n, L, two, H, K, 1))
-        return torch.from_numpy(q.astype(np.float32) * s.astype(np.float32))
+        with np.errstate(invalid="ignore", over="ignore"):  # a damaged scale: found by verify, not warned about
+            return torch.from_numpy(q.astype(np.float32) * s.astype(np.float32))
     raise BankError(f"unknown KV codec {codec!r} in the bank")
 
 
@@ -292,6 +293,8 @@ class Bank:
         for key in ("m3.index.nprobe", "m3.index.ef_search"):
             _int(h, key, 0, MAX_INDEX_PARAM, optional=True)  # 0: FAISS's default
         _int(h, "m3.embed.dim", 1, MAX_EMBED_DIM, optional=True)
+        if h.get("m3.index.metric", "inner_product") != "inner_product":
+            raise BankError(f"header key m3.index.metric must be inner_product, got {str(h['m3.index.metric'])[:40]!r}")
         _int(h, "m3.index.count", 0, 2**40, optional=True)
         _int(h, "m3.bank.tokens", 0, 2**63, optional=True)
         for key in ("m3.model.fingerprint", "m3.model.hint", "m3.embed.hint", "m3.embed.name", "m3.embed.pooling",
@@ -447,7 +450,11 @@ class Bank:
             problems.append(message)
             return len(problems) >= MAX_PROBLEMS
 
+        if self.n_refs == 0:
+            return ["the bank holds no references"]
+
         expected_first = 0  # documents must tile the references in order
+        strings_end = 0  # and their strings tile docs.strings
         for j in range(self.n_docs):
             try:
                 d = self.document(j)
@@ -455,6 +462,11 @@ class Bank:
                 if note(str(e)):
                     return problems
                 continue
+            off, li, lt, ls, *_ = _DOC.unpack_from(self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE)
+            if off != strings_end and note(f"document {j}: its strings start at byte {off} of docs.strings, "
+                                           f"expected {strings_end}"):
+                return problems
+            strings_end = off + li + lt + ls
             if d.first_ref != expected_first and note(f"document {j} starts at reference {d.first_ref}, "
                                                       f"expected {expected_first}"):
                 return problems
@@ -462,6 +474,11 @@ class Bank:
         if expected_first != self.n_refs and note(f"documents cover {expected_first} references, the bank has "
                                                   f"{self.n_refs}"):
             return problems
+        if strings_end != self.sections["docs.strings"].decoded_length and \
+                note(f"documents' strings end at byte {strings_end}, docs.strings holds "
+                     f"{self.sections['docs.strings'].decoded_length}"):
+            return problems
+        text_end = 0  # references' texts tile refs.text in order
         prefix = self.prefix_length
         tokens = 0
         for start in range(0, self.n_refs, 4096):
@@ -473,8 +490,16 @@ class Bank:
                     if ref.doc_index >= self.n_docs:
                         raise BankError(f"reference {i} names document {ref.doc_index}")
                     doc = self.document(ref.doc_index)
-                    if not doc.first_ref <= i < doc.first_ref + doc.n_refs:
+                    if not doc.first_ref <= i < doc.first_ref + doc.n_refs or ref.index_in_doc != i - doc.first_ref:
                         raise BankError(f"reference {i} does not belong to document {ref.doc_index} as the table says")
+                    text_off, text_len, *_rest, reserved = _REF.unpack_from(
+                        self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE)
+                    if text_off != text_end:
+                        raise BankError(f"reference {i}: its text starts at byte {text_off} of refs.text, "
+                                        f"expected {text_end}")
+                    if reserved != b"\0" * 8:
+                        raise BankError(f"reference {i}: reserved bytes are not zero")
+                    text_end = text_off + text_len
                 except M3Error as e:
                     if note(str(e)):
                         return problems
@@ -486,6 +511,9 @@ class Bank:
                         return problems
                 if (pos[k] < -1).any() and note(f"reference {i}: invalid kept position (below -1)"):
                     return problems
+        if text_end != self.sections["refs.text"].length and not problems and \
+                note(f"references' texts end at byte {text_end}, refs.text holds {self.sections['refs.text'].length}"):
+            return problems
         if "m3.bank.tokens" in self.header and self.header["m3.bank.tokens"] != tokens and \
                 note(f"header says {self.header['m3.bank.tokens']} tokens, the references hold {tokens}"):
             return problems
@@ -513,6 +541,8 @@ def geometry_problems(bank: Bank, cfg) -> list[str]:
         problems.append(f"memory layers {bank.header['m3.memory.layer_ids'][:8]}, the model's are {list(cfg.mem_layers)[:8]}")
     if list(bank.header["m3.model.reference_prefix_ids"]) != list(cfg.reference_prefix_ids):
         problems.append("a reference prefix other than the model's")
+    if float(bank.header.get("m3.model.rope_theta", cfg.rope_theta)) != float(cfg.rope_theta):
+        problems.append(f"rope_theta {bank.header.get('m3.model.rope_theta')}, the model's is {cfg.rope_theta}")
     if bank.reference_length != cfg.reference_length:
         problems.append(f"references of up to {bank.reference_length} tokens, the model's are {cfg.reference_length}")
     return problems

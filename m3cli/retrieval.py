@@ -385,8 +385,11 @@ def index_structure_problems(index, n: int, dim: int) -> list[str]:
         if hasattr(x, "codes") and hasattr(x, "code_size") and not hasattr(x, "invlists"):
             if x.code_size < 1 or x.codes.size() != x.ntotal * x.code_size:
                 return [f"{kind} stores {x.codes.size()} code bytes for {x.ntotal} vectors of {x.code_size}"]
-        if kind in ("IndexFlatIP", "IndexFlat") and x.code_size != 4 * x.d:
-            return [f"{kind} has code size {x.code_size} for dimension {x.d}"]
+        if kind in ("IndexFlatIP", "IndexFlat"):
+            if x.code_size != 4 * x.d:
+                return [f"{kind} has code size {x.code_size} for dimension {x.d}"]
+            if not np.isfinite(_arr(x.codes).view(np.float32)).all():
+                return [f"{kind} holds vectors that are not finite numbers"]
         if hasattr(x, "pq") and (x.pq.M < 1 or x.pq.nbits < 1 or x.pq.nbits > 16 or x.pq.M * x.pq.dsub != x.d
                                  or _arr(x.pq.centroids).size != x.d * (1 << x.pq.nbits)):
             return [f"{kind} has an inconsistent product quantizer"]
