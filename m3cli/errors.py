@@ -4,3 +4,6 @@ exits non-zero; anything else escaping a command is a bug and keeps its tracebac
 
 class M3Error(Exception):
     """A problem the user can fix: bad input, a missing file, a wrong flag."""
+
+
+MAX_BATCH = 4096  # --batch-size of any command: a batch is held in memory whole

@@ -130,7 +130,9 @@ def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | N
             if problems:
                 raise M3Error(f"{path}: {len(problems)} problem(s) found; first: {problems[0]}")
             if not as_json:
-                against = f"; fits the model {checked_model}" if checked_model else ""
+                against = ""
+                if checked_model is not None:
+                    against = f", fits the model {model_dir}" if model_dir is not None else ", fits its model"
                 echo(f"ok: {bank.n_refs} references, {len(bank.sections)} sections, all checksums and records valid, "
                      f"index loads{against}")
             return

@@ -9,6 +9,7 @@ from a factory string and adds both to the bank without rewriting its KV payload
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -172,9 +173,8 @@ def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None
 def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64, show_progress: bool = True,
                nprobe: int = 16, ef_search: int = 64, ef_construction: int | None = None,
                k_factor: int | None = None) -> dict:
-    """Add embeddings (if missing or from another embedder) and a FAISS index to the bank."""
-    import faiss
-
+    """Add embeddings (if missing or from another embedder) and a FAISS index to the bank; the
+    bank is locked against other writers meanwhile."""
     empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any embedding
     for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
         if not 1 <= value <= MAX_INDEX_PARAM:
@@ -272,6 +272,36 @@ class Retriever:
         return results
 
 
+@contextlib.contextmanager
+def bounded_address_space(extra: int):
+    """Let the block grow the process's address space by at most `extra` bytes (Linux).
+
+    FAISS's reader sizes each vector from a length field in the data and allocates (and zero-
+    fills) it before reading; a length behind a recomputed checksum could ask for terabytes. With
+    the soft RLIMIT_AS lowered for the deserialisation, such an allocation fails at once (FAISS
+    raises) instead of exhausting memory. The limit is restored afterwards."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (OSError, ValueError, AttributeError):
+        yield  # not Linux: no bound
+        return
+    limit = current + extra
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        yield  # already bounded at least as tightly
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def load_index(bank: Bank):
     """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table and
     its leading tags name index types on the allow-list — then check its structure against the
@@ -282,7 +312,8 @@ def load_index(bank: Bank):
     if raw[:4] != b"IxM2":
         raise BankError(f"section {INDEX_SECTION} is not an m3 index (an IndexIDMap2); rebuild it with `m3 index`")
     try:
-        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8).copy())
+        with bounded_address_space(4 * len(raw) + (512 << 20)):
+            index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8).copy())
     except (RuntimeError, MemoryError, ValueError):
         raise BankError(f"section {INDEX_SECTION} is not a readable FAISS index; rebuild it with `m3 index`") from None
     dim = bank.header.get("m3.embed.dim")

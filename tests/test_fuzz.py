@@ -20,7 +20,7 @@ SHAPE = (2, 2, 1, 3, 8)
 
 def header():
     return {"m3.memory.layers": 2, "m3.memory.layer_ids": [0, 1], "m3.memory.kv_heads": 1, "m3.memory.top_k": 3,
-            "m3.memory.head_dim": 8, "m3.memory.reference_length": 128, "m3.model.fingerprint": "sha256:00",
+            "m3.memory.head_dim": 8, "m3.memory.reference_length": 128, "m3.model.fingerprint": "sha256:" + "0" * 64,
             "m3.model.name": "fuzz", "m3.model.reference_prefix": "R:", "m3.model.reference_prefix_ids": [1],
             "m3.model.rope_theta": 10000.0}
 
@@ -45,8 +45,8 @@ def make_seed_banks(tmp: Path) -> list[bytes]:
 
             blob = faiss.serialize_index(build_index(emb, "Flat")).tobytes()
             update_bank(path, {EMB_SECTION: emb.astype("<f2").tobytes(), INDEX_SECTION: blob},
-                        {"m3.embed.name": "x", "m3.embed.dim": 4, "m3.embed.pooling": "mean",
-                         "m3.embed.fingerprint": "sha256:1", "m3.index.factory": "Flat"})
+                        {"m3.embed.name": "hf:x", "m3.embed.dim": 4, "m3.embed.pooling": "mean",
+                         "m3.embed.fingerprint": "sha256:" + "1" * 64, "m3.index.factory": "Flat"})
         out.append(path.read_bytes())
     return out
 

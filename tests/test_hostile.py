@@ -9,7 +9,6 @@ import random
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -152,13 +151,10 @@ def test_memory_top_k_of_a_billion_and_deep_nesting_and_int8_weights(tmp_path):
 def test_corpus_edge_cases_are_one_line_and_write_nothing(tmp_path):
     out = tmp_path / "kb.m3bank"
     for name, source in hostile.corpus_cases(tmp_path):
-        if isinstance(source, bytes):
-            proc = run_m3("encode", "-", "-o", out, "--model", SAMPLE, "--index", "none", "--max-doc-bytes", 100_000,
-                          stdin=source)
-        else:
-            proc = run_m3("encode", source, "-o", out, "--model", SAMPLE, "--index", "none", "--max-doc-bytes",
-                          100_000)
-        one_line_failure(proc)
+        stdin = source if isinstance(source, bytes) else None
+        result = m3("encode", "-" if stdin else source, "-o", out, "--model", SAMPLE, "--index", "none",
+                    "--max-doc-bytes", 100_000, input=stdin)
+        assert_user_error(result)
         assert not out.exists() and not list(tmp_path.glob(".kb.m3bank*")), name
 
 
@@ -319,6 +315,7 @@ def test_an_index_whose_graph_links_outside_is_refused(seeds, tmp_path):
     (("--temperature", "nan"), "--temperature"),
     (("--temperature", "inf"), "--temperature"),
     (("-n", str(10**9)), "--max-new-tokens"),
+    (("--batch-size", str(10**6)), "--batch-size"),
 ])
 def test_flags_are_bounded(seeds, args, fragment):
     bank = next(s for s in seeds if "bf16" in s.name)
