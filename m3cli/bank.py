@@ -442,6 +442,18 @@ class Bank:
         return (bytes(self._mm[kv + i * self.record_bytes:kv + (i + 1) * self.record_bytes]),
                 bytes(self._mm[pos + i * per:pos + (i + 1) * per]))
 
+    def _release(self, offset: int, length: int) -> None:
+        """Let the pages of a range read once go (a full pass over a large bank then stays within
+        a few chunks of resident memory instead of the whole file)."""
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        end = min(-(-(offset + length) // page) * page, -(-self.size // page) * page)
+        if hasattr(self._mm, "madvise") and end > start:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError, AttributeError):
+                pass
+
     def verify(self, progress=None) -> list[str]:
         """Recompute every checksum and check every record; returns the problems found."""
         problems = []
@@ -450,6 +462,7 @@ class Bank:
             view = memoryview(self._mm)[s.offset:s.offset + s.length]
             for start in range(0, s.length, 1 << 24):
                 h.update(view[start:start + (1 << 24)])
+                self._release(s.offset + start, min(1 << 24, s.length - start))
             if h.digest() != s.sha256:
                 problems.append(f"section {s.name}: SHA-256 mismatch")
             if progress:
@@ -535,7 +548,10 @@ class Bank:
         for start in range(0, self.n_refs, per_chunk):
             if self.codec == "vq":
                 break  # codes are bytes: any value decodes to a finite codebook entry
-            enc = self.memories(range(start, min(start + per_chunk, self.n_refs)))
+            end = min(start + per_chunk, self.n_refs)
+            enc = self.memories(range(start, end))
+            self._release(self.sections["kv.data"].offset + start * self.record_bytes,
+                          (end - start) * self.record_bytes)
             bad = (~torch.isfinite(enc.kv)).flatten(1).any(1)
             if bad.any():
                 note(f"reference {start + int(bad.nonzero()[0, 0])}: memory holds values that are not finite numbers")

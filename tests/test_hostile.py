@@ -396,8 +396,8 @@ def wait_for(path: Path, proc, timeout=120) -> None:
 
 def test_two_forced_encodes_of_one_path(tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"Person {i} lives in Town {i}."}) + "\n"
-                              for i in range(400)))
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"Person {i} lives in Town {i}. " * 12}) + "\n"
+                              for i in range(1000)))  # about 15 s of encoding: the second starts meanwhile
     out = tmp_path / "kb.m3bank"
     assert run_m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none",
                   "-q").returncode == 0
@@ -407,11 +407,12 @@ def test_two_forced_encodes_of_one_path(tmp_path):
                              stderr=subprocess.PIPE)
     wait_for(tmp_path / ".kb.m3bank.lock", first)
     second = run_m3("encode", corpus, "-o", out, "--model", SAMPLE, "--index", "none", "--force", "-q")
+    assert first.poll() is None, "the first writer finished before the second ended: no overlap to test"
     one_line_failure(second, "another m3 process is writing")
     assert out.read_bytes() == old  # the first has not finished: the old bank is whole
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()
     with Bank(out) as bank:
-        assert bank.n_docs == 400 and bank.verify() == []
+        assert bank.n_docs == 1000 and bank.verify() == []
     assert not (tmp_path / ".kb.m3bank.lock").exists()
 
 
