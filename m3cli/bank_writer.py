@@ -21,7 +21,7 @@ import torch
 
 from .atomic import atomic_file, make_parent, open_existing, output_lock, remove_path
 from .bank import (_DOC, _ENTRY, _NAME_RE, _REF, KNOWN_SECTIONS, MAGIC, MAJOR, MAX_HEADER_BYTES,
-                   MAX_SECTIONS, MAX_ZSTD_RATIO, MINOR, PREAMBLE_SIZE, SECTION_ENTRY_SIZE, SECTION_FLAG_REQUIRED, VQ_SECTION, Bank,
+                   MAX_RECORD_BYTES, MAX_SECTIONS, MAX_ZSTD_RATIO, MINOR, PREAMBLE_SIZE, SECTION_ENTRY_SIZE, SECTION_FLAG_REQUIRED, VQ_SECTION, Bank,
                    BankError, _align, decode_kv, encode_kv, record_bytes)
 from .errors import M3Error
 
@@ -57,6 +57,13 @@ class BankWriter:
         # vq spools exact bf16 records and quantizes them in finish(), after training on a sample
         self.spool_codec = "bf16" if codec == "vq" else codec
         self.record_bytes = record_bytes(self.spool_codec, self.shape)
+        final = record_bytes(codec, self.shape, getattr(self, "subquantizers", None))
+        if max(final, self.record_bytes) > MAX_RECORD_BYTES:  # what a reader accepts, checked before any work
+            raise M3Error(f"memories of shape {self.shape} need {max(final, self.record_bytes):,} bytes per "
+                          f"reference; a bank holds at most {MAX_RECORD_BYTES:,}")
+        prefix = len(self.header.get("m3.model.reference_prefix_ids", ()))
+        if prefix + int(self.header.get("m3.memory.reference_length", 0)) > 32767:
+            raise M3Error("reference prefix + reference length exceed 32,767 tokens (positions are 16-bit)")
         self.spool = self.path.parent / f".{self.path.name}.partial"
         self._key = {"header": self.header, "codec": codec, "shape": list(self.shape), **(resume_key or {})}
         self.resumed: dict = {}
@@ -140,6 +147,9 @@ class BankWriter:
         if isinstance(kv, torch.Tensor):
             if tuple(kv.shape) != self.shape:
                 raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
+            if not torch.isfinite(kv).all():  # found now, not by the check before the rename
+                raise M3Error(f"reference {self.n_refs} ({text[:40]!r}…): its memory holds values that are not "
+                              "finite numbers (the model overflowed; try --dtype float32)")
             record = encode_kv(kv, self.spool_codec)
             positions = positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes()
         else:  # already-encoded records of the spool codec (merging banks)
@@ -271,7 +281,8 @@ class BankWriter:
 
 def write_bank_file(path: Path, header: dict, sections: list[tuple]) -> None:
     """Lay out a bank from section files [(name, file, codec, decoded_length[, flags])], atomically,
-    after checking the result reads back (check_written)."""
+    after checking the result reads back (check_written). `file` may be (file, offset, length): a
+    range of another file (a bank being rewritten)."""
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise M3Error("bank header too large")
@@ -286,11 +297,15 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple]) -> None:
             h = hashlib.sha256()
             length = 0
             out.seek(offset)
-            with open(spool, "rb") as f:
-                while chunk := f.read(1 << 22):
+            source, start, size = spool if isinstance(spool, tuple) else (spool, 0, None)
+            with open(source, "rb") as f:
+                f.seek(start)
+                while chunk := f.read(1 << 22 if size is None else min(1 << 22, size - length)):
                     h.update(chunk)
                     out.write(chunk)
                     length += len(chunk)
+            if size is not None and length != size:
+                raise M3Error(f"{source} changed while it was being rewritten; try again")
             entries.append(_ENTRY.pack(name.encode("ascii"), offset, length, decoded, codec.encode("ascii"),
                                        section_flags, b"\0" * 28, h.digest()))
             offset = _align(offset + length)
@@ -307,7 +322,7 @@ def check_written(path: Path) -> None:
 
     try:
         with Bank(path) as bank:
-            problems = bank.verify() or index_problems(bank)
+            problems = bank.verify(allow_empty=True) or index_problems(bank)
     except M3Error as e:
         problems = [str(e)]
     if problems:
@@ -373,6 +388,7 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
     """
     import fcntl
 
+    path = Path(os.path.realpath(path))  # a link to a bank updates the bank, whichever way
     with output_lock(path):
         with Bank(path) as bank:
             header = {**bank.header, **header_updates}
@@ -441,25 +457,13 @@ def _check_updated(path: Path, preamble: bytes) -> None:
 
 
 def _rewrite(path: Path, kept: list, add: dict[str, bytes], header: dict, flags: int) -> None:
-    """Write the kept sections (as stored) and the added ones into a new file; rename it into place."""
+    """Write the kept sections (copied from the old file, as stored) and the added ones into a new
+    file; rename it into place."""
     import tempfile
 
     make_parent(path)
     with tempfile.TemporaryDirectory(prefix=f".{Path(path).name}.sections-", dir=Path(path).parent) as tmp:
-        sections = []
-        with open(path, "rb") as src:
-            for s in kept:
-                part = Path(tmp) / s.name
-                with open(part, "xb") as out:
-                    src.seek(s.offset)
-                    left = s.length
-                    while left:
-                        chunk = src.read(min(left, 1 << 22))
-                        if not chunk:
-                            raise M3Error(f"{path} changed while it was being rewritten; try again")
-                        out.write(chunk)
-                        left -= len(chunk)
-                sections.append((s.name, part, s.codec, s.decoded_length, s.flags))
+        sections = [(s.name, (Path(path), s.offset, s.length), s.codec, s.decoded_length, s.flags) for s in kept]
         for name, data in add.items():
             part = Path(tmp) / name
             part.write_bytes(data)

@@ -308,9 +308,11 @@ def split_references(text: str, tokenizer, max_tokens: int) -> list[tuple[str, l
 
 
 def _sentences(pieces: Iterable[str]) -> Iterator[str]:
-    """Sentences of a text given in pieces, as `_SENTENCE_END` splits the whole text; a run of
-    more than PIECE_CHARS characters without a sentence end comes out in pieces of about that
-    size, cut at whitespace where there is some."""
+    """Sentences of a text given in pieces, as `_SENTENCE_END` splits the whole text, except
+    that an unfinished sentence longer than 2 × PIECE_CHARS at the end of a piece is cut into
+    parts of about PIECE_CHARS (at whitespace where there is some), so memory stays bounded. A
+    long sentence that ends within a piece comes out whole: iter_references cuts it between
+    tokens anyway. Deterministic for a given piece size."""
     tail = ""
     for piece in pieces:
         tail += piece

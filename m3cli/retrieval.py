@@ -124,9 +124,20 @@ def empty_index(dim: int, factory: str, ef_construction: int | None = None, k_fa
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise M3Error(f"invalid FAISS index factory {factory!r} (e.g. Flat, HNSW32, IVF1024,PQ32)") from None
-    kinds = sorted({type(x).__name__ for x in _chain(base)} - ALLOWED_INDEXES)
-    if not kinds and any(x.metric_type != faiss.METRIC_INNER_PRODUCT for x in _chain(base)):
+    chain = _chain(base)
+    kinds = sorted({type(x).__name__ for x in chain} - ALLOWED_INDEXES)
+    if not kinds and any(x.metric_type != faiss.METRIC_INNER_PRODUCT for x in chain):
         kinds = [f"{type(base).__name__} with another metric than inner product"]
+    for x in chain if not kinds else []:
+        if type(x).__name__ == "IndexIDMap2":
+            kinds = ["a nested ID map"]
+        elif hasattr(x, "invlists") and type(faiss.downcast_index(x.quantizer)).__name__ not in ("IndexFlat",
+                                                                                                  "IndexFlatIP"):
+            kinds = [f"an IVF index with a {type(faiss.downcast_index(x.quantizer)).__name__} quantizer"]
+        elif type(x).__name__ == "IndexPreTransform" and any(
+                type(faiss.downcast_VectorTransform(x.chain.at(i))).__name__ != "PCAMatrix"
+                for i in range(x.chain.size())):
+            kinds = ["a vector transform other than PCA"]
     if kinds:
         raise M3Error(f"FAISS index factory {factory!r} builds {kinds[0]}, which m3 does not read; use Flat, "
                       "HNSW (Flat, PQ or SQ storage), IVF (Flat, PQ or SQ), PQ, SQ, a PCA transform, or ,RFlat")
@@ -304,8 +315,9 @@ def bounded_address_space(extra: int):
 
 def load_index(bank: Bank):
     """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table and
-    its leading tags name index types on the allow-list — then check its structure against the
-    bank (types, counts, dimensions, ids, graph links, list entries) before any search runs."""
+    it starts with the IndexIDMap2 tag, with its allocations bounded — then check its structure
+    against the bank (allowed types, counts, dimensions, ids, graph links, list entries) before
+    any search runs. What is nested inside the ID map is parsed by FAISS's own reader first."""
     import faiss
 
     raw = bank.verified(INDEX_SECTION)
@@ -359,9 +371,9 @@ def index_problems(bank: Bank) -> list[str]:
 
 
 # The index types m3 builds and reads back; anything else in a bank is refused before use.
-ALLOWED_INDEXES = {"IndexIDMap2", "IndexFlatIP", "IndexFlat", "IndexHNSWFlat", "IndexHNSWPQ", "IndexHNSWSQ",
+ALLOWED_INDEXES = {"IndexIDMap2", "IndexFlatIP", "IndexFlat", "IndexHNSWFlat", "IndexHNSWSQ",
                    "IndexIVFFlat", "IndexIVFPQ", "IndexIVFScalarQuantizer", "IndexPQ", "IndexScalarQuantizer",
-                   "IndexRefineFlat", "IndexRefine", "IndexPreTransform"}
+                   "IndexRefineFlat", "IndexPreTransform"}
 
 
 def _chain(index) -> list:

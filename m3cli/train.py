@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -473,8 +474,10 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
             vocab = args.vocab_size or cfg.vocab_size
             tokenizer = train_bpe(texts, vocab_size=min(vocab, cfg.vocab_size))
             state_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_dir(saved_tok, overwrite=True, replaceable=lambda d: (d / "tokenizer.json").is_file()) as tmp:
-                tokenizer.save_pretrained(str(tmp))
+            if int(os.environ.get("RANK", "0")) == 0:  # every process trains the same BPE; one saves it
+                with atomic_dir(saved_tok, overwrite=True,
+                                replaceable=lambda d: (d / "tokenizer.json").is_file()) as tmp:
+                    tokenizer.save_pretrained(str(tmp))
         model = new_model(cfg, tokenizer, seed=args.seed)
     overrides = memory_overrides(args, model.config)
     if args.prev_chunks is not None and args.stage == "continual":

@@ -509,3 +509,42 @@ def test_planted_links_are_never_followed(seeds, tmp_path):
     assert_user_error(result, "symbolic link")
     assert victim.read_text() == "precious" and not victim.is_symlink() and tmp_path.is_dir()
     assert m3("inspect", bank, "--verify").exit_code == 0 and m3("inspect", out, "--verify").exit_code == 0
+
+
+def test_a_part_with_no_references_is_written_and_a_bank_too_large_to_read_is_refused_first(tmp_path):
+    """The part of a sharded encode whose share was empty is a valid (empty) bank; a memory shape
+    whose records a reader would refuse is refused when the writer is made, before any work."""
+    from m3cli.bank_writer import BankWriter
+    from m3cli.errors import M3Error
+
+    header = {"m3.memory.layers": 1, "m3.memory.layer_ids": [0], "m3.memory.kv_heads": 1, "m3.memory.top_k": 2,
+              "m3.memory.head_dim": 4, "m3.memory.reference_length": 8, "m3.model.fingerprint": "sha256:" + "0" * 64,
+              "m3.model.name": "t", "m3.model.reference_prefix": "R:", "m3.model.reference_prefix_ids": [1],
+              "m3.model.rope_theta": 10000.0}
+    with BankWriter(tmp_path / "part.m3bank", header, "bf16", (1, 2, 1, 2, 4)) as w:
+        w.finish()
+    with Bank(tmp_path / "part.m3bank") as bank:
+        assert bank.n_refs == 0 and bank.verify(allow_empty=True) == []
+    big = {**header, "m3.memory.layers": 40, "m3.memory.layer_ids": list(range(40))}
+    with pytest.raises(M3Error, match="bytes per reference"):
+        BankWriter(tmp_path / "big.m3bank", big, "bf16", (40, 2, 8, 1024, 128))
+    assert not list(tmp_path.glob(".big*"))
+
+
+def test_factories_m3_would_refuse_after_embedding_are_refused_before(seeds, tmp_path):
+    path = copy_seed(seeds, tmp_path)
+    for factory in ("IVF4_HNSW8,Flat", "OPQ4,IVF4,PQ4", "IDMap2,Flat", "HNSW8,PQ4"):
+        assert_user_error(m3("index", path, "--embedder", "self", "--model", SAMPLE, "--factory", factory, "-q"),
+                          factory)
+    assert not (tmp_path / f".{path.name}.emb.partial").exists()
+
+
+def test_indexing_through_a_link_updates_the_bank_it_points_to(seeds, tmp_path):
+    real = copy_seed(seeds, tmp_path)
+    link = tmp_path / "link.m3bank"
+    link.symlink_to(real)
+    for factory in ("HNSW8", "Flat", "HNSW8", "Flat"):  # in place and rewritten whole
+        assert m3("index", link, "--embedder", "self", "--model", SAMPLE, "--factory", factory, "-q").exit_code == 0
+        assert link.is_symlink()
+        with Bank(real) as bank:
+            assert bank.header["m3.index.factory"] == factory and bank.verify() == []
