@@ -96,3 +96,16 @@ def test_shell_completion_and_python_dash_m():
     assert complete("m3 pretrain --refs", 2) == ["--refs-per-chunk"]
     version = subprocess.run([sys.executable, "-m", "m3cli", "--help"], capture_output=True, text=True, timeout=120)
     assert version.returncode == 0 and "generate" in version.stdout
+
+
+def test_files_the_docs_name_exist():
+    """Every repository path the README, format_spec.md and docs/ name in code quotes exists."""
+    root = Path(__file__).parent.parent
+    not_yet = {"m3cli/data/reader-smollm2.safetensors"}  # the shipped memory reader, once #22 trains one
+    missing = []
+    for doc in [root / "README.md", root / "format_spec.md", *sorted((root / "docs").glob("*.md"))]:
+        for path in re.findall(r"`((?:tests|scripts|bench|docs|m3cli|samples)/[A-Za-z0-9_./-]*[A-Za-z0-9_])`",
+                               doc.read_text()):
+            if path not in not_yet and not (root / path).exists():
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, missing
