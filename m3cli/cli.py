@@ -231,40 +231,33 @@ def encode(
         empty_index(8 if "PQ" not in index else 64, index)
     from .atomic import output_lock
 
-    with contextlib.ExitStack() as stack:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one writer at a time, encode and index alike
-            stack.enter_context(output_lock(output))
-        _encode_and_index(corpus, model, output, codec, vq_subquantizers, batch_size, device, dtype, force, resume,
-                          index, embedder, quiet, hint, max_doc_bytes)
-
-
-def _encode_and_index(corpus, model, output, codec, vq_subquantizers, batch_size, device, dtype, force, resume,
-                      index, embedder, quiet, hint, max_doc_bytes) -> None:
-    from .encode import encode_corpus
-
-    try:
-        summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
-                                dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet,
-                                vq_subquantizers=vq_subquantizers, model_hint=hint, max_doc_bytes=max_doc_bytes)
-    except KeyboardInterrupt:
-        typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
-                   err=True)
-        raise typer.Exit(130)
-    if summary is None:  # the non-main processes of a sharded encode
-        return
-    typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
-               f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
-    if index.lower() != "none":
-        from .device import resolve_device
-        from .embed import load_embedder
-        from .retrieval import index_bank
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    with output_lock(output) if single else contextlib.nullcontext():  # one writer: encode and index alike
+        from .encode import encode_corpus
 
         try:
-            emb = load_embedder(embedder, model_dir=model, device=resolve_device(device))
-            info = index_bank(output, emb, factory=index, show_progress=not quiet)
-        except M3Error as e:
-            raise M3Error(f"{e} (the bank was written without an index: run `m3 index {output}` to add one)") from None
-        typer.echo(f"indexed {output}: {info['factory']} over {info['embedder']} embeddings (dim {info['dim']})")
+            summary = encode_corpus(corpus, model, output, codec=codec, batch_size=batch_size, device=device,
+                                    dtype=dtype, overwrite=force, resume=resume, show_progress=not quiet,
+                                    vq_subquantizers=vq_subquantizers, model_hint=hint, max_doc_bytes=max_doc_bytes)
+        except KeyboardInterrupt:
+            typer.echo("m3: interrupted; run the same command with --resume to continue from the last checkpoint",
+                       err=True)
+            raise typer.Exit(130)
+        if summary is None:  # the non-main processes of a sharded encode
+            return
+        typer.echo(f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
+                   f"{summary.tokens} tokens, codec {summary.codec}, model {summary.fingerprint[:19]}")
+        if index.lower() != "none":
+            from .device import resolve_device
+            from .embed import load_embedder
+            from .retrieval import index_bank
+
+            try:
+                emb = load_embedder(embedder, model_dir=model, device=resolve_device(device))
+                info = index_bank(output, emb, factory=index, show_progress=not quiet)
+            except M3Error as e:
+                raise M3Error(f"{e} (the bank was written without an index: run `m3 index {output}` to add one)") from None
+            typer.echo(f"indexed {output}: {info['factory']} over {info['embedder']} embeddings (dim {info['dim']})")
 
 
 @app.command(epilog="Examples:\n\n  m3 inspect\n\n  m3 inspect --json | jq -r .default_model\n\n  m3 inspect memory3-2.4b\n\n  m3 inspect models/smollm2 --json | jq .memory_bytes_bf16\n\n"

@@ -322,21 +322,22 @@ def _sentences(pieces: Iterable[str]) -> Iterator[str]:
             if sentence:
                 yield sentence
             start = m.end()
-        tail = tail[start:]
-        while len(tail) > 2 * PIECE_CHARS:
-            cut = tail.rfind(" ", PIECE_CHARS // 2, PIECE_CHARS)
-            cut = cut if cut > 0 else PIECE_CHARS
-            if tail[:cut].strip():
-                yield tail[:cut].strip()
-            tail = tail[cut:]
-    while len(tail) > PIECE_CHARS:
+        tail = yield from _cut_runs(tail[start:], 2 * PIECE_CHARS)
+    tail = yield from _cut_runs(tail, PIECE_CHARS)
+    if tail.strip():
+        yield tail.strip()
+
+
+def _cut_runs(tail: str, longer_than: int):
+    """Yield parts of about PIECE_CHARS (cut at whitespace where there is some) from the front of
+    `tail` while it is longer than `longer_than`; return what is left."""
+    while len(tail) > longer_than:
         cut = tail.rfind(" ", PIECE_CHARS // 2, PIECE_CHARS)
         cut = cut if cut > 0 else PIECE_CHARS
         if tail[:cut].strip():
             yield tail[:cut].strip()
         tail = tail[cut:]
-    if tail.strip():
-        yield tail.strip()
+    return tail
 
 
 def iter_references(pieces: Iterable[str], tokenizer, max_tokens: int) -> Iterator[tuple[str, list[int]]]:

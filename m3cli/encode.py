@@ -18,7 +18,6 @@ import torch
 
 from . import __version__
 from .bank import Bank
-from .atomic import output_lock
 from .bank_writer import BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
 from .corpus import MAX_DOC_BYTES, corpus_files, corpus_kind, iter_references, read_corpus
@@ -131,20 +130,10 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     Launched as several processes (`accelerate launch`), rank r encodes documents r, r+W, …
     into a part bank; rank 0 then merges the parts into `out` in corpus order and returns the
     summary (other ranks return None). `model_hint` (`default` or the model dir's path) goes into
-    the header so that later commands find the model from the bank alone. The output is locked
-    for the whole run: a second writer of the same path fails at once.
+    the header so that later commands find the model from the bank alone. The writer locks the
+    output (`m3 encode` locks it from its start, index included).
     """
     out = Path(out)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        with output_lock(out):
-            return _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume,
-                                  show_progress, vq_subquantizers, model_hint, max_doc_bytes)
-    return _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume, show_progress,
-                          vq_subquantizers, model_hint, max_doc_bytes)
-
-
-def _encode_corpus(corpus, model_dir, out, codec, batch_size, device, dtype, overwrite, resume, show_progress,
-                   vq_subquantizers, model_hint, max_doc_bytes) -> EncodeSummary | None:
     if not 1 <= batch_size <= MAX_BATCH:
         raise M3Error(f"--batch-size must be in 1..{MAX_BATCH}")
     cfg = read_config(model_dir)

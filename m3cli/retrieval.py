@@ -190,35 +190,30 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
     for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
         if not 1 <= value <= MAX_INDEX_PARAM:
             raise M3Error(f"{name} must be in 1..{MAX_INDEX_PARAM}")
-    with output_lock(path):
-        return _index_bank(path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction,
-                           k_factor)
-
-
-def _index_bank(path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor):
     import faiss
 
-    with Bank(path) as bank:
-        if bank.n_refs == 0:
-            raise M3Error(f"{path} holds no references to index")
-        vectors = embeddings_of(bank) if embedder.spec.same_as(EmbedderSpec.from_header(bank.header)) else None
-        fresh = vectors is None
+    with output_lock(path):
+        with Bank(path) as bank:
+            if bank.n_refs == 0:
+                raise M3Error(f"{path} holds no references to index")
+            vectors = embeddings_of(bank) if embedder.spec.same_as(EmbedderSpec.from_header(bank.header)) else None
+            fresh = vectors is None
+            if fresh:
+                vectors = compute_embeddings(bank, embedder, batch_size, show_progress)
+            index = build_index(vectors, factory, ef_construction=ef_construction, k_factor=k_factor)
+            problems = index_structure_problems(index, bank.n_refs, embedder.spec.dim)
+            if problems:
+                raise M3Error(f"m3 does not read back an index built with {factory!r}: {problems[0]}")
+        blob = faiss.serialize_index(index).tobytes()
+        add = {INDEX_SECTION: blob}
         if fresh:
-            vectors = compute_embeddings(bank, embedder, batch_size, show_progress)
-        index = build_index(vectors, factory, ef_construction=ef_construction, k_factor=k_factor)
-        problems = index_structure_problems(index, bank.n_refs, embedder.spec.dim)
-        if problems:
-            raise M3Error(f"m3 does not read back an index built with {factory!r}: {problems[0]}")
-    blob = faiss.serialize_index(index).tobytes()
-    add = {INDEX_SECTION: blob}
-    if fresh:
-        add[EMB_SECTION] = vectors.astype("<f2").tobytes()
-    hint = getattr(embedder, "hint", None) or embedder.spec.name
-    update_bank(path, add, {**embedder.spec.header(), "m3.embed.hint": hint, "m3.index.factory": factory, "m3.index.metric": "inner_product",
-                            "m3.index.count": int(index.ntotal), "m3.index.nprobe": nprobe,
-                            "m3.index.ef_search": ef_search})
-    return {"references": int(index.ntotal), "factory": factory, "embedder": embedder.spec.name,
-            "dim": embedder.spec.dim, "embedded": fresh, "index_bytes": len(blob)}
+            add[EMB_SECTION] = vectors.astype("<f2").tobytes()
+        hint = getattr(embedder, "hint", None) or embedder.spec.name
+        update_bank(path, add, {**embedder.spec.header(), "m3.embed.hint": hint, "m3.index.factory": factory, "m3.index.metric": "inner_product",
+                                "m3.index.count": int(index.ntotal), "m3.index.nprobe": nprobe,
+                                "m3.index.ef_search": ef_search})
+        return {"references": int(index.ntotal), "factory": factory, "embedder": embedder.spec.name,
+                "dim": embedder.spec.dim, "embedded": fresh, "index_bytes": len(blob)}
 
 
 @dataclass(frozen=True)
@@ -412,6 +407,7 @@ def index_structure_problems(index, n: int, dim: int) -> list[str]:
     ids = _arr(outer.id_map)
     if ids.size != n or (n and (ids.min() < 0 or ids.max() >= n or np.unique(ids).size != n)):
         return ["its ids are not the bank's reference numbers, each once"]
+    ivf = next((y for y in _chain(outer) if hasattr(y, "invlists")), None)  # its quantizer holds nlist vectors
     for position, x in enumerate(_chain(outer)):
         kind = type(x).__name__
         if kind not in ALLOWED_INDEXES:
@@ -422,7 +418,7 @@ def index_structure_problems(index, n: int, dim: int) -> list[str]:
             return [f"{kind} is not trained"]
         if not 1 <= x.d <= 65536:
             return [f"{kind} has dimension {x.d}"]
-        expect_n = n if position == 0 or not _is_quantizer(outer, x) else int(_quantizer_lists(outer))
+        expect_n = int(ivf.nlist) if ivf is not None and int(ivf.quantizer.this) == int(x.this) else n
         if x.ntotal != expect_n:
             return [f"{kind} holds {x.ntotal} vectors, expected {expect_n}"]
         if hasattr(x, "codes") and hasattr(x, "code_size") and not hasattr(x, "invlists"):
@@ -458,20 +454,6 @@ def index_structure_problems(index, n: int, dim: int) -> list[str]:
         if problems:
             return problems
     return []
-
-
-def _ivf(outer):
-    return next((y for y in _chain(outer) if hasattr(y, "invlists")), None)
-
-
-def _is_quantizer(outer, x) -> bool:
-    """True when x is the coarse quantizer of the IVF index inside `outer`."""
-    ivf = _ivf(outer)
-    return ivf is not None and int(ivf.quantizer.this) == int(x.this)
-
-
-def _quantizer_lists(outer) -> int:
-    return int(_ivf(outer).nlist)
 
 
 def _hnsw_problems(hnsw, n: int) -> list[str]:
