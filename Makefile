@@ -48,7 +48,7 @@ reader-eval: setup
 # recomputed, through open / verify / search / generate; exits 1 on any broken contract.
 CASES ?= 100000
 hostile: setup
-	cd tests && HF_HUB_OFFLINE=1 ../$(BIN)/python hostile.py --cases $(CASES) --out ../out/hostile.json
+	cd tests && HF_HUB_OFFLINE=1 ../$(BIN)/python hostile.py --cases $(CASES) --seed 2026 --out ../out/hostile.json
 
 clean:
 	rm -rf $(VENV) out
