@@ -24,8 +24,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("out/bench-codecs"))
-    ap.add_argument("--codecs", default="bf16,int8,vq,vq8",
-                    help="bf16, int8, vq (default sub-spaces), vqM (M sub-spaces = bytes per vector)")
+    ap.add_argument(
+        "--codecs",
+        default="bf16,int8,vq,vq8",
+        help="bf16, int8, vq (default sub-spaces), vqM (M sub-spaces = bytes per vector)",
+    )
     ap.add_argument("--contexts", type=int, default=16, help="contexts used for the KL measurement")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -35,13 +38,27 @@ def main() -> None:
         path = args.out / f"{codec}.m3bank"
         m = int(codec[2:]) if codec.startswith("vq") and codec[2:] else None
         t = time.perf_counter()
-        s = encode_corpus(str(args.corpus), args.model, path, codec=codec[:2] if m else codec, overwrite=True,
-                          show_progress=False, vq_subquantizers=m)
+        s = encode_corpus(
+            str(args.corpus),
+            args.model,
+            path,
+            codec=codec[:2] if m else codec,
+            overwrite=True,
+            show_progress=False,
+            vq_subquantizers=m,
+        )
         seconds = time.perf_counter() - t
         banks[codec] = Bank(path)
-        rows.append({"codec": codec, "references": s.references, "seconds": round(seconds, 1),
-                     "refs_per_s": round(s.references / seconds, 1), "bytes_per_ref": banks[codec].record_bytes,
-                     "file_bytes": path.stat().st_size})
+        rows.append(
+            {
+                "codec": codec,
+                "references": s.references,
+                "seconds": round(seconds, 1),
+                "refs_per_s": round(s.references / seconds, 1),
+                "bytes_per_ref": banks[codec].record_bytes,
+                "file_bytes": path.stat().st_size,
+            }
+        )
     model, tok = load_model_dir(args.model), load_tokenizer(args.model)
     base = banks["bf16"]
     n = base.n_refs
@@ -71,8 +88,10 @@ def main() -> None:
     print("\n| codec | bytes/ref | × vs bf16 | encode refs/s | rel. error | KL vs bf16 (nats/token) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['codec']} | {r['bytes_per_ref']:,} | {r['compression_vs_bf16']} | {r['refs_per_s']} | "
-              f"{r['rel_error']} | {r['kl_vs_bf16']} |")
+        print(
+            f"| {r['codec']} | {r['bytes_per_ref']:,} | {r['compression_vs_bf16']} | {r['refs_per_s']} | "
+            f"{r['rel_error']} | {r['kl_vs_bf16']} |"
+        )
 
 
 if __name__ == "__main__":

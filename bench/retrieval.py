@@ -1,23 +1,23 @@
 """Retrieval benchmarks, side by side in one run.
 
-  index      FAISS factories on N synthetic unit vectors (384-d, the width of MiniLM, with a
-             32-d intrinsic dimension): build time, recall@5 against exact search, latency per
-             query (single queries, one thread, as at generation time).
-  wiki-vectors  MiniLM embeddings of the installed Wikipedia summaries' sentences (.npy), so
-             `index --vectors` measures on real embeddings.
-  embedders  MiniLM vs the model's own hidden states (`self`) vs a static embedder dir
-             (`--embedders`) on Wikipedia summaries: texts/s, the time of 16 chunk-sized queries
-             (generation's batch), and recall@5 of "article title -> one of its references".
-  qa         on an indexed bank and m3 synth's questions: how often the person a question names
-             is the retriever's first hit, and among its 5, and by what cosine margin it leads
-             the second hit when it is first.
+index      FAISS factories on N synthetic unit vectors (384-d, the width of MiniLM, with a
+           32-d intrinsic dimension): build time, recall@5 against exact search, latency per
+           query (single queries, one thread, as at generation time).
+wiki-vectors  MiniLM embeddings of the installed Wikipedia summaries' sentences (.npy), so
+           `index --vectors` measures on real embeddings.
+embedders  MiniLM vs the model's own hidden states (`self`) vs a static embedder dir
+           (`--embedders`) on Wikipedia summaries: texts/s, the time of 16 chunk-sized queries
+           (generation's batch), and recall@5 of "article title -> one of its references".
+qa         on an indexed bank and m3 synth's questions: how often the person a question names
+           is the retriever's first hit, and among its 5, and by what cosine margin it leads
+           the second hit when it is first.
 
-    python bench/retrieval.py index --n 100000 --factories "Flat;HNSW32;IVF1024,PQ48x4fs,RFlat"
-    python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl
-    python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl --embedders minilm,out/minilm-static
-    python bench/retrieval.py qa --bank out/proof/kb.m3bank --qa out/proof/qa_unseen.jsonl
-    python bench/retrieval.py wiki-vectors -o out/wiki-vectors.npy   # real MiniLM sentence embeddings
-    python bench/retrieval.py index --vectors out/wiki-vectors.npy --factories "HNSW32;PCA64,HNSW32"
+  python bench/retrieval.py index --n 100000 --factories "Flat;HNSW32;IVF1024,PQ48x4fs,RFlat"
+  python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl
+  python bench/retrieval.py embedders --model out/smollm2 --corpus out/wiki500.jsonl --embedders minilm,out/minilm-static
+  python bench/retrieval.py qa --bank out/proof/kb.m3bank --qa out/proof/qa_unseen.jsonl
+  python bench/retrieval.py wiki-vectors -o out/wiki-vectors.npy   # real MiniLM sentence embeddings
+  python bench/retrieval.py index --vectors out/wiki-vectors.npy --factories "HNSW32;PCA64,HNSW32"
 """
 
 import argparse
@@ -37,7 +37,7 @@ def synthetic(n: int, dim: int, seed: int, latent: int = 32) -> np.ndarray:
         m = min(100_000, n - s)
         x = rng.standard_normal((m, latent)).astype(np.float32) @ proj
         x += 0.05 * rng.standard_normal((m, dim)).astype(np.float32)
-        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -50,7 +50,7 @@ def bench_index(args) -> None:
         data = np.load(args.vectors, allow_pickle=False).astype(np.float32)
         if len(data) <= args.queries:
             raise SystemExit(f"{args.vectors} holds {len(data)} vectors, not more than --queries")
-        base, queries = data[:-args.queries][:args.n], data[-args.queries:]
+        base, queries = data[: -args.queries][: args.n], data[-args.queries :]
         args.n, args.dim = len(base), base.shape[1]
     else:
         base = synthetic(args.n, args.dim, 0)
@@ -82,15 +82,25 @@ def bench_index(args) -> None:
             faiss.omp_set_num_threads(args.threads)
             recall = float(np.mean([len(set(f) & set(g)) / 5 for f, g in zip(found, truth)]))
             notes = ", ".join(x for x in (f"efConstruction {efc}" if efc else "", f"k_factor {kf}" if kf else "") if x)
-            rows.append({"factory": factory + (f" ({notes})" if notes else ""),
-                         "param": f"{name}={value}" if name else "", "n": args.n,
-                         "build_s": round(build, 1), "recall_at_5": round(recall, 4),
-                         "ms_per_query": round(latency_ms, 3),
-                         "index_mb": index_mb})
+            rows.append(
+                {
+                    "factory": factory + (f" ({notes})" if notes else ""),
+                    "param": f"{name}={value}" if name else "",
+                    "n": args.n,
+                    "build_s": round(build, 1),
+                    "recall_at_5": round(recall, 4),
+                    "ms_per_query": round(latency_ms, 3),
+                    "index_mb": index_mb,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| factory | search parameter | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| factory | search parameter | vectors | build s | recall@5 | ms/query | index MB |\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['factory']} | {r['param']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |")
+        print(
+            f"| {r['factory']} | {r['param']} | {r['n']:,} | {r['build_s']} | {r['recall_at_5']} | {r['ms_per_query']} | {r['index_mb']} |"
+        )
 
 
 def wiki_vectors(args) -> None:
@@ -106,15 +116,27 @@ def wiki_vectors(args) -> None:
     from wiki_corpus import summaries  # the package's summaries, read at run time
 
     data = summaries()
-    sentences = [s for key in sorted(data) for s in re.split(r"(?<=[.!?])\s+", (data[key].get("extract") or "").strip())
-                 if len(s.split()) >= 4][: args.limit]
+    sentences = [
+        s
+        for key in sorted(data)
+        for s in re.split(r"(?<=[.!?])\s+", (data[key].get("extract") or "").strip())
+        if len(s.split()) >= 4
+    ][: args.limit]
     rng = np.random.default_rng(0)
     sentences = [sentences[i] for i in rng.permutation(len(sentences))]  # queries: a random sample
     emb = load_embedder("minilm")
     t = time.perf_counter()
-    vectors = np.concatenate([emb.embed(sentences[i:i + 256]) for i in range(0, len(sentences), 256)])
-    print(json.dumps({"sentences": len(sentences), "dim": int(vectors.shape[1]),
-                      "texts_per_s": round(len(sentences) / (time.perf_counter() - t), 1)}), flush=True)
+    vectors = np.concatenate([emb.embed(sentences[i : i + 256]) for i in range(0, len(sentences), 256)])
+    print(
+        json.dumps(
+            {
+                "sentences": len(sentences),
+                "dim": int(vectors.shape[1]),
+                "texts_per_s": round(len(sentences) / (time.perf_counter() - t), 1),
+            }
+        ),
+        flush=True,
+    )
     np.save(args.output, vectors.astype(np.float32), allow_pickle=False)
 
 
@@ -139,7 +161,7 @@ def bench_embedders(args) -> None:
     for name in args.embedders.split(","):
         emb = load_embedder(name, model_dir=args.model)
         t = time.perf_counter()
-        vectors = np.concatenate([emb.embed(refs[i:i + 32]) for i in range(0, len(refs), 32)])
+        vectors = np.concatenate([emb.embed(refs[i : i + 32]) for i in range(0, len(refs), 32)])
         per_s = len(refs) / (time.perf_counter() - t)
         index = build_index(vectors, "Flat")
         _, ids = index.search(emb.embed(titles), 5)
@@ -147,15 +169,26 @@ def bench_embedders(args) -> None:
         emb.embed(queries[:16])  # warm-up
         t = time.perf_counter()
         for i in range(0, len(queries), 16):
-            emb.embed(queries[i:i + 16])
+            emb.embed(queries[i : i + 16])
         batch_ms = (time.perf_counter() - t) / (len(queries) / 16) * 1000
-        rows.append({"embedder": emb.spec.name, "dim": emb.spec.dim, "references": len(refs),
-                     "texts_per_s": round(per_s, 1), "ms_per_16_queries": round(batch_ms, 2),
-                     "title_recall_at_5": round(recall, 4)})
+        rows.append(
+            {
+                "embedder": emb.spec.name,
+                "dim": emb.spec.dim,
+                "references": len(refs),
+                "texts_per_s": round(per_s, 1),
+                "ms_per_16_queries": round(batch_ms, 2),
+                "title_recall_at_5": round(recall, 4),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| embedder | dim | references/s | ms per 16 chunk queries | title → article recall@5 |\n|---|---|---|---|---|")
+    print(
+        "\n| embedder | dim | references/s | ms per 16 chunk queries | title → article recall@5 |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['embedder']} | {r['dim']} | {r['texts_per_s']} | {r['ms_per_16_queries']} | {r['title_recall_at_5']} |")
+        print(
+            f"| {r['embedder']} | {r['dim']} | {r['texts_per_s']} | {r['ms_per_16_queries']} | {r['title_recall_at_5']} |"
+        )
 
 
 def bench_qa(args) -> None:
@@ -171,12 +204,16 @@ def bench_qa(args) -> None:
     with Bank(Path(args.bank)) as bank:
         retriever = Retriever(bank, query_embedder(bank, encoder=args.embedder))
         t = time.perf_counter()
-        hits = [h for i in range(0, len(questions), 16) for h in retriever.search(questions[i:i + 16], k=5)]
+        hits = [h for i in range(0, len(questions), 16) for h in retriever.search(questions[i : i + 16], k=5)]
         ms = (time.perf_counter() - t) / (len(questions) / 16) * 1000
-    row = {"bank": args.bank, "embedder": retriever.embedder.spec.name, "questions": len(questions),
-           "right_at_1": round(float(np.mean([bool(h) and h[0].title in q for q, h in zip(questions, hits)])), 4),
-           "right_in_5": round(float(np.mean([any(x.title in q for x in h) for q, h in zip(questions, hits)])), 4),
-           "ms_per_16_questions": round(ms, 2)}
+    row = {
+        "bank": args.bank,
+        "embedder": retriever.embedder.spec.name,
+        "questions": len(questions),
+        "right_at_1": round(float(np.mean([bool(h) and h[0].title in q for q, h in zip(questions, hits)])), 4),
+        "right_in_5": round(float(np.mean([any(x.title in q for x in h) for q, h in zip(questions, hits)])), 4),
+        "ms_per_16_questions": round(ms, 2),
+    }
     # how sure the retriever is when it is right: the cosine margin of the first hit over the second
     margins = [h[0].score - h[1].score for q, h in zip(questions, hits) if len(h) > 1 and h[0].title in q]
     if margins:

@@ -1,3 +1,3 @@
 """m3: Memory3 language models with explicit memory."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -107,7 +107,9 @@ def open_new(path: Path, mode: str = "wb"):
     """Create `path` for writing; a file or link already there is removed first, and the new
     file is created exclusively (O_EXCL), so a planted link is never followed."""
     remove_path(path)
-    fd = os.open(path, (os.O_RDWR if "+" in mode else os.O_WRONLY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(
+        path, (os.O_RDWR if "+" in mode else os.O_WRONLY) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+    )
     return os.fdopen(fd, mode)
 
 

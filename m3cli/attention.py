@@ -133,8 +133,9 @@ class Memory:
         return self.prepared["readable"]
 
     @classmethod
-    def from_encodings(cls, per_sequence: list[MemoryEncoding], sink: Tensor,
-                       visible: Tensor | None = None) -> "Memory":
+    def from_encodings(
+        cls, per_sequence: list[MemoryEncoding], sink: Tensor, visible: Tensor | None = None
+    ) -> "Memory":
         """Stack each sequence's references into slots, padding with empty slots."""
         S = max((len(e) for e in per_sequence), default=0)
         B = len(per_sequence)
@@ -178,8 +179,9 @@ def chunk_visibility(token_chunk: Tensor, slot_chunk: Tensor, window: int) -> Te
     return (d >= 0) & (d <= window) & (slot_chunk[:, None, :] >= 0)
 
 
-def training_visibility(seq_len: int, n_slots_per_chunk: int, batch: int, chunk_length: int,
-                        window: int, device: torch.device | str = "cpu") -> Tensor:
+def training_visibility(
+    seq_len: int, n_slots_per_chunk: int, batch: int, chunk_length: int, window: int, device: torch.device | str = "cpu"
+) -> Tensor:
     """The training block mask: chunk c reads the memories of chunks c-window..c.
 
     Slots are laid out chunk by chunk: slot s belongs to chunk s // n_slots_per_chunk.
@@ -215,7 +217,9 @@ class KVCache:
     def context(self, layer: int) -> tuple[Tensor, Tensor]:
         """All context keys/values of `layer` seen so far, (B, Hkv, length, D) views."""
         r, n = self._reserve[layer], self._len[layer]
-        return self._k[layer][:, :, r:r + n], self._v[layer][:, :, r:r + n]
+        kb, vb = self._k[layer], self._v[layer]
+        assert kb is not None and vb is not None, "no keys cached for this layer yet"
+        return kb[:, :, r : r + n], vb[:, :, r : r + n]
 
     def _grow(self, layer: int, k: Tensor, need_ctx: int, need_front: int) -> None:
         buf = self._k[layer]
@@ -230,14 +234,15 @@ class KVCache:
         if buf is not None:
             old_k, old_v = self.context(layer)
             n = self._len[layer]
-            new_k[:, :, reserve:reserve + n] = old_k
-            new_v[:, :, reserve:reserve + n] = old_v
+            new_k[:, :, reserve : reserve + n] = old_k
+            new_v[:, :, reserve : reserve + n] = old_v
         self._k[layer], self._v[layer] = new_k, new_v
         self._reserve[layer] = reserve
         self._front_src[layer], self._front[layer] = None, 0  # the front is rewritten below
 
-    def update(self, layer: int, k: Tensor, v: Tensor,
-               front: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, front: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Append this call's keys/values (B, Hkv, T, D) for `layer`; return [front | context so far].
 
         front: keys/values (B, Hkv, F, D) to place before the context (or None for none).
@@ -247,12 +252,13 @@ class KVCache:
         self._grow(layer, k, n + T, f)
         r = self._reserve[layer]
         kb, vb = self._k[layer], self._v[layer]
-        kb[:, :, r + n:r + n + T] = k
-        vb[:, :, r + n:r + n + T] = v
+        assert kb is not None and vb is not None  # _grow allocated them
+        kb[:, :, r + n : r + n + T] = k
+        vb[:, :, r + n : r + n + T] = v
         self._len[layer] = n + T
-        if f and self._front_src[layer] is not front[0]:
-            kb[:, :, r - f:r] = front[0]
-            vb[:, :, r - f:r] = front[1]
+        if front is not None and f and self._front_src[layer] is not front[0]:
+            kb[:, :, r - f : r] = front[0]
+            vb[:, :, r - f : r] = front[1]
             self._front_src[layer] = front[0]
         self._front[layer] = f
-        return kb[:, :, r - f:r + n + T], vb[:, :, r - f:r + n + T]
+        return kb[:, :, r - f : r + n + T], vb[:, :, r - f : r + n + T]

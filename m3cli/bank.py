@@ -1,8 +1,8 @@
-"""The `.m3bank` file: its constants, the KV codecs, and the reader (memory-mapped,
-bounds-checked). Writing lives in bank_writer.py.
+"""The `.m3bank` file: its constants and the reader (memory-mapped, bounds-checked). Writing
+lives in bank_writer.py, the KV codecs in codecs.py.
 
 `format_spec.md` is the contract; the constants below are checked against it by a test.
-Knows the byte layout and the KV codecs; knows nothing about models, tokenizers or corpora.
+Knows the byte layout; knows nothing about models, tokenizers or corpora.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
 
-from .errors import M3Error
+from .codecs import CODECS, decode_kv, encode_kv, record_bytes  # noqa: F401 (encode_kv: the writer's)
+from .errors import BankError, M3Error
 
 MAGIC = b"\x89M3BANK\n"
 MAJOR = 1
@@ -35,7 +37,6 @@ REF_RECORD_SIZE = 32
 DOC_RECORD_SIZE = 32
 SECTION_FLAG_REQUIRED = 1
 
-CODECS = ("bf16", "int8", "vq")
 SECTION_CODECS = ("raw", "zstd")
 KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.data", "kv.positions")
 VQ_SECTION = "codec.vq"  # PQ codebooks, present with the vq codec
@@ -56,56 +57,8 @@ assert _PREAMBLE.size == PREAMBLE_SIZE and _ENTRY.size == SECTION_ENTRY_SIZE
 assert _REF.size == REF_RECORD_SIZE and _DOC.size == DOC_RECORD_SIZE
 
 
-class BankError(M3Error):
-    """The file is not a valid .m3bank (or not one this m3 can read)."""
-
-
 def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
-
-
-def record_bytes(codec: str, shape: tuple[int, int, int, int, int], subquantizers: int | None = None) -> int:
-    """Bytes of one reference's kv.data record for a memory of `shape` (L, 2, H, K, d)."""
-    L, two, H, K, d = shape
-    if codec == "bf16":
-        return 2 * L * two * H * K * d
-    if codec == "int8":
-        return L * two * H * K * (d + 2)
-    if codec == "vq":
-        if not subquantizers or d % subquantizers:
-            raise M3Error(f"vq needs a number of sub-quantizers that divides the head dim {d}")
-        return L * two * H * K * subquantizers
-    raise M3Error(f"unknown KV codec {codec!r}; choose one of {', '.join(CODECS)}")
-
-
-def encode_kv(kv: torch.Tensor, codec: str) -> bytes:
-    """kv (L, 2, H, K, d) float -> one kv.data record."""
-    if codec == "bf16":
-        return kv.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().astype("<i2").tobytes()
-    if codec == "int8":
-        x = kv.detach().float().cpu()
-        scale = x.abs().amax(dim=-1) / 127.0  # (L, 2, H, K)
-        scale = scale.to(torch.float16).float()  # stored precision
-        q = torch.where(scale[..., None] > 0, torch.round(x / scale.clamp_min(1e-30)[..., None]), torch.zeros_like(x))
-        q = q.clamp(-127, 127).to(torch.int8)
-        return q.numpy().tobytes() + scale.to(torch.float16).numpy().astype("<f2").tobytes()
-    raise M3Error(f"unknown KV codec {codec!r}; choose one of {', '.join(CODECS)}")
-
-
-def decode_kv(buf: np.ndarray, codec: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Records (n, record_bytes) uint8 -> float32 tensor (n, L, 2, H, K, d)."""
-    n = buf.shape[0]
-    if codec == "bf16":
-        raw = np.ascontiguousarray(buf).view("<i2").reshape((n,) + tuple(shape))
-        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).float()
-    if codec == "int8":
-        L, two, H, K, d = shape
-        nv = L * two * H * K * d
-        q = np.ascontiguousarray(buf[:, :nv]).view(np.int8).reshape((n,) + tuple(shape))
-        s = np.ascontiguousarray(buf[:, nv:]).view("<f2").reshape((n, L, two, H, K, 1))
-        with np.errstate(invalid="ignore", over="ignore"):  # a damaged scale: found by verify, not warned about
-            return torch.from_numpy(q.astype(np.float32) * s.astype(np.float32))
-    raise BankError(f"unknown KV codec {codec!r} in the bank")
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -139,6 +92,10 @@ class Document:
     n_refs: int
 
 
+@overload
+def _int(header: dict, key: str, lo: int = 0, hi: int = 2**63, optional: Literal[False] = False) -> int: ...
+@overload
+def _int(header: dict, key: str, lo: int = 0, hi: int = 2**63, *, optional: Literal[True]) -> int | None: ...
 def _int(header: dict, key: str, lo: int = 0, hi: int = 2**63, optional: bool = False) -> int | None:
     v = header.get(key)
     if optional and key not in header:
@@ -212,7 +169,7 @@ class Bank:
         table = mm[toff:hoff]
         if zlib.crc32(table) != table_crc:
             raise BankError("section table checksum mismatch (file damaged)")
-        header_bytes = mm[hoff:hoff + hlen]
+        header_bytes = mm[hoff : hoff + hlen]
         if zlib.crc32(header_bytes) != header_crc:
             raise BankError("header checksum mismatch (file damaged)")
         try:
@@ -226,7 +183,9 @@ class Bank:
         self._entries: dict[str, bytes] = {}
         spans = [(0, PREAMBLE_SIZE, "preamble"), (toff, hoff + hlen, "section table and header")]
         for i in range(count):
-            raw_name, off, length, decoded, codec, sflags, _res, digest = _ENTRY.unpack_from(table, i * SECTION_ENTRY_SIZE)
+            raw_name, off, length, decoded, codec, sflags, _res, digest = _ENTRY.unpack_from(
+                table, i * SECTION_ENTRY_SIZE
+            )
             name = raw_name.rstrip(b"\0").decode("ascii", "replace")
             codec_s = codec.rstrip(b"\0").decode("ascii", "replace")
             if not _NAME_RE.match(name) or name in self.sections:
@@ -238,14 +197,15 @@ class Bank:
             if codec_s == "raw" and decoded != length:
                 raise BankError(f"section {name}: raw section with decoded length {decoded} != {length}")
             if codec_s == "zstd" and (name not in ZSTD_SECTIONS or decoded > MAX_ZSTD_RATIO * max(length, 1)):
-                raise BankError(f"section {name}: zstd is not allowed here or expands implausibly "
-                                f"({length} -> {decoded} bytes)")
+                raise BankError(
+                    f"section {name}: zstd is not allowed here or expands implausibly ({length} -> {decoded} bytes)"
+                )
             if name not in KNOWN_SECTIONS and name != VQ_SECTION and sflags & SECTION_FLAG_REQUIRED:
                 raise BankError(f"required section {name!r} is unknown to this m3 (upgrade m3)")
             if length:
                 spans.append((off, off + length, name))
             self.sections[name] = Section(name, off, length, decoded, codec_s, sflags, digest)
-            self._entries[name] = bytes(table[i * SECTION_ENTRY_SIZE:(i + 1) * SECTION_ENTRY_SIZE])
+            self._entries[name] = bytes(table[i * SECTION_ENTRY_SIZE : (i + 1) * SECTION_ENTRY_SIZE])
         spans.sort()
         for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -259,13 +219,18 @@ class Bank:
         h = self.header
         self.n_refs = _int(h, "m3.bank.references", 0, 2**40)
         self.n_docs = _int(h, "m3.bank.documents", 0, 2**32 - 1)
-        self.codec = h.get("m3.memory.codec")
+        self.codec: str = h.get("m3.memory.codec")  # type: ignore[assignment]  # checked just below
         if self.codec not in CODECS:
             raise BankError(f"unknown KV codec {self.codec!r} in the header")
-        self.memory_shape = (_int(h, "m3.memory.layers", 1, 4096), 2, _int(h, "m3.memory.kv_heads", 1, 4096),
-                             _int(h, "m3.memory.top_k", 1, 4096), _int(h, "m3.memory.head_dim", 1, 4096))
+        self.memory_shape = (
+            _int(h, "m3.memory.layers", 1, 4096),
+            2,
+            _int(h, "m3.memory.kv_heads", 1, 4096),
+            _int(h, "m3.memory.top_k", 1, 4096),
+            _int(h, "m3.memory.head_dim", 1, 4096),
+        )
         self.record_bytes = _int(h, "m3.memory.record_bytes", 1, MAX_RECORD_BYTES)
-        self.subquantizers = None
+        self.subquantizers: int | None = None
         if self.codec == "vq":
             self.subquantizers = _int(h, "m3.memory.vq.subquantizers", 1, 4096)
             if self.memory_shape[4] % self.subquantizers:
@@ -280,11 +245,19 @@ class Bank:
         if self.record_bytes != record_bytes(self.codec, self.memory_shape, self.subquantizers):
             raise BankError("m3.memory.record_bytes does not match codec and memory shape")
         self.reference_length = _int(h, "m3.memory.reference_length", 1, 2**16)
-        for key, n in (("m3.memory.layer_ids", self.memory_shape[0]), ("m3.model.reference_prefix_ids", None)):
+        lists: tuple[tuple[str, int | None], ...] = (
+            ("m3.memory.layer_ids", self.memory_shape[0]),
+            ("m3.model.reference_prefix_ids", None),
+        )
+        for key, want in lists:
             v = h.get(key)
-            if not isinstance(v, list) or (n is not None and len(v) != n) or len(v) > 4096 or \
-                    not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in v):
-                raise BankError(f"header key {key} must be a list of {n or 'some'} non-negative integers")
+            if (
+                not isinstance(v, list)
+                or (want is not None and len(v) != want)
+                or len(v) > 4096
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in v)
+            ):
+                raise BankError(f"header key {key} must be a list of {want or 'some'} non-negative integers")
         self.prefix_length = len(h["m3.model.reference_prefix_ids"])
         ids = h["m3.memory.layer_ids"]
         if any(b <= a for a, b in zip(ids, ids[1:])):
@@ -297,8 +270,9 @@ class Bank:
         _int(h, "m3.embed.dim", 1, MAX_EMBED_DIM, optional=True)
         name = h.get("m3.embed.name")
         if name is not None and not (isinstance(name, str) and _EMBEDDER_RE.match(name)):
-            raise BankError(f"header key m3.embed.name must be minilm, self, hf:<dir> or static:<dir>, got "
-                            f"{str(name)[:40]!r}")
+            raise BankError(
+                f"header key m3.embed.name must be minilm, self, hf:<dir> or static:<dir>, got {str(name)[:40]!r}"
+            )
         if h.get("m3.embed.pooling", "mean") not in ("mean", "cls"):
             raise BankError(f"header key m3.embed.pooling must be mean or cls, got {str(h['m3.embed.pooling'])[:40]!r}")
         for key in ("m3.model.fingerprint", "m3.embed.fingerprint"):
@@ -308,13 +282,25 @@ class Bank:
             raise BankError(f"header key m3.index.metric must be inner_product, got {str(h['m3.index.metric'])[:40]!r}")
         _int(h, "m3.index.count", 0, 2**40, optional=True)
         _int(h, "m3.bank.tokens", 0, 2**63, optional=True)
-        for key in ("m3.model.fingerprint", "m3.model.hint", "m3.embed.hint", "m3.embed.name", "m3.embed.pooling",
-                    "m3.embed.fingerprint", "m3.index.factory", "m3.index.metric"):
+        for key in (
+            "m3.model.fingerprint",
+            "m3.model.hint",
+            "m3.embed.hint",
+            "m3.embed.name",
+            "m3.embed.pooling",
+            "m3.embed.fingerprint",
+            "m3.index.factory",
+            "m3.index.metric",
+        ):
             if key in h and not isinstance(h[key], str):
                 raise BankError(f"header key {key} must be a string")
         L, _, H, K, _d = self.memory_shape
-        expect = {"refs.table": self.n_refs * REF_RECORD_SIZE, "docs.table": self.n_docs * DOC_RECORD_SIZE,
-                  "kv.data": self.n_refs * self.record_bytes, "kv.positions": self.n_refs * L * H * K * 2}
+        expect = {
+            "refs.table": self.n_refs * REF_RECORD_SIZE,
+            "docs.table": self.n_docs * DOC_RECORD_SIZE,
+            "kv.data": self.n_refs * self.record_bytes,
+            "kv.positions": self.n_refs * L * H * K * 2,
+        }
         for name, n in expect.items():
             if self.sections[name].decoded_length != n or self.sections[name].codec != "raw":
                 raise BankError(f"section {name} has {self.sections[name].length} bytes, the header implies {n}")
@@ -327,7 +313,7 @@ class Bank:
     # access ----------------------------------------------------------------------------------
     def raw(self, name: str) -> memoryview:
         s = self.sections[name]
-        return memoryview(self._mm)[s.offset:s.offset + s.length]
+        return memoryview(self._mm)[s.offset : s.offset + s.length]
 
     def verified(self, name: str) -> bytes:
         """A section's stored bytes, after checking them against the table's SHA-256: the only way
@@ -348,7 +334,9 @@ class Bank:
         try:
             declared = zstandard.get_frame_parameters(data).content_size
             if declared != s.decoded_length:
-                raise BankError(f"section {name}: the zstd frame declares {declared} bytes, the table {s.decoded_length}")
+                raise BankError(
+                    f"section {name}: the zstd frame declares {declared} bytes, the table {s.decoded_length}"
+                )
             out = zstandard.ZstdDecompressor().decompress(data, max_output_size=s.decoded_length)
         except zstandard.ZstdError as e:
             raise BankError(f"section {name} does not decompress: {e}") from None
@@ -363,12 +351,14 @@ class Bank:
 
     def reference(self, i: int) -> Reference:
         i = self._index(i, self.n_refs, "reference")
-        off, length, tokens, doc, idx, _ = _REF.unpack_from(self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE)
+        off, length, tokens, doc, idx, _ = _REF.unpack_from(
+            self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE
+        )
         text_sec = self.sections["refs.text"]
         if off + length > text_sec.length or doc >= self.n_docs or tokens > self.reference_length:
             raise BankError(f"reference {i} has an invalid record (text {off}+{length}, doc {doc}, tokens {tokens})")
         try:
-            text = bytes(self._mm[text_sec.offset + off:text_sec.offset + off + length]).decode("utf-8")
+            text = bytes(self._mm[text_sec.offset + off : text_sec.offset + off + length]).decode("utf-8")
         except UnicodeDecodeError:
             raise BankError(f"reference {i}: text is not valid UTF-8") from None
         return Reference(i, text, tokens, doc, idx)
@@ -377,13 +367,17 @@ class Bank:
         j = self._index(j, self.n_docs, "document")
         if self._docs_strings is None:
             self._docs_strings = self.decoded("docs.strings")
-        off, li, lt, ls, first, n, _ = _DOC.unpack_from(self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE)
+        off, li, lt, ls, first, n, _ = _DOC.unpack_from(
+            self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE
+        )
         blob = self._docs_strings
         if off + li + lt + ls > len(blob) or first + n > self.n_refs:
             raise BankError(f"document {j} has an invalid record")
         try:
-            parts = [blob[a:b].decode("utf-8") for a, b in ((off, off + li), (off + li, off + li + lt),
-                                                             (off + li + lt, off + li + lt + ls))]
+            parts = [
+                blob[a:b].decode("utf-8")
+                for a, b in ((off, off + li), (off + li, off + li + lt), (off + li + lt, off + li + lt + ls))
+            ]
         except UnicodeDecodeError:
             raise BankError(f"document {j}: strings are not valid UTF-8") from None
         return Document(j, parts[0], parts[1], parts[2], first, n)
@@ -393,8 +387,9 @@ class Bank:
         L, _, H, K, _ = self.memory_shape
         idx = self._indices(indices)
         per = L * H * K
-        arr = np.frombuffer(self._mm, dtype="<i2", count=self.n_refs * per,
-                            offset=self.sections["kv.positions"].offset).reshape(self.n_refs, L, H, K)
+        arr = np.frombuffer(
+            self._mm, dtype="<i2", count=self.n_refs * per, offset=self.sections["kv.positions"].offset
+        ).reshape(self.n_refs, L, H, K)
         return torch.from_numpy(arr[idx].astype(np.int16))
 
     def _indices(self, indices) -> np.ndarray:
@@ -408,8 +403,9 @@ class Bank:
         from .attention import MemoryEncoding
 
         idx = self._indices(indices)
-        records = np.frombuffer(self._mm, dtype=np.uint8, count=self.n_refs * self.record_bytes,
-                                offset=self.sections["kv.data"].offset).reshape(self.n_refs, self.record_bytes)
+        records = np.frombuffer(
+            self._mm, dtype=np.uint8, count=self.n_refs * self.record_bytes, offset=self.sections["kv.data"].offset
+        ).reshape(self.n_refs, self.record_bytes)
         pos = self.positions(idx).long()
         if self.codec == "vq":
             from . import vq
@@ -430,6 +426,7 @@ class Bank:
             arr = np.frombuffer(self.verified(VQ_SECTION), dtype="<f4")
             L, _, _, _, d = self.memory_shape
             m = self.subquantizers
+            assert m is not None  # a vq bank always has them (checked at open)
             self._codebooks = torch.from_numpy(arr.astype(np.float32)).reshape(L, 2, m, 256, d // m)
         return self._codebooks
 
@@ -439,8 +436,10 @@ class Bank:
         L, _, H, K, _ = self.memory_shape
         kv, pos = self.sections["kv.data"].offset, self.sections["kv.positions"].offset
         per = L * H * K * 2
-        return (bytes(self._mm[kv + i * self.record_bytes:kv + (i + 1) * self.record_bytes]),
-                bytes(self._mm[pos + i * per:pos + (i + 1) * per]))
+        return (
+            bytes(self._mm[kv + i * self.record_bytes : kv + (i + 1) * self.record_bytes]),
+            bytes(self._mm[pos + i * per : pos + (i + 1) * per]),
+        )
 
     def _release(self, offset: int, length: int) -> None:
         """Let the pages of a range read once go (a full pass over a large bank then stays within
@@ -461,9 +460,9 @@ class Bank:
         problems = []
         for s in self.sections.values():
             h = hashlib.sha256()
-            view = memoryview(self._mm)[s.offset:s.offset + s.length]
+            view = memoryview(self._mm)[s.offset : s.offset + s.length]
             for start in range(0, s.length, 1 << 24):
-                h.update(view[start:start + (1 << 24)])
+                h.update(view[start : start + (1 << 24)])
                 self._release(s.offset + start, min(1 << 24, s.length - start))
             if h.digest() != s.sha256:
                 problems.append(f"section {s.name}: SHA-256 mismatch")
@@ -489,20 +488,24 @@ class Bank:
                     return problems
                 continue
             off, li, lt, ls, *_ = _DOC.unpack_from(self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE)
-            if off != strings_end and note(f"document {j}: its strings start at byte {off} of docs.strings, "
-                                           f"expected {strings_end}"):
+            if off != strings_end and note(
+                f"document {j}: its strings start at byte {off} of docs.strings, expected {strings_end}"
+            ):
                 return problems
             strings_end = off + li + lt + ls
-            if d.first_ref != expected_first and note(f"document {j} starts at reference {d.first_ref}, "
-                                                      f"expected {expected_first}"):
+            if d.first_ref != expected_first and note(
+                f"document {j} starts at reference {d.first_ref}, expected {expected_first}"
+            ):
                 return problems
             expected_first = d.first_ref + d.n_refs
-        if expected_first != self.n_refs and note(f"documents cover {expected_first} references, the bank has "
-                                                  f"{self.n_refs}"):
+        if expected_first != self.n_refs and note(
+            f"documents cover {expected_first} references, the bank has {self.n_refs}"
+        ):
             return problems
-        if strings_end != self.sections["docs.strings"].decoded_length and \
-                note(f"documents' strings end at byte {strings_end}, docs.strings holds "
-                     f"{self.sections['docs.strings'].decoded_length}"):
+        if strings_end != self.sections["docs.strings"].decoded_length and note(
+            f"documents' strings end at byte {strings_end}, docs.strings holds "
+            f"{self.sections['docs.strings'].decoded_length}"
+        ):
             return problems
         text_end = 0  # references' texts tile refs.text in order
         prefix = self.prefix_length
@@ -519,10 +522,12 @@ class Bank:
                     if not doc.first_ref <= i < doc.first_ref + doc.n_refs or ref.index_in_doc != i - doc.first_ref:
                         raise BankError(f"reference {i} does not belong to document {ref.doc_index} as the table says")
                     text_off, text_len, *_rest, reserved = _REF.unpack_from(
-                        self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE)
+                        self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE
+                    )
                     if text_off != text_end:
-                        raise BankError(f"reference {i}: its text starts at byte {text_off} of refs.text, "
-                                        f"expected {text_end}")
+                        raise BankError(
+                            f"reference {i}: its text starts at byte {text_off} of refs.text, expected {text_end}"
+                        )
                     if reserved != b"\0" * 8:
                         raise BankError(f"reference {i}: reserved bytes are not zero")
                     text_end = text_off + text_len
@@ -537,11 +542,17 @@ class Bank:
                         return problems
                 if (pos[k] < -1).any() and note(f"reference {i}: invalid kept position (below -1)"):
                     return problems
-        if text_end != self.sections["refs.text"].length and not problems and \
-                note(f"references' texts end at byte {text_end}, refs.text holds {self.sections['refs.text'].length}"):
+        if (
+            text_end != self.sections["refs.text"].length
+            and not problems
+            and note(f"references' texts end at byte {text_end}, refs.text holds {self.sections['refs.text'].length}")
+        ):
             return problems
-        if "m3.bank.tokens" in self.header and self.header["m3.bank.tokens"] != tokens and \
-                note(f"header says {self.header['m3.bank.tokens']} tokens, the references hold {tokens}"):
+        if (
+            "m3.bank.tokens" in self.header
+            and self.header["m3.bank.tokens"] != tokens
+            and note(f"header says {self.header['m3.bank.tokens']} tokens, the references hold {tokens}")
+        ):
             return problems
         if self.codec == "vq" and not torch.isfinite(self.codebooks()).all():
             note(f"section {VQ_SECTION}: codebooks hold values that are not finite numbers")
@@ -552,8 +563,9 @@ class Bank:
                 break  # codes are bytes: any value decodes to a finite codebook entry
             end = min(start + per_chunk, self.n_refs)
             enc = self.memories(range(start, end))
-            self._release(self.sections["kv.data"].offset + start * self.record_bytes,
-                          (end - start) * self.record_bytes)
+            self._release(
+                self.sections["kv.data"].offset + start * self.record_bytes, (end - start) * self.record_bytes
+            )
             bad = (~torch.isfinite(enc.kv)).flatten(1).any(1)
             if bad.any():
                 note(f"reference {start + int(bad.nonzero()[0, 0])}: memory holds values that are not finite numbers")
@@ -567,7 +579,9 @@ def geometry_problems(bank: Bank, cfg) -> list[str]:
     if tuple(bank.memory_shape) != tuple(cfg.memory_shape):
         problems.append(f"memories of shape {tuple(bank.memory_shape)}, the model reads {tuple(cfg.memory_shape)}")
     if list(bank.header["m3.memory.layer_ids"]) != list(cfg.mem_layers):
-        problems.append(f"memory layers {bank.header['m3.memory.layer_ids'][:8]}, the model's are {list(cfg.mem_layers)[:8]}")
+        problems.append(
+            f"memory layers {bank.header['m3.memory.layer_ids'][:8]}, the model's are {list(cfg.mem_layers)[:8]}"
+        )
     if list(bank.header["m3.model.reference_prefix_ids"]) != list(cfg.reference_prefix_ids):
         problems.append("a reference prefix other than the model's")
     if float(bank.header.get("m3.model.rope_theta", cfg.rope_theta)) != float(cfg.rope_theta):
@@ -588,5 +602,7 @@ def require_same_model(bank: Bank, fingerprint: str, allow_mismatch: bool = Fals
     """A bank belongs to exactly one model: refuse another one, naming both fingerprints."""
     recorded = bank.header.get("m3.model.fingerprint")
     if recorded != fingerprint and not allow_mismatch:
-        raise M3Error(f"{bank.path} was encoded by model {recorded}, not by this model {fingerprint}; "
-                      "re-encode the corpus with this model")
+        raise M3Error(
+            f"{bank.path} was encoded by model {recorded}, not by this model {fingerprint}; "
+            "re-encode the corpus with this model"
+        )

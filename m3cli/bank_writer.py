@@ -20,9 +20,30 @@ import numpy as np
 import torch
 
 from .atomic import atomic_file, make_parent, open_existing, output_lock, remove_path
-from .bank import (_DOC, _ENTRY, _NAME_RE, _REF, KNOWN_SECTIONS, MAGIC, MAJOR, MAX_HEADER_BYTES,
-                   MAX_RECORD_BYTES, MAX_SECTIONS, MAX_ZSTD_RATIO, MINOR, PREAMBLE_SIZE, SECTION_ENTRY_SIZE, SECTION_FLAG_REQUIRED, VQ_SECTION, Bank,
-                   BankError, _align, decode_kv, encode_kv, record_bytes)
+from .bank import (
+    _DOC,
+    _ENTRY,
+    _NAME_RE,
+    _REF,
+    KNOWN_SECTIONS,
+    MAGIC,
+    MAJOR,
+    MAX_HEADER_BYTES,
+    MAX_RECORD_BYTES,
+    MAX_SECTIONS,
+    MAX_ZSTD_RATIO,
+    MINOR,
+    PREAMBLE_SIZE,
+    SECTION_ENTRY_SIZE,
+    SECTION_FLAG_REQUIRED,
+    VQ_SECTION,
+    Bank,
+    BankError,
+    _align,
+    decode_kv,
+    encode_kv,
+    record_bytes,
+)
 from .errors import M3Error
 
 
@@ -38,9 +59,18 @@ class BankWriter:
 
     STATE = "state.json"
 
-    def __init__(self, path: Path, header: dict, codec: str, memory_shape: tuple[int, int, int, int, int],
-                 overwrite: bool = False, resume: bool = False, resume_key: dict | None = None,
-                 vq_subquantizers: int | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        path: Path,
+        header: dict,
+        codec: str,
+        memory_shape: tuple[int, int, int, int, int],
+        overwrite: bool = False,
+        resume: bool = False,
+        resume_key: dict | None = None,
+        vq_subquantizers: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         from .vq import default_subquantizers
 
         self.path = Path(path)
@@ -59,8 +89,10 @@ class BankWriter:
         self.record_bytes = record_bytes(self.spool_codec, self.shape)
         final = record_bytes(codec, self.shape, getattr(self, "subquantizers", None))
         if max(final, self.record_bytes) > MAX_RECORD_BYTES:  # what a reader accepts, checked before any work
-            raise M3Error(f"memories of shape {self.shape} need {max(final, self.record_bytes):,} bytes per "
-                          f"reference; a bank holds at most {MAX_RECORD_BYTES:,}")
+            raise M3Error(
+                f"memories of shape {self.shape} need {max(final, self.record_bytes):,} bytes per "
+                f"reference; a bank holds at most {MAX_RECORD_BYTES:,}"
+            )
         prefix = len(self.header.get("m3.model.reference_prefix_ids", ()))
         if prefix + int(self.header.get("m3.memory.reference_length", 0)) > 32767:
             raise M3Error("reference prefix + reference length exceed 32,767 tokens (positions are 16-bit)")
@@ -80,13 +112,17 @@ class BankWriter:
     def _open_spool(self, overwrite: bool, resume: bool) -> None:
         spool_is_ours = self.spool.is_dir() and not self.spool.is_symlink()
         if os.path.lexists(self.spool) and not resume and not overwrite:
-            raise M3Error(f"an interrupted encode of {self.path} exists ({self.spool}); pass --resume to "
-                          "continue it or --force to start over")
+            raise M3Error(
+                f"an interrupted encode of {self.path} exists ({self.spool}); pass --resume to "
+                "continue it or --force to start over"
+            )
         state = self._load_state() if spool_is_ours and resume else None
         if state is not None:
             if state.get("key") != json.loads(json.dumps(self._key)):
-                raise M3Error(f"the interrupted encode in {self.spool} used other inputs or settings (model, "
-                              "corpus, codec or batch size); rerun it as before, or pass --force to start over")
+                raise M3Error(
+                    f"the interrupted encode in {self.spool} used other inputs or settings (model, "
+                    "corpus, codec or batch size); rerun it as before, or pass --force to start over"
+                )
             self._files = {}
             for name in KNOWN_SECTIONS:
                 f = open_existing(self.spool / name)
@@ -107,8 +143,10 @@ class BankWriter:
         try:
             state = json.loads((self.spool / self.STATE).read_text())
             sizes = state["sizes"]
-            if not all(not (self.spool / n).is_symlink() and os.path.getsize(self.spool / n) >= sizes[n]
-                       for n in KNOWN_SECTIONS):
+            if not all(
+                not (self.spool / n).is_symlink() and os.path.getsize(self.spool / n) >= sizes[n]
+                for n in KNOWN_SECTIONS
+            ):
                 return None
             return state
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
@@ -131,8 +169,9 @@ class BankWriter:
             self._lock.__exit__(None, None, None)
             self._lock = None
 
-    def add_document(self, doc_id: str, title: str, source: str,
-                     refs: list[tuple[str, int, torch.Tensor, torch.Tensor]]) -> int:
+    def add_document(
+        self, doc_id: str, title: str, source: str, refs: list[tuple[str, int, torch.Tensor, torch.Tensor]]
+    ) -> int:
         """Append a document with its references: (text, token_count, kv (L, 2, H, K, d),
         positions (L, H, K)) each. Returns the document's index."""
         for text, token_count, kv, positions in refs:
@@ -148,8 +187,10 @@ class BankWriter:
             if tuple(kv.shape) != self.shape:
                 raise ValueError(f"memory has shape {tuple(kv.shape)}, the bank stores {self.shape}")
             if not torch.isfinite(kv).all():  # found now, not by the check before the rename
-                raise M3Error(f"reference {self.n_refs} ({text[:40]!r}…): its memory holds values that are not "
-                              "finite numbers (the model overflowed; try --dtype float32)")
+                raise M3Error(
+                    f"reference {self.n_refs} ({text[:40]!r}…): its memory holds values that are not "
+                    "finite numbers (the model overflowed; try --dtype float32)"
+                )
             record = encode_kv(kv, self.spool_codec)
             positions = positions.to(torch.int16).cpu().numpy().astype("<i2").tobytes()
         else:  # already-encoded records of the spool codec (merging banks)
@@ -159,8 +200,9 @@ class BankWriter:
             raise ValueError("memory record has the wrong size for this bank")
         data = text.encode("utf-8")
         self._files["refs.text"].write(data)
-        self._files["refs.table"].write(_REF.pack(self._text_bytes, len(data), token_count, self.n_docs,
-                                                  self.n_refs - self._doc_first, b"\0" * 8))
+        self._files["refs.table"].write(
+            _REF.pack(self._text_bytes, len(data), token_count, self.n_docs, self.n_refs - self._doc_first, b"\0" * 8)
+        )
         self._text_bytes += len(data)
         self._files["kv.data"].write(record)
         self._files["kv.positions"].write(positions)
@@ -172,8 +214,9 @@ class BankWriter:
         strings = [s.encode("utf-8") for s in (doc_id, title, source)]
         first = self.n_refs if self._doc_first is None else self._doc_first
         self._files["docs.strings"].write(b"".join(strings))
-        self._files["docs.table"].write(_DOC.pack(self._doc_bytes, *(len(s) for s in strings), first,
-                                                  self.n_refs - first, 0))
+        self._files["docs.table"].write(
+            _DOC.pack(self._doc_bytes, *(len(s) for s in strings), first, self.n_refs - first, 0)
+        )
         self._doc_bytes += sum(len(s) for s in strings)
         self._doc_first = None
         self.n_docs += 1
@@ -232,9 +275,16 @@ class BankWriter:
             f.flush()
             os.fsync(f.fileno())
             sizes[name] = f.tell()
-        state = {"key": self._key, "sizes": sizes, "n_refs": self.n_refs, "n_docs": self.n_docs,
-                 "n_tokens": self.n_tokens, "text_bytes": self._text_bytes, "doc_bytes": self._doc_bytes,
-                 "progress": progress}
+        state = {
+            "key": self._key,
+            "sizes": sizes,
+            "n_refs": self.n_refs,
+            "n_docs": self.n_docs,
+            "n_tokens": self.n_tokens,
+            "text_bytes": self._text_bytes,
+            "doc_bytes": self._doc_bytes,
+            "progress": progress,
+        }
         tmp = self.spool / (self.STATE + ".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.spool / self.STATE)
@@ -246,9 +296,15 @@ class BankWriter:
         for f in self._files.values():
             f.close()
         final_bytes = record_bytes(self.codec, self.shape, getattr(self, "subquantizers", None))
-        header = {**self.header, "m3.format": "m3bank", "m3.bank.references": self.n_refs,
-                  "m3.bank.documents": self.n_docs, "m3.bank.tokens": self.n_tokens,
-                  "m3.memory.codec": self.codec, "m3.memory.record_bytes": final_bytes}
+        header = {
+            **self.header,
+            "m3.format": "m3bank",
+            "m3.bank.references": self.n_refs,
+            "m3.bank.documents": self.n_docs,
+            "m3.bank.tokens": self.n_tokens,
+            "m3.memory.codec": self.codec,
+            "m3.memory.record_bytes": final_bytes,
+        }
         sections = []
         extra = []
         if self.codec == "vq":
@@ -306,8 +362,18 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple]) -> None:
                     length += len(chunk)
             if size is not None and length != size:
                 raise M3Error(f"{source} changed while it was being rewritten; try again")
-            entries.append(_ENTRY.pack(name.encode("ascii"), offset, length, decoded, codec.encode("ascii"),
-                                       section_flags, b"\0" * 28, h.digest()))
+            entries.append(
+                _ENTRY.pack(
+                    name.encode("ascii"),
+                    offset,
+                    length,
+                    decoded,
+                    codec.encode("ascii"),
+                    section_flags,
+                    b"\0" * 28,
+                    h.digest(),
+                )
+            )
             offset = _align(offset + length)
         out.truncate(max(offset, out.tell()))
         table = b"".join(entries)
@@ -330,16 +396,33 @@ def check_written(path: Path) -> None:
 
 
 def _preamble(table_offset: int, table: bytes, header_bytes: bytes) -> bytes:
-    head = struct.pack("<8sHHIQQIII16s", MAGIC, MAJOR, MINOR, 0, table_offset, len(header_bytes),
-                       len(table) // SECTION_ENTRY_SIZE, zlib.crc32(table), zlib.crc32(header_bytes), b"\0" * 16)
+    head = struct.pack(
+        "<8sHHIQQIII16s",
+        MAGIC,
+        MAJOR,
+        MINOR,
+        0,
+        table_offset,
+        len(header_bytes),
+        len(table) // SECTION_ENTRY_SIZE,
+        zlib.crc32(table),
+        zlib.crc32(header_bytes),
+        b"\0" * 16,
+    )
     return head + struct.pack("<I", zlib.crc32(head))
 
 
 _COUNT_KEYS = ("m3.bank.references", "m3.bank.documents", "m3.bank.tokens")
 
 
-def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False, codec: str | None = None,
-                      vq_subquantizers: int | None = None, device: str | torch.device = "cpu") -> Path:
+def merge_interleaved(
+    parts: list[Path],
+    out: Path,
+    overwrite: bool = False,
+    codec: str | None = None,
+    vq_subquantizers: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Merge shard banks whose documents were dealt round-robin (document i of the corpus is
     document i // W of part i % W) back into one bank in corpus order, copying records as stored.
     `codec="vq"` merges bf16 parts into a vq bank (codebooks are trained on the merged data)."""
@@ -350,14 +433,26 @@ def merge_interleaved(parts: list[Path], out: Path, overwrite: bool = False, cod
         for b in banks[1:]:
             if {k: v for k, v in b.header.items() if k not in _COUNT_KEYS} != same:
                 raise BankError(f"{b.path} was not written with the same model and settings as {first.path}")
-        header = {k: v for k, v in same.items() if not k.startswith("m3.bank.") and k != "m3.format"
-                  and k not in ("m3.memory.codec", "m3.memory.record_bytes")}
+        header = {
+            k: v
+            for k, v in same.items()
+            if not k.startswith("m3.bank.")
+            and k != "m3.format"
+            and k not in ("m3.memory.codec", "m3.memory.record_bytes")
+        }
         total = sum(b.n_docs for b in banks)
         codec = codec or first.codec
         if first.codec == "vq" or (codec != first.codec and not (codec == "vq" and first.codec == "bf16")):
             raise BankError(f"cannot merge {first.codec} parts into a {codec} bank")
-        with BankWriter(out, header, codec, first.memory_shape, overwrite=overwrite,
-                        vq_subquantizers=vq_subquantizers, device=device) as w:
+        with BankWriter(
+            out,
+            header,
+            codec,
+            first.memory_shape,
+            overwrite=overwrite,
+            vq_subquantizers=vq_subquantizers,
+            device=device,
+        ) as w:
             for i in range(total):
                 b = banks[i % len(banks)]
                 doc = b.document(i // len(banks))
@@ -406,8 +501,13 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
             if not _NAME_RE.match(name):
                 raise ValueError(f"invalid section name {name!r}")
         table_bytes = (len(entries) + len(add)) * SECTION_ENTRY_SIZE
-        live = PREAMBLE_SIZE + sum(_align(s.length) for s in kept) + sum(_align(len(d)) for d in add.values()) \
-            + table_bytes + len(header_bytes)
+        live = (
+            PREAMBLE_SIZE
+            + sum(_align(s.length) for s in kept)
+            + sum(_align(len(d)) for d in add.values())
+            + table_bytes
+            + len(header_bytes)
+        )
         grown = _align(size) + sum(_align(len(d)) for d in add.values()) + table_bytes + len(header_bytes)
         if (grown - live) * COMPACT_FRACTION > live:
             _rewrite(path, kept, add, header, flags)
@@ -425,8 +525,18 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
                 for name, data in add.items():
                     f.seek(offset)
                     f.write(data)
-                    entries.append(_ENTRY.pack(name.encode("ascii"), offset, len(data), len(data), b"raw", flags,
-                                               b"\0" * 28, hashlib.sha256(data).digest()))
+                    entries.append(
+                        _ENTRY.pack(
+                            name.encode("ascii"),
+                            offset,
+                            len(data),
+                            len(data),
+                            b"raw",
+                            flags,
+                            b"\0" * 28,
+                            hashlib.sha256(data).digest(),
+                        )
+                    )
                     offset = _align(offset + len(data))
                 table = b"".join(entries)
                 f.seek(offset)

@@ -19,8 +19,10 @@ import torch
 
 from .errors import M3Error
 
-SYLLABLES = ("ka la mi no ru te so va ri en da lo pe fi gu ma ne tor sil ban dre mon qua zel hin "
-             "cor lun bel sar vin tes ola ume ari kel dor nis pra").split()
+SYLLABLES = (
+    "ka la mi no ru te so va ri en da lo pe fi gu ma ne tor sil ban dre mon qua zel hin "
+    "cor lun bel sar vin tes ola ume ari kel dor nis pra"
+).split()
 
 
 def pseudo_texts(n: int, seed: int, words: tuple[int, int] = (60, 100)) -> list[str]:
@@ -56,15 +58,24 @@ def wikipedia_texts(n: int, words: int = 80) -> list[str] | None:
     for key in sorted(data):
         w = (data[key].get("extract") or "").split()
         for i in range(0, len(w), words):
-            if len(w[i:i + words]) >= 8:
-                out.append(" ".join(w[i:i + words]))
+            if len(w[i : i + words]) >= 8:
+                out.append(" ".join(w[i : i + words]))
         if len(out) >= n:
             break
     return out[:n] if len(out) >= n else None
 
 
-def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "minilm", codec: str = "bf16",
-                    seed: int = 0, log=print, device="cpu", text: str = "wikipedia") -> tuple[Path, Path]:
+def synthetic_setup(
+    preset: str,
+    n_refs: int,
+    workdir: Path,
+    embedder: str = "minilm",
+    codec: str = "bf16",
+    seed: int = 0,
+    log=print,
+    device="cpu",
+    text: str = "wikipedia",
+) -> tuple[Path, Path]:
     """A random-weight model dir for `preset` and a bank of n_refs random memories bound to it,
     indexed (Flat) with random unit vectors under the spec of `embedder` (minilm, self or a static
     embedder dir), so queries pay that embedder's real cost. The references' text is real
@@ -78,7 +89,8 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
     from .corpus import reference_ids
     from .encode import bank_header
     from .retrieval import EMB_SECTION, INDEX_SECTION, build_index
-    from .tokenizer import new_model, train_bpe
+    from .checkpoint import new_model
+    from .tokenizer import train_bpe
 
     t0 = time.perf_counter()
     cfg = get_preset(preset)
@@ -102,11 +114,10 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
     p = cfg.prefix_length
     bank = workdir / f"{preset}-synthetic-{n_refs}.m3bank"
     gen = torch.Generator().manual_seed(seed)
-    with BankWriter(bank, bank_header(cfg, model_fingerprint(model_dir)), codec, cfg.memory_shape,
-                    overwrite=True) as w:
+    with BankWriter(bank, bank_header(cfg, model_fingerprint(model_dir)), codec, cfg.memory_shape, overwrite=True) as w:
         for start in range(0, n_refs, 4):  # 4 references per document
             refs = []
-            for ref_text in texts[start:start + 4]:
+            for ref_text in texts[start : start + 4]:
                 n = min(len(reference_ids(tok, ref_text)), cfg.reference_length)
                 kv = torch.randn((L, two, H, K, D), generator=gen) * 0.5
                 pos = torch.rand((L, H, n), generator=gen).argsort(-1)[..., :K].sort(-1).values + p
@@ -122,12 +133,22 @@ def synthetic_setup(preset: str, n_refs: int, workdir: Path, embedder: str = "mi
     vectors = np.random.default_rng(seed).standard_normal((n_refs, spec.dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = build_index(vectors, "Flat")
-    update_bank(bank, {EMB_SECTION: vectors.astype("<f2").tobytes(),
-                       INDEX_SECTION: faiss.serialize_index(index).tobytes()},
-                {**spec.header(), "m3.index.factory": "Flat", "m3.index.metric": "inner_product",
-                 "m3.index.count": n_refs, "m3.index.nprobe": 0, "m3.index.ef_search": 0})
-    log(f"synthetic setup: {preset} with random weights, {n_refs} random memories ({codec}) over {text} text in "
-        f"{time.perf_counter() - t0:.0f} s")
+    update_bank(
+        bank,
+        {EMB_SECTION: vectors.astype("<f2").tobytes(), INDEX_SECTION: faiss.serialize_index(index).tobytes()},
+        {
+            **spec.header(),
+            "m3.index.factory": "Flat",
+            "m3.index.metric": "inner_product",
+            "m3.index.count": n_refs,
+            "m3.index.nprobe": 0,
+            "m3.index.ef_search": 0,
+        },
+    )
+    log(
+        f"synthetic setup: {preset} with random weights, {n_refs} random memories ({codec}) over {text} text in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     return model_dir, bank
 
 
@@ -149,16 +170,26 @@ def bench_prompts(bank, tokenizer, n: int, prompt_len: int, seed: int = 0) -> tu
     return texts, ids
 
 
-def run_bench(gen, batches: list[int], prompt_len: int, new_tokens: int, modes: list[str], repeats: int,
-              memories: int = 5, log=print) -> list[dict]:
+def run_bench(
+    gen,
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    modes: list[str],
+    repeats: int,
+    memories: int = 5,
+    log=print,
+) -> list[dict]:
     """Time generate() per (batch, mode), modes interleaved, the median of `repeats` runs each.
     Every run starts with an empty memory cache (memories are read from the bank)."""
     from .generate import Options
 
     cfg = gen.cfg
     if prompt_len + new_tokens >= cfg.context_length:
-        raise M3Error(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} must stay below the context of "
-                      f"{cfg.context_length}")
+        raise M3Error(
+            f"--prompt-len + --max-new-tokens = {prompt_len + new_tokens} must stay below the context of "
+            f"{cfg.context_length}"
+        )
     bank = gen.retriever.bank if gen.retriever is not None else None
     if bank is None and set(modes) - {"none"}:
         raise M3Error("modes memory and rag need --bank")
@@ -181,9 +212,15 @@ def run_bench(gen, batches: list[int], prompt_len: int, new_tokens: int, modes: 
             out = gen.generate(texts[:B], opts, forced_ids=ids[:B])
         total = time.perf_counter() - t0
         produced = sum(len(c.token_ids) for c in out)
-        return {"mode": mode, "batch": B, "tokens_per_s": produced / total, "total_s": total,
-                "new_tokens": produced // B, "prompt_tokens": round(statistics.mean(c.prompt_tokens for c in out), 1),
-                **{f"{k}_s": v for k, v in sorted(gen.timings.items())}}
+        return {
+            "mode": mode,
+            "batch": B,
+            "tokens_per_s": produced / total,
+            "total_s": total,
+            "new_tokens": produced // B,
+            "prompt_tokens": round(statistics.mean(c.prompt_tokens for c in out), 1),
+            **{f"{k}_s": v for k, v in sorted(gen.timings.items())},
+        }
 
     for mode in modes:  # warm-up: first calls allocate and compile
         once(mode, min(batches), 4)
@@ -208,8 +245,10 @@ def _fit_rag(gen, prompts: list[str], opts, room: int) -> list[str]:
     for p, hs in zip(prompts, hits):
         n = len(gen.encode_prompt(p, opts, [h.text for h in hs]))
         if n >= room:
-            raise M3Error(f"a rag prompt has {n} tokens, more than the {room} the context leaves; "
-                          "lower --prompt-len, --new-tokens or --memories")
+            raise M3Error(
+                f"a rag prompt has {n} tokens, more than the {room} the context leaves; "
+                "lower --prompt-len, --max-new-tokens or --memories"
+            )
     return prompts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,14 +75,19 @@ def read_config(model_dir: Path) -> M3Config:
         raise M3Error(f"{path}: {e}") from None
 
 
-def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   attn_impl: str = "sdpa"):
-    """Build the model from a model dir; weights via safetensors, checked key by key."""
+def load_model_dir(
+    model_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_impl: str = "sdpa",
+    cfg: M3Config | None = None,
+):
+    """Build the model from a model dir; weights via safetensors, checked key by key. cfg: the
+    dir's config when the caller has read it already."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-
-    cfg = read_config(model_dir)
+    cfg = cfg if cfg is not None else read_config(model_dir)
     path = Path(model_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise M3Error(f"{model_dir} has no {WEIGHTS_FILE}")
@@ -91,13 +97,25 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu", dtype: t
         raise M3Error(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
     bad = next((k for k, v in state.items() if v.dtype not in WEIGHT_DTYPES), None)
     if bad is not None:
-        raise M3Error(f"{path}: tensor {bad} is {str(state[bad].dtype).replace('torch.', '')}; m3 reads float32, "
-                      "float16 and bfloat16 weights (convert the model again)")
+        raise M3Error(
+            f"{path}: tensor {bad} is {str(state[bad].dtype).replace('torch.', '')}; m3 reads float32, "
+            "float16 and bfloat16 weights (convert the model again)"
+        )
     return model_from_state(cfg, state, str(path), attn_impl).to(device=device, dtype=dtype).eval()
 
 
-_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
-                   "xavier_normal_", "zeros_", "ones_", "constant_")
+_INIT_FUNCTIONS = (
+    "normal_",
+    "uniform_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "trunc_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "zeros_",
+    "ones_",
+    "constant_",
+)
 
 
 @contextlib.contextmanager
@@ -179,9 +197,14 @@ def config_summary(cfg: M3Config) -> dict:
     }
 
 
-
-FINGERPRINT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
-                               "tokenizer_config.json", "special_tokens_map.json")
+FINGERPRINT_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _file_sha256(path: Path) -> str:
@@ -235,13 +258,14 @@ def _cached_sha256(path: Path) -> str:
 FINGERPRINT_LATER_DEFAULTS = {"memory_selection": "attention", "memory_score_prior": False, "memory_reader_rank": 0}
 
 
-def model_fingerprint(model_dir: Path) -> str:
+def model_fingerprint(model_dir: Path, config: M3Config | None = None) -> str:
     """Identity of a model dir as format_spec.md defines it: config (without name/extra),
-    weights and tokenizer files. Any change to them changes the fingerprint."""
+    weights and tokenizer files. Any change to them changes the fingerprint. config: the dir's
+    config when the caller has read it already."""
     import hashlib
 
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir).to_dict()
+    cfg = (config if config is not None else read_config(model_dir)).to_dict()
     cfg.pop("name", None)
     cfg.pop("extra", None)
     for key, default in FINGERPRINT_LATER_DEFAULTS.items():  # fields added later: only when not default
@@ -258,3 +282,45 @@ def model_fingerprint(model_dir: Path) -> str:
         if (model_dir / name).is_file():
             part(name, _file_sha256(model_dir / name).encode())
     return "sha256:" + h.hexdigest()
+
+
+def new_model(cfg, tokenizer, seed: int = 0, device="cpu"):
+    """A randomly initialised Memory3Model for `cfg` (built on `device`), with the reference
+    prefix of `tokenizer`."""
+    import torch
+
+    from .model import Memory3Model
+
+    if len(tokenizer) > cfg.vocab_size:
+        raise M3Error(f"the tokenizer has {len(tokenizer)} tokens, more than the config's vocab_size {cfg.vocab_size}")
+    cfg = cfg.replace(reference_prefix_ids=reference_prefix_ids(tokenizer, "Reference:"))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Memory3Model(cfg).eval()
+
+
+@dataclass
+class LoadedModel:
+    """A model dir resolved once: its config, tokenizer, weights and fingerprint, for the commands
+    that need all four (generate, eval, score, encode)."""
+
+    path: Path
+    config: M3Config
+    tokenizer: object
+    model: torch.nn.Module
+    fingerprint: str
+
+
+def open_model(
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, check=None
+) -> LoadedModel:
+    """Read the config once, fingerprint the dir, call check(fingerprint) (e.g. a bank's
+    require_same_model, so that a wrong bank fails before any weights load), then load the
+    tokenizer and the weights."""
+    cfg = read_config(model_dir)
+    fingerprint = model_fingerprint(model_dir, cfg)
+    if check is not None:
+        check(fingerprint)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model_dir(model_dir, device, dtype, cfg=cfg)
+    return LoadedModel(Path(model_dir), cfg, tokenizer, model, fingerprint)

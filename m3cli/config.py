@@ -20,9 +20,20 @@ MEMORY_SELECTIONS = ("attention", "attention_x_value_norm")
 
 # The largest model m3 reads (far beyond any real one: these only stop a config from asking for
 # unbounded work or memory before its weights are even looked at).
-LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
-          "head_dim": 1024, "intermediate_size": 1 << 20, "context_length": 1 << 20, "memory_top_k": 1024,
-          "reference_length": 1 << 16, "chunk_length": 1 << 16, "memories_per_chunk": 256}
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "n_kv_heads": 1024,
+    "head_dim": 1024,
+    "intermediate_size": 1 << 20,
+    "context_length": 1 << 20,
+    "memory_top_k": 1024,
+    "reference_length": 1 << 16,
+    "chunk_length": 1 << 16,
+    "memories_per_chunk": 256,
+}
 
 
 class ConfigError(ValueError):
@@ -81,9 +92,20 @@ class M3Config:
             raise ConfigError("reference_prefix_ids must be a list of token ids")
         if not isinstance(self.reference_prefix_ids, tuple):
             object.__setattr__(self, "reference_prefix_ids", tuple(int(x) for x in self.reference_prefix_ids))
-        positive = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                    "intermediate_size", "context_length", "memory_top_k", "reference_length",
-                    "chunk_length", "memories_per_chunk")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "context_length",
+            "memory_top_k",
+            "reference_length",
+            "chunk_length",
+            "memories_per_chunk",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -99,21 +121,31 @@ class M3Config:
         for name in ("tie_embeddings", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config field {name} must be true or false")
-        if not isinstance(self.reference_prefix, str) or not isinstance(self.name, str) or \
-                not isinstance(self.extra, dict):
+        if (
+            not isinstance(self.reference_prefix, str)
+            or not isinstance(self.name, str)
+            or not isinstance(self.extra, dict)
+        ):
             raise ConfigError("config fields reference_prefix and name must be strings, extra an object")
         if self.n_kv_heads > self.n_heads:
             raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must not exceed n_heads ({self.n_heads})")
         if self.memory_selection not in MEMORY_SELECTIONS:
-            raise ConfigError(f"memory_selection must be one of {', '.join(MEMORY_SELECTIONS)}, "
-                              f"got {self.memory_selection!r}")
+            raise ConfigError(
+                f"memory_selection must be one of {', '.join(MEMORY_SELECTIONS)}, got {self.memory_selection!r}"
+            )
         if not isinstance(self.memory_score_prior, bool):
             raise ConfigError(f"memory_score_prior must be true or false, got {self.memory_score_prior!r}")
-        if not isinstance(self.memory_reader_rank, int) or isinstance(self.memory_reader_rank, bool) \
-                or not 0 <= self.memory_reader_rank <= 4096:
+        if (
+            not isinstance(self.memory_reader_rank, int)
+            or isinstance(self.memory_reader_rank, bool)
+            or not 0 <= self.memory_reader_rank <= 4096
+        ):
             raise ConfigError(f"memory_reader_rank must be an integer in 0..4096, got {self.memory_reader_rank!r}")
-        if not isinstance(self.train_prev_chunks, int) or isinstance(self.train_prev_chunks, bool) or \
-                not 0 <= self.train_prev_chunks <= 64:
+        if (
+            not isinstance(self.train_prev_chunks, int)
+            or isinstance(self.train_prev_chunks, bool)
+            or not 0 <= self.train_prev_chunks <= 64
+        ):
             raise ConfigError(f"train_prev_chunks must be in 0..64, got {self.train_prev_chunks!r}")
         if self.train_prev_chunks < 0:
             raise ConfigError(f"train_prev_chunks must be >= 0, got {self.train_prev_chunks}")
@@ -133,8 +165,10 @@ class M3Config:
                 raise ConfigError(f"memory_layers must be strictly increasing, got {list(layers)}")
             if layers and (layers[0] < 0 or layers[-1] >= self.n_layers):
                 raise ConfigError(f"memory_layers must lie in 0..{self.n_layers - 1}, got {list(layers)}")
-        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 or i >= self.vocab_size
-               for i in self.reference_prefix_ids):
+        if any(
+            not isinstance(i, int) or isinstance(i, bool) or i < 0 or i >= self.vocab_size
+            for i in self.reference_prefix_ids
+        ):
             raise ConfigError("reference_prefix_ids must be valid token ids")
 
     # --- derived values ---------------------------------------------------------------------
@@ -218,23 +252,55 @@ PRESETS: dict[str, M3Config] = {
     # The paper's Memory3-2.4B (DESIGN §2): 44 layers, 40/8 heads of 80, gated MLP of width
     # 3200, vocab 60416 -> ~2.4B non-embedding parameters; memory (22, 2, 8, 8, 80).
     "memory3-2.4b": M3Config(
-        name="memory3-2.4b", vocab_size=60416, hidden_size=3200, n_layers=44, n_heads=40,
-        n_kv_heads=8, head_dim=80, intermediate_size=3200, context_length=2048,
+        name="memory3-2.4b",
+        vocab_size=60416,
+        hidden_size=3200,
+        n_layers=44,
+        n_heads=40,
+        n_kv_heads=8,
+        head_dim=80,
+        intermediate_size=3200,
+        context_length=2048,
     ),
     # For unit tests: a few hundred thousand parameters.
     "tiny": M3Config(
-        name="tiny", vocab_size=512, hidden_size=64, n_layers=4, n_heads=4, n_kv_heads=2,
-        head_dim=16, intermediate_size=128, context_length=512, memory_top_k=4, tie_embeddings=True,
+        name="tiny",
+        vocab_size=512,
+        hidden_size=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        context_length=512,
+        memory_top_k=4,
+        tie_embeddings=True,
     ),
     # The synthetic-knowledge proof model (`make proof`): ~1M parameters, trains on a CPU in minutes.
     "mini": M3Config(
-        name="mini", vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
-        head_dim=32, intermediate_size=384, context_length=512, tie_embeddings=True,
+        name="mini",
+        vocab_size=4096,
+        hidden_size=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        intermediate_size=384,
+        context_length=512,
+        tie_embeddings=True,
     ),
     # A CPU demo model (~20M parameters with an 8k vocabulary).
     "small": M3Config(
-        name="small", vocab_size=8192, hidden_size=384, n_layers=8, n_heads=6, n_kv_heads=2,
-        head_dim=64, intermediate_size=1024, context_length=1024, tie_embeddings=True,
+        name="small",
+        vocab_size=8192,
+        hidden_size=384,
+        n_layers=8,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=64,
+        intermediate_size=1024,
+        context_length=1024,
+        tie_embeddings=True,
     ),
 }
 

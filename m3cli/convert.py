@@ -39,8 +39,10 @@ def config_from_hf(hf: dict, prefix_ids: tuple[int, ...], name: str) -> M3Config
     """Translate a Hugging Face config dict into an M3Config, refusing what m3 cannot run."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
-        raise M3Error(f"unsupported architecture {model_type!r}: m3 converts Llama-family checkpoints "
-                      f"({', '.join(SUPPORTED)}; SmolLM is llama)")
+        raise M3Error(
+            f"unsupported architecture {model_type!r}: m3 converts Llama-family checkpoints "
+            f"({', '.join(SUPPORTED)}; SmolLM is llama)"
+        )
     theta = hf.get("rope_theta")
     for key in ("rope_parameters", "rope_scaling"):
         rope = hf.get(key)
@@ -125,8 +127,10 @@ def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif any(src.glob("*.bin")) or any(src.glob("*.pt")):
-        raise M3Error(f"{src} holds only pickle weights (.bin/.pt), which m3 does not load; "
-                      "save the model with safe_serialization=True first")
+        raise M3Error(
+            f"{src} holds only pickle weights (.bin/.pt), which m3 does not load; "
+            "save the model with safe_serialization=True first"
+        )
     else:
         raise M3Error(f"{src} has no model.safetensors")
     state: dict[str, torch.Tensor] = {}
@@ -146,8 +150,9 @@ def _load_tokenizer(src: Path, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file, local_files_only=True,
-                                             trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(
+            str(src), gguf_file=gguf_file, local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # transformers raises many types here
         raise M3Error(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}") from None
 
@@ -157,8 +162,9 @@ def _load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
+        )
     except ImportError as e:
         raise M3Error(f"reading GGUF needs the `gguf` package ({e})") from None
     except Exception as e:

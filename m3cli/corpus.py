@@ -73,8 +73,12 @@ def _document(obj, where: str, n: int) -> Document:
     text = obj.get("text")
     if not isinstance(text, str):
         raise M3Error(f"{where}: record {n} has no string field 'text'")
-    doc = Document(id=str(obj.get("id") if obj.get("id") is not None else n), title=str(obj.get("title") or ""),
-                   source=str(obj.get("source") or ""), text=text)
+    doc = Document(
+        id=str(obj.get("id") if obj.get("id") is not None else n),
+        title=str(obj.get("title") or ""),
+        source=str(obj.get("source") or ""),
+        text=text,
+    )
     for name in ("id", "title", "source", "text"):
         try:
             getattr(doc, name).encode("utf-8")
@@ -92,8 +96,9 @@ def _lines(stream, where: str, limit: int) -> Iterator[bytes | str]:
             return
         n += 1
         if len(raw) > limit and not (len(raw) == limit + 1 and raw[-1:] in (b"\n", "\n")):
-            raise M3Error(f"{where}: line {n} is longer than {limit:,} bytes; split the document or raise "
-                          "--max-doc-bytes")
+            raise M3Error(
+                f"{where}: line {n} is longer than {limit:,} bytes; split the document or raise --max-doc-bytes"
+            )
         yield raw
 
 
@@ -117,8 +122,9 @@ def _jsonl(stream, where: str, limit: int = MAX_DOC_BYTES) -> Iterator[Document]
 def _check_size(doc: Document, where: str, n: int, limit: int) -> Document:
     size = len(doc.text) + len(doc.id) + len(doc.title) + len(doc.source)
     if size > limit:  # characters: at least this many bytes
-        raise M3Error(f"{where}: record {n} holds more than {limit:,} bytes; split the document or raise "
-                      "--max-doc-bytes")
+        raise M3Error(
+            f"{where}: record {n} holds more than {limit:,} bytes; split the document or raise --max-doc-bytes"
+        )
     return doc
 
 
@@ -149,6 +155,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text", ".rst")
 
 def _text_file(path: Path, name: str, stream: bool = False) -> Document:
     if stream and path.stat().st_size > STREAM_BYTES:
+
         def pieces() -> Iterator[str]:
             with open(path, "rb") as f:
                 yield from _text_chunks(f.read, str(path))
@@ -225,8 +232,9 @@ def _stdin(stream_text: bool = False, limit: int = MAX_DOC_BYTES) -> Iterator[Do
     if not head:
         return
     if stream_text:
-        yield Document(id="stdin", title="", source="stdin", text="",
-                       stream=lambda: _text_chunks(stream.read, "standard input"))
+        yield Document(
+            id="stdin", title="", source="stdin", text="", stream=lambda: _text_chunks(stream.read, "standard input")
+        )
         return
     data = stream.read(limit + 1)
     if len(data) > limit:
@@ -318,7 +326,7 @@ def _sentences(pieces: Iterable[str]) -> Iterator[str]:
         tail += piece
         start = 0
         for m in _SENTENCE_END.finditer(tail):
-            sentence = tail[start:m.start()].strip()
+            sentence = tail[start : m.start()].strip()
             if sentence:
                 yield sentence
             start = m.end()
@@ -367,7 +375,7 @@ def iter_references(pieces: Iterable[str], tokenizer, max_tokens: int) -> Iterat
                 piece = sentence[a:b].strip()
                 piece_ids = reference_ids(tokenizer, piece)
                 if len(piece_ids) > max_tokens:  # re-tokenisation grew: keep the exact token slice
-                    piece_ids = ids[start:start + max_tokens]
+                    piece_ids = ids[start : start + max_tokens]
                 if piece_ids:
                     yield (piece, piece_ids)
             continue

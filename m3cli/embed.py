@@ -44,8 +44,11 @@ class EmbedderSpec:
     def same_as(self, other: "EmbedderSpec | None") -> bool:
         """The same embedder: same files (fingerprint), width and pooling. The directory's name
         is informational, so a renamed or moved embedder dir still matches."""
-        return other is not None and (self.fingerprint, self.dim, self.pooling) == \
-            (other.fingerprint, other.dim, other.pooling)
+        return other is not None and (self.fingerprint, self.dim, self.pooling) == (
+            other.fingerprint,
+            other.dim,
+            other.pooling,
+        )
 
     @classmethod
     def from_header(cls, header: dict) -> "EmbedderSpec | None":
@@ -67,8 +70,12 @@ def _dir_fingerprint(path: Path, names=("config.json", "model.safetensors", "tok
     return "sha256:" + h.hexdigest()
 
 
-def expected_spec(spec: EmbedderSpec, model_dir: Path | None = None, model_fingerprint: str | None = None,
-                  hidden_size: int | None = None) -> EmbedderSpec | None:
+def expected_spec(
+    spec: EmbedderSpec,
+    model_dir: Path | None = None,
+    model_fingerprint: str | None = None,
+    hidden_size: int | None = None,
+) -> EmbedderSpec | None:
     """The spec the embedder a bank names would have here, without loading it: minilm from the
     installed package's files, self from the model; an encoder dir that is here from its files.
     None when it cannot be told (the dir is not here, or no model was given for self)."""
@@ -112,8 +119,13 @@ class HFEncoder:
             raise M3Error(f"{path} is not a Hugging Face encoder directory (no config.json)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
-                                                   use_safetensors=True).to(device).eval()
+            self.model = (
+                AutoModel.from_pretrained(
+                    str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True
+                )
+                .to(device)
+                .eval()
+            )
         except (OSError, ValueError) as e:
             raise M3Error(f"cannot load the encoder in {path}: {str(e).splitlines()[0]}") from None
         self.device, self.max_length, self.pooling = device, max_length, pooling
@@ -201,8 +213,10 @@ class StaticEmbedder:
             raise M3Error(f"cannot load the static embedder in {path}: {str(e).splitlines()[0]}") from None
         rows = _id_space(tokenizer)
         if vectors is None or vectors.ndim != 2 or vectors.shape[0] != rows or vectors.shape[1] < 1:
-            raise M3Error(f"{path / STATIC_VECTORS} must hold 'vectors' of shape (vocabulary size {rows}, dim "
-                          f">= 1), got {None if vectors is None else vectors.shape}")
+            raise M3Error(
+                f"{path / STATIC_VECTORS} must hold 'vectors' of shape (vocabulary size {rows}, dim "
+                f">= 1), got {None if vectors is None else vectors.shape}"
+            )
         if cfg.get("dim") != vectors.shape[1]:
             raise M3Error(f"{path / STATIC_CONFIG} says dim {cfg.get('dim')}, the vectors have {vectors.shape[1]}")
         tokenizer.no_truncation()
@@ -215,8 +229,9 @@ class StaticEmbedder:
                 self.keep[i] = False
         if not np.isfinite(self.vectors).all():
             raise M3Error(f"{path / STATIC_VECTORS} holds non-finite values")
-        self.spec = EmbedderSpec(f"static:{path.resolve().name}", int(vectors.shape[1]), "mean",
-                                 _dir_fingerprint(path, STATIC_FILES))
+        self.spec = EmbedderSpec(
+            f"static:{path.resolve().name}", int(vectors.shape[1]), "mean", _dir_fingerprint(path, STATIC_FILES)
+        )
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.vectors.shape[1]), dtype=np.float32)
@@ -242,7 +257,12 @@ def _vocab_vectors(teacher: HFEncoder, batch_size: int, show_progress: bool) -> 
     first, last = (start, end) if teacher.pooling == "cls" else (end, start)  # cls: the start token first
     out = []
     with torch.inference_mode():
-        for s in tqdm(range(0, ids, batch_size), desc="distilling", unit="batch", disable=not show_progress or not sys.stderr.isatty()):
+        for s in tqdm(
+            range(0, ids, batch_size),
+            desc="distilling",
+            unit="batch",
+            disable=not show_progress or not sys.stderr.isatty(),
+        ):
             chunk = torch.arange(s, min(s + batch_size, ids))
             x = torch.stack([torch.full_like(chunk, first), chunk, torch.full_like(chunk, last)], dim=1)
             x = x.to(teacher.device)
@@ -280,8 +300,17 @@ def idf_weights(tokenizer, texts, vocab_size: int) -> tuple[np.ndarray, int]:
     return np.where(df > 0, np.log((n + 1) / (df + 1)), 0.0).astype(np.float32), n
 
 
-def distill_static(teacher: HFEncoder, out: Path, dims: int | None = None, sif: float = 1e-4, batch_size: int = 1024,
-                   overwrite: bool = False, show_progress: bool = True, idf_texts=None, idf_source: str = "") -> dict:
+def distill_static(
+    teacher: HFEncoder,
+    out: Path,
+    dims: int | None = None,
+    sif: float = 1e-4,
+    batch_size: int = 1024,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    idf_texts=None,
+    idf_source: str = "",
+) -> dict:
     """Write a static embedder distilled from `teacher` into `out` (atomically), by Model2Vec's
     recipe: every vocabulary token through the teacher alone; PCA to `dims` (default: 256 or the
     teacher's width if smaller; fitted on the tokens that are not [unusedN] placeholders); each
@@ -320,8 +349,10 @@ def distill_static(teacher: HFEncoder, out: Path, dims: int | None = None, sif: 
         fast.no_padding()
         weights, idf_n = idf_weights(fast, idf_texts, ids)
         if not weights.any():
-            raise M3Error(f"every token of the IDF corpus is in all of its {idf_n} documents: every weight would "
-                          "be 0; give a corpus of several different documents")
+            raise M3Error(
+                f"every token of the IDF corpus is in all of its {idf_n} documents: every weight would "
+                "be 0; give a corpus of several different documents"
+            )
     vectors = _vocab_vectors(teacher, batch_size, show_progress)
     vocab = backend.get_vocab()
     unused = re.compile(r"\[unused\d+\]")
@@ -340,10 +371,18 @@ def distill_static(teacher: HFEncoder, out: Path, dims: int | None = None, sif: 
     else:
         weighting = {"weights": "idf", "idf_documents": idf_n, "idf_corpus": idf_source}
     reduced = (reduced * weights[:, None]).astype(np.float32)
-    config = {"format": "m3-static-embedder", "version": 1, "dim": int(dims), "pooling": "mean",
-              "teacher": teacher.spec.name, "teacher_fingerprint": teacher.spec.fingerprint,
-              "teacher_pooling": teacher.pooling, **weighting, "vocab_size": int(len(reduced)),
-              "method": "Model2Vec: vocabulary tokens through the teacher, PCA, token weights"}
+    config = {
+        "format": "m3-static-embedder",
+        "version": 1,
+        "dim": int(dims),
+        "pooling": "mean",
+        "teacher": teacher.spec.name,
+        "teacher_fingerprint": teacher.spec.fingerprint,
+        "teacher_pooling": teacher.pooling,
+        **weighting,
+        "vocab_size": int(len(reduced)),
+        "method": "Model2Vec: vocabulary tokens through the teacher, PCA, token weights",
+    }
     with atomic_dir(Path(out), overwrite, is_static_dir, "a static embedder dir") as tmp:
         save_file({"vectors": reduced}, str(tmp / STATIC_VECTORS), metadata={"producer": "m3"})
         backend.save(str(tmp / STATIC_TOKENIZER))
@@ -357,8 +396,7 @@ def _with_hint(embedder, hint: str):
     return embedder
 
 
-def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean",
-                  device: torch.device | str = "cpu"):
+def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean", device: torch.device | str = "cpu"):
     """'minilm', 'self' (needs model_dir: the bank's model), a local encoder directory or a static
     embedder directory."""
     device = torch.device(device)
@@ -371,12 +409,20 @@ def load_embedder(name: str, model_dir: Path | None = None, pooling: str = "mean
 
         from .device import resolve_dtype
 
-        return _with_hint(SelfEmbedder(load_model_dir(model_dir, device, resolve_dtype(device)),
-                                       load_tokenizer(model_dir), model_fingerprint(model_dir)), "self")
+        return _with_hint(
+            SelfEmbedder(
+                load_model_dir(model_dir, device, resolve_dtype(device)),
+                load_tokenizer(model_dir),
+                model_fingerprint(model_dir),
+            ),
+            "self",
+        )
     path = Path(name).expanduser()
     if path.is_dir() and (path / STATIC_CONFIG).is_file():
         return _with_hint(StaticEmbedder(path), str(path.resolve()))
     if path.is_dir():
         return _with_hint(HFEncoder(path, pooling, f"hf:{path.resolve().name}", device), str(path.resolve()))
-    raise M3Error(f"unknown embedder {name!r}: use minilm, self, a local encoder directory or a static "
-                  "embedder directory (m3 distill-embedder)")
+    raise M3Error(
+        f"unknown embedder {name!r}: use minilm, self, a local encoder directory or a static "
+        "embedder directory (m3 distill-embedder)"
+    )

@@ -44,7 +44,8 @@ class EncodeSummary:
 def bank_header(cfg, fingerprint: str, model_hint: str | None = None) -> dict:
     """The model-describing part of a bank header (format_spec.md, "Header")."""
     hint = {"m3.model.hint": model_hint} if model_hint else {}
-    return {**hint,
+    return {
+        **hint,
         "m3.memory.layers": cfg.n_mem_layers,
         "m3.memory.layer_ids": list(cfg.mem_layers),
         "m3.memory.kv_heads": cfg.n_kv_heads,
@@ -120,10 +121,21 @@ def part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.part-{rank:05d}-of-{world:05d}")
 
 
-def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", batch_size: int = 16,
-                  device: str = "auto", dtype: str = "auto", overwrite: bool = False, resume: bool = False,
-                  show_progress: bool = True, vq_subquantizers: int | None = None,
-                  model_hint: str | None = None, max_doc_bytes: int = MAX_DOC_BYTES) -> EncodeSummary | None:
+def encode_corpus(
+    corpus: str,
+    model_dir: Path,
+    out: Path,
+    codec: str = "bf16",
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    show_progress: bool = True,
+    vq_subquantizers: int | None = None,
+    model_hint: str | None = None,
+    max_doc_bytes: int = MAX_DOC_BYTES,
+) -> EncodeSummary | None:
     """Encode `corpus` into the bank `out`. With `resume`, an interrupted run of the same
     command continues from its last checkpoint and gives the same bytes.
 
@@ -157,8 +169,8 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     documents = itertools.chain([first] if first is not None else [], documents)
     dev = state.device if state else resolve_device(device)
     torch_dtype = resolve_dtype(dev, dtype)
-    model = load_model_dir(model_dir, dev, torch_dtype)
-    fingerprint = model_fingerprint(model_dir)
+    model = load_model_dir(model_dir, dev, torch_dtype, cfg=cfg)
+    fingerprint = model_fingerprint(model_dir, cfg)
     header = bank_header(cfg, fingerprint, model_hint)
     if codec == "vq":
         from .bank import record_bytes
@@ -168,27 +180,59 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
         record_bytes("vq", cfg.memory_shape, vq_subquantizers)  # a bad --vq-subquantizers fails before encoding
     codec_args = {"vq_subquantizers": vq_subquantizers, "device": dev}
     if world == 1:
-        n_docs, n_refs, n_tokens = _write_bank(documents, out, model, tokenizer, cfg, header, codec, batch_size,
-                                               _count_documents(str(corpus)), overwrite, resume,
-                                               {**_corpus_identity(str(corpus)), "batch_size": batch_size,
-                                                "device": dev.type, "dtype": str(torch_dtype)},
-                                               show_progress, empty_error=f"corpus {corpus} holds no text to encode",
-                                               codec_args=codec_args)
+        n_docs, n_refs, n_tokens = _write_bank(
+            documents,
+            out,
+            model,
+            tokenizer,
+            cfg,
+            header,
+            codec,
+            batch_size,
+            _count_documents(str(corpus)),
+            overwrite,
+            resume,
+            {**_corpus_identity(str(corpus)), "batch_size": batch_size, "device": dev.type, "dtype": str(torch_dtype)},
+            show_progress,
+            empty_error=f"corpus {corpus} holds no text to encode",
+            codec_args=codec_args,
+        )
         return EncodeSummary(out, n_docs, n_refs, n_tokens, codec, fingerprint)
 
     parts = [part_path(out, r, world) for r in range(world)]
     mine = parts[rank]
     part_codec = "bf16" if codec == "vq" else codec  # vq codebooks are trained once, on the merge
-    key = {**_corpus_identity(str(corpus)), "batch_size": batch_size, "rank": rank, "world": world,
-           "device": dev.type, "dtype": str(torch_dtype), "header": header, "codec": part_codec}
+    key = {
+        **_corpus_identity(str(corpus)),
+        "batch_size": batch_size,
+        "rank": rank,
+        "world": world,
+        "device": dev.type,
+        "dtype": str(torch_dtype),
+        "header": header,
+        "codec": part_codec,
+    }
     key_file = mine.with_name(mine.name + ".key.json")
     finished = resume and mine.exists() and key_file.exists() and json.loads(key_file.read_text()) == key
     if not finished:  # a finished part of the same run is kept by --resume
         key_file.unlink(missing_ok=True)
         total = _count_documents(str(corpus))
         share = None if total is None else len(range(rank, total, world))
-        _write_bank((d for i, d in enumerate(documents) if i % world == rank), mine, model, tokenizer, cfg, header,
-                    part_codec, batch_size, share, True, resume, key, show_progress and state.is_main_process)
+        _write_bank(
+            (d for i, d in enumerate(documents) if i % world == rank),
+            mine,
+            model,
+            tokenizer,
+            cfg,
+            header,
+            part_codec,
+            batch_size,
+            share,
+            True,
+            resume,
+            key,
+            show_progress and state.is_main_process,
+        )
         key_file.write_text(json.dumps(key))
     state.wait_for_everyone()
     summary = None
@@ -200,8 +244,9 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
         if n_refs:  # an empty corpus must not replace an existing bank
             merge_interleaved(parts, out, overwrite=overwrite, codec=codec, **codec_args)
             with Bank(out) as bank:
-                summary = EncodeSummary(out, bank.n_docs, bank.n_refs, bank.header["m3.bank.tokens"], codec,
-                                        fingerprint)
+                summary = EncodeSummary(
+                    out, bank.n_docs, bank.n_refs, bank.header["m3.bank.tokens"], codec, fingerprint
+                )
         for p in parts:
             p.unlink()
             p.with_name(p.name + ".key.json").unlink(missing_ok=True)
@@ -211,21 +256,57 @@ def encode_corpus(corpus: str, model_dir: Path, out: Path, codec: str = "bf16", 
     return summary
 
 
-def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec: str, batch_size: int,
-                total: int | None, overwrite: bool, resume: bool, resume_key: dict,
-                show_progress: bool, empty_error: str | None = None,
-                codec_args: dict | None = None) -> tuple[int, int, int]:
+def _write_bank(
+    documents,
+    out: Path,
+    model,
+    tokenizer,
+    cfg,
+    header: dict,
+    codec: str,
+    batch_size: int,
+    total: int | None,
+    overwrite: bool,
+    resume: bool,
+    resume_key: dict,
+    show_progress: bool,
+    empty_error: str | None = None,
+    codec_args: dict | None = None,
+) -> tuple[int, int, int]:
     """Cut, encode and write documents into one bank; returns (documents, references, tokens).
     With `empty_error`, a bank without references is an error (and nothing is written)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
-    progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
-                        TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
-    writer = BankWriter(out, header, codec, cfg.memory_shape, overwrite=overwrite, resume=resume,
-                        resume_key=resume_key, **(codec_args if codec == "vq" else {}))
+    progress = Progress(
+        TextColumn("encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("docs"),
+        TextColumn("{task.fields[refs]} refs, {task.fields[rate]} refs/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress or not console.is_terminal,
+    )
+    writer = BankWriter(
+        out,
+        header,
+        codec,
+        cfg.memory_shape,
+        overwrite=overwrite,
+        resume=resume,
+        resume_key=resume_key,
+        **(codec_args if codec == "vq" else {}),
+    )
     skip = int(writer.resumed.get("docs_done", 0))
     with writer, progress:
         task = progress.add_task("encode", total=total, refs=writer.n_refs, rate="-", completed=skip)
@@ -240,7 +321,7 @@ def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec
         def flush() -> None:
             nonlocal n_pending, docs_done, last_checkpoint
             flat = [item[2] for item in pending if item[0] == "ref"]
-            results = [_encode_batch(model, flat[s:s + batch_size]) for s in range(0, len(flat), batch_size)]
+            results = [_encode_batch(model, flat[s : s + batch_size]) for s in range(0, len(flat), batch_size)]
             kv = torch.cat([r[0] for r in results]) if results else None
             pos = torch.cat([r[1] for r in results]) if results else None
             k = ended = 0
@@ -257,8 +338,9 @@ def _write_bank(documents, out: Path, model, tokenizer, cfg, header: dict, codec
                 writer.checkpoint({"docs_done": docs_done})  # always at a batch and document boundary
                 last_checkpoint = time.monotonic()
             elapsed = max(progress.tasks[0].elapsed or 1e-9, 1e-9)
-            progress.update(task, advance=ended, refs=writer.n_refs,
-                            rate=f"{(writer.n_refs - start_refs) / elapsed:.1f}")
+            progress.update(
+                task, advance=ended, refs=writer.n_refs, rate=f"{(writer.n_refs - start_refs) / elapsed:.1f}"
+            )
             pending.clear()
             n_pending = 0
 

@@ -6,4 +6,8 @@ class M3Error(Exception):
     """A problem the user can fix: bad input, a missing file, a wrong flag."""
 
 
+class BankError(M3Error):
+    """The file is not a valid .m3bank (or not one this m3 can read)."""
+
+
 MAX_BATCH = 4096  # --batch-size of any command: a batch is held in memory whole

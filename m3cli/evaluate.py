@@ -34,9 +34,13 @@ def read_qa(path: Path, limit: int | None = None) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise M3Error(f"{path} line {n}: invalid JSON ({e.msg})") from None
-        if (not isinstance(obj, dict) or not isinstance(obj.get("question"), str)
-                or not isinstance(obj.get("answer"), str) or not obj["answer"].strip()):
-            raise M3Error(f"{path} line {n}: needs string fields \"question\" and a non-empty \"answer\"")
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("question"), str)
+            or not isinstance(obj.get("answer"), str)
+            or not obj["answer"].strip()
+        ):
+            raise M3Error(f'{path} line {n}: needs string fields "question" and a non-empty "answer"')
         out.append(obj)
         if limit is not None and len(out) >= limit:
             break
@@ -50,7 +54,7 @@ def first_sentence(text: str) -> str:
     instruct model may start its answer on a new line)."""
     text = text.lstrip()
     m = _FIRST_SENTENCE.search(text)
-    return text if m is None else text[:m.start()]
+    return text if m is None else text[: m.start()]
 
 
 def is_correct(answer: str, completion: str) -> bool:
@@ -78,9 +82,21 @@ def _memory_read(completion, title: str) -> tuple[bool, bool, float | None, floa
     return any(right), bool(right and right[0]), share, chance
 
 
-def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 12,
-             batch_size: int = 32, max_overlap: float | None = 0.67, memories: int = 5, texts: list[str] | None = None,
-             chat: bool = False, progress=None, max_gap: float | None = None, score_prior: bool = True) -> dict:
+def evaluate(
+    gen,
+    qa: list[dict],
+    modes: list[str],
+    template: str = DEFAULT_TEMPLATE,
+    max_new_tokens: int = 12,
+    batch_size: int = 32,
+    max_overlap: float | None = 0.67,
+    memories: int = 5,
+    texts: list[str] | None = None,
+    chat: bool = False,
+    progress=None,
+    max_gap: float | None = None,
+    score_prior: bool = True,
+) -> dict:
     """{mode: {"accuracy", "n", "correct", "chance", "perplexity"?}} plus per-question records
     under "_answers" (mode -> list of completions).
 
@@ -110,15 +126,23 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
     result: dict = {"_answers": {}}
     for mode in modes:
         diagnose = mode == "memory" and has_titles
-        opts = Options(mode=mode, max_new_tokens=max_new_tokens, memories=memories, max_overlap=max_overlap, chat=chat,
-                       cite=diagnose, max_gap=max_gap, score_prior=score_prior)
+        opts = Options(
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            memories=memories,
+            max_overlap=max_overlap,
+            chat=chat,
+            cite=diagnose,
+            max_gap=max_gap,
+            score_prior=score_prior,
+        )
         opts.check()
         completions, reads = [], []
         for start in range(0, len(prompts), batch_size):
-            batch = gen.generate(prompts[start:start + batch_size], opts)
+            batch = gen.generate(prompts[start : start + batch_size], opts)
             completions += [c.text for c in batch]
             if diagnose:
-                reads += [_memory_read(c, t) for c, t in zip(batch, titles[start:start + batch_size])]
+                reads += [_memory_read(c, t) for c, t in zip(batch, titles[start : start + batch_size])]
             if progress is not None:
                 progress(mode, len(completions), len(prompts))
         correct = sum(is_correct(q["answer"], c) for q, c in zip(qa, completions))
@@ -136,8 +160,12 @@ def evaluate(gen, qa: list[dict], modes: list[str], template: str = DEFAULT_TEMP
         if texts:
             nll, count = 0.0, 0
             for t in texts:
-                r = gen.score(t, Options(mode=mode, memories=memories, max_overlap=max_overlap, max_gap=max_gap,
-                                         score_prior=score_prior))
+                r = gen.score(
+                    t,
+                    Options(
+                        mode=mode, memories=memories, max_overlap=max_overlap, max_gap=max_gap, score_prior=score_prior
+                    ),
+                )
                 nll -= sum(r["logprobs"])
                 count += len(r["logprobs"])
             entry["perplexity"] = round(math.exp(nll / count), 4)

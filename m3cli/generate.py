@@ -45,6 +45,7 @@ def retrieval_due(generated_index: int, every: int) -> bool:
 def decoded_chunk(generated_index: int, every: int) -> int:
     return generated_index // every
 
+
 MAX_MEMORIES = 256  # memories per chunk (--memories); a bank with fewer references gives all it has
 MAX_NEW_TOKENS = 1 << 20
 
@@ -103,8 +104,13 @@ class ChunkRecord:
             if self.attention is not None:
                 r["attention"] = round(self.attention[j], 6)
             refs.append(r)
-        return {"chunk": self.chunk, "source": self.source, "tokens": list(self.tokens), "query": self.query,
-                "references": refs}
+        return {
+            "chunk": self.chunk,
+            "source": self.source,
+            "tokens": list(self.tokens),
+            "query": self.query,
+            "references": refs,
+        }
 
 
 @dataclass
@@ -117,9 +123,15 @@ class Completion:
     chunks: list[ChunkRecord] = field(default_factory=list)
 
     def to_json(self, mode: str) -> dict:
-        return {"prompt": self.prompt, "text": self.text, "mode": mode, "prompt_tokens": self.prompt_tokens,
-                "new_tokens": len(self.token_ids), "finish_reason": self.finish_reason,
-                "chunks": [c.to_json() for c in self.chunks]}
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "mode": mode,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "chunks": [c.to_json() for c in self.chunks],
+        }
 
 
 # --- memories: bank -> LRU cache -> Memory ---------------------------------------------------
@@ -139,8 +151,10 @@ class MemoryCache:
         if missing:
             enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
             if not torch.isfinite(enc.kv).all():
-                raise M3Error(f"{self.bank.path}: a retrieved memory holds values that are not finite numbers "
-                              "(the file is damaged; see m3 inspect --verify)")
+                raise M3Error(
+                    f"{self.bank.path}: a retrieved memory holds values that are not finite numbers "
+                    "(the file is damaged; see m3 inspect --verify)"
+                )
             for j, r in enumerate(missing):  # clones: a view would keep the whole decoded batch alive
                 self._items[r] = (enc.kv[j].clone(), enc.valid[j].clone())
         out = []
@@ -192,11 +206,16 @@ def user_token_mask(tokenizer, prompt: str, text: str) -> list[bool] | None:
     if not prompt:
         return None
     marker = "\u2063m3-user-text\u2063"  # where the template puts the content, whatever it repeats
-    marked = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                           add_generation_prompt=True)
+    marked = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
     start = marked.find(marker)
-    if start < 0 or marked.count(marker) != 1 or text[:start] != marked[:start] \
-            or text[start:start + len(prompt)] != prompt:
+    if (
+        start < 0
+        or marked.count(marker) != 1
+        or text[:start] != marked[:start]
+        or text[start : start + len(prompt)] != prompt
+    ):
         return None
     end = start + len(prompt)
     try:
@@ -206,8 +225,9 @@ def user_token_mask(tokenizer, prompt: str, text: str) -> list[bool] | None:
     return [s < end and e > start for s, e in enc["offset_mapping"]]
 
 
-def chat_queries(tokenizer, ids: list[int], users: list[bool], spans: list[tuple[int, int]],
-                 chunk_length: int) -> list[str | None]:
+def chat_queries(
+    tokenizer, ids: list[int], users: list[bool], spans: list[tuple[int, int]], chunk_length: int
+) -> list[str | None]:
     """Retrieval queries of a chat prompt's chunks: each chunk's user tokens; a chunk after the
     user's text with none of it (the template's closing tokens) uses the last chunk_length
     user tokens before it, so the answer still reads memories of the question; a chunk before
@@ -221,6 +241,19 @@ def chat_queries(tokenizer, ids: list[int], users: list[bool], spans: list[tuple
         else:
             out.append(tokenizer.decode(own, skip_special_tokens=True))
     return out
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch while it decodes."""
+
+    limit: int  # new tokens it may generate (max_new_tokens, or what its context leaves)
+    finish: str  # why it stops if nothing else stops it first: "length" or "context"
+    chunks: list[ChunkRecord]  # what each of its chunks read (the citations)
+    hits: list = field(default_factory=list)  # the memories its current decoded chunk reads
+    done: bool = False
+    n_out: int = 0  # tokens it generated
+    printed: str = ""  # text already passed to on_text
 
 
 class Generator:
@@ -267,16 +300,22 @@ class Generator:
         """Hits per query; None (a chat prompt's chunk of template text only) gets none."""
         t0 = time.perf_counter()
         asked = [i for i, q in enumerate(queries) if q is not None]
-        found = self.retriever.search([queries[i] for i in asked], k=opts.memories, max_overlap=opts.max_overlap,
-                                      max_gap=opts.max_gap) if asked else []
+        found = (
+            self.retriever.search(
+                [queries[i] for i in asked], k=opts.memories, max_overlap=opts.max_overlap, max_gap=opts.max_gap
+            )
+            if asked
+            else []
+        )
         hits: list[list] = [[] for _ in queries]
         for i, h in zip(asked, found):
             hits[i] = h
         self._tick("retrieval", t0)
         return hits
 
-    def _memory(self, rows: list[list], n_slots: int, visible=None, group: int | None = None,
-                scored: bool = True) -> Memory:
+    def _memory(
+        self, rows: list[list], n_slots: int, visible=None, group: int | None = None, scored: bool = True
+    ) -> Memory:
         """Memory whose sequence b holds rows[b]'s hits (None = an empty slot) in its first slots.
         group: slots per chunk (each chunk's hits fill `group` consecutive slots; default: all of
         a row is one chunk's) — the retriever-score prior compares a hit with its chunk's best.
@@ -294,11 +333,51 @@ class Generator:
         self._tick("memory_load", t0)
         return mem
 
+    def _prompt_memory(
+        self,
+        spans: list[list[tuple[int, int]]],
+        queries: list[list[str | None]],
+        pads: list[int],
+        T: int,
+        opts: Options,
+    ) -> tuple[Memory, list[list[ChunkRecord]]]:
+        """Each prompt chunk retrieves with its own query; one Memory holds every chunk's hits, and
+        a block mask lets only that chunk's tokens read them (left padding reads nothing). Returns
+        it with the chunks' records. Shared by generate and score."""
+        m = opts.memories
+        found = iter(self._retrieve([q for qs in queries for q in qs], opts))
+        B, n_chunks = len(spans), max(len(s) for s in spans)
+        slot_chunk = torch.full((B, n_chunks * m), -1, dtype=torch.long)
+        token_chunk = torch.full((B, T), -2, dtype=torch.long)  # padding reads no chunk's memories
+        records: list[list[ChunkRecord]] = [[] for _ in range(B)]
+        rows = []
+        for b in range(B):
+            row: list = []
+            for c, (s, e) in enumerate(spans[b]):
+                hs = next(found)
+                records[b].append(ChunkRecord(c, "prompt", (s, e), queries[b][c], hs))
+                slot_chunk[b, c * m : c * m + len(hs)] = c
+                row.extend(hs + [None] * (m - len(hs)))
+                token_chunk[b, pads[b] + s : pads[b] + e] = c
+            rows.append(row)
+        visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
+        return self._memory(rows, n_chunks * m, visible, group=m, scored=opts.score_prior), records
+
+    def _prompt_queries(
+        self, prompt: str, ids: list[int], spans: list[tuple[int, int]], opts: Options, forced: bool = False
+    ) -> list[str | None]:
+        """Each prompt chunk's retrieval query: its text, or with --chat the user's text in it."""
+        users = None if forced else self.user_tokens(prompt, opts)
+        if users is None or len(users) != len(ids):
+            return [self.tokenizer.decode(ids[s:e], skip_special_tokens=True) for s, e in spans]
+        return self.chat_queries(ids, users, spans)
+
     def _chat(self, text: str) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise M3Error("--chat: this model's tokenizer has no chat template")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
 
     def encode_prompt(self, prompt: str, opts: Options, context: list[str] | None = None) -> list[int]:
         """Token ids of a prompt: with the references' text in front (rag), in the chat template."""
@@ -317,10 +396,41 @@ class Generator:
     def chat_queries(self, ids: list[int], users: list[bool], spans: list[tuple[int, int]]) -> list[str | None]:
         return chat_queries(self.tokenizer, ids, users, spans, self.cfg.chunk_length)
 
+    def _prompt_ids(
+        self, prompts: list[str], opts: Options, forced_ids: list[list[int]] | None, first_number: int
+    ) -> tuple[list[list[int]], list[list[ChunkRecord]]]:
+        """Each prompt's token ids (rag: with its references' text in front) and, for rag, the
+        record of what it read; every prompt is checked to fit the context."""
+        B, cfg = len(prompts), self.cfg
+        chunks: list[list[ChunkRecord]] = [[] for _ in range(B)]
+        if opts.mode == "rag":
+            hits = self._retrieve(prompts, opts)
+            ids = [self.encode_prompt(p, opts, [h.text for h in hs]) for p, hs in zip(prompts, hits)]
+            for b in range(B):
+                chunks[b].append(ChunkRecord(0, "prompt", (0, len(ids[b])), prompts[b], hits[b]))
+        else:
+            ids = forced_ids if forced_ids is not None else [self.encode_prompt(p, opts) for p in prompts]
+        for b, seq in enumerate(ids):
+            if not seq:
+                raise M3Error(f"prompt {b + first_number} is empty")
+            if len(seq) >= cfg.context_length:
+                raise M3Error(
+                    f"prompt {b + first_number} has {len(seq)} tokens"
+                    f"{' with the references in front (rag)' if opts.mode == 'rag' else ''}; "
+                    f"the model's context is {cfg.context_length} tokens"
+                )
+        return ids, chunks
+
     # -- the main loop -------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list[str], opts: Options, on_text=None, forced_ids: list[list[int]] | None = None,
-                 first_number: int = 1) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[str],
+        opts: Options,
+        on_text=None,
+        forced_ids: list[list[int]] | None = None,
+        first_number: int = 1,
+    ) -> list[Completion]:
         """Complete each prompt. on_text(b, piece) receives text as it is generated.
 
         forced_ids: token ids to use instead of tokenizing the prompts (benchmarks).
@@ -334,93 +444,68 @@ class Generator:
         B = len(prompts)
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.temperature > 0 else None
-        chunks: list[list[ChunkRecord]] = [[] for _ in range(B)]
-
-        t0 = time.perf_counter()
-        if opts.mode == "rag":
-            hits = self._retrieve(prompts, opts)
-            ids = [self.encode_prompt(p, opts, [h.text for h in hs]) for p, hs in zip(prompts, hits)]
-            for b in range(B):
-                chunks[b].append(ChunkRecord(0, "prompt", (0, len(ids[b])), prompts[b], hits[b]))
-        else:
-            ids = forced_ids if forced_ids is not None else [self.encode_prompt(p, opts) for p in prompts]
-        for b, seq in enumerate(ids):
-            if not seq:
-                raise M3Error(f"prompt {b + first_number} is empty")
-            if len(seq) >= cfg.context_length:
-                raise M3Error(f"prompt {b + first_number} has {len(seq)} tokens"
-                              f"{' with the references in front (rag)' if opts.mode == 'rag' else ''}; "
-                              f"the model's context is {cfg.context_length} tokens")
-        lengths = [len(s) for s in ids]
+        ids, chunks = self._prompt_ids(prompts, opts, forced_ids, first_number)
+        lengths = [len(seq) for seq in ids]
         T = max(lengths)
         pads = [T - n for n in lengths]
         padded = any(pads)
         x = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
         for b, seq in enumerate(ids):
-            x[b, pads[b]:] = torch.tensor(seq, device=self.device)
+            x[b, pads[b] :] = torch.tensor(seq, device=self.device)
         key_mask = positions = None
         if padded:
             key_mask = torch.arange(T, device=self.device)[None] >= torch.tensor(pads, device=self.device)[:, None]
-            positions = (torch.arange(T, device=self.device)[None] - torch.tensor(pads, device=self.device)[:, None]
-                         ).clamp_min(0) + cfg.context_offset
+            positions = (
+                torch.arange(T, device=self.device)[None] - torch.tensor(pads, device=self.device)[:, None]
+            ).clamp_min(0) + cfg.context_offset
 
         # prompt chunks retrieve with their own text; one prefill reads them through a block mask
-        memory, decode_hits = None, [[] for _ in range(B)]
+        memory = None
         if opts.mode == "memory":
             spans = [prompt_chunks(n, cfg.chunk_length) for n in lengths]
-            users = [None if forced_ids is not None else self.user_tokens(p, opts) for p in prompts]
-            users = [u if u is not None and len(u) == len(seq) else None for u, seq in zip(users, ids)]
-            queries = [q for b in range(B) for q in (
-                [self.tokenizer.decode(ids[b][s:e], skip_special_tokens=True) for s, e in spans[b]]
-                if users[b] is None else self.chat_queries(ids[b], users[b], spans[b]))]
-            found = self._retrieve(queries, opts)
-            n_chunks = max(len(s) for s in spans)
-            per_seq, slot_chunk = [], torch.full((B, n_chunks * opts.memories), -1, dtype=torch.long)
-            token_chunk = torch.full((B, T), -2, dtype=torch.long)  # padding reads no chunk's memories
-            qi = 0
-            for b in range(B):
-                row = []
-                for c, (s, e) in enumerate(spans[b]):
-                    hs = found[qi]
-                    chunks[b].append(ChunkRecord(c, "prompt", (s, e), queries[qi], hs))
-                    qi += 1
-                    slot_chunk[b, c * opts.memories:c * opts.memories + len(hs)] = c
-                    row.extend(hs + [None] * (opts.memories - len(hs)))
-                    token_chunk[b, pads[b] + s:pads[b] + e] = c
-                per_seq.append(row)
-                decode_hits[b] = chunks[b][-1].hits
-            visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
-            memory = self._memory(per_seq, n_chunks * opts.memories, visible, group=opts.memories,
-                                  scored=opts.score_prior)
+            queries = [
+                self._prompt_queries(p, seq, sp, opts, forced=forced_ids is not None)
+                for p, seq, sp in zip(prompts, ids, spans)
+            ]
+            memory, chunks = self._prompt_memory(spans, queries, pads, T, opts)
         probe = [] if opts.cite and opts.mode == "memory" else None
         t0 = time.perf_counter()
         cache = KVCache(cfg.n_layers)
-        logits = self.model(x, memory=memory, cache=cache, position_ids=positions, key_mask=key_mask,
-                            last_only=True, attention_probe=probe)[:, -1]
+        logits = self.model(
+            x,
+            memory=memory,
+            cache=cache,
+            position_ids=positions,
+            key_mask=key_mask,
+            last_only=True,
+            attention_probe=probe,
+        )[:, -1]
         t0 = self._tick("prefill", t0)
         if probe:
             share = torch.stack(probe).mean(0)  # (B, T, S)
             for b in range(B):
                 for rec in chunks[b]:
                     s, e = rec.tokens
-                    cols = share[b, pads[b] + s:pads[b] + e, rec.chunk * opts.memories:rec.chunk * opts.memories + len(rec.hits)]
+                    cols = share[
+                        b,
+                        pads[b] + s : pads[b] + e,
+                        rec.chunk * opts.memories : rec.chunk * opts.memories + len(rec.hits),
+                    ]
                     rec.attention = cols.mean(0).tolist()
                     rec.last_attention = cols[-1].tolist()  # the last prompt chunk's: what writes token 0
 
-        # decoding
-        if opts.mode == "memory":
-            memory = self._memory(decode_hits, opts.memories, scored=opts.score_prior)
-            for b in range(B):
-                chunks[b].append(ChunkRecord(len(chunks[b]), "inherited", (0, opts.retrieve_every), None,
-                                             decode_hits[b]))
-        # each sequence may fill its own context (a short prompt batched with a long one is not cut)
-        limits = [min(opts.max_new_tokens, cfg.context_length - n) for n in lengths]
-        steps = max(limits)
+        # decoding; each sequence may fill its own context (a short prompt batched with a long one is not cut)
+        rows = []
+        for b, n in enumerate(lengths):
+            limit = min(opts.max_new_tokens, cfg.context_length - n)
+            rows.append(_Row(limit, "length" if limit == opts.max_new_tokens else "context", chunks[b]))
+        if opts.mode == "memory":  # the first decoded chunk inherits the last prompt chunk's memories
+            for row in rows:
+                row.hits = row.chunks[-1].hits
+                row.chunks.append(ChunkRecord(len(row.chunks), "inherited", (0, opts.retrieve_every), None, row.hits))
+            memory = self._memory([row.hits for row in rows], opts.memories, scored=opts.score_prior)
+        steps = max(row.limit for row in rows)
         out = torch.full((B, steps), self.pad_id, dtype=torch.long, device=self.device)
-        done = [False] * B
-        n_out = [0] * B
-        finish = ["length" if lim == opts.max_new_tokens else "context" for lim in limits]
-        printed = [""] * B
         share_sum = torch.zeros(B, opts.memories, device=self.device) if probe is not None else None
         share_n = 0
         t0 = time.perf_counter()
@@ -429,73 +514,91 @@ class Generator:
             out[:, step] = token
             if opts.stop_at_eos or on_text is not None:
                 toks = token.tolist()
-                for b in range(B):
-                    if done[b]:
+                for b, row in enumerate(rows):
+                    if row.done:
                         continue
-                    if step >= limits[b]:
-                        done[b] = True
+                    if step >= row.limit:
+                        row.done = True
                         continue
                     if opts.stop_at_eos and toks[b] in self.eos:
-                        done[b], finish[b] = True, "eos"
+                        row.done, row.finish = True, "eos"
                         continue
-                    n_out[b] = step + 1
+                    row.n_out = step + 1
                     if on_text is not None:
-                        text = self.tokenizer.decode(out[b, :step + 1].tolist(), skip_special_tokens=True)
-                        if not text.endswith("\ufffd") and len(text) > len(printed[b]):
-                            on_text(b, text[len(printed[b]):])
-                            printed[b] = text
-                if all(done):
+                        text = self.tokenizer.decode(out[b, : step + 1].tolist(), skip_special_tokens=True)
+                        if not text.endswith("\ufffd") and len(text) > len(row.printed):
+                            on_text(b, text[len(row.printed) :])
+                            row.printed = text
+                if all(row.done for row in rows):
                     break
             else:
-                n_out = [min(step + 1, lim) for lim in limits]
+                for row in rows:
+                    row.n_out = min(step + 1, row.limit)
             if step + 1 == steps:
                 break
             # feed the token just generated (index `step`); it may start a new decoded chunk
             if opts.mode == "memory" and retrieval_due(step, opts.retrieve_every):
                 if probe is not None and share_n:
-                    self._close_chunk(chunks, share_sum / share_n)
+                    self._close_chunk(rows, share_sum / share_n)
                     share_sum.zero_()
                     share_n = 0
                 t0 = self._tick("decode", t0)
-                live = [b for b in range(B) if not done[b]]
-                qs = [self.tokenizer.decode(out[b, step - opts.retrieve_every:step].tolist(), skip_special_tokens=True)
-                      for b in live]
-                for b, hs in zip(live, self._retrieve(qs, opts)):
-                    decode_hits[b] = hs
-                    chunks[b].append(ChunkRecord(len(chunks[b]), "generated", (step, step + opts.retrieve_every),
-                                                 qs[live.index(b)], hs))
-                memory = self._memory(decode_hits, opts.memories, scored=opts.score_prior)
+                live = [b for b, row in enumerate(rows) if not row.done]
+                qs = [
+                    self.tokenizer.decode(out[b, step - opts.retrieve_every : step].tolist(), skip_special_tokens=True)
+                    for b in live
+                ]
+                for b, q, hs in zip(live, qs, self._retrieve(qs, opts)):
+                    rows[b].hits = hs
+                    rows[b].chunks.append(
+                        ChunkRecord(len(rows[b].chunks), "generated", (step, step + opts.retrieve_every), q, hs)
+                    )
+                memory = self._memory([row.hits for row in rows], opts.memories, scored=opts.score_prior)
                 t0 = time.perf_counter()
             pos = None
             if padded:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
                 pos = (torch.tensor(lengths, device=self.device) + step + cfg.context_offset)[:, None]
             step_probe = [] if probe is not None else None
-            logits = self.model(token[:, None], memory=memory, cache=cache, position_ids=pos, key_mask=key_mask,
-                                attention_probe=step_probe)[:, -1]
+            logits = self.model(
+                token[:, None],
+                memory=memory,
+                cache=cache,
+                position_ids=pos,
+                key_mask=key_mask,
+                attention_probe=step_probe,
+            )[:, -1]
             if step_probe:
                 share_sum += torch.stack(step_probe).mean(0)[:, 0]
                 share_n += 1
         self._tick("decode", t0)
         if probe is not None and share_n:
-            self._close_chunk(chunks, share_sum / share_n)
+            self._close_chunk(rows, share_sum / share_n)
         results = []
-        for b in range(B):
-            for rec in chunks[b]:  # decoded chunks end where generation ended
+        for b, row in enumerate(rows):
+            for rec in row.chunks:  # decoded chunks end where generation ended
                 if rec.source != "prompt":
-                    rec.tokens = (rec.tokens[0], min(rec.tokens[1], n_out[b]))
-            toks = out[b, :n_out[b]].tolist()
-            results.append(Completion(prompts[b], self.tokenizer.decode(toks, skip_special_tokens=True), toks,
-                                      lengths[b], finish[b], chunks[b]))
+                    rec.tokens = (rec.tokens[0], min(rec.tokens[1], row.n_out))
+            toks = out[b, : row.n_out].tolist()
+            results.append(
+                Completion(
+                    prompts[b],
+                    self.tokenizer.decode(toks, skip_special_tokens=True),
+                    toks,
+                    lengths[b],
+                    row.finish,
+                    row.chunks,
+                )
+            )
         return results
 
     @staticmethod
-    def _close_chunk(chunks: list[list[ChunkRecord]], share: torch.Tensor) -> None:
+    def _close_chunk(rows: list[_Row], share: torch.Tensor) -> None:
         """Give the last decoded chunk of each sequence its mean attention share per memory."""
-        for b, recs in enumerate(chunks):
-            rec = recs[-1]
+        for b, row in enumerate(rows):
+            rec = row.chunks[-1]
             if rec.source != "prompt" and rec.attention is None:
-                rec.attention = share[b, :len(rec.hits)].tolist()
+                rec.attention = share[b, : len(rec.hits)].tolist()
 
     # -- scoring with memory -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -530,26 +633,24 @@ class Generator:
                 seq = ctx + rest
                 first = len(seq) - len(ids)  # scored tokens are seq[first+1:], i.e. ids[1:]
         if len(seq) > cfg.context_length:
-            raise M3Error(f"the text has {len(seq)} tokens in mode {opts.mode}, more than the model's context of "
-                          f"{cfg.context_length}")
+            raise M3Error(
+                f"the text has {len(seq)} tokens in mode {opts.mode}, more than the model's context of "
+                f"{cfg.context_length}"
+            )
         if opts.mode == "memory":
             spans = prompt_chunks(len(ids), cfg.chunk_length)
             queries = [self.tokenizer.decode(ids[s:e], skip_special_tokens=True) for s, e in spans]
-            found = self._retrieve(queries, opts)
-            row, slot_chunk = [], torch.full((1, len(spans) * opts.memories), -1, dtype=torch.long)
-            token_chunk = torch.zeros((1, len(ids)), dtype=torch.long)
-            for c, ((s, e), hs) in enumerate(zip(spans, found)):
-                chunks.append(ChunkRecord(c, "prompt", (s, e), queries[c], hs))
-                slot_chunk[0, c * opts.memories:c * opts.memories + len(hs)] = c
-                row.extend(hs + [None] * (opts.memories - len(hs)))
-                token_chunk[0, s:e] = c
-            memory = self._memory([row], len(row), chunk_visibility(token_chunk, slot_chunk, 0).to(self.device),
-                                  group=opts.memories, scored=opts.score_prior)
+            memory, (chunks,) = self._prompt_memory([spans], [queries], [0], len(ids), opts)
         x = torch.tensor([seq], device=self.device)
         t0 = time.perf_counter()
         logits = self.model(x, memory=memory).float()[0, first:-1]
         self._tick("prefill", t0)
-        target = x[0, first + 1:]
+        target = x[0, first + 1 :]
         logprobs = F.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0].tolist()
-        return {"token_ids": ids, "logprobs": logprobs, "perplexity": math.exp(-sum(logprobs) / len(logprobs)),
-                "mode": opts.mode, "chunks": [c.to_json() for c in chunks]}
+        return {
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "perplexity": math.exp(-sum(logprobs) / len(logprobs)),
+            "mode": opts.mode,
+            "chunks": [c.to_json() for c in chunks],
+        }

@@ -38,8 +38,17 @@ def bank_summary(bank: Bank) -> dict:
         "embedder_hint": h.get("m3.embed.hint"),
         "index_factory": h.get("m3.index.factory"),
         "file_bytes": bank.size,
-        "sections": [{"name": s.name, "offset": s.offset, "bytes": s.length, "decoded_bytes": s.decoded_length,
-                      "codec": s.codec, "sha256": s.sha256.hex()} for s in bank.sections.values()],
+        "sections": [
+            {
+                "name": s.name,
+                "offset": s.offset,
+                "bytes": s.length,
+                "decoded_bytes": s.decoded_length,
+                "codec": s.codec,
+                "sha256": s.sha256.hex(),
+            }
+            for s in bank.sections.values()
+        ],
     }
 
 
@@ -57,13 +66,20 @@ def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
             pos = [int(p) for p in positions[m, h] if p >= 0]
             entry = {"kv_head": h, "positions": pos}
             if token_ids is not None:
-                entry["tokens"] = [tokenizer.decode([token_ids[p - prefix]]) if 0 <= p - prefix < len(token_ids)
-                                   else None for p in pos]
+                entry["tokens"] = [
+                    tokenizer.decode([token_ids[p - prefix]]) if 0 <= p - prefix < len(token_ids) else None for p in pos
+                ]
             heads.append(entry)
         kept.append({"layer": layers[m], "heads": heads})
-    return {"index": i, "document": {"index": doc.index, "id": doc.id, "title": doc.title, "source": doc.source},
-            "index_in_document": ref.index_in_doc, "token_count": ref.token_count, "text": ref.text,
-            "prefix_length": prefix, "kept": kept}
+    return {
+        "index": i,
+        "document": {"index": doc.index, "id": doc.id, "title": doc.title, "source": doc.source},
+        "index_in_document": ref.index_in_doc,
+        "token_count": ref.token_count,
+        "text": ref.text,
+        "prefix_length": prefix,
+        "kept": kept,
+    }
 
 
 def model_problems(bank: Bank, model_dir: Path) -> list[str]:
@@ -77,15 +93,18 @@ def model_problems(bank: Bank, model_dir: Path) -> list[str]:
     cfg, fingerprint = read_config(model_dir), model_fingerprint(model_dir)
     problems = []
     if bank.header.get("m3.model.fingerprint") != fingerprint:
-        problems.append(f"encoded by model {bank.header.get('m3.model.fingerprint')}, not by {model_dir} "
-                        f"({fingerprint})")
+        problems.append(
+            f"encoded by model {bank.header.get('m3.model.fingerprint')}, not by {model_dir} ({fingerprint})"
+        )
     problems += geometry_problems(bank, cfg)
     spec = EmbedderSpec.from_header(bank.header)
     if spec is not None and INDEX_SECTION in bank.sections:
         want = expected_spec(spec, model_dir, fingerprint, cfg.hidden_size)
         if want is not None and not spec.same_as(want):
-            problems.append(f"indexed with embedder {spec.name} (dim {spec.dim}, {spec.fingerprint[:19]}…), which is "
-                            f"not the {want.name} embedder here (dim {want.dim}, {want.fingerprint[:19]}…)")
+            problems.append(
+                f"indexed with embedder {spec.name} (dim {spec.dim}, {spec.fingerprint[:19]}…), which is "
+                f"not the {want.name} embedder here (dim {want.dim}, {want.fingerprint[:19]}…)"
+            )
     return problems
 
 
@@ -114,8 +133,9 @@ def verify_problems(bank: Bank, model_dir: Path | None = None) -> list[str]:
     return problems
 
 
-def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | None, verify: bool,
-                 echo: Callable[[str], None]) -> None:
+def inspect_bank(
+    path: Path, as_json: bool, ref: int | None, model_dir: Path | None, verify: bool, echo: Callable[[str], None]
+) -> None:
     from .output import print_fields, terminal_safe
 
     with Bank(path) as bank:
@@ -123,8 +143,15 @@ def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | N
             checked_model = _model_for_verify(path, model_dir)
             problems = verify_problems(bank, checked_model)
             if as_json:
-                echo(json.dumps({"ok": not problems, "problems": problems,
-                                 "model": str(checked_model) if checked_model else None}))
+                echo(
+                    json.dumps(
+                        {
+                            "ok": not problems,
+                            "problems": problems,
+                            "model": str(checked_model) if checked_model else None,
+                        }
+                    )
+                )
             for p in problems if not as_json else []:
                 echo(f"problem: {terminal_safe(p)}")
             if problems:
@@ -133,8 +160,10 @@ def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | N
                 against = ""
                 if checked_model is not None:
                     against = f", fits the model {model_dir}" if model_dir is not None else ", fits its model"
-                echo(f"ok: {bank.n_refs} references, {len(bank.sections)} sections, all checksums and records valid, "
-                     f"index loads{against}")
+                echo(
+                    f"ok: {bank.n_refs} references, {len(bank.sections)} sections, all checksums and records valid, "
+                    f"index loads{against}"
+                )
             return
         if ref is not None:
             tokenizer = None
@@ -147,14 +176,18 @@ def inspect_bank(path: Path, as_json: bool, ref: int | None, model_dir: Path | N
                 echo(json.dumps(detail))
                 return
             doc = detail["document"]
-            echo(f"reference {ref} of document {terminal_safe(doc['id'])!s} "
-                 f"({terminal_safe(doc['title'])}), {detail['token_count']} tokens")
+            echo(
+                f"reference {ref} of document {terminal_safe(doc['id'])!s} "
+                f"({terminal_safe(doc['title'])}), {detail['token_count']} tokens"
+            )
             echo(terminal_safe(detail["text"]))
             for layer in detail["kept"]:
                 for head in layer["heads"]:
                     shown = head.get("tokens") or head["positions"]
-                    echo(f"  layer {layer['layer']:>3} kv-head {head['kv_head']:>2}: "
-                         + " ".join(terminal_safe(repr(t)) for t in shown))
+                    echo(
+                        f"  layer {layer['layer']:>3} kv-head {head['kv_head']:>2}: "
+                        + " ".join(terminal_safe(repr(t)) for t in shown)
+                    )
             return
         summary = bank_summary(bank)
         if as_json:

@@ -75,15 +75,25 @@ class Attention(nn.Module):
         hidden, width = self.q_proj.in_features, self.n_heads * self.head_dim
         device = self.q_proj.weight.device
         self.reader_rank = rank
-        self.mem_q_a = nn.Parameter(torch.randn(rank, hidden, device=device) * hidden ** -0.5)
+        self.mem_q_a = nn.Parameter(torch.randn(rank, hidden, device=device) * hidden**-0.5)
         self.mem_q_b = nn.Parameter(torch.zeros(width, rank, device=device))
-        self.mem_o_a = nn.Parameter(torch.randn(rank, width, device=device) * width ** -0.5)
+        self.mem_o_a = nn.Parameter(torch.randn(rank, width, device=device) * width**-0.5)
         self.mem_o_b = nn.Parameter(torch.zeros(hidden, rank, device=device))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, attn_fn,
-                extra_kv: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
-                layer: int = 0, capture: dict | None = None, probe: tuple | None = None,
-                slot_scores: tuple | None = None, n_sink: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        attn_fn,
+        extra_kv: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        capture: dict | None = None,
+        probe: tuple | None = None,
+        n_sink: int = 0,
+    ) -> Tensor:
         """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
 
         n_sink: how many of extra_kv's keys are the sink; the rest are memories, which the
@@ -92,9 +102,6 @@ class Attention(nn.Module):
         `capture`, when given, receives the pre-RoPE q/k and the post-RoPE k and v of this
         call's tokens. `probe` = (out, start, slots, k): append to `out` the share of attention
         (B, T, slots) that each memory slot's k keys, starting at key `start`, received.
-        `slot_scores` = (out, start, slots, k): append to `out` (layer, logsumexp of the
-        attention logits over each slot's visible keys) (B, H, T, slots), with gradient — how
-        strongly each head prefers each memory, for the memory-match loss of training.
         """
         B, T, _ = x.shape
         D = self.head_dim
@@ -132,14 +139,8 @@ class Attention(nn.Module):
             scores = q.float() @ k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(-1, -2)
             scores = masked_logits(scores / scale, mask)
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, T, keys)
-            mass = probs[..., start:start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
+            mass = probs[..., start : start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
             out_list.append(mass.mean(1))  # (B, T, slots)
-        if slot_scores is not None:
-            out_list, start, slots, k_top = slot_scores
-            mem_k = k[:, :, start:start + slots * k_top].repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            logits = (q.float() @ mem_k.float().transpose(-1, -2)) / scale  # (B, H, T, S*k)
-            logits = masked_logits(logits, None if mask is None else mask[..., start:start + slots * k_top])
-            out_list.append((layer, logits.view(B, self.n_heads, T, slots, k_top).logsumexp(-1)))
         out = attn_fn(q, k, v, mask)  # (B, H, T, D), or (B, H, T, 2D) when the reader reads
         if reads:
             mem = out[..., D:].transpose(1, 2).reshape(B, T, self.n_heads * D)
@@ -187,8 +188,9 @@ class Memory3Model(nn.Module):
         self.config = cfg
         self.attn_impl = attn_impl
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, cfg.memory_reader_rank if i in cfg.mem_layers else 0)
-                                    for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, cfg.memory_reader_rank if i in cfg.mem_layers else 0) for i in range(cfg.n_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if not self.embed.weight.is_meta:  # on meta (loading a model dir) there is nothing to fill
@@ -214,8 +216,9 @@ class Memory3Model(nn.Module):
         if self.config.memory_score_prior:
             return False
         self.config = self.config.replace(memory_score_prior=True)
-        self.memory_score_gain = nn.Parameter(torch.zeros(self.config.n_mem_layers, self.config.n_heads,
-                                                          device=self.embed.weight.device))
+        self.memory_score_gain = nn.Parameter(
+            torch.zeros(self.config.n_mem_layers, self.config.n_heads, device=self.embed.weight.device)
+        )
         return True
 
     def enable_reader(self, rank: int) -> bool:
@@ -228,7 +231,7 @@ class Memory3Model(nn.Module):
             raise ValueError(f"the model already has a memory reader of rank {self.config.memory_reader_rank}")
         self.config = self.config.replace(memory_reader_rank=rank)
         for i in self.config.mem_layers:
-            self.layers[i].attn.add_reader(rank)
+            self.layers[i].attn.add_reader(rank)  # type: ignore[union-attr,operator]
         return True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -248,11 +251,18 @@ class Memory3Model(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     # --- ordinary forward, with or without memory ------------------------------------------
-    def forward(self, input_ids: Tensor, memory: Memory | None = None, cache: KVCache | None = None,
-                position_ids: Tensor | None = None, return_hidden: bool = False,
-                key_mask: Tensor | None = None, last_only: bool = False,
-                attention_probe: list | None = None, memory_scores: list | None = None,
-                segment_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        memory: Memory | None = None,
+        cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+        return_hidden: bool = False,
+        key_mask: Tensor | None = None,
+        last_only: bool = False,
+        attention_probe: list | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states if return_hidden.
 
         memory: explicit memories read by the memory layers (see `Memory`); None or an empty
@@ -262,8 +272,6 @@ class Memory3Model(nn.Module):
         no token attends to. last_only: logits of the last position only (B, 1, vocab).
         attention_probe: a list that receives, per memory layer, the share of attention each
         memory slot got, (B, T, slots) — for citations; costs an explicit softmax.
-        memory_scores: a list that receives, per memory layer, (layer, (B, H, T, slots)) the
-        logsumexp of each slot's attention logits, with gradient (training's memory-match loss).
         segment_ids (B, T): packed training rows; a token attends only to earlier tokens of its
         own segment (no cache, no key_mask).
         """
@@ -279,7 +287,7 @@ class Memory3Model(nn.Module):
             if cache is not None or key_mask is not None:
                 raise ValueError("segment_ids cannot be combined with a cache or a key_mask")
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-            ctx = (torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same)[:, None]
+            ctx: Tensor | None = (torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same)[:, None]
         else:
             ctx = self._context_mask(B, T, past, key_mask, device)  # (B|1, 1, T, past+T) or None
         if memory is not None and not memory.readable():
@@ -294,9 +302,9 @@ class Memory3Model(nn.Module):
             for i, layer in enumerate(self.layers):
                 mem = i in self._mem_index
                 probe = (attention_probe, p, S, k_top) if mem and attention_probe is not None else None
-                scores = (memory_scores, p, S, k_top) if mem and memory_scores is not None else None
-                h = layer(h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe,
-                          slot_scores=scores, n_sink=p)
+                h = layer(
+                    h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe, n_sink=p
+                )
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
@@ -343,8 +351,12 @@ class Memory3Model(nn.Module):
             key_ok[layer] = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, S * k_top)
         oks = list(key_ok.values())
         shared = oks[0][:, :1] if all(bool((o == oks[0][:, :1]).all()) for o in oks) else None  # (B, 1, S*k)
-        prepared = {"extra": extra, "key_ok": key_ok, "shared_ok": shared,
-                    "all_real": shared is not None and bool(shared.all())}
+        prepared = {
+            "extra": extra,
+            "key_ok": key_ok,
+            "shared_ok": shared,
+            "all_real": shared is not None and bool(shared.all()),
+        }
         memory.prepared[key] = prepared
         return prepared
 
@@ -393,14 +405,16 @@ class Memory3Model(nn.Module):
         if prep["shared_ok"] is not None:
             shared = torch.cat([sink_mask, vis & prep["shared_ok"][:, :, None, :], ctx], dim=-1)  # (B, 1, T, keys)
 
-        def masks(layer: int) -> Tensor:
+        def masks(layer: int) -> Tensor | None:
             if layer not in self._mem_index:
                 return plain
             if shared is not None:
                 return biased(layer, shared)
             mem = (vis & prep["key_ok"][layer][:, :, None, :]).repeat_interleave(group, dim=1)  # (B, H, T, S*k)
-            return biased(layer, torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem,
-                                            ctx.expand(B, cfg.n_heads, T, -1)], dim=-1))
+            return biased(
+                layer,
+                torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem, ctx.expand(B, cfg.n_heads, T, -1)], dim=-1),
+            )
 
         return extra, masks
 
@@ -428,8 +442,10 @@ class Memory3Model(nn.Module):
     def _prefix_ids(self, batch: int) -> Tensor:
         prefix = self.config.reference_prefix_ids
         if not prefix:
-            raise ValueError("this model has no reference prefix (config.reference_prefix_ids is empty); "
-                             "it is set from the tokenizer when a model dir is created")
+            raise ValueError(
+                "this model has no reference prefix (config.reference_prefix_ids is empty); "
+                "it is set from the tokenizer when a model dir is created"
+            )
         return torch.tensor(prefix, device=self.embed.weight.device).unsqueeze(0).expand(batch, -1)
 
     def _run_captured(self, ids: Tensor, positions: Tensor, mask: Tensor, layers, on_layer=None) -> list[dict]:
@@ -439,7 +455,7 @@ class Memory3Model(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         captures = []
         for i, layer in enumerate(self.layers[: max(layers) + 1]):
-            capture = {} if i in layers else None
+            capture: dict | None = {} if i in layers else None
             h = layer(h, cos, sin, mask, self.attn_fn, capture=capture)
             if capture is not None:
                 if on_layer is not None:
@@ -507,8 +523,9 @@ class Memory3Model(nn.Module):
             pos_out.append(torch.where(ok, idx, torch.full_like(idx, -1)))
 
         self._run_captured(ids, positions, mask, cfg.mem_layers, on_layer=select)
-        return MemoryEncoding(kv=torch.stack(kv_out, dim=1), valid=torch.stack(valid_out, dim=1),
-                              positions=torch.stack(pos_out, dim=1))
+        return MemoryEncoding(
+            kv=torch.stack(kv_out, dim=1), valid=torch.stack(valid_out, dim=1), positions=torch.stack(pos_out, dim=1)
+        )
 
     # --- bookkeeping -------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -63,7 +63,7 @@ def overlap(reference: Sequence[Hashable], text: Sequence[Hashable]) -> float:
     for start in range(len(text)):
         if text[start] not in present:
             continue
-        best = max(best, _lcs(masks, m, text[start:start + span]))
+        best = max(best, _lcs(masks, m, text[start : start + span]))
         if best == m:
             break
     return best / m

@@ -24,8 +24,14 @@ from .errors import M3Error
 
 READER_FORMAT = "m3-reader"
 READER_VERSION = 1
-READER_CONFIG_KEYS = ("memory_layers", "memory_top_k", "memory_selection", "memory_reader_rank",
-                      "memory_score_prior", "train_prev_chunks")
+READER_CONFIG_KEYS = (
+    "memory_layers",
+    "memory_top_k",
+    "memory_selection",
+    "memory_reader_rank",
+    "memory_score_prior",
+    "train_prev_chunks",
+)
 MAX_READER_BYTES = 256 * 2**20
 
 
@@ -76,7 +82,11 @@ def read_reader(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("version") != READER_VERSION:
         raise M3Error(f"{path}: unsupported reader version {meta.get('version')!r} (this m3 reads {READER_VERSION})")
     conf = meta.get("config")
-    if not isinstance(conf, dict) or set(conf) != set(READER_CONFIG_KEYS) or not isinstance(meta.get("base_fingerprint"), str):
+    if (
+        not isinstance(conf, dict)
+        or set(conf) != set(READER_CONFIG_KEYS)
+        or not isinstance(meta.get("base_fingerprint"), str)
+    ):
         raise M3Error(f"{path}: the reader's metadata is incomplete")
     return meta, tensors
 
@@ -88,14 +98,20 @@ def apply_reader(model, path: Path, base_fingerprint: str | None = None):
 
     meta, tensors = read_reader(path)
     if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
-        raise M3Error(f"{path} was trained on the model {meta['base_fingerprint'][:19]}…, not on "
-                      f"{base_fingerprint[:19]}…")
+        raise M3Error(
+            f"{path} was trained on the model {meta['base_fingerprint'][:19]}…, not on {base_fingerprint[:19]}…"
+        )
     if model.config.memory_reader_rank:
         raise M3Error("the model already has a memory reader")
     conf = dict(meta["config"])
     try:
-        cfg = model.config.replace(**{k: (tuple(v) if k == "memory_layers" else v) for k, v in conf.items()
-                                      if k not in ("memory_reader_rank", "memory_score_prior")})
+        cfg = model.config.replace(
+            **{
+                k: (tuple(v) if k == "memory_layers" else v)
+                for k, v in conf.items()
+                if k not in ("memory_reader_rank", "memory_score_prior")
+            }
+        )
     except (ConfigError, TypeError) as e:
         raise M3Error(f"{path}: the reader's config does not fit the model ({e})") from None
     model.config = cfg

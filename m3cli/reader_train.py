@@ -36,14 +36,24 @@ from .errors import M3Error
 
 IGNORE = -100
 # Dense bf16 peak of the accelerators we meet, for model-FLOPs utilisation (MFU).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "L4": 121.0, "A10": 125.0, "4090": 165.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "4090": 165.0,
+}
 
 
 # --- examples ---------------------------------------------------------------------------------
 @dataclass
 class Segment:
     """One tokenized example: ids, which positions are scored, and each token's chunk query."""
+
     ids: list[int]
     loss: list[bool]  # loss[i]: token i+1 is a target (predicted at position i)
     queries: list[str | None]  # retrieval query of each of its chunks (None: no memory)
@@ -74,7 +84,7 @@ def read_examples(path: str) -> list[dict]:
             raise M3Error(f"{path} record {n} is not an object")
         chat = isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
         if not chat and not isinstance(r.get("text"), str):
-            raise M3Error(f"{path} record {n} needs \"prompt\" and \"answer\", or \"text\"")
+            raise M3Error(f'{path} record {n} needs "prompt" and "answer", or "text"')
         if (chat and r["prompt"].strip() and r["answer"].strip()) or (not chat and r["text"].strip()):
             out.append(r)
     if not out:
@@ -87,8 +97,9 @@ def chat_prompt(tokenizer, prompt: str) -> tuple[list[int], list[bool]]:
     its tokens hold the user's text (the retrieval query)."""
     from .generate import user_token_mask
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
     users = user_token_mask(tokenizer, prompt, text)
     return ids, users if users is not None and len(users) == len(ids) else [True] * len(ids)
@@ -106,7 +117,7 @@ def segments(examples: list[dict], tokenizer, seq_len: int, chunk: int) -> list[
     for ex in examples:
         if "prompt" in ex and "answer" in ex:
             if not has_chat:
-                raise M3Error("chat examples ({\"prompt\", \"answer\"}) need a model whose tokenizer has a chat template")
+                raise M3Error('chat examples ({"prompt", "answer"}) need a model whose tokenizer has a chat template')
             p_ids, users = chat_prompt(tokenizer, ex["prompt"])
             a_ids = [int(i) for i in tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]] + [int(eos)]
             ids = (p_ids + a_ids)[:seq_len]
@@ -120,13 +131,18 @@ def segments(examples: list[dict], tokenizer, seq_len: int, chunk: int) -> list[
             loss = [n_prompt - 1 <= i < len(ids) - 1 for i in range(len(ids))]
             out.append(Segment(ids, loss, queries, token_query))
         else:
-            body = ([bos] if bos is not None else []) + \
-                [int(i) for i in tokenizer(ex["text"], add_special_tokens=False)["input_ids"]] + [int(eos)]
+            body = (
+                ([bos] if bos is not None else [])
+                + [int(i) for i in tokenizer(ex["text"], add_special_tokens=False)["input_ids"]]
+                + [int(eos)]
+            )
             for s in range(0, len(body) - 1, seq_len):
-                ids = body[s:s + seq_len]
+                ids = body[s : s + seq_len]
                 if len(ids) < 2:
                     continue
-                queries = [tokenizer.decode(ids[c:c + chunk], skip_special_tokens=True) for c in range(0, len(ids), chunk)]
+                queries = [
+                    tokenizer.decode(ids[c : c + chunk], skip_special_tokens=True) for c in range(0, len(ids), chunk)
+                ]
                 token_query = [i // chunk for i in range(len(ids))]
                 out.append(Segment(ids, [i < len(ids) - 1 for i in range(len(ids))], queries, token_query))
     if not out:
@@ -137,6 +153,7 @@ def segments(examples: list[dict], tokenizer, seq_len: int, chunk: int) -> list[
 @dataclass
 class Packed:
     """Rows of seq_len tokens holding whole segments (padding: segment -1)."""
+
     ids: np.ndarray  # (N, T) int64
     targets: np.ndarray  # (N, T) int64, IGNORE where no loss
     segment: np.ndarray  # (N, T) int32, -1 = padding
@@ -180,11 +197,11 @@ def pack(segs: list[Segment], seq_len: int, seed: int, fill: int) -> tuple[Packe
         for j, i in enumerate(members):
             s = segs[i]
             n = len(s.ids)
-            ids[r, at:at + n] = s.ids
+            ids[r, at : at + n] = s.ids
             tg = np.asarray(s.ids[1:] + [IGNORE], dtype=np.int64)
-            targets[r, at:at + n] = np.where(np.asarray(s.loss), tg, IGNORE)
-            segment[r, at:at + n] = j
-            position[r, at:at + n] = np.arange(n)
+            targets[r, at : at + n] = np.where(np.asarray(s.loss), tg, IGNORE)
+            segment[r, at : at + n] = j
+            position[r, at : at + n] = np.arange(n)
             local = []
             for q in s.queries:
                 if q is None:
@@ -193,7 +210,7 @@ def pack(segs: list[Segment], seq_len: int, seed: int, fill: int) -> tuple[Packe
                     local.append(len(queries))
                     mine.append(len(queries))
                     queries.append(q)
-            query[r, at:at + n] = [local[t] if t >= 0 else -1 for t in s.token_query]
+            query[r, at : at + n] = [local[t] if t >= 0 else -1 for t in s.token_query]
             at += n
         row_queries.append(mine)
     return Packed(ids, targets, segment, position, query, row_queries), queries
@@ -215,13 +232,15 @@ def retrieve(queries: list[str], bank_path: Path, k: int, max_overlap: float, em
     with Bank(bank_path) as bank:
         retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=embedder, device=device))
         for s in range(0, len(unique), 256):
-            for j, hits in enumerate(retriever.search(unique[s:s + 256], k=k, max_overlap=max_overlap)):
+            for j, hits in enumerate(retriever.search(unique[s : s + 256], k=k, max_overlap=max_overlap)):
                 for rank, h in enumerate(hits):
                     u_refs[s + j, rank], u_scores[s + j, rank] = h.ref, h.score
     idx = np.array([where[q] for q in queries], dtype=np.int64)
     refs[:], scores[:] = u_refs[idx], u_scores[idx]
-    log(f"retrieved {k} references for {len(unique):,} distinct chunk queries in {time.perf_counter() - t0:.0f} s "
-        f"({(refs[:, 0] >= 0).mean():.0%} found one)")
+    log(
+        f"retrieved {k} references for {len(unique):,} distinct chunk queries in {time.perf_counter() - t0:.0f} s "
+        f"({(refs[:, 0] >= 0).mean():.0%} found one)"
+    )
     return refs, scores
 
 
@@ -234,26 +253,31 @@ def encode_once(model, bank_path: Path, tokenizer, refs: list[int], device, dtyp
 
     cfg = model.config
     with Bank(bank_path) as bank:
-        ids = [reference_ids(tokenizer, bank.reference(r).text)[:cfg.reference_length] or [tokenizer.eos_token_id]
-               for r in refs]
+        ids = [
+            reference_ids(tokenizer, bank.reference(r).text)[: cfg.reference_length] or [tokenizer.eos_token_id]
+            for r in refs
+        ]
     order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: little padding
     kv = torch.zeros((len(refs),) + cfg.memory_shape, dtype=dtype, device=device)
-    valid = torch.zeros((len(refs), cfg.n_mem_layers, cfg.n_kv_heads, cfg.memory_top_k), dtype=torch.bool,
-                        device=device)
+    valid = torch.zeros(
+        (len(refs), cfg.n_mem_layers, cfg.n_kv_heads, cfg.memory_top_k), dtype=torch.bool, device=device
+    )
     t0 = time.perf_counter()
     for s in range(0, len(refs), batch):
-        part = order[s:s + batch]
+        part = order[s : s + batch]
         n = max(len(ids[i]) for i in part)
         x = torch.zeros((len(part), n), dtype=torch.long)
         for j, i in enumerate(part):
-            x[j, :len(ids[i])] = torch.tensor(ids[i])
+            x[j, : len(ids[i])] = torch.tensor(ids[i])
         lengths = torch.tensor([len(ids[i]) for i in part])
         enc = model.encode_references(x.to(device), lengths.to(device))
         at = torch.as_tensor(part, device=device)
         kv[at] = enc.kv.to(dtype)
         valid[at] = enc.valid
-    log(f"encoded {len(refs):,} references once with the frozen model in {time.perf_counter() - t0:.0f} s "
-        f"({kv.numel() * kv.element_size() / 2**20:.0f} MiB)")
+    log(
+        f"encoded {len(refs):,} references once with the frozen model in {time.perf_counter() - t0:.0f} s "
+        f"({kv.numel() * kv.element_size() / 2**20:.0f} MiB)"
+    )
     return kv, valid
 
 
@@ -263,8 +287,14 @@ def step_flops(cfg, n_tokens: int, n_targets: int, keys_per_token: float, reader
     scored tokens only, attention over keys_per_token keys, doubled head width where memory is
     read), backward to the activations (the same again; frozen weights need no weight
     gradients) and the reader's weight gradients."""
-    C, I, H, Hkv, D, L = (cfg.hidden_size, cfg.intermediate_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                          cfg.n_layers)
+    C, I, H, Hkv, D, L = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.n_layers,
+    )
     per_layer = 2 * (C * H * D * 2 + C * Hkv * D * 2 + 3 * C * I)  # q, o, k, v, gate/up/down
     attn = 2 * 2 * H * (2 * D) * keys_per_token  # logits and values, doubled width
     fwd = n_tokens * (L * (per_layer + attn)) + 2 * n_targets * C * cfg.vocab_size + 2 * n_tokens * reader_params
@@ -290,7 +320,14 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     """Run `m3 pretrain --train reader` (see the module docstring); returns a summary."""
     from accelerate import Accelerator
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from safetensors.torch import load_file, save_file
 
     from .atomic import atomic_dir, atomic_file
@@ -350,8 +387,10 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     packed, queries = pack(segs, args.seq_len, args.seed, pad_fill(tokenizer))
     n_rows = packed.ids.shape[0]
     key = {**args.key(), "rows": _sha(packed.ids[:, :16].tolist()), "n_rows": n_rows, "base": base_fingerprint}
-    log(f"{len(segs):,} examples in {n_rows:,} rows of {args.seq_len} tokens "
-        f"({(packed.segment >= 0).mean():.0%} filled, {(packed.targets != IGNORE).mean():.0%} scored)")
+    log(
+        f"{len(segs):,} examples in {n_rows:,} rows of {args.seq_len} tokens "
+        f"({(packed.segment >= 0).mean():.0%} filled, {(packed.targets != IGNORE).mean():.0%} scored)"
+    )
 
     state_dir.mkdir(parents=True, exist_ok=True)
     ckpt = state_dir / "checkpoint"
@@ -366,8 +405,11 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         start_step = int(saved["step"])
         log(f"resuming at step {start_step} of {args.steps}")
         if metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            kept = [
+                ln
+                for ln in metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start_step
+            ]
             with atomic_file(metrics_path) as f:
                 f.write("".join(k + "\n" for k in kept).encode())
     elif not resume:
@@ -383,8 +425,15 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     # rows this run's steps use (a pure function of the seed), so a short run on a large corpus
     # pays for what it reads; the set does not depend on where a resumed run starts.
     k = args.refs_per_chunk
-    used = np.unique(np.concatenate([batch_indices(s, n_rows, args.batch_size, args.seed, r, accelerator.num_processes)
-                                     for s in range(args.steps) for r in range(accelerator.num_processes)]))
+    used = np.unique(
+        np.concatenate(
+            [
+                batch_indices(s, n_rows, args.batch_size, args.seed, r, accelerator.num_processes)
+                for s in range(args.steps)
+                for r in range(accelerator.num_processes)
+            ]
+        )
+    )
     needed = sorted({q for r in used.tolist() for q in packed.row_queries[r]})
     log(f"{args.steps:,} steps of {args.batch_size} rows use {len(used):,} rows, {len(needed):,} chunk queries")
     cache = state_dir / "retrieval.npz"
@@ -399,8 +448,16 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         q_refs = np.full((len(queries), k), -1, dtype=np.int64)
         q_scores = np.zeros((len(queries), k), dtype=np.float32)
         if needed:
-            q_refs[needed], q_scores[needed] = retrieve([queries[q] for q in needed], Path(args.bank), k,
-                                                        args.max_overlap, args.embedder, args.init_from, device, log)
+            q_refs[needed], q_scores[needed] = retrieve(
+                [queries[q] for q in needed],
+                Path(args.bank),
+                k,
+                args.max_overlap,
+                args.embedder,
+                args.init_from,
+                device,
+                log,
+            )
         with atomic_file(cache) as tmp:
             np.savez(tmp, refs=q_refs, scores=q_scores)
         with atomic_file(cache_key) as f:
@@ -423,9 +480,11 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         if not qs:
             continue
         refs = q_refs[qs]  # (n, k)
-        slot_ref[r, :refs.size] = np.where(refs >= 0, local[np.maximum(refs, 0)], -1).reshape(-1)
-        slot_query[r, :refs.size] = np.repeat(np.asarray(qs), k)
-        slot_gap[r, :refs.size] = score_gaps(torch.from_numpy(refs)[None], torch.from_numpy(q_scores[qs])[None])[0].numpy()
+        slot_ref[r, : refs.size] = np.where(refs >= 0, local[np.maximum(refs, 0)], -1).reshape(-1)
+        slot_query[r, : refs.size] = np.repeat(np.asarray(qs), k)
+        slot_gap[r, : refs.size] = score_gaps(torch.from_numpy(refs)[None], torch.from_numpy(q_scores[qs])[None])[
+            0
+        ].numpy()
     on = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     t_ids, t_targets, t_segment = on(packed.ids), on(packed.targets), on(packed.segment.astype(np.int64))
     t_position, t_query = on(packed.position.astype(np.int64)), on(packed.query.astype(np.int64))
@@ -435,8 +494,11 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2 or p is getattr(model, "memory_score_gain", None)]
     decay = [p for p in decay if not any(p is q for q in no_decay)]  # weight decay would pull the prior to none
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     if start_step:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -457,26 +519,41 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
             (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
 
     def batch(step: int):
-        idx = torch.as_tensor(batch_indices(step, n_rows, args.batch_size, args.seed, accelerator.process_index,
-                                            accelerator.num_processes), device=device)
+        idx = torch.as_tensor(
+            batch_indices(
+                step, n_rows, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes
+            ),
+            device=device,
+        )
         refs, qid = t_slot_ref[idx], t_slot_query[idx]  # (B, S)
         real = refs >= 0
         kv = mem_kv[refs.clamp_min(0)] * real[:, :, None, None, None, None, None].to(mem_kv.dtype)
         valid = mem_valid[refs.clamp_min(0)] & real[:, :, None, None, None]
         query = t_query[idx]  # (B, T)
         visible = (query[:, :, None] == qid[:, None, :]) & (query[:, :, None] >= 0) & real[:, None, :]
-        memory = Memory(kv=kv, valid=valid, sink=sink, visible=visible,
-                        scores=t_slot_gap[idx] if cfg.memory_score_prior else None)
+        memory = Memory(
+            kv=kv, valid=valid, sink=sink, visible=visible, scores=t_slot_gap[idx] if cfg.memory_score_prior else None
+        )
         memory.prepared["readable"] = True  # every row reads something; asking would stall the GPU
         return (t_ids[idx], t_targets[idx], t_segment[idx], t_position[idx] + cfg.context_offset, memory)
 
     console = Console(stderr=True)
-    progress = Progress(TextColumn("reader"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not show_progress or not console.is_terminal or not accelerator.is_main_process)
+    progress = Progress(
+        TextColumn("reader"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress or not console.is_terminal or not accelerator.is_main_process,
+    )
     metrics = open(metrics_path, "a")
-    keys_per_token = args.seq_len / 2 + k * cfg.memory_top_k + cfg.prefix_length  # causal context + one chunk's memories
+    keys_per_token = (
+        args.seq_len / 2 + k * cfg.memory_top_k + cfg.prefix_length
+    )  # causal context + one chunk's memories
     t_start = time.perf_counter()
     tokens = 0
     window_loss = torch.zeros((), device=device)
@@ -516,11 +593,17 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                         torch.cuda.synchronize(device)
                     dt = time.perf_counter() - window_t0
                     flops = step_flops(cfg, window_tokens, window_targets, keys_per_token, n_reader)
-                    row = {"step": done, "stage": "continual-reader", "loss": round(loss_value, 5), "lr": round(lr, 8),
-                           "tokens_per_s": round(window_tokens / dt, 1), "step_s": round(dt / window_n, 4),
-                           "tflops": round(flops / dt / 1e12, 3),
-                           "mfu": round(flops / dt / peak, 4) if peak else None,
-                           "elapsed_s": round(time.perf_counter() - t_start, 1)}
+                    row = {
+                        "step": done,
+                        "stage": "continual-reader",
+                        "loss": round(loss_value, 5),
+                        "lr": round(lr, 8),
+                        "tokens_per_s": round(window_tokens / dt, 1),
+                        "step_s": round(dt / window_n, 4),
+                        "tflops": round(flops / dt / 1e12, 3),
+                        "mfu": round(flops / dt / peak, 4) if peak else None,
+                        "elapsed_s": round(time.perf_counter() - t_start, 1),
+                    }
                     last_row = row
                     step_times.append(dt / window_n)
                     if accelerator.is_main_process:
@@ -540,17 +623,32 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     accelerator.wait_for_everyone()
     if stopped_at is not None:
         save_checkpoint(stopped_at)
-        return {"stage": "continual", "train": "reader", "steps": args.steps, "stopped_at": stopped_at,
-                "final_loss": loss_value, "last_tokens_per_s": last_row.get("tokens_per_s"), "mfu": last_row.get("mfu"),
-                "state_dir": str(state_dir)}
+        return {
+            "stage": "continual",
+            "train": "reader",
+            "steps": args.steps,
+            "stopped_at": stopped_at,
+            "final_loss": loss_value,
+            "last_tokens_per_s": last_row.get("tokens_per_s"),
+            "mfu": last_row.get("mfu"),
+            "state_dir": str(state_dir),
+        }
     save_checkpoint(args.steps)
     elapsed = time.perf_counter() - t_start
-    summary = {"stage": "continual", "train": "reader", "steps": args.steps, "final_loss": loss_value,
-               "tokens_per_s": round(tokens / max(1e-9, elapsed), 1),
-               "last_tokens_per_s": last_row.get("tokens_per_s"), "mfu": last_row.get("mfu"),
-               "tflops": last_row.get("tflops"),
-               "mean_step_s": round(float(np.mean(step_times)) if step_times else 0.0, 4),
-               "reader_parameters": n_reader, "state_dir": str(state_dir), "output": str(out)}
+    summary = {
+        "stage": "continual",
+        "train": "reader",
+        "steps": args.steps,
+        "final_loss": loss_value,
+        "tokens_per_s": round(tokens / max(1e-9, elapsed), 1),
+        "last_tokens_per_s": last_row.get("tokens_per_s"),
+        "mfu": last_row.get("mfu"),
+        "tflops": last_row.get("tflops"),
+        "mean_step_s": round(float(np.mean(step_times)) if step_times else 0.0, 4),
+        "reader_parameters": n_reader,
+        "state_dir": str(state_dir),
+        "output": str(out),
+    }
     if accelerator.is_main_process:
         raw.eval()
         save_model_dir(raw.to(torch.float32), tokenizer, out, overwrite=True)

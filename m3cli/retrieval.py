@@ -53,7 +53,12 @@ def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress
     state_path = Path(str(spool) + ".json")
     key = {"spec": spec.__dict__, "bank": bank.header.get("m3.model.fingerprint"), "n": bank.n_refs}
     done = 0
-    if os.path.lexists(spool) and os.path.lexists(state_path) and not spool.is_symlink() and not state_path.is_symlink():
+    if (
+        os.path.lexists(spool)
+        and os.path.lexists(state_path)
+        and not spool.is_symlink()
+        and not state_path.is_symlink()
+    ):
         try:
             state = json.loads(state_path.read_text())
             if state["key"] == key and spool.stat().st_size >= state["done"] * spec.dim * 2:
@@ -61,8 +66,15 @@ def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress
         except (ValueError, KeyError, TypeError, OSError):
             done = 0
     console = Console(stderr=True)
-    progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("refs"),
-                        TimeRemainingColumn(), console=console, disable=not show_progress or not console.is_terminal)
+    progress = Progress(
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("refs"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress or not console.is_terminal,
+    )
     last = time.monotonic()
     try:
         f = open_existing(spool) if done else open_new(spool, "w+b")  # never through a planted link
@@ -131,16 +143,20 @@ def empty_index(dim: int, factory: str, ef_construction: int | None = None, k_fa
     for x in chain if not kinds else []:
         if type(x).__name__ == "IndexIDMap2":
             kinds = ["a nested ID map"]
-        elif hasattr(x, "invlists") and type(faiss.downcast_index(x.quantizer)).__name__ not in ("IndexFlat",
-                                                                                                  "IndexFlatIP"):
+        elif hasattr(x, "invlists") and type(faiss.downcast_index(x.quantizer)).__name__ not in (
+            "IndexFlat",
+            "IndexFlatIP",
+        ):
             kinds = [f"an IVF index with a {type(faiss.downcast_index(x.quantizer)).__name__} quantizer"]
         elif type(x).__name__ == "IndexPreTransform" and any(
-                type(faiss.downcast_VectorTransform(x.chain.at(i))).__name__ != "PCAMatrix"
-                for i in range(x.chain.size())):
+            type(faiss.downcast_VectorTransform(x.chain.at(i))).__name__ != "PCAMatrix" for i in range(x.chain.size())
+        ):
             kinds = ["a vector transform other than PCA"]
     if kinds:
-        raise M3Error(f"FAISS index factory {factory!r} builds {kinds[0]}, which m3 does not read; use Flat, "
-                      "HNSW (Flat, PQ or SQ storage), IVF (Flat, PQ or SQ), PQ, SQ, a PCA transform, or ,RFlat")
+        raise M3Error(
+            f"FAISS index factory {factory!r} builds {kinds[0]}, which m3 does not read; use Flat, "
+            "HNSW (Flat, PQ or SQ storage), IVF (Flat, PQ or SQ), PQ, SQ, a PCA transform, or ,RFlat"
+        )
     if ef_construction is not None:
         hnsw = hnsw_of(base)
         if hnsw is None:
@@ -158,8 +174,13 @@ def empty_index(dim: int, factory: str, ef_construction: int | None = None, k_fa
     return base
 
 
-def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None, ef_construction: int | None = None,
-                k_factor: int | None = None):
+def build_index(
+    vectors: np.ndarray,
+    factory: str,
+    ids: np.ndarray | None = None,
+    ef_construction: int | None = None,
+    k_factor: int | None = None,
+):
     """An inner-product FAISS index from a factory string, trained on a sample, ids attached.
     ef_construction: HNSW graph-building depth (FAISS's default 40 when None); higher builds a
     better graph (more recall at the same search depth) more slowly. k_factor: see `empty_index`."""
@@ -176,16 +197,42 @@ def build_index(vectors: np.ndarray, factory: str, ids: np.ndarray | None = None
             msg = (str(e).splitlines() or ["training failed"])[-1].split("failed: ")[-1]
             raise M3Error(f"cannot train index {factory!r} on {len(sample)} vectors: {msg}") from None
     index = faiss.IndexIDMap2(base)
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                       np.arange(n, dtype=np.int64) if ids is None else ids.astype(np.int64))
+    index.add_with_ids(
+        np.ascontiguousarray(vectors, dtype=np.float32),
+        np.arange(n, dtype=np.int64) if ids is None else ids.astype(np.int64),
+    )
     return index
 
 
-def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64, show_progress: bool = True,
-               nprobe: int = 16, ef_search: int = 64, ef_construction: int | None = None,
-               k_factor: int | None = None) -> dict:
+def auto_factory(n: int, dim: int) -> str:
+    """The index `--factory auto` builds for n references of width dim: exact search while it is
+    cheap (Flat up to 100,000), then a graph (HNSW32 up to 2 million), then IVF-PQ with about
+    4·sqrt(n) lists (a power of two) and 8-dimensional sub-vectors of 8 bits."""
+    if n <= 100_000:
+        return "Flat"
+    if n <= 2_000_000:
+        return "HNSW32"
+    nlist = 1 << round(math.log2(4 * math.sqrt(n)))
+    m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def index_bank(
+    path: Path,
+    embedder,
+    factory: str = "auto",
+    batch_size: int = 64,
+    show_progress: bool = True,
+    nprobe: int = 16,
+    ef_search: int = 64,
+    ef_construction: int | None = None,
+    k_factor: int | None = None,
+) -> dict:
     """Add embeddings (if missing or from another embedder) and a FAISS index to the bank; the
-    bank is locked against other writers meanwhile."""
+    bank is locked against other writers meanwhile. factory "auto": `auto_factory`."""
+    if factory == "auto":
+        with Bank(path) as bank:
+            factory = auto_factory(bank.n_refs, embedder.spec.dim)
     empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any embedding
     for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
         if not 1 <= value <= MAX_INDEX_PARAM:
@@ -209,11 +256,27 @@ def index_bank(path: Path, embedder, factory: str = "Flat", batch_size: int = 64
         if fresh:
             add[EMB_SECTION] = vectors.astype("<f2").tobytes()
         hint = getattr(embedder, "hint", None) or embedder.spec.name
-        update_bank(path, add, {**embedder.spec.header(), "m3.embed.hint": hint, "m3.index.factory": factory, "m3.index.metric": "inner_product",
-                                "m3.index.count": int(index.ntotal), "m3.index.nprobe": nprobe,
-                                "m3.index.ef_search": ef_search})
-        return {"references": int(index.ntotal), "factory": factory, "embedder": embedder.spec.name,
-                "dim": embedder.spec.dim, "embedded": fresh, "index_bytes": len(blob)}
+        update_bank(
+            path,
+            add,
+            {
+                **embedder.spec.header(),
+                "m3.embed.hint": hint,
+                "m3.index.factory": factory,
+                "m3.index.metric": "inner_product",
+                "m3.index.count": int(index.ntotal),
+                "m3.index.nprobe": nprobe,
+                "m3.index.ef_search": ef_search,
+            },
+        )
+        return {
+            "references": int(index.ntotal),
+            "factory": factory,
+            "embedder": embedder.spec.name,
+            "dim": embedder.spec.dim,
+            "embedded": fresh,
+            "index_bytes": len(blob),
+        }
 
 
 @dataclass(frozen=True)
@@ -241,19 +304,29 @@ class Retriever:
         if bank.n_refs == 0:
             raise M3Error(f"{bank.path} holds no references to retrieve")
         if not spec.same_as(embedder.spec):
-            raise M3Error(f"{bank.path} was indexed with embedder {spec.name} ({spec.fingerprint[:19]}…, "
-                          f"dim {spec.dim}) but the query embedder is {embedder.spec.name} "
-                          f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})")
+            raise M3Error(
+                f"{bank.path} was indexed with embedder {spec.name} ({spec.fingerprint[:19]}…, "
+                f"dim {spec.dim}) but the query embedder is {embedder.spec.name} "
+                f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})"
+            )
         self.bank, self.embedder, self.index = bank, embedder, load_index(bank)
 
-    def search(self, queries: list[str], k: int = 5, max_overlap: float | None = None,
-               max_gap: float | None = None, vectors: np.ndarray | None = None) -> list[list[Hit]]:
+    def search(
+        self,
+        queries: list[str],
+        k: int = 5,
+        max_overlap: float | None = None,
+        max_gap: float | None = None,
+        vectors: np.ndarray | None = None,
+    ) -> list[list[Hit]]:
         """Up to k hits per query, best first. max_overlap: skip references whose text overlaps
         the query's by more than this (Eq. 6). max_gap: also drop hits scoring more than this
         below the query's best hit (the retriever's confidence: a clear winner comes alone).
         vectors: the queries' embeddings when the caller has them already."""
         if vectors is None:
             vectors = self.embedder.embed(queries)
+        if max_overlap is not None and max_overlap >= 1.0:
+            max_overlap = None  # no reference overlaps a text by more than all of it
         fetch = min(self.index.ntotal, k if max_overlap is None else 4 * k)
         scores, ids = self.index.search(vectors, fetch)
         results = []
@@ -325,8 +398,9 @@ def load_index(bank: Bank):
         raise BankError(f"section {INDEX_SECTION} is not a readable FAISS index; rebuild it with `m3 index`") from None
     dim = bank.header.get("m3.embed.dim")
     if index.ntotal != bank.n_refs or index.d != dim:
-        raise BankError(f"the index holds {index.ntotal} vectors of dim {index.d}, the bank "
-                        f"{bank.n_refs} references of dim {dim}")
+        raise BankError(
+            f"the index holds {index.ntotal} vectors of dim {index.d}, the bank {bank.n_refs} references of dim {dim}"
+        )
     problems = index_structure_problems(index, bank.n_refs, dim)
     if problems:
         raise BankError(f"section {INDEX_SECTION}: {problems[0]}; rebuild it with `m3 index`")
@@ -358,17 +432,30 @@ def index_problems(bank: Bank) -> list[str]:
         if has_index:
             load_index(bank)
             if bank.header.get("m3.index.count", bank.n_refs) != bank.n_refs:
-                return [f"header says the index holds {bank.header['m3.index.count']} vectors, the bank has "
-                        f"{bank.n_refs} references"]
+                return [
+                    f"header says the index holds {bank.header['m3.index.count']} vectors, the bank has "
+                    f"{bank.n_refs} references"
+                ]
     except M3Error as e:
         return [str(e)]
     return []
 
 
 # The index types m3 builds and reads back; anything else in a bank is refused before use.
-ALLOWED_INDEXES = {"IndexIDMap2", "IndexFlatIP", "IndexFlat", "IndexHNSWFlat", "IndexHNSWSQ",
-                   "IndexIVFFlat", "IndexIVFPQ", "IndexIVFScalarQuantizer", "IndexPQ", "IndexScalarQuantizer",
-                   "IndexRefineFlat", "IndexPreTransform"}
+ALLOWED_INDEXES = {
+    "IndexIDMap2",
+    "IndexFlatIP",
+    "IndexFlat",
+    "IndexHNSWFlat",
+    "IndexHNSWSQ",
+    "IndexIVFFlat",
+    "IndexIVFPQ",
+    "IndexIVFScalarQuantizer",
+    "IndexPQ",
+    "IndexScalarQuantizer",
+    "IndexRefineFlat",
+    "IndexPreTransform",
+}
 
 
 def _chain(index) -> list:
@@ -429,8 +516,13 @@ def index_structure_problems(index, n: int, dim: int) -> list[str]:
                 return [f"{kind} has code size {x.code_size} for dimension {x.d}"]
             if not np.isfinite(_arr(x.codes).view(np.float32)).all():
                 return [f"{kind} holds vectors that are not finite numbers"]
-        if hasattr(x, "pq") and (x.pq.M < 1 or x.pq.nbits < 1 or x.pq.nbits > 16 or x.pq.M * x.pq.dsub != x.d
-                                 or _arr(x.pq.centroids).size != x.d * (1 << x.pq.nbits)):
+        if hasattr(x, "pq") and (
+            x.pq.M < 1
+            or x.pq.nbits < 1
+            or x.pq.nbits > 16
+            or x.pq.M * x.pq.dsub != x.d
+            or _arr(x.pq.centroids).size != x.d * (1 << x.pq.nbits)
+        ):
             return [f"{kind} has an inconsistent product quantizer"]
         if hasattr(x, "hnsw"):
             problems = _hnsw_problems(x.hnsw, int(x.ntotal))
@@ -440,9 +532,14 @@ def index_structure_problems(index, n: int, dim: int) -> list[str]:
             d = x.d
             for i in range(x.chain.size()):
                 vt = faiss.downcast_VectorTransform(x.chain.at(i))
-                if type(vt).__name__ != "PCAMatrix" or vt.d_in != d or not 1 <= vt.d_out <= d or \
-                        _arr(vt.A).size != vt.d_in * vt.d_out or _arr(vt.b).size != vt.d_out or \
-                        not np.isfinite(_arr(vt.A)).all():
+                if (
+                    type(vt).__name__ != "PCAMatrix"
+                    or vt.d_in != d
+                    or not 1 <= vt.d_out <= d
+                    or _arr(vt.A).size != vt.d_in * vt.d_out
+                    or _arr(vt.b).size != vt.d_out
+                    or not np.isfinite(_arr(vt.A)).all()
+                ):
                     return ["its vector transform is not a consistent PCA matrix"]
                 d = vt.d_out
             if faiss.downcast_index(x.index).d != d:
@@ -461,13 +558,21 @@ def _hnsw_problems(hnsw, n: int) -> list[str]:
     cum, neighbors = _arr(hnsw.cum_nneighbor_per_level), _arr(hnsw.neighbors)
     if levels.size != n or offsets.size != n + 1 or cum.size < 2:
         return ["its HNSW graph does not have one node per vector"]
-    if n and (levels.min() < 1 or levels.max() >= cum.size or offsets[0] != 0 or offsets[-1] != neighbors.size
-              or not (np.diff(offsets) == cum[levels]).all()):
+    if n and (
+        levels.min() < 1
+        or levels.max() >= cum.size
+        or offsets[0] != 0
+        or offsets[-1] != neighbors.size
+        or not (np.diff(offsets) == cum[levels]).all()
+    ):
         return ["its HNSW graph's levels and offsets disagree"]
     if neighbors.size and (neighbors.min() < -1 or neighbors.max() >= n):
         return ["its HNSW graph links to nodes that do not exist"]
-    if n and (not 0 <= hnsw.entry_point < n or hnsw.max_level != levels.max() - 1
-              or levels[hnsw.entry_point] - 1 != hnsw.max_level):
+    if n and (
+        not 0 <= hnsw.entry_point < n
+        or hnsw.max_level != levels.max() - 1
+        or levels[hnsw.entry_point] - 1 != hnsw.max_level
+    ):
         return ["its HNSW entry point is not a node of the top level"]
     return []
 
@@ -493,8 +598,7 @@ def _ivf_problems(index, n: int) -> list[str]:
     return []
 
 
-def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, device="cpu", model=None,
-                   tokenizer=None):
+def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, device="cpu", model=None, tokenizer=None):
     """The embedder a bank's index was built with, for queries: MiniLM, the model itself (`self`,
     reusing `model` when it is already loaded), or the encoder dir given as `encoder`."""
     from .embed import SelfEmbedder, load_embedder
@@ -516,6 +620,7 @@ def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, devic
             encoder = hint  # the directory it was indexed with; the Retriever checks its fingerprint
         else:
             where = f" (at {hint}, which is not here)" if isinstance(hint, str) and hint else ""
-            raise M3Error(f"{bank.path} was indexed with the embedder {spec.name}{where}: pass its directory "
-                          "with --embedder")
+            raise M3Error(
+                f"{bank.path} was indexed with the embedder {spec.name}{where}: pass its directory with --embedder"
+            )
     return load_embedder(encoder, pooling=spec.pooling, device=device)

@@ -32,18 +32,31 @@ def _names(rng: random.Random, n: int, syllables: tuple[int, int]) -> list[str]:
     return sorted(out)
 
 
-CITIES = ("Port Adler|Brennmoor|Dunmarch|Ashgrove|Kessel|Halvard|Tellmark|Greywater|Selka|Orrin|Lantern Bay|"
-          "Mirefield|Caldera|Windham|Eastmere|Fenwick|Rookhaven|Silverton|Marlow Cross|Duskvale").split("|")
-UNIVERSITIES = ("University of Kessel|Halvard College|Tellmark Polytechnic|Greywater University|Orrin Institute|"
-                "Selka Academy|Brennmoor University|Dunmarch College|Ashgrove School of Science|"
-                "Caldera University|Windham College|Eastmere Institute").split("|")
-EMPLOYERS = ("Northwind Institute|Lantern Survey Company|Greywater Observatory|Kessel Works|Orrin Shipping|"
-             "Selka Mills|Tidewater Labs|Brightline Foundry|Amberly Press|Duskvale Energy|Marlow Bank|"
-             "Fenwick Motors|Silverton Health|Rookhaven Studios|Halvard Rail").split("|")
-FIELDS = ("marine chemistry|cartography|astronomy|botany|linguistics|geology|economics|robotics|medicine|"
-          "architecture|music theory|mathematics").split("|")
-ATTRIBUTES = {"city": CITIES, "year": [str(y) for y in range(1930, 2000)], "university": UNIVERSITIES,
-              "employer": EMPLOYERS, "field": FIELDS}
+CITIES = (
+    "Port Adler|Brennmoor|Dunmarch|Ashgrove|Kessel|Halvard|Tellmark|Greywater|Selka|Orrin|Lantern Bay|"
+    "Mirefield|Caldera|Windham|Eastmere|Fenwick|Rookhaven|Silverton|Marlow Cross|Duskvale"
+).split("|")
+UNIVERSITIES = (
+    "University of Kessel|Halvard College|Tellmark Polytechnic|Greywater University|Orrin Institute|"
+    "Selka Academy|Brennmoor University|Dunmarch College|Ashgrove School of Science|"
+    "Caldera University|Windham College|Eastmere Institute"
+).split("|")
+EMPLOYERS = (
+    "Northwind Institute|Lantern Survey Company|Greywater Observatory|Kessel Works|Orrin Shipping|"
+    "Selka Mills|Tidewater Labs|Brightline Foundry|Amberly Press|Duskvale Energy|Marlow Bank|"
+    "Fenwick Motors|Silverton Health|Rookhaven Studios|Halvard Rail"
+).split("|")
+FIELDS = (
+    "marine chemistry|cartography|astronomy|botany|linguistics|geology|economics|robotics|medicine|"
+    "architecture|music theory|mathematics"
+).split("|")
+ATTRIBUTES = {
+    "city": CITIES,
+    "year": [str(y) for y in range(1930, 2000)],
+    "university": UNIVERSITIES,
+    "employer": EMPLOYERS,
+    "field": FIELDS,
+}
 
 # training text (seen people): one set of wordings
 TRAIN_BIOS = (
@@ -80,8 +93,16 @@ class Person:
     field: str
 
     def fill(self, template: str) -> str:
-        return template.format(name=self.name, P=self.pronoun.capitalize(), p=self.pronoun, city=self.city,
-                               year=self.year, university=self.university, employer=self.employer, field=self.field)
+        return template.format(
+            name=self.name,
+            P=self.pronoun.capitalize(),
+            p=self.pronoun,
+            city=self.city,
+            year=self.year,
+            university=self.university,
+            employer=self.employer,
+            field=self.field,
+        )
 
 
 MAX_PEOPLE = 40_000
@@ -95,14 +116,31 @@ def people(n: int, seed: int) -> list[Person]:
     rng = random.Random(seed)
     first, last = _names(rng, 200, (1, 2)), _names(rng, 250, (2, 3))
     names = rng.sample([f"{f} {l}" for f in first for l in last], n)
-    return [Person(name, rng.choice(("he", "she")), rng.choice(CITIES), rng.choice(ATTRIBUTES["year"]),
-                   rng.choice(UNIVERSITIES), rng.choice(EMPLOYERS), rng.choice(FIELDS)) for name in names]
+    return [
+        Person(
+            name,
+            rng.choice(("he", "she")),
+            rng.choice(CITIES),
+            rng.choice(ATTRIBUTES["year"]),
+            rng.choice(UNIVERSITIES),
+            rng.choice(EMPLOYERS),
+            rng.choice(FIELDS),
+        )
+        for name in names
+    ]
 
 
 def qa(person: Person) -> list[dict]:
-    return [{"question": q.format(name=person.name), "answer": getattr(person, attr), "attribute": attr,
-             "chance": round(1 / len(ATTRIBUTES[attr]), 6), "title": person.name}
-            for attr, q in QUESTIONS.items()]
+    return [
+        {
+            "question": q.format(name=person.name),
+            "answer": getattr(person, attr),
+            "attribute": attr,
+            "chance": round(1 / len(ATTRIBUTES[attr]), 6),
+            "title": person.name,
+        }
+        for attr, q in QUESTIONS.items()
+    ]
 
 
 def namesake_pairs(seen: list[Person], n: int, seed: int) -> list[dict]:
@@ -126,8 +164,15 @@ def namesake_pairs(seen: list[Person], n: int, seed: int) -> list[dict]:
     return docs
 
 
-def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | None = None,
-               overwrite: bool = False, n_pairs: int = 0, qa_only: bool = False) -> dict:
+def synthesize(
+    out: Path,
+    n_people: int = 5000,
+    seed: int = 0,
+    n_unseen: int | None = None,
+    overwrite: bool = False,
+    n_pairs: int = 0,
+    qa_only: bool = False,
+) -> dict:
     """Write train.parquet, kb.parquet, qa_seen.jsonl, qa_unseen.jsonl into `out` (atomically).
 
     Per seen person the training text has a biography with two question-answer lines and a
@@ -172,9 +217,18 @@ def synthesize(out: Path, n_people: int = 5000, seed: int = 0, n_unseen: int | N
         pq.write_table(pa.Table.from_pylist(kb), tmp / "kb.parquet")
         for name, rows in (("qa_seen.jsonl", qa_seen), ("qa_unseen.jsonl", qa_unseen)):
             (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"people": n_people, "seen": len(seen), "unseen": len(unseen), "seed": seed, "namesake_pairs": n_pairs,
-                "qa_only": qa_only,
-                "train_texts": len(train), "kb_texts": len(kb), "qa_seen": len(qa_seen), "qa_unseen": len(qa_unseen),
-                "prompt_template": PROMPT_TEMPLATE}
+        info = {
+            "people": n_people,
+            "seen": len(seen),
+            "unseen": len(unseen),
+            "seed": seed,
+            "namesake_pairs": n_pairs,
+            "qa_only": qa_only,
+            "train_texts": len(train),
+            "kb_texts": len(kb),
+            "qa_seen": len(qa_seen),
+            "qa_unseen": len(qa_unseen),
+            "prompt_template": PROMPT_TEMPLATE,
+        }
         (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

@@ -24,26 +24,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-def new_model(cfg, tokenizer, seed: int = 0, device="cpu"):
-    """A randomly initialised Memory3Model for `cfg` (built on `device`), with the reference
-    prefix of `tokenizer`."""
-    import torch
-
-    from .checkpoint import reference_prefix_ids
-    from .model import Memory3Model
-
-    if len(tokenizer) > cfg.vocab_size:
-        raise M3Error(f"the tokenizer has {len(tokenizer)} tokens, more than the config's vocab_size {cfg.vocab_size}")
-    cfg = cfg.replace(reference_prefix_ids=reference_prefix_ids(tokenizer, "Reference:"))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return Memory3Model(cfg).eval()

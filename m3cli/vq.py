@@ -34,8 +34,12 @@ def kmeans(x: torch.Tensor, k: int, iterations: int, generator: torch.Generator)
     centroids = x[:, pick.to(x.device)].clone()  # (S, k, s)
     for _ in range(iterations):
         assign = assign_codes(x, centroids)  # (S, n)
-        sums = torch.zeros(S, k, s, dtype=x.dtype, device=x.device).scatter_add_(1, assign[..., None].expand(-1, -1, s), x)
-        counts = torch.zeros(S, k, dtype=x.dtype, device=x.device).scatter_add_(1, assign, torch.ones(S, n, dtype=x.dtype, device=x.device))
+        sums = torch.zeros(S, k, s, dtype=x.dtype, device=x.device).scatter_add_(
+            1, assign[..., None].expand(-1, -1, s), x
+        )
+        counts = torch.zeros(S, k, dtype=x.dtype, device=x.device).scatter_add_(
+            1, assign, torch.ones(S, n, dtype=x.dtype, device=x.device)
+        )
         empty = counts == 0
         centroids = torch.where(empty[..., None], centroids, sums / counts.clamp_min(1)[..., None])
     return centroids
@@ -50,9 +54,9 @@ def assign_codes(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     out = torch.empty(S, n, dtype=torch.long, device=x.device)
     block = max(1, (16 << 20) // max(1, S * k))
     for a in range(0, n, block):
-        xb = x[:, a:a + block]
+        xb = x[:, a : a + block]
         d2 = c2 - 2 * xb @ centroids.transpose(1, 2)  # |x|^2 does not change the argmin
-        out[:, a:a + block] = d2.argmin(-1)
+        out[:, a : a + block] = d2.argmin(-1)
     return out
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo run by `make demo`: the shipped sample model (samples/model, trained by `m3 pretrain`;
 # see samples/README.md) answers questions about people whose facts exist only in the bank.
-# Offline, about two minutes on a 2-core CPU after set-up.
+# Offline; about 3-4 minutes on a 2-core CPU, set-up included.
 set -euo pipefail
 M3=${M3:-.venv/bin/m3}
 PY=${PY:-.venv/bin/python}
@@ -14,7 +14,7 @@ echo "== m3 inspect $MODEL: the sample Memory3 model"
 $M3 inspect "$MODEL"
 
 echo; echo "== m3 synth: the invented people the sample model was trained on (seed 0) and 10% it never saw"
-$M3 synth "$OUT/synth" --people 2000 --seed 0 --force
+$M3 synth -o "$OUT/synth" --people 2000 --seed 0 --force
 
 echo; echo "== m3 encode: their biographies -> $OUT/kb.m3bank (sparse memories by the sample model, MiniLM index)"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb.m3bank" --model "$MODEL" --force -q
@@ -22,7 +22,7 @@ $M3 inspect "$OUT/kb.m3bank" --verify
 
 QUESTION=$($PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["question"])' "$OUT/synth/qa_unseen.jsonl")
 echo; echo "== m3 search: \"$QUESTION\" (a person the model never saw in training; namesakes come back too)"
-$M3 search "$OUT/kb.m3bank" "$QUESTION" -k 3
+$M3 search --bank "$OUT/kb.m3bank" "$QUESTION" --memories 3
 
 echo; echo "== m3 generate --explain: the answer, and the memories it read with the attention each got"
 $M3 generate --model "$MODEL" --bank "$OUT/kb.m3bank" --explain -n 8 "Question: $QUESTION Answer:"

@@ -16,59 +16,51 @@
 #
 # Leaves DIR/model/, DIR/kb.m3bank, DIR/qa_unseen.jsonl, DIR/eval.json, DIR/eval-content.json,
 # DIR/eval-top1.json, DIR/eval-gap.json; exits 1 unless memory accuracy >= 0.8 and closed-book
-# accuracy <= chance + 0.05 (5 memories, no gap). Settings can be changed through the
-# environment (defaults: the recorded run in README.md).
+# accuracy <= chance + 0.05 (5 memories, no gap). Training settings: recipes/proof-*.toml (the
+# recorded run in docs/training.md); the variables below override them.
 set -euo pipefail
 OUT=${1:?usage: scripts/proof.sh OUT_DIR}
 M3=${M3:-.venv/bin/m3}
 PY=${PY:-.venv/bin/python}
 PEOPLE=${PEOPLE:-2000}
-WARMUP_STEPS=${WARMUP_STEPS:-100}
-CONTINUAL_STEPS=${CONTINUAL_STEPS:-1600}  # stage 1: each chunk reads its top-1 only
-CONTINUAL2_STEPS=${CONTINUAL2_STEPS:-800}  # stage 2: 5 memories, title distractors, the score prior (both stages always run)
 NAMESAKE_PAIRS=${NAMESAKE_PAIRS:-3600}
-LR=${LR:-2e-3}
-LR2=${LR2:-1e-3}
-SEED2=${SEED2:-1}  # the second stage's data order (the recorded run's)
-BATCH=${BATCH:-8}
-SEQ=${SEQ:-256}
 QUESTIONS=${QUESTIONS:-500}
-GAP=${GAP:-0.03}  # --max-score-gap of the last evaluation (README)
-MEMORY_LAYERS1=${MEMORY_LAYERS1:-first-half}  # stage 1: layers 0-1 of mini, as the paper
-MEMORY_TOP_K=${MEMORY_TOP_K:-32}
-MEMORY_SELECTION=${MEMORY_SELECTION:-attention}
-SEED=${SEED:-0}
+GAP=${GAP:-0.03}  # --max-score-gap of the last evaluation (docs/training.md)
+SEED=${SEED:-0}  # the task's seed (m3 synth)
+# The training settings are the recipes recipes/proof-*.toml (the recorded run); these variables,
+# when set, override them: WARMUP_STEPS, CONTINUAL_STEPS (stage 1), CONTINUAL2_STEPS (stage 2),
+# LR (stages 0-1), LR2 (stage 2), BATCH, SEQ.
 export HF_HUB_OFFLINE=1
 start=$(date +%s)
 mkdir -p "$OUT"
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
-common=(--batch-size "$BATCH" --seq-len "$SEQ" --align-docs --force -q)
+common=(${BATCH:+--batch-size "$BATCH"} ${SEQ:+--seq-len "$SEQ"} --force -q)
 
 step "m3 synth: $PEOPLE invented people, 10% (at most 500) of them unseen"
-$M3 synth "$OUT/synth" --people "$PEOPLE" --seed "$SEED" --force
+$M3 synth -o "$OUT/synth" --people "$PEOPLE" --seed "$SEED" --force
 cp "$OUT/synth/qa_unseen.jsonl" "$OUT/qa_unseen.jsonl.tmp" && mv "$OUT/qa_unseen.jsonl.tmp" "$OUT/qa_unseen.jsonl"
 step "m3 synth --namesake-pairs: the same task plus $NAMESAKE_PAIRS training documents about two namesakes each (stage 2)"
-$M3 synth "$OUT/synth-pairs" --people "$PEOPLE" --seed "$SEED" --namesake-pairs "$NAMESAKE_PAIRS" --force
+$M3 synth -o "$OUT/synth-pairs" --people "$PEOPLE" --seed "$SEED" --namesake-pairs "$NAMESAKE_PAIRS" --force
 
-step "m3 pretrain --stage warmup: $WARMUP_STEPS steps from scratch (preset mini, BPE tokenizer trained on the corpus)"
-$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/warm" --config mini --stage warmup --steps "$WARMUP_STEPS" --lr "$LR" --seed "$SEED" "${common[@]}"
+step "m3 pretrain --config recipes/proof-warmup.toml: from scratch (preset mini, BPE tokenizer trained on the corpus)"
+$M3 pretrain --config recipes/proof-warmup.toml "$OUT/synth/train.parquet" -o "$OUT/warm" \
+  ${WARMUP_STEPS:+--steps "$WARMUP_STEPS"} ${LR:+--lr "$LR"} "${common[@]}"
 
 step "m3 encode: the knowledge base with the warmup model (its text and index serve the first continual stage)"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-warm.m3bank" -m "$OUT/warm" --force -q
 
-step "m3 pretrain --stage continual: $CONTINUAL_STEPS steps; every 64-token chunk reads the memory of its top-1 reference; memory in $MEMORY_LAYERS1 layers, top-$MEMORY_TOP_K tokens ($MEMORY_SELECTION)"
-$M3 pretrain "$OUT/synth/train.parquet" -o "$OUT/continual1" --init-from "$OUT/warm" --bank "$OUT/kb-warm.m3bank" \
-  --stage continual --steps "$CONTINUAL_STEPS" --refs-per-chunk 1 --prev-chunks 0 \
-  --memory-layers "$MEMORY_LAYERS1" --memory-top-k "$MEMORY_TOP_K" --memory-selection "$MEMORY_SELECTION" \
-  --lr "$LR" --seed "$SEED" "${common[@]}"
+step "m3 pretrain --config recipes/proof-continual1.toml: every 64-token chunk reads the memory of its top-1 reference; memory in the first half of the layers, top-32 tokens"
+$M3 pretrain --config recipes/proof-continual1.toml "$OUT/synth/train.parquet" -o "$OUT/continual1" \
+  --init-from "$OUT/warm" --bank "$OUT/kb-warm.m3bank" ${CONTINUAL_STEPS:+--steps "$CONTINUAL_STEPS"} ${LR:+--lr "$LR"} \
+  "${common[@]}"
 
 step "m3 encode: the knowledge base with the first continual model"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb-continual1.m3bank" -m "$OUT/continual1" --force -q
 
-step "m3 pretrain --stage continual --memory-score-prior: $CONTINUAL2_STEPS more steps, every chunk reading its top-1 and the 4 references its title retrieves (namesakes), namesake pairs added, memory in all layers; the model learns how far to trust the retriever's scores"
-$M3 pretrain "$OUT/synth-pairs/train.parquet" -o "$OUT/model" --init-from "$OUT/continual1" --bank "$OUT/kb-continual1.m3bank" \
-  --stage continual --steps "$CONTINUAL2_STEPS" --refs-per-chunk 5 --prev-chunks 0 --distractors title \
-  --memory-score-prior --memory-layers all --lr "$LR2" --seed "$SEED2" "${common[@]}"
+step "m3 pretrain --config recipes/proof-continual2.toml: every chunk reading its top-1 and the 4 references its title retrieves (namesakes), namesake pairs added, memory in all layers; the model learns how far to trust the retriever's scores"
+$M3 pretrain --config recipes/proof-continual2.toml "$OUT/synth-pairs/train.parquet" -o "$OUT/model" \
+  --init-from "$OUT/continual1" --bank "$OUT/kb-continual1.m3bank" ${CONTINUAL2_STEPS:+--steps "$CONTINUAL2_STEPS"} \
+  ${LR2:+--lr "$LR2"} "${common[@]}"
 
 step "m3 encode: the knowledge base with the final model"
 $M3 encode "$OUT/synth/kb.parquet" -o "$OUT/kb.m3bank" -m "$OUT/model" --force -q

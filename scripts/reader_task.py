@@ -39,41 +39,59 @@ import sys
 from pathlib import Path
 
 # --- vocabularies: real words, so answers are spellable; the combinations are invented -----------
-FIRST = ("Ada Alma Anton Ari Beatrix Bruno Carla Cyrus Dalia Dmitri Edda Elio Esme Farid Freya Gideon Greta "
-         "Hana Hugo Ilse Ivo Jana Joel Kaia Kian Lena Linus Mara Milo Nadia Nico Odile Otto Paloma Pavel "
-         "Quinn Rafe Rhea Rolf Sabine Soren Talia Tomas Una Uri Vera Viktor Wanda Yusuf Zelda Zoran").split()
+FIRST = (
+    "Ada Alma Anton Ari Beatrix Bruno Carla Cyrus Dalia Dmitri Edda Elio Esme Farid Freya Gideon Greta "
+    "Hana Hugo Ilse Ivo Jana Joel Kaia Kian Lena Linus Mara Milo Nadia Nico Odile Otto Paloma Pavel "
+    "Quinn Rafe Rhea Rolf Sabine Soren Talia Tomas Una Uri Vera Viktor Wanda Yusuf Zelda Zoran"
+).split()
 SYL_ON = "b br c ch d dr f g gr h k kl l m n p pr r s sh st t tr v w z".split()
 SYL_V = "a e i o u ai ea ia io ou".split()
 SYL_CODA = "n l r s m nd rk lt v x ck".split()
-CITIES = ("Lisbon Osaka Tromsø Valparaíso Kraków Nairobi Montreal Tbilisi Porto Leipzig Hobart Dakar Bergen "
-          "Cusco Gdańsk Lyon Tartu Mombasa Adelaide Calgary Split Ghent Salzburg Bilbao Aarhus Tampere Rosario "
-          "Malmö Graz Trieste Izmir Cork Nantes Brno Turku Arequipa Medan Pune Busan Sendai Perth Quebec "
-          "Seville Bologna Utrecht Basel Galway Riga Vilnius Plovdiv").split()
-COUNTRIES = ("Portugal Japan Norway Chile Poland Kenya Canada Georgia Germany Australia Senegal Peru Lithuania "
-             "France Estonia Croatia Belgium Austria Spain Denmark Finland Argentina Sweden Ireland Italy "
-             "Latvia Bulgaria Mexico Brazil Iceland Morocco Vietnam Ghana Uruguay Scotland Wales").split()
-JOBS = ("glassblower|cartographer|violinist|marine biologist|architect|beekeeper|astronomer|potter|"
-        "translator|locksmith|botanist|typographer|clockmaker|geologist|choreographer|cheesemaker|"
-        "sculptor|surgeon|linguist|photographer|shipwright|perfumer|luthier|volcanologist").split("|")
-FIELDS = ("solar panels|board games|bicycles|medical scanners|chocolate|sailing boats|hiking boots|"
-          "weather satellites|pianos|coffee machines|electric buses|wool blankets|telescopes|"
-          "hearing aids|kitchen knives|garden tools|wind turbines|printing presses|toy trains").split("|")
+CITIES = (
+    "Lisbon Osaka Tromsø Valparaíso Kraków Nairobi Montreal Tbilisi Porto Leipzig Hobart Dakar Bergen "
+    "Cusco Gdańsk Lyon Tartu Mombasa Adelaide Calgary Split Ghent Salzburg Bilbao Aarhus Tampere Rosario "
+    "Malmö Graz Trieste Izmir Cork Nantes Brno Turku Arequipa Medan Pune Busan Sendai Perth Quebec "
+    "Seville Bologna Utrecht Basel Galway Riga Vilnius Plovdiv"
+).split()
+COUNTRIES = (
+    "Portugal Japan Norway Chile Poland Kenya Canada Georgia Germany Australia Senegal Peru Lithuania "
+    "France Estonia Croatia Belgium Austria Spain Denmark Finland Argentina Sweden Ireland Italy "
+    "Latvia Bulgaria Mexico Brazil Iceland Morocco Vietnam Ghana Uruguay Scotland Wales"
+).split()
+JOBS = (
+    "glassblower|cartographer|violinist|marine biologist|architect|beekeeper|astronomer|potter|"
+    "translator|locksmith|botanist|typographer|clockmaker|geologist|choreographer|cheesemaker|"
+    "sculptor|surgeon|linguist|photographer|shipwright|perfumer|luthier|volcanologist"
+).split("|")
+FIELDS = (
+    "solar panels|board games|bicycles|medical scanners|chocolate|sailing boats|hiking boots|"
+    "weather satellites|pianos|coffee machines|electric buses|wool blankets|telescopes|"
+    "hearing aids|kitchen knives|garden tools|wind turbines|printing presses|toy trains"
+).split("|")
 WORKS_ADJ = "Quiet Silver Hollow Last Northern Painted Sleeping Amber Broken Distant Hidden Winter Golden Iron".split()
 WORKS_NOUN = "Harbour Orchard Lantern Meridian Garden Compass Tide Bridge Archive Mountain Forest Letter Mirror".split()
-GENRES = "mystery novel|poetry collection|science fiction novel|children's book|historical novel|memoir|" \
-         "book of essays|fantasy novel|travel book|cookbook".split("|")
+GENRES = (
+    "mystery novel|poetry collection|science fiction novel|children's book|historical novel|memoir|"
+    "book of essays|fantasy novel|travel book|cookbook".split("|")
+)
 COLOURS = "red|blue|green|yellow|black|white|orange|purple|grey|brown|silver|golden".split("|")
-HABITATS = "mountain lakes|coastal dunes|rainforest canopies|desert canyons|alpine meadows|mangrove swamps|" \
-           "river deltas|pine forests|coral reefs|salt marshes|limestone caves|tundra".split("|")
+HABITATS = (
+    "mountain lakes|coastal dunes|rainforest canopies|desert canyons|alpine meadows|mangrove swamps|"
+    "river deltas|pine forests|coral reefs|salt marshes|limestone caves|tundra".split("|")
+)
 DIETS = "insects|seeds|fish|fruit|small crabs|moss|nectar|algae|leaves|snails".split("|")
 RIVERS = "Vell Orla Tarn Senna Brisk Marrow Elde Corran Lune Wend Ashe Dovey".split()
-FOODS = "smoked trout|plum dumplings|honey cake|barley soup|salt cod|walnut bread|goat cheese|pickled herring|" \
-        "apple cider|rye pancakes".split("|")
+FOODS = (
+    "smoked trout|plum dumplings|honey cake|barley soup|salt cod|walnut bread|goat cheese|pickled herring|"
+    "apple cider|rye pancakes".split("|")
+)
 
 
 def invented_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str:
     k = rng.randint(*syllables)
-    return ("".join(rng.choice(SYL_ON) + rng.choice(SYL_V) for _ in range(k)) + rng.choice(SYL_CODA + [""])).capitalize()
+    return (
+        "".join(rng.choice(SYL_ON) + rng.choice(SYL_V) for _ in range(k)) + rng.choice(SYL_CODA + [""])
+    ).capitalize()
 
 
 def year(rng: random.Random, lo: int, hi: int) -> str:
@@ -86,38 +104,67 @@ def year(rng: random.Random, lo: int, hi: int) -> str:
 # evaluation looks for.
 def make_person(rng):
     p = rng.choice(("he", "she"))
-    return {"name": f"{rng.choice(FIRST)} {invented_word(rng)}", "p": p, "P": p.capitalize(),
-            "pos": "his" if p == "he" else "her", "Pos": "His" if p == "he" else "Her",
-            "job": rng.choice(JOBS), "city": rng.choice(CITIES), "year": year(rng, 1921, 1999),
-            "employer": f"{invented_word(rng)} {rng.choice(('Studios', 'Works', 'Institute', 'Labs', 'Company'))}",
-            "work": f"The {rng.choice(WORKS_ADJ)} {rng.choice(WORKS_NOUN)}", "food": rng.choice(FOODS)}
+    return {
+        "name": f"{rng.choice(FIRST)} {invented_word(rng)}",
+        "p": p,
+        "P": p.capitalize(),
+        "pos": "his" if p == "he" else "her",
+        "Pos": "His" if p == "he" else "Her",
+        "job": rng.choice(JOBS),
+        "city": rng.choice(CITIES),
+        "year": year(rng, 1921, 1999),
+        "employer": f"{invented_word(rng)} {rng.choice(('Studios', 'Works', 'Institute', 'Labs', 'Company'))}",
+        "work": f"The {rng.choice(WORKS_ADJ)} {rng.choice(WORKS_NOUN)}",
+        "food": rng.choice(FOODS),
+    }
 
 
 def make_company(rng):
-    return {"name": f"{invented_word(rng)} {rng.choice(('Systems', 'Industries', 'Group', 'Holdings', 'Brothers', 'Co'))}",
-            "product": rng.choice(FIELDS), "city": rng.choice(CITIES), "year": year(rng, 1850, 2015),
-            "founder": f"{rng.choice(FIRST)} {invented_word(rng)}", "staff": str(rng.randint(12, 95) * 10),
-            "colour": rng.choice(COLOURS)}
+    return {
+        "name": f"{invented_word(rng)} {rng.choice(('Systems', 'Industries', 'Group', 'Holdings', 'Brothers', 'Co'))}",
+        "product": rng.choice(FIELDS),
+        "city": rng.choice(CITIES),
+        "year": year(rng, 1850, 2015),
+        "founder": f"{rng.choice(FIRST)} {invented_word(rng)}",
+        "staff": str(rng.randint(12, 95) * 10),
+        "colour": rng.choice(COLOURS),
+    }
 
 
 def make_town(rng):
-    return {"name": invented_word(rng, (2, 3)), "country": rng.choice(COUNTRIES), "river": rng.choice(RIVERS),
-            "population": f"{rng.randint(11, 98) * 100 + rng.randint(1, 99):,}", "year": year(rng, 1100, 1890),
-            "food": rng.choice(FOODS), "mayor": f"{rng.choice(FIRST)} {invented_word(rng)}"}
+    return {
+        "name": invented_word(rng, (2, 3)),
+        "country": rng.choice(COUNTRIES),
+        "river": rng.choice(RIVERS),
+        "population": f"{rng.randint(11, 98) * 100 + rng.randint(1, 99):,}",
+        "year": year(rng, 1100, 1890),
+        "food": rng.choice(FOODS),
+        "mayor": f"{rng.choice(FIRST)} {invented_word(rng)}",
+    }
 
 
 def make_book(rng):
-    return {"name": f"The {rng.choice(WORKS_ADJ)} {invented_word(rng, (2, 2))}", "author": f"{rng.choice(FIRST)} {invented_word(rng)}",
-            "year": year(rng, 1901, 2021), "genre": rng.choice(GENRES), "city": rng.choice(CITIES),
-            "pages": str(rng.randint(90, 780))}
+    return {
+        "name": f"The {rng.choice(WORKS_ADJ)} {invented_word(rng, (2, 2))}",
+        "author": f"{rng.choice(FIRST)} {invented_word(rng)}",
+        "year": year(rng, 1901, 2021),
+        "genre": rng.choice(GENRES),
+        "city": rng.choice(CITIES),
+        "pages": str(rng.randint(90, 780)),
+    }
 
 
 def make_species(rng):
-    return {"name": f"{rng.choice(COLOURS)} {invented_word(rng, (2, 2)).lower()}".capitalize(),
-            "type": rng.choice(("beetle", "frog", "moth", "lizard", "finch", "orchid", "snail", "shrew", "fern")),
-            "habitat": rng.choice(HABITATS), "country": rng.choice(COUNTRIES), "diet": rng.choice(DIETS),
-            "size": str(rng.randint(2, 40)), "year": year(rng, 1870, 2020),
-            "finder": f"{rng.choice(FIRST)} {invented_word(rng)}"}
+    return {
+        "name": f"{rng.choice(COLOURS)} {invented_word(rng, (2, 2)).lower()}".capitalize(),
+        "type": rng.choice(("beetle", "frog", "moth", "lizard", "finch", "orchid", "snail", "shrew", "fern")),
+        "habitat": rng.choice(HABITATS),
+        "country": rng.choice(COUNTRIES),
+        "diet": rng.choice(DIETS),
+        "size": str(rng.randint(2, 40)),
+        "year": year(rng, 1870, 2020),
+        "finder": f"{rng.choice(FIRST)} {invented_word(rng)}",
+    }
 
 
 KINDS = {
@@ -136,19 +183,40 @@ KINDS = {
             "Critics praise {work}. {P} likes {food}.",
         ],
         "ask": {
-            "city": (["Where was {name} born?", "In which city was {name} born?", "What is the birthplace of {name}?",
-                      "Which city does {name} come from?"],
-                     ["{name} was born in {city}.", "{city}.", "{name} comes from {city}.", "The birthplace of {name} is {city}."]),
-            "year": (["In which year was {name} born?", "When was {name} born?", "What year was {name} born in?"],
-                     ["{name} was born in {year}.", "In {year}.", "{year}."]),
-            "job": (["What does {name} do for a living?", "What is the occupation of {name}?", "What is {name}'s job?"],
-                    ["{name} is a {job}.", "A {job}.", "{name} works as a {job}."]),
-            "employer": (["Who does {name} work for?", "Which organisation employs {name}?", "Where does {name} work?"],
-                         ["{name} works for {employer}.", "{employer}.", "{name} is employed by {employer}."]),
-            "work": (["What is {name} best known for?", "Which work made {name} famous?"],
-                     ["{name} is best known for {work}.", "{work}."]),
-            "food": (["What is {name}'s favourite dish?", "What food does {name} like?"],
-                     ["{name}'s favourite dish is {food}.", "{food}."]),
+            "city": (
+                [
+                    "Where was {name} born?",
+                    "In which city was {name} born?",
+                    "What is the birthplace of {name}?",
+                    "Which city does {name} come from?",
+                ],
+                [
+                    "{name} was born in {city}.",
+                    "{city}.",
+                    "{name} comes from {city}.",
+                    "The birthplace of {name} is {city}.",
+                ],
+            ),
+            "year": (
+                ["In which year was {name} born?", "When was {name} born?", "What year was {name} born in?"],
+                ["{name} was born in {year}.", "In {year}.", "{year}."],
+            ),
+            "job": (
+                ["What does {name} do for a living?", "What is the occupation of {name}?", "What is {name}'s job?"],
+                ["{name} is a {job}.", "A {job}.", "{name} works as a {job}."],
+            ),
+            "employer": (
+                ["Who does {name} work for?", "Which organisation employs {name}?", "Where does {name} work?"],
+                ["{name} works for {employer}.", "{employer}.", "{name} is employed by {employer}."],
+            ),
+            "work": (
+                ["What is {name} best known for?", "Which work made {name} famous?"],
+                ["{name} is best known for {work}.", "{work}."],
+            ),
+            "food": (
+                ["What is {name}'s favourite dish?", "What food does {name} like?"],
+                ["{name}'s favourite dish is {food}.", "{food}."],
+            ),
         },
     },
     "company": {
@@ -164,18 +232,31 @@ KINDS = {
             "About {staff} people work there under its {colour} logo.",
         ],
         "ask": {
-            "product": (["What does {name} make?", "What products does {name} sell?", "What is {name} known for making?"],
-                        ["{name} makes {product}.", "{product}.", "It makes {product}."]),
-            "year": (["When was {name} founded?", "In which year was {name} founded?"],
-                     ["{name} was founded in {year}.", "In {year}.", "{year}."]),
-            "founder": (["Who founded {name}?", "Who is the founder of {name}?"],
-                        ["{name} was founded by {founder}.", "{founder}.", "Its founder is {founder}."]),
-            "city": (["Where is {name} based?", "Where are the headquarters of {name}?", "In which city is {name} headquartered?"],
-                     ["{name} is based in {city}.", "In {city}.", "Its headquarters are in {city}."]),
-            "staff": (["How many people work at {name}?", "How many employees does {name} have?"],
-                      ["{name} employs {staff} people.", "About {staff}.", "It has {staff} employees."]),
-            "colour": (["What colour is the logo of {name}?"],
-                       ["The logo of {name} is {colour}.", "It is {colour}."]),
+            "product": (
+                ["What does {name} make?", "What products does {name} sell?", "What is {name} known for making?"],
+                ["{name} makes {product}.", "{product}.", "It makes {product}."],
+            ),
+            "year": (
+                ["When was {name} founded?", "In which year was {name} founded?"],
+                ["{name} was founded in {year}.", "In {year}.", "{year}."],
+            ),
+            "founder": (
+                ["Who founded {name}?", "Who is the founder of {name}?"],
+                ["{name} was founded by {founder}.", "{founder}.", "Its founder is {founder}."],
+            ),
+            "city": (
+                [
+                    "Where is {name} based?",
+                    "Where are the headquarters of {name}?",
+                    "In which city is {name} headquartered?",
+                ],
+                ["{name} is based in {city}.", "In {city}.", "Its headquarters are in {city}."],
+            ),
+            "staff": (
+                ["How many people work at {name}?", "How many employees does {name} have?"],
+                ["{name} employs {staff} people.", "About {staff}.", "It has {staff} employees."],
+            ),
+            "colour": (["What colour is the logo of {name}?"], ["The logo of {name} is {colour}.", "It is {colour}."]),
         },
     },
     "town": {
@@ -191,17 +272,27 @@ KINDS = {
             "Visitors come for its {food}; the mayor is {mayor}.",
         ],
         "ask": {
-            "country": (["In which country is {name}?", "Which country is the town of {name} in?", "Where is {name}?"],
-                        ["{name} is in {country}.", "In {country}.", "{country}."]),
-            "river": (["Which river flows through {name}?", "On which river does {name} lie?"],
-                      ["{name} lies on the river {river}.", "The {river}.", "The river {river}."]),
-            "year": (["When was {name} founded?", "In which year was the town of {name} founded?"],
-                     ["{name} was founded in {year}.", "In {year}.", "{year}."]),
-            "population": (["How many people live in {name}?", "What is the population of {name}?"],
-                           ["{name} has {population} inhabitants.", "About {population}.", "{population}."]),
+            "country": (
+                ["In which country is {name}?", "Which country is the town of {name} in?", "Where is {name}?"],
+                ["{name} is in {country}.", "In {country}.", "{country}."],
+            ),
+            "river": (
+                ["Which river flows through {name}?", "On which river does {name} lie?"],
+                ["{name} lies on the river {river}.", "The {river}.", "The river {river}."],
+            ),
+            "year": (
+                ["When was {name} founded?", "In which year was the town of {name} founded?"],
+                ["{name} was founded in {year}.", "In {year}.", "{year}."],
+            ),
+            "population": (
+                ["How many people live in {name}?", "What is the population of {name}?"],
+                ["{name} has {population} inhabitants.", "About {population}.", "{population}."],
+            ),
             "mayor": (["Who is the mayor of {name}?"], ["The mayor of {name} is {mayor}.", "{mayor}."]),
-            "food": (["What is {name} famous for?", "What is the local specialty of {name}?"],
-                     ["{name} is famous for {food}.", "Its {food}.", "{food}."]),
+            "food": (
+                ["What is {name} famous for?", "What is the local specialty of {name}?"],
+                ["{name} is famous for {food}.", "Its {food}.", "{food}."],
+            ),
         },
     },
     "book": {
@@ -214,16 +305,26 @@ KINDS = {
             "{author} wrote {name}, a {genre} of {pages} pages that appeared in {year} and is set in {city}.",
         ],
         "ask": {
-            "author": (["Who wrote {name}?", "Who is the author of {name}?"],
-                       ["{name} was written by {author}.", "{author}.", "Its author is {author}."]),
-            "year": (["When was {name} published?", "In which year did {name} come out?"],
-                     ["{name} was published in {year}.", "In {year}.", "{year}."]),
-            "genre": (["What kind of book is {name}?", "What is the genre of {name}?"],
-                      ["{name} is a {genre}.", "A {genre}.", "It is a {genre}."]),
-            "city": (["Where is {name} set?", "In which city does {name} take place?"],
-                     ["{name} is set in {city}.", "In {city}.", "{city}."]),
-            "pages": (["How many pages does {name} have?", "How long is {name}?"],
-                      ["{name} has {pages} pages.", "{pages} pages.", "It runs to {pages} pages."]),
+            "author": (
+                ["Who wrote {name}?", "Who is the author of {name}?"],
+                ["{name} was written by {author}.", "{author}.", "Its author is {author}."],
+            ),
+            "year": (
+                ["When was {name} published?", "In which year did {name} come out?"],
+                ["{name} was published in {year}.", "In {year}.", "{year}."],
+            ),
+            "genre": (
+                ["What kind of book is {name}?", "What is the genre of {name}?"],
+                ["{name} is a {genre}.", "A {genre}.", "It is a {genre}."],
+            ),
+            "city": (
+                ["Where is {name} set?", "In which city does {name} take place?"],
+                ["{name} is set in {city}.", "In {city}.", "{city}."],
+            ),
+            "pages": (
+                ["How many pages does {name} have?", "How long is {name}?"],
+                ["{name} has {pages} pages.", "{pages} pages.", "It runs to {pages} pages."],
+            ),
         },
     },
     "species": {
@@ -239,18 +340,30 @@ KINDS = {
             "{finder} described it in {year}.",
         ],
         "ask": {
-            "type": (["What kind of animal or plant is the {name}?", "What is the {name}?"],
-                     ["The {name} is a {type}.", "A {type}.", "It is a {type}."]),
-            "country": (["In which country does the {name} live?", "Where is the {name} found?"],
-                        ["The {name} lives in {country}.", "In {country}.", "{country}."]),
-            "diet": (["What does the {name} eat?", "What is the diet of the {name}?"],
-                     ["The {name} eats {diet}.", "{diet}.", "It feeds on {diet}."]),
-            "year": (["When was the {name} first described?", "In which year was the {name} described?"],
-                     ["The {name} was first described in {year}.", "In {year}.", "{year}."]),
-            "finder": (["Who first described the {name}?", "Who discovered the {name}?"],
-                       ["The {name} was described by {finder}.", "{finder}.", "It was described by {finder}."]),
-            "size": (["How big is the {name}?", "How long is the {name} in centimetres?"],
-                     ["The {name} grows to about {size} centimetres.", "About {size} cm.", "{size} centimetres."]),
+            "type": (
+                ["What kind of animal or plant is the {name}?", "What is the {name}?"],
+                ["The {name} is a {type}.", "A {type}.", "It is a {type}."],
+            ),
+            "country": (
+                ["In which country does the {name} live?", "Where is the {name} found?"],
+                ["The {name} lives in {country}.", "In {country}.", "{country}."],
+            ),
+            "diet": (
+                ["What does the {name} eat?", "What is the diet of the {name}?"],
+                ["The {name} eats {diet}.", "{diet}.", "It feeds on {diet}."],
+            ),
+            "year": (
+                ["When was the {name} first described?", "In which year was the {name} described?"],
+                ["The {name} was first described in {year}.", "In {year}.", "{year}."],
+            ),
+            "finder": (
+                ["Who first described the {name}?", "Who discovered the {name}?"],
+                ["The {name} was described by {finder}.", "{finder}.", "It was described by {finder}."],
+            ),
+            "size": (
+                ["How big is the {name}?", "How long is the {name} in centimetres?"],
+                ["The {name} grows to about {size} centimetres.", "About {size} cm.", "{size} centimetres."],
+            ),
         },
     },
 }
@@ -283,8 +396,9 @@ def questions(e: dict, rng: random.Random, n: int | None = None) -> list[dict]:
     out = []
     for a in attrs[:n]:
         qs, ans = asks[a]
-        out.append({"prompt": rng.choice(qs).format(**e), "answer": rng.choice(ans).format(**e),
-                    "value": e[a], "attribute": a})
+        out.append(
+            {"prompt": rng.choice(qs).format(**e), "answer": rng.choice(ans).format(**e), "value": e[a], "attribute": a}
+        )
     return out
 
 
@@ -329,7 +443,11 @@ def countries() -> list[dict]:
 
 COUNTRY_QUESTIONS = [  # attribute, question, how to read the answer from countryinfo
     ("capital", "What is the capital of {name}?", lambda c: c["capital"].strip()),
-    ("calling code", "What is the international calling code of {name}?", lambda c: "+" + _listish(c.get("callingCodes"))[0]),
+    (
+        "calling code",
+        "What is the international calling code of {name}?",
+        lambda c: "+" + _listish(c.get("callingCodes"))[0],
+    ),
     ("currency", "What is the currency code of {name}?", lambda c: _listish(c.get("currencies"))[0]),
     ("domain", "What is the internet domain of {name}?", lambda c: _listish(c.get("tld"))[0]),
     ("demonym", "What are the people of {name} called?", lambda c: str(c.get("demonym") or "")),
@@ -364,8 +482,13 @@ def country_sheet(c: dict, facts: dict) -> str:
     return " ".join(parts)
 
 
-SUMMARY_ASKS = ["What do you know about {title}?", "Tell me about {title}.", "Who or what is {title}?",
-                "Give me a short summary of {title}.", "Describe {title} in one sentence."]
+SUMMARY_ASKS = [
+    "What do you know about {title}?",
+    "Tell me about {title}.",
+    "Who or what is {title}?",
+    "Give me a short summary of {title}.",
+    "Describe {title} in one sentence.",
+]
 
 
 def first_sentence(text: str) -> str:
@@ -373,24 +496,44 @@ def first_sentence(text: str) -> str:
     return text[: m.start()] if m else text
 
 
-def build(out: Path, n_entities: int, n_heldout: int, seed: int, n_wiki_train: int, n_wiki_heldout: int,
-          n_distractors: int) -> dict:
+def build(
+    out: Path, n_entities: int, n_heldout: int, seed: int, n_wiki_train: int, n_wiki_heldout: int, n_distractors: int
+) -> dict:
     rng = random.Random(seed + 1)
     ents = entities(n_entities, seed)
     held, train_ents = ents[:n_heldout], ents[n_heldout:]
     kb, train, eval_kb, ent_q = [], [], [], []
     for e in ents:
-        kb.append({"id": f"{e['kind']}:{e['name']}", "title": e["name"], "source": "m3 reader task (invented)",
-                   "text": description(e, rng)})
+        kb.append(
+            {
+                "id": f"{e['kind']}:{e['name']}",
+                "title": e["name"],
+                "source": "m3 reader task (invented)",
+                "text": description(e, rng),
+            }
+        )
     descriptions = {d["title"]: d for d in kb}
     for e in train_ents:
         for q in questions(e, rng, n=4):
-            train.append({"id": f"qa:{e['name']}:{q['attribute']}", "prompt": q["prompt"], "answer": q["answer"],
-                          "title": e["name"]})
+            train.append(
+                {
+                    "id": f"qa:{e['name']}:{q['attribute']}",
+                    "prompt": q["prompt"],
+                    "answer": q["answer"],
+                    "title": e["name"],
+                }
+            )
     for e in held:
         q = questions(e, rng, n=1)[0]
-        ent_q.append({"question": q["prompt"], "answer": q["value"], "title": e["name"], "kind": e["kind"],
-                      "attribute": q["attribute"]})
+        ent_q.append(
+            {
+                "question": q["prompt"],
+                "answer": q["value"],
+                "title": e["name"],
+                "kind": e["kind"],
+                "attribute": q["attribute"],
+            }
+        )
         eval_kb.append(descriptions[e["name"]])
     eval_kb += rng.sample([descriptions[e["name"]] for e in train_ents], min(n_distractors, len(train_ents)))
 
@@ -401,13 +544,15 @@ def build(out: Path, n_entities: int, n_heldout: int, seed: int, n_wiki_train: i
     for i, c in enumerate(cs):
         facts = country_facts(c)
         title = f"{c['name']} (facts)"
-        eval_kb.append({"id": f"facts:{c['name']}", "title": title, "source": "countryinfo (MIT)",
-                        "text": country_sheet(c, facts)})
+        eval_kb.append(
+            {"id": f"facts:{c['name']}", "title": title, "source": "countryinfo (MIT)", "text": country_sheet(c, facts)}
+        )
         attr, question, _ = COUNTRY_QUESTIONS[i % len(COUNTRY_QUESTIONS)]
         if attr not in facts:
             attr, question = "capital", COUNTRY_QUESTIONS[0][1]
-        country_q.append({"question": question.format(name=c["name"]), "answer": facts[attr], "title": title,
-                          "attribute": attr})
+        country_q.append(
+            {"question": question.format(name=c["name"]), "answer": facts[attr], "title": title, "attribute": attr}
+        )
 
     # Wikipedia: country articles go to the evaluation bank only; the rest is split
     wiki = wiki_summaries()
@@ -415,27 +560,46 @@ def build(out: Path, n_entities: int, n_heldout: int, seed: int, n_wiki_train: i
     countryish = [w for w in wiki if w["title"].lower() in country_names or w["key"].lower() in country_names]
     other = [w for w in wiki if w not in countryish]
     for w in countryish:
-        eval_kb.append({"id": f"wiki:{w['key']}", "title": w["title"], "source": "wikipedia (CC BY-SA)", "text": w["text"]})
+        eval_kb.append(
+            {"id": f"wiki:{w['key']}", "title": w["title"], "source": "wikipedia (CC BY-SA)", "text": w["text"]}
+        )
     heldout_wiki = other[:n_wiki_heldout]
-    train_wiki = other[n_wiki_heldout:n_wiki_heldout + n_wiki_train]
+    train_wiki = other[n_wiki_heldout : n_wiki_heldout + n_wiki_train]
     for j, w in enumerate(train_wiki):
         kb.append({"id": f"wiki:{w['key']}", "title": w["title"], "source": "wikipedia (CC BY-SA)", "text": w["text"]})
         if j % 2 == 0:  # read with its neighbours: the bank holds it, the overlap filter keeps it out of its own chunks
             train.append({"id": f"text:{w['key']}", "text": w["text"], "title": w["title"]})
         else:  # asked about: the answer is its first sentence, read from its memory
-            train.append({"id": f"sum:{w['key']}", "prompt": rng.choice(SUMMARY_ASKS).format(title=w["title"]),
-                          "answer": first_sentence(w["text"]), "title": w["title"]})
+            train.append(
+                {
+                    "id": f"sum:{w['key']}",
+                    "prompt": rng.choice(SUMMARY_ASKS).format(title=w["title"]),
+                    "answer": first_sentence(w["text"]),
+                    "title": w["title"],
+                }
+            )
     rng.shuffle(train)
-    files = {"kb.jsonl": kb, "train.jsonl": train, "eval-kb.jsonl": eval_kb, "entities.jsonl": ent_q,
-             "countries.jsonl": country_q,
-             "heldout-wiki.jsonl": [{"id": w["key"], "title": w["title"], "text": w["text"]} for w in heldout_wiki]}
+    files = {
+        "kb.jsonl": kb,
+        "train.jsonl": train,
+        "eval-kb.jsonl": eval_kb,
+        "entities.jsonl": ent_q,
+        "countries.jsonl": country_q,
+        "heldout-wiki.jsonl": [{"id": w["key"], "title": w["title"], "text": w["text"]} for w in heldout_wiki],
+    }
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
         tmp = out / (name + ".tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(out / name)
-    info = {"seed": seed, "entities": n_entities, "heldout_entities": n_heldout, "wiki_train": len(train_wiki),
-            "wiki_heldout": len(heldout_wiki), **{k: len(v) for k, v in files.items()}}
+    info = {
+        "seed": seed,
+        "entities": n_entities,
+        "heldout_entities": n_heldout,
+        "wiki_train": len(train_wiki),
+        "wiki_heldout": len(heldout_wiki),
+        **{k: len(v) for k, v in files.items()},
+    }
     (out / "task.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
@@ -452,8 +616,9 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 < args.heldout < args.entities:
         sys.exit("--heldout must be between 1 and --entities - 1")
-    info = build(args.output, args.entities, args.heldout, args.seed, args.wiki_train, args.wiki_heldout,
-                 args.distractors)
+    info = build(
+        args.output, args.entities, args.heldout, args.seed, args.wiki_train, args.wiki_heldout, args.distractors
+    )
     print(json.dumps(info))
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Teach the packaged SmolLM2-135M-Instruct to read explicit memory (issue #22): the data of
 # scripts/reader_task.py, its knowledge base encoded by SmolLM2 as converted, then
-# `m3 pretrain --train reader` (only the memory reader trains; SmolLM2's weights stay as they are).
+# `m3 pretrain --config recipes/reader-smollm2.toml` (only the memory reader trains; SmolLM2's weights stay
+# as they are).
 # Resumable: run it again after a kill and it continues from its last checkpoint.
 #
 #   bash scripts/train_reader.sh                      # CPU defaults (see README, "Training the reader")
@@ -36,8 +37,6 @@ if [ ! -f "$DATA/kb.m3bank" ]; then
   $M3 encode "$DATA/kb.jsonl" -o "$DATA/kb.m3bank" --model "$BASE" "${emb[@]}" --device "$DEVICE" \
     --resume -q
 fi
-$M3 pretrain "$DATA/train.jsonl" -o "$OUT/model" --stage continual --init-from "$BASE" --bank "$DATA/kb.m3bank" \
-  "${emb[@]}" --train reader --reader-rank "$RANK" --memory-layers all --memory-top-k 16 \
-  --memory-selection attention_x_value_norm --memory-score-prior --refs-per-chunk 5 \
-  --steps "$STEPS" --batch-size "$BATCH" --seq-len 256 --lr "$LR" --warmup-steps 20 \
-  --save-every 25 --log-every 5 --device "$DEVICE" ${MAX_TIME:+--max-time "$MAX_TIME"} --resume -q
+$M3 pretrain --config recipes/reader-smollm2.toml "$DATA/train.jsonl" -o "$OUT/model" --init-from "$BASE" \
+  --bank "$DATA/kb.m3bank" "${emb[@]}" --reader-rank "$RANK" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
+  --device "$DEVICE" ${MAX_TIME:+--max-time "$MAX_TIME"} --resume -q

@@ -31,8 +31,13 @@ def main() -> None:
             item = data[key]
             text = (item.get("extract") or "").strip()
             if text:
-                f.write(json.dumps({"id": key, "title": item.get("title", key), "source": "wikipedia (CC BY-SA)",
-                                    "text": text}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {"id": key, "title": item.get("title", key), "source": "wikipedia (CC BY-SA)", "text": text},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
 
 
 if __name__ == "__main__":

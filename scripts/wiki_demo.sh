@@ -5,7 +5,7 @@
 #
 # SmolLM2 was converted, not continual-trained: it attends to memories it was never taught to
 # read, so this shows the pipeline on real text and the baseline that `m3 pretrain --stage
-# continual --init-from out/smollm2` starts from (bench/gpu_smollm2.sh trains it on a GPU; see
+# continual --init-from out/smollm2` starts from (research/gpu_smollm2.sh trains it on a GPU; see
 # README, "Continual training SmolLM2").
 set -euo pipefail
 M3=${M3:-.venv/bin/m3}

@@ -47,8 +47,12 @@ def kill_after_checkpoint(args, output: Path, step: int, timeout: float = 300) -
     """Run `m3 ARGS -o OUTPUT` as a process and SIGKILL it once its checkpoint reaches `step`;
     fails if it finished first or left a half-written OUTPUT."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "m3cli", *[str(a) for a in args], "-o", str(output)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m3cli", *[str(a) for a in args], "-o", str(output)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = output.with_name(output.name + ".train") / "checkpoint" / "state.json"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

@@ -10,8 +10,10 @@ os.environ["M3_HOME"] = __import__("tempfile").mkdtemp(prefix="m3-test-home-")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-WORDS = ("the a of to and in is was capital city country born reference paris france rome italy "
-         "hello world memory model answer question . , : ?").split()
+WORDS = (
+    "the a of to and in is was capital city country born reference paris france rome italy "
+    "hello world memory model answer question . , : ?"
+).split()
 
 
 def build_tokenizer():
@@ -28,13 +30,27 @@ def build_tokenizer():
 
 def build_hf_checkpoint(path, arch: str, seed: int = 0):
     """Save a random tiny LlamaForCausalLM / Qwen2ForCausalLM (safetensors) with a tokenizer."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=False))
     elif arch == "mistral":  # a sliding window shorter than the context

@@ -57,15 +57,30 @@ def build_seeds(workdir: Path) -> list[Path]:
 
     corpus = workdir / "corpus.jsonl"
     lines = CORPUS.read_text().splitlines()
-    extra = [json.dumps({"id": f"x{i}", "title": f"Extra {i}", "text": f"Person {i} was born in Town {i}. "
-                         f"They work as a baker in City {i}."}) for i in range(12)]
+    extra = [
+        json.dumps(
+            {
+                "id": f"x{i}",
+                "title": f"Extra {i}",
+                "text": f"Person {i} was born in Town {i}. They work as a baker in City {i}.",
+            }
+        )
+        for i in range(12)
+    ]
     corpus.write_text("\n".join(lines + extra) + "\n")
     embedder = load_embedder("self", model_dir=SAMPLE)
     seeds = []
     for codec, factory in (("bf16", "Flat"), ("int8", "HNSW8"), ("vq", "IVF2,Flat")):
         path = workdir / f"seed-{codec}.m3bank"
-        encode_corpus(str(corpus), SAMPLE, path, codec=codec, show_progress=False, model_hint=str(SAMPLE),
-                      vq_subquantizers=8 if codec == "vq" else None)
+        encode_corpus(
+            str(corpus),
+            SAMPLE,
+            path,
+            codec=codec,
+            show_progress=False,
+            model_hint=str(SAMPLE),
+            vq_subquantizers=8 if codec == "vq" else None,
+        )
         index_bank(path, embedder, factory=factory, show_progress=False)
         seeds.append(path)
     return seeds
@@ -77,18 +92,33 @@ def parse(blob: bytes) -> tuple[list[dict], dict]:
     entries = []
     for i in range(count):
         name, off, length, decoded, codec, sflags, res, digest = ENTRY.unpack_from(blob, toff + i * 128)
-        entries.append({"name": name.rstrip(b"\0").decode(), "offset": off, "length": length, "decoded": decoded,
-                        "codec": codec, "flags": sflags, "reserved": res, "sha256": digest})
+        entries.append(
+            {
+                "name": name.rstrip(b"\0").decode(),
+                "offset": off,
+                "length": length,
+                "decoded": decoded,
+                "codec": codec,
+                "flags": sflags,
+                "reserved": res,
+                "sha256": digest,
+            }
+        )
     hoff = toff + count * 128
-    return entries, json.loads(blob[hoff:hoff + hlen])
+    return entries, json.loads(blob[hoff : hoff + hlen])
 
 
 def _align(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def assemble(blob: bytes, entries: list[dict], header: dict | bytes, data: dict[str, bytes] | None = None,
-             keep_sha: set[str] = frozenset()) -> bytes:
+def assemble(
+    blob: bytes,
+    entries: list[dict],
+    header: dict | bytes,
+    data: dict[str, bytes] | None = None,
+    keep_sha: set[str] = frozenset(),
+) -> bytes:
     """The bank `blob` with `entries` (a section table) and `header`; sections named in `data`
     get those bytes (appended). New table and header go at the end; all CRCs and SHA-256s of
     replaced sections are recomputed (except those in keep_sha)."""
@@ -97,36 +127,87 @@ def assemble(blob: bytes, entries: list[dict], header: dict | bytes, data: dict[
     for e in entries:
         if data and e["name"] in data:
             payload = data[e["name"]]
-            e.update(offset=len(out), length=len(payload), decoded=len(payload) if e["codec"].rstrip(b"\0") == b"raw"
-                     else e["decoded"])
+            e.update(
+                offset=len(out),
+                length=len(payload),
+                decoded=len(payload) if e["codec"].rstrip(b"\0") == b"raw" else e["decoded"],
+            )
             if e["name"] not in keep_sha:
                 e["sha256"] = hashlib.sha256(payload).digest()
             out += payload
             out += b"\0" * (_align(len(out)) - len(out))
-    table = b"".join(ENTRY.pack(e["name"].encode()[:32], e["offset"] % 2**64, e["length"] % 2**64,
-                                e["decoded"] % 2**64, e["codec"], e["flags"] % 2**32, e["reserved"], e["sha256"])
-                     for e in entries)
+    table = b"".join(
+        ENTRY.pack(
+            e["name"].encode()[:32],
+            e["offset"] % 2**64,
+            e["length"] % 2**64,
+            e["decoded"] % 2**64,
+            e["codec"],
+            e["flags"] % 2**32,
+            e["reserved"],
+            e["sha256"],
+        )
+        for e in entries
+    )
     header_bytes = header if isinstance(header, bytes) else json.dumps(header).encode()
     toff = len(out)
     out += table + header_bytes
     magic, major, minor, flags, _, _, _, _, _, pad, _ = PRE.unpack_from(blob)
-    head = struct.pack("<8sHHIQQIII16s", magic, major, minor, flags, toff, len(header_bytes), len(entries),
-                       zlib.crc32(table), zlib.crc32(header_bytes), pad)
+    head = struct.pack(
+        "<8sHHIQQIII16s",
+        magic,
+        major,
+        minor,
+        flags,
+        toff,
+        len(header_bytes),
+        len(entries),
+        zlib.crc32(table),
+        zlib.crc32(header_bytes),
+        pad,
+    )
     out[:64] = head + struct.pack("<I", zlib.crc32(head))
     return bytes(out)
 
 
 def section(blob: bytes, entries: list[dict], name: str) -> bytes:
     e = next(e for e in entries if e["name"] == name)
-    return blob[e["offset"]:e["offset"] + e["length"]]
+    return blob[e["offset"] : e["offset"] + e["length"]]
 
 
 # --- mutations ------------------------------------------------------------------------------------
 def _hostile_values(rng: random.Random, old):
     big = [2**31, 2**32, 2**40, 2**53, 2**63, 2**64, 10**30]
-    values = [None, True, False, -1, 0, 1, 2, 3, 7, 64, 4096, 65537, -2**63, 1e308, -0.0, 0.5, math.nan, math.inf,
-              -math.inf, "", "x" * rng.choice([1, 100, 100_000]), [], {}, [[[[]]]], {"a": [1, {"b": None}]},
-              "default", "/nonexistent/model", *big]
+    values = [
+        None,
+        True,
+        False,
+        -1,
+        0,
+        1,
+        2,
+        3,
+        7,
+        64,
+        4096,
+        65537,
+        -(2**63),
+        1e308,
+        -0.0,
+        0.5,
+        math.nan,
+        math.inf,
+        -math.inf,
+        "",
+        "x" * rng.choice([1, 100, 100_000]),
+        [],
+        {},
+        [[[[]]]],
+        {"a": [1, {"b": None}]},
+        "default",
+        "/nonexistent/model",
+        *big,
+    ]
     if isinstance(old, list) and old:
         mutated = list(old)
         how = rng.randrange(6)
@@ -155,16 +236,33 @@ def _deep(n: int) -> str:
 
 
 SHAPE_KEYS = ("m3.memory.layers", "m3.memory.kv_heads", "m3.memory.top_k", "m3.memory.head_dim")
-EXTRA_KEYS = ("m3.index.nprobe", "m3.index.ef_search", "m3.index.count", "m3.embed.dim", "m3.bank.tokens",
-              "m3.model.rope_theta", "m3.memory.vq.subquantizers", "m3.model.hint", "m3.embed.hint")
+EXTRA_KEYS = (
+    "m3.index.nprobe",
+    "m3.index.ef_search",
+    "m3.index.count",
+    "m3.embed.dim",
+    "m3.bank.tokens",
+    "m3.model.rope_theta",
+    "m3.memory.vq.subquantizers",
+    "m3.model.hint",
+    "m3.embed.hint",
+)
 
 
 def mutate_header(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     entries, header = parse(blob)
     how = rng.randrange(10)
     if how == 0:  # a raw header: deep nesting, invalid UTF-8, not an object, huge numbers
-        raw = rng.choice([_deep(100_000).encode(), b"\xff\xfe{}", b"[]", b"{\"m3.format\": \"m3bank\"}",
-                          json.dumps({**header, "m3.bank.references": 10**400}).encode(), b"{" * 3])
+        raw = rng.choice(
+            [
+                _deep(100_000).encode(),
+                b"\xff\xfe{}",
+                b"[]",
+                b'{"m3.format": "m3bank"}',
+                json.dumps({**header, "m3.bank.references": 10**400}).encode(),
+                b"{" * 3,
+            ]
+        )
         return "header:raw", assemble(blob, entries, raw)
     if how == 1:  # permute the memory shape at the same record size
         a, b = rng.sample(SHAPE_KEYS, 2)
@@ -183,10 +281,16 @@ def mutate_header(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
         from m3cli.bank import record_bytes  # keep the record size consistent to get further
 
         try:
-            shape = (header["m3.memory.layers"], 2, header["m3.memory.kv_heads"], header["m3.memory.top_k"],
-                     header["m3.memory.head_dim"])
-            header["m3.memory.record_bytes"] = record_bytes(header["m3.memory.codec"], shape,
-                                                            header.get("m3.memory.vq.subquantizers"))
+            shape = (
+                header["m3.memory.layers"],
+                2,
+                header["m3.memory.kv_heads"],
+                header["m3.memory.top_k"],
+                header["m3.memory.head_dim"],
+            )
+            header["m3.memory.record_bytes"] = record_bytes(
+                header["m3.memory.codec"], shape, header.get("m3.memory.vq.subquantizers")
+            )
         except Exception:  # noqa: BLE001 - a value record_bytes refuses: the reader must refuse it too
             pass
     return f"header:{key}", assemble(blob, entries, header)
@@ -201,8 +305,23 @@ def mutate_entry(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     elif field == "name":
         e["name"] = rng.choice(["kv.data", "refs.text", "index.faiss", "x" * 32, "Bad Name", "codec.vq"])
     else:
-        e[field] = rng.choice([0, 1, 63, 64, 65, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1,
-                               e[field] + 64, max(0, e[field] - 64), rng.randrange(2**64)])
+        e[field] = rng.choice(
+            [
+                0,
+                1,
+                63,
+                64,
+                65,
+                2**31,
+                2**32 - 1,
+                2**40,
+                2**63,
+                2**64 - 1,
+                e[field] + 64,
+                max(0, e[field] - 64),
+                rng.randrange(2**64),
+            ]
+        )
     return f"entry:{e['name']}.{field}", assemble(blob, entries, header)
 
 
@@ -213,14 +332,14 @@ def _kv_nan(rng: random.Random, data: bytes, header: dict) -> bytes:
     codec = header["m3.memory.codec"]
     at = rng.randrange(0, len(buf) - 1) & ~1
     if codec == "bf16":
-        buf[at:at + 2] = rng.choice([b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"])  # NaN, +inf, -inf
+        buf[at : at + 2] = rng.choice([b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"])  # NaN, +inf, -inf
     elif codec == "int8":  # a scale (the float16 tail of each record) set to NaN/inf
         rb = header["m3.memory.record_bytes"]
         rec = rng.randrange(len(buf) // rb)
         L, H, K, d = (header[k] for k in SHAPE_KEYS)
         tail = rec * rb + L * 2 * H * K * d
         at = tail + rng.randrange(L * 2 * H * K) * 2
-        buf[at:at + 2] = rng.choice([b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"])
+        buf[at : at + 2] = rng.choice([b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"])
     else:
         buf[at] = rng.randrange(256)
     return bytes(buf)
@@ -258,7 +377,9 @@ def mutate_section(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     elif name == "index.faiss" and how < 4:
         return mutate_index(rng, blob)
     elif how == 4 and data:  # truncated or grown
-        new = bytes(data[:rng.randrange(len(data))]) if rng.random() < 0.5 else bytes(data) + b"\0" * rng.choice([1, 64])
+        new = (
+            bytes(data[: rng.randrange(len(data))]) if rng.random() < 0.5 else bytes(data) + b"\0" * rng.choice([1, 64])
+        )
     else:
         for _ in range(rng.randint(1, 8)):
             if data:
@@ -311,8 +432,14 @@ def mutate_index(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     elif how == 4:  # another index type, or another metric, of the right size and dimension
         d = index.d
         vectors = np.random.default_rng(rng.randrange(2**32)).standard_normal((n, d)).astype(np.float32)
-        base = rng.choice([lambda: faiss.IndexFlatL2(d), lambda: faiss.IndexLSH(d, 16),
-                           lambda: faiss.IndexHNSWFlat(d, 8), lambda: faiss.index_factory(d, "PQ4", faiss.METRIC_L2)])()
+        base = rng.choice(
+            [
+                lambda: faiss.IndexFlatL2(d),
+                lambda: faiss.IndexLSH(d, 16),
+                lambda: faiss.IndexHNSWFlat(d, 8),
+                lambda: faiss.index_factory(d, "PQ4", faiss.METRIC_L2),
+            ]
+        )()
         if not base.is_trained:
             base.train(vectors)
         index = faiss.IndexIDMap2(base)
@@ -353,8 +480,14 @@ def mutate_empty(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     return "empty bank", assemble(blob, entries, header, data)
 
 
-MUTATORS = [(mutate_header, 40), (mutate_section, 30), (mutate_entry, 12), (mutate_index, 10),
-            (mutate_truncate, 5), (mutate_empty, 3)]
+MUTATORS = [
+    (mutate_header, 40),
+    (mutate_section, 30),
+    (mutate_entry, 12),
+    (mutate_index, 10),
+    (mutate_truncate, 5),
+    (mutate_empty, 3),
+]
 
 
 def mutated(rng: random.Random, seeds: list[bytes]) -> tuple[str, bytes]:
@@ -371,8 +504,28 @@ def mutated(rng: random.Random, seeds: list[bytes]) -> tuple[str, bytes]:
 
 
 # --- model dirs and corpora ---------------------------------------------------------------------
-CONFIG_VALUES = [None, True, -1, 0, 1, 3, 10**6, 10**9, 2**63, 1e9, 0.5, math.nan, math.inf, "x", [], {}, [0, 0],
-                 [5, 1], [-1], list(range(2000))]
+CONFIG_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    1,
+    3,
+    10**6,
+    10**9,
+    2**63,
+    1e9,
+    0.5,
+    math.nan,
+    math.inf,
+    "x",
+    [],
+    {},
+    [0, 0],
+    [5, 1],
+    [-1],
+    list(range(2000)),
+]
 
 
 def model_dir_cases(rng: random.Random, base: Path, workdir: Path, n: int):
@@ -388,8 +541,12 @@ def model_dir_cases(rng: random.Random, base: Path, workdir: Path, n: int):
         shutil.copytree(base, target)
         how = rng.randrange(10)
         if how == 0:
-            text = rng.choice([_deep(200_000), "{", "[]", '"\\ud800"', "\xff", json.dumps({**config, "n_layers": 10**400}), ""])
-            (target / "config.json").write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff" else b"\xff{")
+            text = rng.choice(
+                [_deep(200_000), "{", "[]", '"\\ud800"', "\xff", json.dumps({**config, "n_layers": 10**400}), ""]
+            )
+            (target / "config.json").write_bytes(
+                text.encode("utf-8", "surrogateescape") if text != "\xff" else b"\xff{"
+            )
             yield "config:raw", target
         elif how == 1:
             weights = target / "model.safetensors"
@@ -397,14 +554,20 @@ def model_dir_cases(rng: random.Random, base: Path, workdir: Path, n: int):
 
             state = load_file(str(weights))
             key = rng.choice(sorted(state))
-            state[key] = rng.choice([lambda t: t.to(__import__("torch").int8), lambda t: t[:1],
-                                     lambda t: t.to(__import__("torch").float64), lambda t: t.flatten()])(state[key])
+            state[key] = rng.choice(
+                [
+                    lambda t: t.to(__import__("torch").int8),
+                    lambda t: t[:1],
+                    lambda t: t.to(__import__("torch").float64),
+                    lambda t: t.flatten(),
+                ]
+            )(state[key])
             save_file(state, str(weights))
             yield f"weights:{key}", target
         elif how == 2:
             weights = target / "model.safetensors"
             data = weights.read_bytes()
-            weights.write_bytes(data[:rng.randrange(len(data))])
+            weights.write_bytes(data[: rng.randrange(len(data))])
             yield "weights:truncated", target
         else:
             key = rng.choice(sorted(config))
@@ -544,8 +707,14 @@ def run(cases: int, seed: int, workdir: Path, log=None, every: int = 1000) -> di
             violations.append({"case": i, "mutation": name, "violation": str(e)[:300]})
             outcomes["VIOLATION"] += 1
         except Exception as e:  # noqa: BLE001 - any other exception is a violation too
-            violations.append({"case": i, "mutation": name, "violation": f"{type(e).__name__}: {str(e)[:200]}",
-                               "traceback": traceback.format_exc()[-1500:]})
+            violations.append(
+                {
+                    "case": i,
+                    "mutation": name,
+                    "violation": f"{type(e).__name__}: {str(e)[:200]}",
+                    "traceback": traceback.format_exc()[-1500:],
+                }
+            )
             outcomes["TRACEBACK"] += 1
         now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if now - peak > 64 * 1024:
@@ -553,10 +722,17 @@ def run(cases: int, seed: int, workdir: Path, log=None, every: int = 1000) -> di
         peak = now
         if log and (i + 1) % every == 0:
             log(f"{i + 1}/{cases} cases, {time.time() - t0:.0f} s, {dict(outcomes)}")
-    return {"cases": cases, "seed": seed, "seconds": round(time.time() - t0, 1), "outcomes": dict(outcomes),
-            "mutations": dict(kinds), "violations": violations[:50], "violation_count": len(violations),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_growth": growth[:20]}
+    return {
+        "cases": cases,
+        "seed": seed,
+        "seconds": round(time.time() - t0, 1),
+        "outcomes": dict(outcomes),
+        "mutations": dict(kinds),
+        "violations": violations[:50],
+        "violation_count": len(violations),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_growth": growth[:20],
+    }
 
 
 def long_document(workdir: Path, megabytes: int, log=None) -> dict:
@@ -585,22 +761,33 @@ def long_document(workdir: Path, megabytes: int, log=None) -> dict:
             f.write(json.dumps({"id": str(i), "text": text(100_000 // 10)}) + "\n")
     out = {}
     for name, corpus in (("one document", big), ("many documents", small)):
-        script = ("import resource, subprocess, sys, time; t = time.time(); "
-                  "r = subprocess.run([sys.executable, '-m', 'm3cli', 'encode', sys.argv[1], '-o', sys.argv[2], "
-                  "'--model', sys.argv[3], '--index', 'none', '--force', '-q'], capture_output=True, text=True); "
-                  "print(r.returncode, time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
-                  "r.stdout.strip().replace(' ', '_'))")
+        script = (
+            "import resource, subprocess, sys, time; t = time.time(); "
+            "r = subprocess.run([sys.executable, '-m', 'm3cli', 'encode', sys.argv[1], '-o', sys.argv[2], "
+            "'--model', sys.argv[3], '--index', 'none', '--force', '-q'], capture_output=True, text=True); "
+            "print(r.returncode, time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+            "r.stdout.strip().replace(' ', '_'))"
+        )
         bank = workdir / "long.m3bank"
-        proc = subprocess.run([sys.executable, "-c", script, str(corpus), str(bank), str(SAMPLE)],
-                              capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(corpus), str(bank), str(SAMPLE)],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        )
         code, seconds, rss, line = proc.stdout.split()
         from m3cli.bank import Bank
 
         with Bank(bank) as b:
             refs = b.n_refs
-        out[name] = {"bytes": corpus.stat().st_size, "exit": int(code), "seconds": round(float(seconds), 1),
-                     "references": refs, "refs_per_s": round(refs / float(seconds), 1),
-                     "peak_rss_mib": round(int(rss) / 1024, 1)}
+        out[name] = {
+            "bytes": corpus.stat().st_size,
+            "exit": int(code),
+            "seconds": round(float(seconds), 1),
+            "references": refs,
+            "refs_per_s": round(refs / float(seconds), 1),
+            "peak_rss_mib": round(int(rss) / 1024, 1),
+        }
         if log:
             log(f"{name}: {out[name]}")
     return out
@@ -610,8 +797,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--long-doc-mb", type=int, default=20, help="also encode one document this large "
-                        "(0: skip)")
+    parser.add_argument("--long-doc-mb", type=int, default=20, help="also encode one document this large (0: skip)")
     parser.add_argument("--out", type=Path, help="also write the summary JSON here")
     args = parser.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

@@ -21,11 +21,21 @@ SHAPE = (2, 2, 1, 3, 4)  # (L, 2, H, K, d)
 
 
 def golden_header():
-    return {"m3.memory.layers": 2, "m3.memory.layer_ids": [0, 1], "m3.memory.kv_heads": 1, "m3.memory.top_k": 3,
-            "m3.memory.head_dim": 4, "m3.memory.reference_length": 128,
-            "m3.model.fingerprint": "sha256:" + "ab" * 32, "m3.model.name": "golden",
-            "m3.model.reference_prefix": "Reference:", "m3.model.reference_prefix_ids": [1, 7],
-            "m3.model.rope_theta": 10000.0, "m3.encode.producer": "m3 test", "m3.model.hint": "default"}
+    return {
+        "m3.memory.layers": 2,
+        "m3.memory.layer_ids": [0, 1],
+        "m3.memory.kv_heads": 1,
+        "m3.memory.top_k": 3,
+        "m3.memory.head_dim": 4,
+        "m3.memory.reference_length": 128,
+        "m3.model.fingerprint": "sha256:" + "ab" * 32,
+        "m3.model.name": "golden",
+        "m3.model.reference_prefix": "Reference:",
+        "m3.model.reference_prefix_ids": [1, 7],
+        "m3.model.rope_theta": 10000.0,
+        "m3.encode.producer": "m3 test",
+        "m3.model.hint": "default",
+    }
 
 
 def write_golden(path: Path, codec: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +53,9 @@ def write_golden(path: Path, codec: str = "bf16") -> tuple[torch.Tensor, torch.T
 def test_golden_bytes(tmp_path):
     path = tmp_path / "g.m3bank"
     kv, pos = write_golden(path)
-    assert path.read_bytes() == (DATA / "golden-2ref.m3bank").read_bytes(), \
+    assert path.read_bytes() == (DATA / "golden-2ref.m3bank").read_bytes(), (
         "the bytes of a 2-reference bank changed: a format change needs a version bump and new golden bytes"
+    )
     with Bank(DATA / "golden-2ref.m3bank") as bank:
         assert bank.version == (1, 1) and bank.n_refs == 2 and bank.n_docs == 2
         assert bank.header["m3.model.hint"] == "default"
@@ -75,7 +86,7 @@ def test_preamble_layout_by_hand():
     assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
     name, off, length = struct.unpack_from("<32sQQ", data, 64)
     assert name.rstrip(b"\0") == b"refs.table" and off % 64 == 0 and length == 2 * 32
-    assert hashlib.sha256(data[off:off + length]).digest() == data[64 + 96:64 + 128]
+    assert hashlib.sha256(data[off : off + length]).digest() == data[64 + 96 : 64 + 128]
 
 
 @pytest.mark.parametrize("codec,tol", [("bf16", 1e-2), ("int8", 2e-2)])
@@ -85,8 +96,14 @@ def test_round_trip_random(tmp_path, codec, tol):
     path = tmp_path / f"{codec}.m3bank"
     kvs = [torch.randn(shape) for _ in range(5)]
     pos = torch.arange(3 * 2 * 8).reshape(3, 2, 8).to(torch.int16) % 20 + 2
-    header = {**golden_header(), "m3.memory.layers": 3, "m3.memory.layer_ids": [0, 1, 2], "m3.memory.kv_heads": 2, "m3.memory.top_k": 8,
-              "m3.memory.head_dim": 16}
+    header = {
+        **golden_header(),
+        "m3.memory.layers": 3,
+        "m3.memory.layer_ids": [0, 1, 2],
+        "m3.memory.kv_heads": 2,
+        "m3.memory.top_k": 8,
+        "m3.memory.head_dim": 16,
+    }
     with BankWriter(path, header, codec, shape) as w:
         for i in range(0, 5, 2):
             w.add_document(f"d{i}", "", "", [("t" * (j + 30), 30, kvs[j], pos) for j in range(i, min(i + 2, 5))])
@@ -124,8 +141,15 @@ def test_spec_lists_every_header_key_the_encoder_writes():
     from m3cli.encode import bank_header
 
     written = set(bank_header(preset("tiny").replace(reference_prefix_ids=(1,)), "sha256:x"))
-    written |= {"m3.format", "m3.bank.references", "m3.bank.documents", "m3.bank.tokens", "m3.memory.codec",
-                "m3.memory.record_bytes", "m3.memory.vq.subquantizers"}
+    written |= {
+        "m3.format",
+        "m3.bank.references",
+        "m3.bank.documents",
+        "m3.bank.tokens",
+        "m3.memory.codec",
+        "m3.memory.record_bytes",
+        "m3.memory.vq.subquantizers",
+    }
     text = SPEC.read_text()
     missing = sorted(k for k in written if f"`{k}`" not in text)
     assert not missing, f"header keys missing from format_spec.md: {missing}"
@@ -134,7 +158,7 @@ def test_spec_lists_every_header_key_the_encoder_writes():
 # --- hostile files ------------------------------------------------------------------------------
 def patch(data: bytes, offset: int, new: bytes) -> bytearray:
     out = bytearray(data)
-    out[offset:offset + len(new)] = new
+    out[offset : offset + len(new)] = new
     return out
 
 
@@ -142,7 +166,7 @@ def refresh_crcs(buf: bytearray) -> bytes:
     """Recompute table/header/preamble CRCs so that only the deliberate damage remains."""
     toff, hlen, count = struct.unpack_from("<QQI", buf, 16)
     hoff = toff + count * 128 if count < 10**5 else toff
-    struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[toff:hoff])), zlib.crc32(bytes(buf[hoff:hoff + hlen])))
+    struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[toff:hoff])), zlib.crc32(bytes(buf[hoff : hoff + hlen])))
     struct.pack_into("<I", buf, 60, zlib.crc32(bytes(buf[:60])))
     return bytes(buf)
 
@@ -162,24 +186,30 @@ def open_bytes(tmp_path, data: bytes):
     return Bank(path)
 
 
-@pytest.mark.parametrize("damage,fragment", [
-    (lambda d: d[:40], "too short"),
-    (lambda d: b"NOTABANK" + d[8:], "bad magic"),
-    (lambda d: refresh_crcs(patch(d, 8, struct.pack("<H", 2))), "version 2.1"),
-    (lambda d: refresh_crcs(patch(d, 12, struct.pack("<I", 4))), "unknown file flags"),
-    (lambda d: patch(d, 100, b"\xff"), "section table checksum"),
-    (lambda d: patch(d, 20, b"\x01"), "preamble checksum"),
-    (lambda d: refresh_crcs(patch(d, 24, struct.pack("<Q", 2**40))), "header length"),
-    (lambda d: refresh_crcs(patch(d, 32, struct.pack("<I", 10**6))), "section count"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 40, struct.pack("<Q", 2**50))), "outside the file"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 64 * 3))), "table and header .*overlap"),
-    (lambda d: refresh_crcs(patch(d, 16, struct.pack("<Q", 2**40))), "section table offset"),
-    (lambda d: refresh_crcs(patch(d, 16, struct.pack("<Q", 65))), "section table offset"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 1))), "outside the file"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(1), b"refs.table\0")), "duplicate section"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(5), b"kv.future\0\0\0")), "unknown to this m3"),
-    (lambda d: refresh_crcs(patch(d, entry_offset(2) + 56, b"lz4\0\0")), "unknown codec"),
-])
+@pytest.mark.parametrize(
+    "damage,fragment",
+    [
+        (lambda d: d[:40], "too short"),
+        (lambda d: b"NOTABANK" + d[8:], "bad magic"),
+        (lambda d: refresh_crcs(patch(d, 8, struct.pack("<H", 2))), "version 2.1"),
+        (lambda d: refresh_crcs(patch(d, 12, struct.pack("<I", 4))), "unknown file flags"),
+        (lambda d: patch(d, 100, b"\xff"), "section table checksum"),
+        (lambda d: patch(d, 20, b"\x01"), "preamble checksum"),
+        (lambda d: refresh_crcs(patch(d, 24, struct.pack("<Q", 2**40))), "header length"),
+        (lambda d: refresh_crcs(patch(d, 32, struct.pack("<I", 10**6))), "section count"),
+        (lambda d: refresh_crcs(patch(d, entry_offset(4) + 40, struct.pack("<Q", 2**50))), "outside the file"),
+        (
+            lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 64 * 3))),
+            "table and header .*overlap",
+        ),
+        (lambda d: refresh_crcs(patch(d, 16, struct.pack("<Q", 2**40))), "section table offset"),
+        (lambda d: refresh_crcs(patch(d, 16, struct.pack("<Q", 65))), "section table offset"),
+        (lambda d: refresh_crcs(patch(d, entry_offset(4) + 32, struct.pack("<Q", 1))), "outside the file"),
+        (lambda d: refresh_crcs(patch(d, entry_offset(1), b"refs.table\0")), "duplicate section"),
+        (lambda d: refresh_crcs(patch(d, entry_offset(5), b"kv.future\0\0\0")), "unknown to this m3"),
+        (lambda d: refresh_crcs(patch(d, entry_offset(2) + 56, b"lz4\0\0")), "unknown codec"),
+    ],
+)
 def test_hostile_files_are_refused(tmp_path, golden, damage, fragment):
     with pytest.raises(BankError, match=fragment):
         open_bytes(tmp_path, damage(golden))
@@ -193,8 +223,9 @@ def test_overlapping_sections_are_refused(tmp_path, golden):
 
 
 def test_unknown_optional_section_is_ignored(tmp_path, golden):
-    data = refresh_crcs(patch(patch(golden, entry_offset(5), b"x.later\0\0\0\0\0\0"), entry_offset(5) + 64,
-                              struct.pack("<I", 0)))
+    data = refresh_crcs(
+        patch(patch(golden, entry_offset(5), b"x.later\0\0\0\0\0\0"), entry_offset(5) + 64, struct.pack("<I", 0))
+    )
     with pytest.raises(BankError, match="required sections missing: kv.positions"):
         open_bytes(tmp_path, data)  # it was kv.positions: now missing, but the unknown name itself is fine
 
@@ -202,7 +233,7 @@ def test_unknown_optional_section_is_ignored(tmp_path, golden):
 def test_sizes_must_match_the_header(tmp_path, golden):
     toff, hlen = struct.unpack_from("<QQ", golden, 16)
     hoff = toff + 6 * 128
-    header = golden[hoff:hoff + hlen].replace(b'"m3.bank.references":2', b'"m3.bank.references":3')
+    header = golden[hoff : hoff + hlen].replace(b'"m3.bank.references":2', b'"m3.bank.references":3')
     data = refresh_crcs(patch(golden, hoff, header))
     with pytest.raises(BankError, match="header implies"):
         open_bytes(tmp_path, data)
@@ -246,7 +277,9 @@ def test_vq_bank_needs_intact_codebooks(tmp_path):
     path = tmp_path / "vq.m3bank"
     with BankWriter(path, golden_header(), "vq", SHAPE, vq_subquantizers=2) as w:
         for i in range(30):
-            w.add_document(f"d{i}", "", "", [("text", 3, torch.randn(SHAPE), torch.full((2, 1, 3), 2, dtype=torch.int16))])
+            w.add_document(
+                f"d{i}", "", "", [("text", 3, torch.randn(SHAPE), torch.full((2, 1, 3), 2, dtype=torch.int16))]
+            )
         w.finish()
     data = path.read_bytes()
     with Bank(path) as bank:
@@ -270,18 +303,21 @@ def header_patched(golden: bytes, new_header: bytes) -> bytes:
     hoff = toff + 6 * 128
     assert len(new_header) <= hlen
     buf = bytearray(golden)
-    buf[hoff:hoff + hlen] = new_header.ljust(hlen, b" ")
+    buf[hoff : hoff + hlen] = new_header.ljust(hlen, b" ")
     return refresh_crcs(buf)
 
 
-@pytest.mark.parametrize("header,fragment", [
-    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
-    (b'{"m3.format":"m3bank","x":' + b"9" * 5000 + b"}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "header,fragment",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b'{"m3.format":"m3bank","x":' + b"9" * 5000 + b"}", "not valid JSON"),
+    ],
+)
 def test_hostile_header_json(tmp_path, golden, header, fragment):
     toff, hlen = struct.unpack_from("<QQ", golden, 16)
     hoff = toff + 6 * 128
-    body = bytearray(golden[:hoff]) + header + golden[hoff + hlen:]
+    body = bytearray(golden[:hoff]) + header + golden[hoff + hlen :]
     struct.pack_into("<Q", body, 24, len(header))
     data = bytearray(body)
     # move every section by the size change so that the file stays consistent
@@ -290,7 +326,7 @@ def test_hostile_header_json(tmp_path, golden, header, fragment):
         off = struct.unpack_from("<Q", data, entry_offset(i) + 32)[0]
         struct.pack_into("<Q", data, entry_offset(i) + 32, off + delta)
     pad = (-delta) % 64
-    data = data[:hoff + len(header)] + b"\0" * pad + data[hoff + len(header):]
+    data = data[: hoff + len(header)] + b"\0" * pad + data[hoff + len(header) :]
     for i in range(6):
         off = struct.unpack_from("<Q", data, entry_offset(i) + 32)[0]
         struct.pack_into("<Q", data, entry_offset(i) + 32, off + pad)
@@ -298,20 +334,24 @@ def test_hostile_header_json(tmp_path, golden, header, fragment):
         open_bytes(tmp_path, refresh_crcs(data))
 
 
-@pytest.mark.parametrize("change,fragment", [
-    ({"m3.memory.layer_ids": [{}, 1]}, "layer_ids"),
-    ({"m3.memory.layer_ids": 7}, "layer_ids"),
-    ({"m3.model.reference_prefix_ids": 5}, "reference_prefix_ids"),
-    ({"m3.memory.layer_ids": ["\x1b[31m", 1]}, "layer_ids"),
-])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"m3.memory.layer_ids": [{}, 1]}, "layer_ids"),
+        ({"m3.memory.layer_ids": 7}, "layer_ids"),
+        ({"m3.model.reference_prefix_ids": 5}, "reference_prefix_ids"),
+        ({"m3.memory.layer_ids": ["\x1b[31m", 1]}, "layer_ids"),
+    ],
+)
 def test_header_values_are_validated(tmp_path, golden, change, fragment):
     toff, hlen = struct.unpack_from("<QQ", golden, 16)
     hoff = toff + 6 * 128
-    header = json.loads(golden[hoff:hoff + hlen])
+    header = json.loads(golden[hoff : hoff + hlen])
     new = json.dumps({**header, **change}, separators=(",", ":")).encode()
     if len(new) > hlen:
-        new = json.dumps({**header, **change, "m3.model.name": "", "m3.encode.producer": ""},
-                         separators=(",", ":")).encode()
+        new = json.dumps(
+            {**header, **change, "m3.model.name": "", "m3.encode.producer": ""}, separators=(",", ":")
+        ).encode()
     with pytest.raises(BankError, match=fragment):
         open_bytes(tmp_path, header_patched(golden, new))
 
@@ -326,17 +366,19 @@ def test_zstd_sections_are_verified_and_bounded(tmp_path, golden):
     bomb = zstandard.ZstdCompressor().compress(b"\0" * 34)
     bomb = bytearray(bomb)
     data = bytearray(golden)
-    data[s.offset:s.offset + s.length] = bytes(s.length)  # zero the old bytes
+    data[s.offset : s.offset + s.length] = bytes(s.length)  # zero the old bytes
     frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"x" * 34)
     assert len(frame) <= 64
-    data[s.offset:s.offset + len(frame)] = frame
+    data[s.offset : s.offset + len(frame)] = frame
     struct.pack_into("<QQ8s", data, entry_offset(i) + 40, len(frame), 34, b"zstd")
-    data[entry_offset(i) + 96:entry_offset(i) + 128] = hashlib.sha256(bytes(data[s.offset:s.offset + len(frame)])).digest()
+    data[entry_offset(i) + 96 : entry_offset(i) + 128] = hashlib.sha256(
+        bytes(data[s.offset : s.offset + len(frame)])
+    ).digest()
     bank = open_bytes(tmp_path, refresh_crcs(data))
     assert bank.decoded("docs.strings") == b"x" * 34  # a proper frame decodes
     bank.close()
     # the same frame with the checksum in the table zeroed is refused before decompression
-    data[entry_offset(i) + 96:entry_offset(i) + 128] = bytes(32)
+    data[entry_offset(i) + 96 : entry_offset(i) + 128] = bytes(32)
     bank = open_bytes(tmp_path, refresh_crcs(data))
     with pytest.raises(BankError, match="SHA-256 mismatch"):
         bank.document(0)

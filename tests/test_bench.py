@@ -23,14 +23,34 @@ def test_pseudo_texts_are_deterministic():
 
 
 def test_bench_json_has_every_mode_and_batch(tmp_path):
-    result = m3("bench", "--model", "tiny", "--synthetic-refs", "40", "--embedder", "self", "--batch", "1,2",
-                "--prompt-len", "16", "--new-tokens", "6", "--memories", "2", "--repeats", "1", "--json",
-                "--workdir", tmp_path)
+    result = m3(
+        "bench",
+        "--model",
+        "tiny",
+        "--synthetic-refs",
+        "40",
+        "--embedder",
+        "self",
+        "--batch-size",
+        "1,2",
+        "--prompt-len",
+        "16",
+        "--max-new-tokens",
+        "6",
+        "--memories",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        "--workdir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     rows = out["results"]
-    assert sorted((r["mode"], r["batch"]) for r in rows) == sorted((m, b) for m in ("none", "memory", "rag")
-                                                                  for b in (1, 2))
+    assert sorted((r["mode"], r["batch"]) for r in rows) == sorted(
+        (m, b) for m in ("none", "memory", "rag") for b in (1, 2)
+    )
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["new_tokens"] == 6
         # each figure is rounded to 4 decimals on its own, so the parts may exceed the total by 1e-4
@@ -47,20 +67,37 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
     assert check.exit_code == 0, check.output
     # a model dir and closed book only: no bank needed
     model_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.json").is_file())
-    closed = m3("bench", "--model", model_dir, "--modes", "none", "--batch", "1", "--prompt-len", "8",
-                "--new-tokens", "2", "--repeats", "1", "--json")
+    closed = m3(
+        "bench",
+        "--model",
+        model_dir,
+        "--modes",
+        "none",
+        "--batch-size",
+        "1",
+        "--prompt-len",
+        "8",
+        "--max-new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    )
     assert closed.exit_code == 0, closed.output
     assert [r["mode"] for r in json.loads(closed.stdout)["results"]] == ["none"]
 
 
 def test_ratios():
-    rows = [{"mode": "none", "batch": 1, "tokens_per_s": 10.0}, {"mode": "memory", "batch": 1, "tokens_per_s": 9.5},
-            {"mode": "rag", "batch": 1, "tokens_per_s": 4.0}]
+    rows = [
+        {"mode": "none", "batch": 1, "tokens_per_s": 10.0},
+        {"mode": "memory", "batch": 1, "tokens_per_s": 9.5},
+        {"mode": "rag", "batch": 1, "tokens_per_s": 4.0},
+    ]
     assert ratios(rows) == [{"batch": 1, "memory_vs_none": 0.95, "memory_vs_rag": 2.375}]
 
 
 def test_bench_errors(tmp_path):
-    assert_user_error(m3("bench", "--model", "tiny", "--batch", "x"), "--batch")
+    assert_user_error(m3("bench", "--model", "tiny", "--batch-size", "x"), "--batch")
     assert_user_error(m3("bench", "--model", "tiny", "--modes", "none,fast"), "unknown mode")
     assert_user_error(m3("bench", "--model", "tiny", "--bank", tmp_path / "x.m3bank"), "needs a model dir")
     assert_user_error(m3("bench", "--model", "nonesuch"), "nonesuch")

@@ -213,10 +213,12 @@ def test_mistral_with_sliding_window_is_capped_to_the_window(tmp_path):
 def test_convert_refuses_what_it_cannot_run_exactly(tmp_path, llama_dir):
     src, _ = llama_dir
     cfg = json.loads((src / "config.json").read_text())
-    for change, fragment in [({"hidden_act": "gelu"}, "activation 'gelu'"),
-                             ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
-                             ({"num_attention_heads": "four"}, "cannot translate"),
-                             ({"num_attention_heads": None}, "cannot translate")]:
+    for change, fragment in [
+        ({"hidden_act": "gelu"}, "activation 'gelu'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+        ({"num_attention_heads": "four"}, "cannot translate"),
+        ({"num_attention_heads": None}, "cannot translate"),
+    ]:
         bad = tmp_path / "bad"
         bad.mkdir(exist_ok=True)
         for f in src.iterdir():
@@ -248,8 +250,17 @@ def test_one_layer_model_and_symlinked_cache_layout(tmp_path):
     blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
     blobs.mkdir()
     snap.mkdir(parents=True)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            bos_token_id=1,
+        )
+    )
     model.save_pretrained(blobs)
     build_tokenizer().save_pretrained(blobs)
     for f in blobs.iterdir():

@@ -93,7 +93,7 @@ def test_shell_completion_and_python_dash_m():
         return out.stdout.split()
 
     assert complete("m3 gen", 1) == ["generate"]
-    assert complete("m3 pretrain --refs", 2) == ["--refs-per-chunk"]
+    assert complete("m3 pretrain --reader", 2) == ["--reader-rank"]
     version = subprocess.run([sys.executable, "-m", "m3cli", "--help"], capture_output=True, text=True, timeout=120)
     assert version.returncode == 0 and "generate" in version.stdout
 
@@ -104,8 +104,49 @@ def test_files_the_docs_name_exist():
     not_yet = {"m3cli/data/reader-smollm2.safetensors"}  # the shipped memory reader, once #22 trains one
     missing = []
     for doc in [root / "README.md", root / "format_spec.md", *sorted((root / "docs").glob("*.md"))]:
-        for path in re.findall(r"`((?:tests|scripts|bench|docs|m3cli|samples)/[A-Za-z0-9_./-]*[A-Za-z0-9_])`",
-                               doc.read_text()):
+        for path in re.findall(
+            r"`((?:tests|scripts|bench|docs|m3cli|samples)/[A-Za-z0-9_./-]*[A-Za-z0-9_])`", doc.read_text()
+        ):
             if path not in not_yet and not (root / path).exists():
                 missing.append(f"{doc.name}: {path}")
     assert not missing, missing
+
+
+def test_every_readme_code_block_is_run_somewhere():
+    """The README's bash blocks: the set-up block is what CI itself runs (`make test`, after `make
+    setup`; `make demo` is the same set-up plus scripts/demo.sh), and the blocks of "Use it on your
+    documents" are run line by line by tests/test_usedby.py. A new block needs a test too."""
+    blocks = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
+    used_by = README.split("## Use it on your documents", 1)[1].split("\n## ", 1)[0]
+    for lang, body in blocks:
+        assert lang == "bash", f"README code block in {lang or 'no language'}: say what runs it"
+        lines = [line.split("  # ")[0].strip() for line in body.splitlines() if line.strip()]
+        if lines == ["make demo", "make test"]:
+            continue
+        assert f"```bash\n{body}```" in used_by, f"README block not run by any test: {lines[:2]}"
+    assert (
+        sum(
+            lines == ["make demo", "make test"]
+            for lines in ([x.split("  # ")[0].strip() for x in b.splitlines() if x.strip()] for _, b in blocks)
+        )
+        == 1
+    )
+
+
+def test_recorded_outputs_come_from_the_script_that_writes_them():
+    """docs/cli-examples.md is written by scripts/cli_examples.py: its commands are the script's,
+    in order (the outputs under them are what running the script printed)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    listed = subprocess.run(
+        [sys.executable, str(root / "scripts" / "cli_examples.py"), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    page = (root / "docs" / "cli-examples.md").read_text()
+    shown = [line[2:] for line in page.splitlines() if line.startswith("$ ")]
+    assert shown == listed.stdout.splitlines() and len(shown) >= 10

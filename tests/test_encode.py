@@ -71,8 +71,12 @@ def test_encode_jsonl_stores_what_the_model_computes(model_dir, tmp_path):
 def test_encode_is_deterministic_and_formats_agree(model_dir, tmp_path):
     jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS)
     parquet = tmp_path / "c.parquet"
-    pq.write_table(pa.Table.from_pylist([{"id": d["id"], "title": d.get("title"), "source": d.get("source"),
-                                          "text": d["text"]} for d in DOCS]), parquet)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"id": d["id"], "title": d.get("title"), "source": d.get("source"), "text": d["text"]} for d in DOCS]
+        ),
+        parquet,
+    )
     a, b, c = tmp_path / "a.m3bank", tmp_path / "b.m3bank", tmp_path / "c.m3bank"
     assert m3("encode", "--index", "none", jsonl, "-o", a, "-m", model_dir, "-q").exit_code == 0
     assert m3("encode", "--index", "none", parquet, "-o", b, "-m", model_dir, "-q").exit_code == 0
@@ -108,7 +112,9 @@ def test_inspect_ref_shows_kept_tokens(model_dir, tmp_path):
 
 
 def test_inspect_escapes_control_characters(model_dir, tmp_path):
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "x\x1b[31m", "title": "t\x07", "text": "hello \x1b]0;pwned\x07 world ."}])
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl", [{"id": "x\x1b[31m", "title": "t\x07", "text": "hello \x1b]0;pwned\x07 world ."}]
+    )
     bank_path = tmp_path / "kb.m3bank"
     assert m3("encode", "--index", "none", corpus, "-o", bank_path, "-m", model_dir, "-q").exit_code == 0
     out = m3("inspect", bank_path, "--ref", "0").stdout
@@ -135,7 +141,9 @@ def test_encode_errors_leave_nothing(model_dir, tmp_path):
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": "   "}])
     check(m3("encode", "--index", "none", blank, "-o", out, "-m", model_dir), "no text to encode")
     latin1 = tmp_path / "latin1.jsonl"
-    latin1.write_bytes(write_jsonl(tmp_path / "ok.jsonl", DOCS).read_bytes() + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    latin1.write_bytes(
+        write_jsonl(tmp_path / "ok.jsonl", DOCS).read_bytes() + '{"text": "caf\xe9"}\n'.encode("latin-1")
+    )
     check(m3("encode", "--index", "none", latin1, "-o", out, "-m", model_dir), "line 4 is not valid UTF-8")
     not_json = tmp_path / "bad.jsonl"
     not_json.write_text('{"text": "fine"}\n{oops\n')
@@ -146,8 +154,14 @@ def test_encode_errors_leave_nothing(model_dir, tmp_path):
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((model_dir / name).read_bytes())
-    check(m3("encode", "--index", "none", write_jsonl(tmp_path / "c.jsonl", DOCS), "-o", out, "-m", no_tok), "no tokenizer")
-    check(m3("encode", "--index", "none", tmp_path / "c.jsonl", "-o", out, "-m", model_dir, "--codec", "zip"), "unknown codec")
+    check(
+        m3("encode", "--index", "none", write_jsonl(tmp_path / "c.jsonl", DOCS), "-o", out, "-m", no_tok),
+        "no tokenizer",
+    )
+    check(
+        m3("encode", "--index", "none", tmp_path / "c.jsonl", "-o", out, "-m", model_dir, "--codec", "zip"),
+        "unknown codec",
+    )
     check(m3("encode", "--index", "none", "-", "-o", out, "-m", model_dir, input=""), "no text to encode")
 
 
@@ -173,12 +187,16 @@ def test_split_references_respects_sentences_and_limits(model_dir):
 
 def test_vq_codec_trains_on_the_bank_and_round_trips(model_dir, tmp_path):
     words = "the a of to and in is was capital city country born reference paris france rome italy".split()
-    docs = [{"id": f"d{i}", "text": " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 9)) + " ."}
-            for i in range(120)]
+    docs = [
+        {"id": f"d{i}", "text": " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(6 + i % 9)) + " ."}
+        for i in range(120)
+    ]
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
     a, b = tmp_path / "bf16.m3bank", tmp_path / "vq.m3bank"
     assert m3("encode", "--index", "none", corpus, "-o", a, "-m", model_dir, "-q").exit_code == 0
-    result = m3("encode", "--index", "none", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "vq", "--vq-subquantizers", "4")
+    result = m3(
+        "encode", "--index", "none", corpus, "-o", b, "-m", model_dir, "-q", "--codec", "vq", "--vq-subquantizers", "4"
+    )
     assert result.exit_code == 0, result.output
     with Bank(a) as x, Bank(b) as y:
         assert y.codec == "vq" and y.record_bytes == x.record_bytes // 4  # 4 bytes per 8-dim vector vs 16
@@ -187,20 +205,39 @@ def test_vq_codec_trains_on_the_bank_and_round_trips(model_dir, tmp_path):
         assert torch.equal(mx.positions, my.positions)
         rel = float((mx.kv - my.kv).norm() / mx.kv.norm())
         assert 0 < rel < 0.35, rel  # lossy, but close
-        assert torch.equal(my.kv[~my.valid[:, :, None].expand_as(my.kv[..., 0]).unsqueeze(-1).expand_as(my.kv)],
-                           torch.zeros(int((~my.valid).sum()) * 2 * my.kv.shape[-1]))
+        assert torch.equal(
+            my.kv[~my.valid[:, :, None].expand_as(my.kv[..., 0]).unsqueeze(-1).expand_as(my.kv)],
+            torch.zeros(int((~my.valid).sum()) * 2 * my.kv.shape[-1]),
+        )
     info = json.loads(m3("inspect", b, "--json").stdout)
     assert info["compression_vs_bf16"] == 4.0 and "codec.vq" in {s["name"] for s in info["sections"]}
-    assert_user_error(m3("encode", "--index", "none", corpus, "-o", tmp_path / "c.m3bank", "-m", model_dir, "--codec", "vq",
-                         "--vq-subquantizers", "3"), "divides the head dim")
+    assert_user_error(
+        m3(
+            "encode",
+            "--index",
+            "none",
+            corpus,
+            "-o",
+            tmp_path / "c.m3bank",
+            "-m",
+            model_dir,
+            "--codec",
+            "vq",
+            "--vq-subquantizers",
+            "3",
+        ),
+        "divides the head dim",
+    )
 
 
 def test_hostile_corpus_records_are_user_errors(model_dir, tmp_path):
     out = tmp_path / "kb.m3bank"
-    cases = [('{"text": "bad \\ud800 surrogate"}\n', "invalid Unicode in field 'text'"),
-             ('{"id": "a\\udc00", "text": "fine"}\n', "invalid Unicode in field 'id'"),
-             ('{"id": ' + "9" * 5000 + ', "text": "x"}\n', "cannot be read"),
-             ("[" * 100_000 + "]" * 100_000 + "\n", "cannot be read")]
+    cases = [
+        ('{"text": "bad \\ud800 surrogate"}\n', "invalid Unicode in field 'text'"),
+        ('{"id": "a\\udc00", "text": "fine"}\n', "invalid Unicode in field 'id'"),
+        ('{"id": ' + "9" * 5000 + ', "text": "x"}\n', "cannot be read"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "cannot be read"),
+    ]
     for body, fragment in cases:
         corpus = tmp_path / "c.jsonl"
         corpus.write_text(body)
@@ -220,8 +257,21 @@ def test_hostile_corpus_records_are_user_errors(model_dir, tmp_path):
 
 
 def test_resume_refuses_stdin(model_dir, tmp_path):
-    assert_user_error(m3("encode", "--index", "none", "-", "-o", tmp_path / "kb.m3bank", "-m", model_dir, "--resume",
-                         input=json.dumps(DOCS[0]) + "\n"), "--resume needs a corpus file")
+    assert_user_error(
+        m3(
+            "encode",
+            "--index",
+            "none",
+            "-",
+            "-o",
+            tmp_path / "kb.m3bank",
+            "-m",
+            model_dir,
+            "--resume",
+            input=json.dumps(DOCS[0]) + "\n",
+        ),
+        "--resume needs a corpus file",
+    )
 
 
 def test_reference_ids_tokenize_the_text_as_it_reads_after_the_prefix():
@@ -233,7 +283,7 @@ def test_reference_ids_tokenize_the_text_as_it_reads_after_the_prefix():
     tok = load_tokenizer(Path(__file__).resolve().parent.parent / "samples" / "model")
     prompt = tok("Where was Kaeth Brainor born?", add_special_tokens=False)["input_ids"]
     ref = reference_ids(tok, "Kaeth Brainor: birthplace Kessel")
-    assert any(prompt[i:i + 3] == ref[:3] for i in range(len(prompt)))  # ' K', 'aeth', ' Brain'
+    assert any(prompt[i : i + 3] == ref[:3] for i in range(len(prompt)))  # ' K', 'aeth', ' Brain'
     assert ref != tok("Kaeth Brainor: birthplace Kessel", add_special_tokens=False)["input_ids"]
 
     class SentencePieceLike:  # "▁" alone for the space, then "▁word" pieces

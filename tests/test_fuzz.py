@@ -19,10 +19,19 @@ SHAPE = (2, 2, 1, 3, 8)
 
 
 def header():
-    return {"m3.memory.layers": 2, "m3.memory.layer_ids": [0, 1], "m3.memory.kv_heads": 1, "m3.memory.top_k": 3,
-            "m3.memory.head_dim": 8, "m3.memory.reference_length": 128, "m3.model.fingerprint": "sha256:" + "0" * 64,
-            "m3.model.name": "fuzz", "m3.model.reference_prefix": "R:", "m3.model.reference_prefix_ids": [1],
-            "m3.model.rope_theta": 10000.0}
+    return {
+        "m3.memory.layers": 2,
+        "m3.memory.layer_ids": [0, 1],
+        "m3.memory.kv_heads": 1,
+        "m3.memory.top_k": 3,
+        "m3.memory.head_dim": 8,
+        "m3.memory.reference_length": 128,
+        "m3.model.fingerprint": "sha256:" + "0" * 64,
+        "m3.model.name": "fuzz",
+        "m3.model.reference_prefix": "R:",
+        "m3.model.reference_prefix_ids": [1],
+        "m3.model.rope_theta": 10000.0,
+    }
 
 
 def make_seed_banks(tmp: Path) -> list[bytes]:
@@ -44,9 +53,17 @@ def make_seed_banks(tmp: Path) -> list[bytes]:
             import faiss
 
             blob = faiss.serialize_index(build_index(emb, "Flat")).tobytes()
-            update_bank(path, {EMB_SECTION: emb.astype("<f2").tobytes(), INDEX_SECTION: blob},
-                        {"m3.embed.name": "hf:x", "m3.embed.dim": 4, "m3.embed.pooling": "mean",
-                         "m3.embed.fingerprint": "sha256:" + "1" * 64, "m3.index.factory": "Flat"})
+            update_bank(
+                path,
+                {EMB_SECTION: emb.astype("<f2").tobytes(), INDEX_SECTION: blob},
+                {
+                    "m3.embed.name": "hf:x",
+                    "m3.embed.dim": 4,
+                    "m3.embed.pooling": "mean",
+                    "m3.embed.fingerprint": "sha256:" + "1" * 64,
+                    "m3.index.factory": "Flat",
+                },
+            )
         out.append(path.read_bytes())
     return out
 
@@ -58,7 +75,7 @@ def refresh_crcs(buf: bytearray) -> bytes:
     toff, hlen, count = struct.unpack_from("<QQI", buf, 16)
     if count <= 256 and toff + count * 128 + hlen <= len(buf):
         hoff = toff + count * 128
-        struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[toff:hoff])), zlib.crc32(bytes(buf[hoff:hoff + hlen])))
+        struct.pack_into("<II", buf, 36, zlib.crc32(bytes(buf[toff:hoff])), zlib.crc32(bytes(buf[hoff : hoff + hlen])))
     struct.pack_into("<I", buf, 60, zlib.crc32(bytes(buf[:60])))
     return bytes(buf)
 
@@ -130,8 +147,11 @@ def test_mutated_length_fields(seeds, tmp_path_factory, data):
     fields = [16, 24, 32] + [64 + i * 128 + f for i in range(count) for f in (32, 40, 48)]
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.sampled_from(fields))
-        value = data.draw(st.sampled_from([0, 1, 63, 64, 65, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1,
-                                           data.draw(st.integers(0, 2**64 - 1))]))
+        value = data.draw(
+            st.sampled_from(
+                [0, 1, 63, 64, 65, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1, data.draw(st.integers(0, 2**64 - 1))]
+            )
+        )
         width = 4 if at == 32 else 8
         struct.pack_into("<I" if width == 4 else "<Q", seed, at, value % (2 ** (8 * width)))
     path = tmp_path_factory.mktemp("l") / "x.m3bank"

@@ -97,9 +97,13 @@ def test_cached_generation_equals_recomputation(gen, monkeypatch, prior):
             gaps.append(h.score - max(x.score for x in rec.hits))
     assert not prior or min(gaps) < -1e-3  # some slot is biased
     enc = gen.retriever.bank.memories(slots)
-    memory = Memory(kv=enc.kv[None], valid=enc.valid[None], sink=gen.sink(),
-                    visible=chunk_visibility(torch.tensor(token_group), torch.tensor([slot_group]), 0),
-                    scores=torch.tensor([gaps]) if prior else None)
+    memory = Memory(
+        kv=enc.kv[None],
+        valid=enc.valid[None],
+        sink=gen.sink(),
+        visible=chunk_visibility(torch.tensor(token_group), torch.tensor([slot_group]), 0),
+        scores=torch.tensor([gaps]) if prior else None,
+    )
     with torch.no_grad():
         full = gen.model(torch.tensor([ids]), memory=memory)[0]
     for i, logits in enumerate(seen):
@@ -116,8 +120,9 @@ def test_left_padded_batch_equals_one_by_one(gen, monkeypatch):
         seen.clear()
         alone = gen.generate([p], opts)[0]
         assert alone.token_ids == batch[b].token_ids
-        assert ([(r.source, r.tokens, [h.ref for h in r.hits]) for r in alone.chunks]
-                == [(r.source, r.tokens, [h.ref for h in r.hits]) for r in batch[b].chunks])
+        assert [(r.source, r.tokens, [h.ref for h in r.hits]) for r in alone.chunks] == [
+            (r.source, r.tokens, [h.ref for h in r.hits]) for r in batch[b].chunks
+        ]
         torch.testing.assert_close(torch.stack(seen)[:, 0], batch_logits[:, b], atol=1e-4, rtol=1e-4)
 
 
@@ -146,8 +151,10 @@ def test_lru_cache_serves_repeated_references(gen):
 
 def test_sampling_is_seeded(kb):
     path, model = kb
-    runs = [m3("generate", PROMPT, "-m", model, "-b", path, "-n", "8", "--temperature", t, "--seed", s, "--json")
-            for t, s in (("0", "1"), ("0", "2"), ("1.5", "7"), ("1.5", "7"), ("1.5", "8"))]
+    runs = [
+        m3("generate", PROMPT, "-m", model, "-b", path, "-n", "8", "--temperature", t, "--seed", s, "--json")
+        for t, s in (("0", "1"), ("0", "2"), ("1.5", "7"), ("1.5", "7"), ("1.5", "8"))
+    ]
     assert all(r.exit_code == 0 for r in runs), runs[0].output
     texts = [json.loads(r.stdout)["new_tokens"] and json.loads(r.stdout)["text"] for r in runs]
     assert texts[0] == texts[1]  # greedy: the seed does not matter
@@ -259,8 +266,10 @@ def test_chat_prompt_chunks_retrieve_with_the_user_text_only(gen):
     """With --chat, the template's own words (a system prompt, role names) stay out of memory
     mode's retrieval queries: a chunk of system prompt only reads no memories, and a last chunk
     of template only (the generation prompt) retrieves with the user's last words."""
-    gen.tokenizer.chat_template = ("hello world model hello {% for m in messages %}{{ m['content'] }}{% endfor %}"
-                                   "{% if add_generation_prompt %} answer{% endif %}")
+    gen.tokenizer.chat_template = (
+        "hello world model hello {% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %} answer{% endif %}"
+    )
     opts = Options(mode="memory", max_new_tokens=2, memories=2, chat=True)
     long, short = "the capital of italy is", "the capital of italy"
     assert gen.user_tokens(long, opts) == [False] * 4 + [True] * 5 + [False]
@@ -268,7 +277,10 @@ def test_chat_prompt_chunks_retrieve_with_the_user_text_only(gen):
     assert gen.user_tokens(long, Options(mode="memory")) is None
     completions = gen.generate([long, short], opts)  # different lengths: the short one is left-padded
     expected = {long: [(0, 4), (4, 8), (8, 10)], short: [(0, 4), (4, 8), (8, 9)]}
-    queries = {long: [None, "the capital of italy", "is"], short: [None, "the capital of italy", "the capital of italy"]}
+    queries = {
+        long: [None, "the capital of italy", "is"],
+        short: [None, "the capital of italy", "the capital of italy"],
+    }
     for p, c in zip([long, short], completions):
         prompt_chunks_ = [r for r in c.chunks if r.source == "prompt"]
         assert [r.tokens for r in prompt_chunks_] == expected[p]

@@ -27,8 +27,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 def run_m3(*args, stdin=None, timeout=300, preexec_fn=None, **kwargs):
     """`m3 ARGS` as its own process (what a shell runs)."""
-    return subprocess.run([sys.executable, "-m", "m3cli", *[str(a) for a in args]], input=stdin, capture_output=True,
-                          timeout=timeout, env=ENV, preexec_fn=preexec_fn, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "m3cli", *[str(a) for a in args]],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env=ENV,
+        preexec_fn=preexec_fn,
+        **kwargs,
+    )
 
 
 def one_line_failure(proc, *fragments):
@@ -104,9 +111,12 @@ def test_mutated_banks_through_the_cli(seeds, tmp_path):
         name, blob = hostile.mutated(rng, blobs)
         path = tmp_path / f"case{i}.m3bank"
         path.write_bytes(blob)
-        for args in (("inspect", path, "--verify", "--model", SAMPLE), ("inspect", path, "--json"),
-                     ("search", path, "Ilsa Varenkov", "--embedder", "self", "--model", SAMPLE),
-                     ("generate", "--bank", path, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2")):
+        for args in (
+            ("inspect", path, "--verify", "--model", SAMPLE),
+            ("inspect", path, "--json"),
+            ("search", path, "Ilsa Varenkov", "--embedder", "self", "--model", SAMPLE),
+            ("generate", "--bank", path, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2"),
+        ):
             result = m3(*args)
             if result.exit_code != 0:
                 assert_user_error(result)
@@ -152,16 +162,32 @@ def test_corpus_edge_cases_are_one_line_and_write_nothing(tmp_path):
     out = tmp_path / "kb.m3bank"
     for name, source in hostile.corpus_cases(tmp_path):
         stdin = source if isinstance(source, bytes) else None
-        result = m3("encode", "-" if stdin else source, "-o", out, "--model", SAMPLE, "--index", "none",
-                    "--max-doc-bytes", 100_000, input=stdin)
+        result = m3(
+            "encode",
+            "-" if stdin else source,
+            "-o",
+            out,
+            "--model",
+            SAMPLE,
+            "--index",
+            "none",
+            "--max-doc-bytes",
+            100_000,
+            input=stdin,
+        )
         assert_user_error(result)
         assert not out.exists() and not list(tmp_path.glob(".kb.m3bank*")), name
 
 
 def test_encode_from_dev_zero_stops_at_once(tmp_path):
     with open("/dev/zero", "rb") as zero:
-        proc = subprocess.run([sys.executable, "-m", "m3cli", "encode", "-", "-o", str(tmp_path / "kb.m3bank"),
-                               "--model", str(SAMPLE)], stdin=zero, capture_output=True, timeout=120, env=ENV)
+        proc = subprocess.run(
+            [sys.executable, "-m", "m3cli", "encode", "-", "-o", str(tmp_path / "kb.m3bank"), "--model", str(SAMPLE)],
+            stdin=zero,
+            capture_output=True,
+            timeout=120,
+            env=ENV,
+        )
     one_line_failure(proc, "not text")
 
 
@@ -174,8 +200,12 @@ def test_documents_sharing_one_title_and_source_encode_into_a_readable_bank(tmp_
     title = "Employee Handbook: Policies, Procedures and Benefits of the Acme Corporation, 2026 edition"
     source = "https://intranet.example.com/hr/policies/employee-handbook/2026/complete-edition/index.html"
     corpus = tmp_path / "handbook.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"h{i}", "title": title, "source": source, "text": f"Rule {i}."})
-                              + "\n" for i in range(1500)))
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"h{i}", "title": title, "source": source, "text": f"Rule {i}."}) + "\n"
+            for i in range(1500)
+        )
+    )
     corpus2 = tmp_path / "title.jsonl"
     corpus2.write_text(json.dumps({"id": "t", "title": "T" * 100_000, "text": "A short text."}) + "\n")
     for c in (corpus, corpus2):
@@ -195,7 +225,9 @@ def test_writing_a_bank_m3_would_refuse_fails_and_leaves_the_old_one(tmp_path, m
     from m3cli import bank_writer
 
     out = tmp_path / "kb.m3bank"
-    assert m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none").exit_code == 0
+    assert (
+        m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none").exit_code == 0
+    )
     before = out.read_bytes()
     real = bank_writer.write_bank_file
 
@@ -220,17 +252,20 @@ def test_reindexing_does_not_grow_the_file(seeds, tmp_path):
 
 
 # --- values behind valid checksums --------------------------------------------------------------------
-@pytest.mark.parametrize("changes, fragment, use_fragment", [
-    ({"m3.index.nprobe": 2**40}, "m3.index.nprobe", "m3.index.nprobe"),
-    ({"m3.index.ef_search": 2**40}, "m3.index.ef_search", "m3.index.ef_search"),
-    ({"m3.memory.layer_ids": [0, 0, 1, 2]}, "layer_ids", "layer_ids"),
-    ({"m3.model.rope_theta": float("nan")}, "rope_theta", "rope_theta"),
-    ({"m3.index.metric": "l2"}, "m3.index.metric", "m3.index.metric"),
-    # valid in a bank of its own, wrong for its model: verify (with the model) and generate refuse,
-    # search (which reads no memory) answers
-    ({"m3.memory.layer_ids": [0, 1, 2, 5000]}, "memory layers", None),
-    ({"m3.model.rope_theta": 12345.0}, "rope_theta", None),
-])
+@pytest.mark.parametrize(
+    "changes, fragment, use_fragment",
+    [
+        ({"m3.index.nprobe": 2**40}, "m3.index.nprobe", "m3.index.nprobe"),
+        ({"m3.index.ef_search": 2**40}, "m3.index.ef_search", "m3.index.ef_search"),
+        ({"m3.memory.layer_ids": [0, 0, 1, 2]}, "layer_ids", "layer_ids"),
+        ({"m3.model.rope_theta": float("nan")}, "rope_theta", "rope_theta"),
+        ({"m3.index.metric": "l2"}, "m3.index.metric", "m3.index.metric"),
+        # valid in a bank of its own, wrong for its model: verify (with the model) and generate refuse,
+        # search (which reads no memory) answers
+        ({"m3.memory.layer_ids": [0, 1, 2, 5000]}, "memory layers", None),
+        ({"m3.model.rope_theta": 12345.0}, "rope_theta", None),
+    ],
+)
 def test_header_values_are_checked_before_use(seeds, tmp_path, changes, fragment, use_fragment):
     path = copy_seed(seeds, tmp_path)
     rewrite_header(path, **changes)
@@ -252,8 +287,10 @@ def test_a_permuted_memory_shape_of_the_same_size_fails_verify_and_generate(seed
     rewrite_header(path, **{"m3.memory.layers": H, "m3.memory.kv_heads": L, "m3.memory.layer_ids": list(range(H))})
     assert_user_error(m3("inspect", path, "--verify", "--model", SAMPLE), "memories of shape")
     assert_user_error(m3("inspect", path, "--verify"), "memories of shape")  # the model the bank names
-    assert_user_error(m3("generate", "--bank", path, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2"),
-                      "does not fit this model")
+    assert_user_error(
+        m3("generate", "--bank", path, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2"),
+        "does not fit this model",
+    )
 
 
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
@@ -266,11 +303,12 @@ def test_nan_in_memories_is_found_by_verify_and_refused_by_generate(seeds, tmp_p
     values = shape[0] * 2 * shape[2] * shape[3] * shape[4]
     for i in range(len(data) // record):  # every reference, so generation must meet one
         at = i * record + (0 if codec == "bf16" else values)
-        data[at:at + 2] = nan
+        data[at : at + 2] = nan
     replace_section(path, "kv.data", bytes(data))
     assert_user_error(m3("inspect", path, "--verify"), "not finite")
-    assert_user_error(m3("generate", "--bank", path, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2"),
-                      "not finite")
+    assert_user_error(
+        m3("generate", "--bank", path, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2"), "not finite"
+    )
 
 
 def test_a_bank_with_no_references(seeds, tmp_path):
@@ -310,13 +348,16 @@ def test_an_index_whose_graph_links_outside_is_refused(seeds, tmp_path):
     assert_user_error(m3("search", path, "Ilsa", "--embedder", "self", "--model", SAMPLE), "index.faiss")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("--memories", "100000"), "--memories"),
-    (("--temperature", "nan"), "--temperature"),
-    (("--temperature", "inf"), "--temperature"),
-    (("-n", str(10**9)), "--max-new-tokens"),
-    (("--batch-size", str(10**6)), "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--memories", "100000"), "--memories"),
+        (("--temperature", "nan"), "--temperature"),
+        (("--temperature", "inf"), "--temperature"),
+        (("-n", str(10**9)), "--max-new-tokens"),
+        (("--batch-size", str(10**6)), "--batch-size"),
+    ],
+)
 def test_flags_are_bounded(seeds, args, fragment):
     bank = next(s for s in seeds if "bf16" in s.name)
     assert_user_error(m3("generate", "--bank", bank, "--model", SAMPLE, "Ilsa", *args), fragment)
@@ -326,8 +367,19 @@ def test_more_memories_than_the_bank_holds_gives_all_it_has(seeds):
     bank = next(s for s in seeds if "bf16" in s.name)
     with Bank(bank) as b:
         n = b.n_refs
-    result = m3("generate", "--bank", bank, "--model", SAMPLE, "Ilsa Varenkov was born in", "-n", "2",
-                "--memories", str(min(256, n + 5)), "--json")
+    result = m3(
+        "generate",
+        "--bank",
+        bank,
+        "--model",
+        SAMPLE,
+        "Ilsa Varenkov was born in",
+        "-n",
+        "2",
+        "--memories",
+        str(min(256, n + 5)),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["chunks"][0]["references"]) == n
 
@@ -342,7 +394,7 @@ def test_a_long_document_streams_in_bounded_memory():
     from m3cli.corpus import iter_references
 
     tokenizer = load_tokenizer(SAMPLE)
-    piece = ("word " * 200_000)[:1 << 20]
+    piece = ("word " * 200_000)[: 1 << 20]
 
     def pieces():
         for _ in range(20):
@@ -396,15 +448,37 @@ def wait_for(path: Path, proc, timeout=120) -> None:
 
 def test_two_forced_encodes_of_one_path(tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"Person {i} lives in Town {i}. " * 12}) + "\n"
-                              for i in range(1000)))  # about 15 s of encoding: the second starts meanwhile
+    corpus.write_text(
+        "".join(json.dumps({"id": str(i), "text": f"Person {i} lives in Town {i}. " * 12}) + "\n" for i in range(1000))
+    )  # about 15 s of encoding: the second starts meanwhile
     out = tmp_path / "kb.m3bank"
-    assert run_m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none",
-                  "-q").returncode == 0
+    assert (
+        run_m3(
+            "encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none", "-q"
+        ).returncode
+        == 0
+    )
     old = out.read_bytes()
-    first = subprocess.Popen([sys.executable, "-m", "m3cli", "encode", str(corpus), "-o", str(out), "--model",
-                              str(SAMPLE), "--index", "none", "--force", "-q"], env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "m3cli",
+            "encode",
+            str(corpus),
+            "-o",
+            str(out),
+            "--model",
+            str(SAMPLE),
+            "--index",
+            "none",
+            "--force",
+            "-q",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for(tmp_path / ".kb.m3bank.lock", first)
     second = run_m3("encode", corpus, "-o", out, "--model", SAMPLE, "--index", "none", "--force", "-q")
     assert first.poll() is None, "the first writer finished before the second ended: no overlap to test"
@@ -418,17 +492,41 @@ def test_two_forced_encodes_of_one_path(tmp_path):
 
 def test_sigkill_during_encode_and_index_leaves_the_old_bank(tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"Person {i} lives in Town {i}. " * 20}) + "\n"
-                              for i in range(600)))
+    corpus.write_text(
+        "".join(json.dumps({"id": str(i), "text": f"Person {i} lives in Town {i}. " * 20}) + "\n" for i in range(600))
+    )
     out = tmp_path / "kb.m3bank"
-    assert run_m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--embedder", "self",
-                  "-q").returncode == 0
+    assert (
+        run_m3(
+            "encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--embedder", "self", "-q"
+        ).returncode
+        == 0
+    )
     old = out.read_bytes()
     env = {**ENV, "M3_CHECKPOINT_SECONDS": "0"}
     for marker in (".kb.m3bank.partial/state.json", ".kb.m3bank.emb.partial"):
-        proc = subprocess.Popen([sys.executable, "-m", "m3cli", "encode", str(corpus), "-o", str(out), "--model",
-                                 str(SAMPLE), "--embedder", "self", "--force", "-q", "--batch-size", "4"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "m3cli",
+                "encode",
+                str(corpus),
+                "-o",
+                str(out),
+                "--model",
+                str(SAMPLE),
+                "--embedder",
+                "self",
+                "--force",
+                "-q",
+                "--batch-size",
+                "4",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         if marker.endswith("emb.partial"):  # kill while indexing: the encoded bank is in place by then
             wait_for(out.with_name(".kb.m3bank.emb.partial"), proc, timeout=300)
         else:
@@ -447,15 +545,30 @@ def test_sigkill_during_encode_and_index_leaves_the_old_bank(tmp_path):
 
 def test_a_full_disk_is_one_line_and_the_old_bank_survives(tmp_path):
     out = tmp_path / "kb.m3bank"
-    assert run_m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none",
-                  "-q").returncode == 0
+    assert (
+        run_m3(
+            "encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none", "-q"
+        ).returncode
+        == 0
+    )
     old = out.read_bytes()
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    proc = run_m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none",
-                  "--force", "-q", preexec_fn=small_files)
+    proc = run_m3(
+        "encode",
+        ROOT / "samples" / "corpus.jsonl",
+        "-o",
+        out,
+        "--model",
+        SAMPLE,
+        "--index",
+        "none",
+        "--force",
+        "-q",
+        preexec_fn=small_files,
+    )
     one_line_failure(proc, "File too large")
     assert out.read_bytes() == old and not list(tmp_path.glob(".kb.m3bank*"))
 
@@ -481,8 +594,18 @@ def test_read_only_directory_and_immutable_bank(seeds, tmp_path):
     if undo_dir is None or undo_bank is None:  # no chattr here: the same OS errors, raised where m3 writes
         pytest.xfail("this file system has no immutable flag")
     try:
-        one_line_failure(run_m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", ro / "kb.m3bank", "--model",
-                                SAMPLE, "--index", "none"))
+        one_line_failure(
+            run_m3(
+                "encode",
+                ROOT / "samples" / "corpus.jsonl",
+                "-o",
+                ro / "kb.m3bank",
+                "--model",
+                SAMPLE,
+                "--index",
+                "none",
+            )
+        )
         one_line_failure(run_m3("index", bank, "--embedder", "self", "--model", SAMPLE, "--factory", "HNSW8", "-q"))
     finally:
         undo_dir()
@@ -500,12 +623,22 @@ def test_planted_links_are_never_followed(seeds, tmp_path):
     assert result.exit_code == 0, result.output
     out = tmp_path / "kb.m3bank"
     (tmp_path / ".kb.m3bank.partial").symlink_to(tmp_path)  # a link where the spool goes
-    result = m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none",
-                "--force", "-q")
+    result = m3(
+        "encode", ROOT / "samples" / "corpus.jsonl", "-o", out, "--model", SAMPLE, "--index", "none", "--force", "-q"
+    )
     assert result.exit_code == 0, result.output
     (tmp_path / ".x.m3bank.lock").symlink_to(victim)  # a link where the lock goes
-    result = m3("encode", ROOT / "samples" / "corpus.jsonl", "-o", tmp_path / "x.m3bank", "--model", SAMPLE,
-                "--index", "none", "-q")
+    result = m3(
+        "encode",
+        ROOT / "samples" / "corpus.jsonl",
+        "-o",
+        tmp_path / "x.m3bank",
+        "--model",
+        SAMPLE,
+        "--index",
+        "none",
+        "-q",
+    )
     assert_user_error(result, "symbolic link")
     assert victim.read_text() == "precious" and not victim.is_symlink() and tmp_path.is_dir()
     assert m3("inspect", bank, "--verify").exit_code == 0 and m3("inspect", out, "--verify").exit_code == 0
@@ -517,10 +650,19 @@ def test_a_part_with_no_references_is_written_and_a_bank_too_large_to_read_is_re
     from m3cli.bank_writer import BankWriter
     from m3cli.errors import M3Error
 
-    header = {"m3.memory.layers": 1, "m3.memory.layer_ids": [0], "m3.memory.kv_heads": 1, "m3.memory.top_k": 2,
-              "m3.memory.head_dim": 4, "m3.memory.reference_length": 8, "m3.model.fingerprint": "sha256:" + "0" * 64,
-              "m3.model.name": "t", "m3.model.reference_prefix": "R:", "m3.model.reference_prefix_ids": [1],
-              "m3.model.rope_theta": 10000.0}
+    header = {
+        "m3.memory.layers": 1,
+        "m3.memory.layer_ids": [0],
+        "m3.memory.kv_heads": 1,
+        "m3.memory.top_k": 2,
+        "m3.memory.head_dim": 4,
+        "m3.memory.reference_length": 8,
+        "m3.model.fingerprint": "sha256:" + "0" * 64,
+        "m3.model.name": "t",
+        "m3.model.reference_prefix": "R:",
+        "m3.model.reference_prefix_ids": [1],
+        "m3.model.rope_theta": 10000.0,
+    }
     with BankWriter(tmp_path / "part.m3bank", header, "bf16", (1, 2, 1, 2, 4)) as w:
         w.finish()
     with Bank(tmp_path / "part.m3bank") as bank:
@@ -534,8 +676,9 @@ def test_a_part_with_no_references_is_written_and_a_bank_too_large_to_read_is_re
 def test_factories_m3_would_refuse_after_embedding_are_refused_before(seeds, tmp_path):
     path = copy_seed(seeds, tmp_path)
     for factory in ("IVF4_HNSW8,Flat", "OPQ4,IVF4,PQ4", "IDMap2,Flat", "HNSW8,PQ4"):
-        assert_user_error(m3("index", path, "--embedder", "self", "--model", SAMPLE, "--factory", factory, "-q"),
-                          factory)
+        assert_user_error(
+            m3("index", path, "--embedder", "self", "--model", SAMPLE, "--factory", factory, "-q"), factory
+        )
     assert not (tmp_path / f".{path.name}.emb.partial").exists()
 
 

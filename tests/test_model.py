@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from m3cli.attention import (KVCache, Memory, MemoryEncoding, attention_reference, attention_sdpa,
-                             chunk_visibility, training_visibility)
+from m3cli.attention import (
+    KVCache,
+    Memory,
+    MemoryEncoding,
+    attention_reference,
+    attention_sdpa,
+    chunk_visibility,
+    training_visibility,
+)
 from m3cli.config import preset
 from m3cli.model import Memory3Model
 
@@ -73,7 +80,7 @@ def test_cached_decoding_equals_full_forward(with_memory):
     cache = KVCache(model.config.n_layers)
     parts = [model(ids[:, :9], memory=mem, cache=cache)]
     for t in range(9, 23):  # then token by token
-        parts.append(model(ids[:, t:t + 1], memory=mem, cache=cache))
+        parts.append(model(ids[:, t : t + 1], memory=mem, cache=cache))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
     assert cache.length == 23
 
@@ -89,8 +96,11 @@ def test_cache_stays_valid_when_memories_change():
     cache = KVCache(model.config.n_layers)
     first = model(ids[:, :7], memory=Memory.from_encodings([enc_a], sink), cache=cache)
     second = model(ids[:, 7:], memory=Memory.from_encodings([enc_b], sink), cache=cache)
-    both = MemoryEncoding(torch.cat([enc_a.kv, enc_b.kv]), torch.cat([enc_a.valid, enc_b.valid]),
-                          torch.cat([enc_a.positions, enc_b.positions]))
+    both = MemoryEncoding(
+        torch.cat([enc_a.kv, enc_b.kv]),
+        torch.cat([enc_a.valid, enc_b.valid]),
+        torch.cat([enc_a.positions, enc_b.positions]),
+    )
     token_chunk = (torch.arange(12) >= 7).long()
     visible = chunk_visibility(token_chunk, torch.tensor([[0, 0, 1, 1]]), window=0)
     full = model(ids, memory=Memory.from_encodings([both], sink, visible=visible))
@@ -102,9 +112,10 @@ def test_no_memory_equals_empty_memory():
     model = make_model()
     ids = torch.randint(4, 512, (2, 17))
     none = model(ids)
-    empty = Memory.from_encodings([MemoryEncoding(*(t[:0] for t in (encode(model).kv, encode(model).valid,
-                                                                    encode(model).positions)))] * 2,
-                                  model.encode_prefix())
+    empty = Memory.from_encodings(
+        [MemoryEncoding(*(t[:0] for t in (encode(model).kv, encode(model).valid, encode(model).positions)))] * 2,
+        model.encode_prefix(),
+    )
     assert empty.n_slots == 0
     assert torch.equal(model(ids, memory=empty), none)
     # memories that no token may see are no memory either
@@ -145,7 +156,7 @@ def test_memory_path_is_exact_without_sparsification(attn_impl):
     with_memory = model(ctx, memory=memory_for(model, [enc]))
     ids = torch.cat([torch.tensor([PREFIX]), ref, ctx], dim=1)
     positions = torch.cat([torch.arange(p + n), torch.arange(T) + p + cfg.reference_length])[None]
-    one_pass = model(ids, position_ids=positions)[:, p + n:]
+    one_pass = model(ids, position_ids=positions)[:, p + n :]
     torch.testing.assert_close(with_memory, one_pass, atol=1e-5, rtol=1e-4)
 
 
@@ -175,8 +186,10 @@ def naive_selection(model, ref_ids, length, layer_captures, k_top, value_norm=Fa
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("length,k_top,selection", [(9, 4, "attention"), (3, 4, "attention"), (6, 6, "attention"),
-                                                    (9, 4, "attention_x_value_norm")])
+@pytest.mark.parametrize(
+    "length,k_top,selection",
+    [(9, 4, "attention"), (3, 4, "attention"), (6, 6, "attention"), (9, 4, "attention_x_value_norm")],
+)
 def test_sparsification_matches_naive_loop(length, k_top, selection):
     model = make_model("reference", memory_top_k=k_top, memory_selection=selection)
     cfg = model.config
@@ -242,9 +255,11 @@ def test_training_forward_reads_exactly_chunks_c_minus_4_to_c():
     s = 2
     kv = enc.kv.clone()
     kv[s] += torch.randn_like(kv[s])
-    changed = model(ids, memory=Memory.from_encodings([MemoryEncoding(kv, enc.valid, enc.positions)], sink, visible=vis))
+    changed = model(
+        ids, memory=Memory.from_encodings([MemoryEncoding(kv, enc.valid, enc.positions)], sink, visible=vis)
+    )
     diff = (changed - base).abs().amax(-1)[0]  # (T,)
-    chunk_changed = [bool(diff[c * chunk:(c + 1) * chunk].max() > 1e-6) for c in range(n_chunks)]
+    chunk_changed = [bool(diff[c * chunk : (c + 1) * chunk].max() > 1e-6) for c in range(n_chunks)]
     assert chunk_changed == [s <= c <= s + 4 for c in range(n_chunks)]
 
 
@@ -307,8 +322,9 @@ def test_score_prior_at_zero_gain_is_the_paper_model(attn_impl):
     torch.testing.assert_close(prior(ids, memory=scored), plain(ids, memory=mem), atol=1e-5, rtol=1e-5)
     prior.memory_score_gain.fill_(3.0)  # a gain changes the reading only where scores differ
     torch.testing.assert_close(prior(ids, memory=mem), plain(ids, memory=mem), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(prior(ids, memory=with_scores(mem, torch.zeros(2, 4))), plain(ids, memory=mem),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        prior(ids, memory=with_scores(mem, torch.zeros(2, 4))), plain(ids, memory=mem), atol=1e-5, rtol=1e-5
+    )
     assert not torch.allclose(prior(ids, memory=scored), plain(ids, memory=mem), atol=1e-3)
 
 
@@ -322,8 +338,9 @@ def test_score_prior_with_a_large_gain_reads_the_best_slot_alone(attn_impl):
     best = MemoryEncoding(enc.kv[2:3], enc.valid[2:3], enc.positions[2:3])
     ids = torch.randint(4, 512, (1, 30))
     scored = with_scores(memory_for(model, [enc]), torch.tensor([[-0.1, -0.2, 0.0, -0.15]]))
-    torch.testing.assert_close(model(ids, memory=scored), model(ids, memory=memory_for(model, [best])),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(ids, memory=scored), model(ids, memory=memory_for(model, [best])), atol=1e-5, rtol=1e-5
+    )
     # the attention probe (citations) sees the bias too
     probe = []
     model(ids, memory=scored, attention_probe=probe)
@@ -337,13 +354,15 @@ def test_score_prior_in_cached_decoding_and_block_masks():
     model.enable_score_prior()
     model.memory_score_gain.normal_(0, 2.0)
     ids = torch.randint(4, 512, (2, 23))
-    mem = with_scores(memory_for(model, [encode(model, 3), encode(model, 3, seed=5)]),
-                      torch.tensor([[0.0, -0.02, -0.07], [-0.01, 0.0, -0.2]]))
+    mem = with_scores(
+        memory_for(model, [encode(model, 3), encode(model, 3, seed=5)]),
+        torch.tensor([[0.0, -0.02, -0.07], [-0.01, 0.0, -0.2]]),
+    )
     full = model(ids, memory=mem)
     cache = KVCache(model.config.n_layers)
     parts = [model(ids[:, :9], memory=mem, cache=cache)]
     for t in range(9, 23):  # one token at a time: the mask-free fast path gets the bias too
-        parts.append(model(ids[:, t:t + 1], memory=mem, cache=cache))
+        parts.append(model(ids[:, t : t + 1], memory=mem, cache=cache))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
     # with a block mask (training) each token's slots keep their own bias
     visible = torch.ones(2, 23, 3, dtype=torch.bool)

@@ -14,6 +14,7 @@ def lcs_dp(a, b):
         if a[i] == b[j]:
             return 1 + f(i + 1, j + 1)
         return max(f(i + 1, j), f(i, j + 1))
+
     return f(0, 0)
 
 

@@ -24,11 +24,26 @@ def base(tmp_path_factory):
     """A small model warmed up on one set of invented people (s), and a bank it encoded of other
     people (s2) whose question documents are the training text: their answers are only in the bank."""
     d = tmp_path_factory.mktemp("reader")
-    assert m3("synth", d / "s", "--people", "40", "--seed", "1").exit_code == 0
-    assert m3("synth", d / "s2", "--people", "40", "--seed", "2", "--qa-only").exit_code == 0
+    assert m3("synth", "-o", d / "s", "--people", "40", "--seed", "1").exit_code == 0
+    assert m3("synth", "-o", d / "s2", "--people", "40", "--seed", "2", "--qa-only").exit_code == 0
     warm = d / "warm"
-    result = m3("pretrain", d / "s" / "train.parquet", "-o", warm, "--config", "mini", "--steps", "40",
-                "--batch-size", "8", "--seq-len", "128", "--lr", "3e-3", "-q")
+    result = m3(
+        "pretrain",
+        d / "s" / "train.parquet",
+        "-o",
+        warm,
+        "--preset",
+        "mini",
+        "--steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "128",
+        "--lr",
+        "3e-3",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     bank = d / "kb.m3bank"
     assert m3("encode", d / "s2" / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
@@ -36,10 +51,42 @@ def base(tmp_path_factory):
 
 
 def reader_args(d, bank, warm, *extra, steps=16):
-    return ["pretrain", d / "s2" / "train.parquet", "--init-from", warm, "--stage", "continual", "--bank", bank,
-            "--train", "reader", "--reader-rank", "8", "--memory-layers", "all", "--memory-top-k", "8",
-            "--refs-per-chunk", "1", "--steps", str(steps), "--batch-size", "4", "--seq-len", "128", "--lr", "2e-2",
-            "--warmup-steps", "2", "--save-every", "4", "--log-every", "4", "-q", *extra]
+    return [
+        "pretrain",
+        d / "s2" / "train.parquet",
+        "--init-from",
+        warm,
+        "--stage",
+        "continual",
+        "--bank",
+        bank,
+        "--train",
+        "reader",
+        "--reader-rank",
+        "8",
+        "--memory-layers",
+        "all",
+        "--memory-top-k",
+        "8",
+        "--memories",
+        "1",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "128",
+        "--lr",
+        "2e-2",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "4",
+        "--log-every",
+        "4",
+        "-q",
+        *extra,
+    ]
 
 
 def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_round_trips(base, tmp_path):
@@ -65,7 +112,9 @@ def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_roun
     # the reader file applied to the base model is the trained model: same weights, same fingerprint
     meta, tensors = read_reader(tmp_path / "a.train" / "reader.safetensors")
     assert meta["base_fingerprint"] == model_fingerprint(warm)
-    assert meta["config"]["memory_reader_rank"] == 8 and meta["config"]["memory_layers"] == list(range(load_model_dir(warm).config.n_layers))
+    assert meta["config"]["memory_reader_rank"] == 8 and meta["config"]["memory_layers"] == list(
+        range(load_model_dir(warm).config.n_layers)
+    )
     trained = load_model_dir(tmp_path / "a")
     applied = apply_reader(load_model_dir(warm), tmp_path / "a.train" / "reader.safetensors", model_fingerprint(warm))
     assert applied.config == trained.config
@@ -113,8 +162,18 @@ def test_packed_segments_see_only_themselves():
     from m3cli.model import Memory3Model
 
     torch.manual_seed(0)
-    model = Memory3Model(M3Config(vocab_size=50, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                  intermediate_size=64, context_length=64, head_dim=8)).eval()
+    model = Memory3Model(
+        M3Config(
+            vocab_size=50,
+            hidden_size=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            intermediate_size=64,
+            context_length=64,
+            head_dim=8,
+        )
+    ).eval()
     a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
     row = torch.cat([a, b], 1)
     seg = torch.tensor([[0] * 7 + [1] * 5])
@@ -128,13 +187,15 @@ def test_packed_segments_see_only_themselves():
 def test_chat_examples_score_the_answer_and_read_their_question_memories(base):
     _, warm, _ = base
     tok = load_tokenizer(warm)
-    tok.chat_template = ("{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
     ex = [{"prompt": "Where was Ada born?", "answer": "In Rome."}, {"text": "Ada was born in Rome. " * 30}]
     segs = segments(ex, tok, seq_len=64, chunk=16)
     chat, texts = segs[0], segs[1:]
     answer = tok("In Rome.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert chat.ids[-len(answer):] == answer
+    assert chat.ids[-len(answer) :] == answer
     targets = [t for t, on in zip(chat.ids[1:], chat.loss) if on]
     assert targets == answer  # the loss is on the answer and its end token, nothing else
     assert "Ada" in chat.queries[-1] and "assistant" not in chat.queries[-1]
@@ -184,8 +245,10 @@ def test_reader_files_are_checked(base, tmp_path):
 def test_reader_training_errors(base, tmp_path):
     d, warm, bank = base
     train = d / "s" / "train.parquet"
-    assert_user_error(m3("pretrain", train, "-o", tmp_path / "x", "--init-from", warm, "--stage", "continual",
-                         "--train", "reader"), "--bank")
+    assert_user_error(
+        m3("pretrain", train, "-o", tmp_path / "x", "--init-from", warm, "--stage", "continual", "--train", "reader"),
+        "--bank",
+    )
     assert_user_error(m3(*reader_args(d, bank, warm, "--reader-rank", "0"), "-o", tmp_path / "x"), "--reader-rank")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no"}\n')
@@ -201,8 +264,12 @@ def test_the_default_model_is_made_once_even_when_two_processes_start_together(t
 
     env = {**os.environ, "M3_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     code = "from m3cli.default_model import default_model; print(default_model())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     paths = {o[0].strip() for o in outs}

@@ -34,7 +34,9 @@ def model_dir(llama_dir, tmp_path):
 def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monkeypatch):
     c = corpus(tmp_path / "c.jsonl", 60)
     reference, target = tmp_path / "ref.m3bank", tmp_path / "kb.m3bank"
-    assert m3("encode", "--index", "none", c, "-o", reference, "-m", model_dir, "--batch-size", "4", "-q").exit_code == 0
+    assert (
+        m3("encode", "--index", "none", c, "-o", reference, "-m", model_dir, "--batch-size", "4", "-q").exit_code == 0
+    )
 
     real_checkpoint, real_end, calls = BankWriter.checkpoint, BankWriter.end_document, []
 
@@ -79,7 +81,9 @@ def test_resume_without_partial_starts_fresh_and_force_discards(model_dir, tmp_p
     partial.mkdir()
     (partial / "junk").write_text("x")
     assert m3("encode", "--index", "none", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q").exit_code == 1
-    assert m3("encode", "--index", "none", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q", "--force").exit_code == 0
+    assert (
+        m3("encode", "--index", "none", c, "-o", tmp_path / "x.m3bank", "-m", model_dir, "-q", "--force").exit_code == 0
+    )
     assert (tmp_path / "x.m3bank").read_bytes() == target.read_bytes()
 
 
@@ -104,8 +108,22 @@ def test_sigkill_then_resume(kill_setup, tmp_path, kill_after_docs):
     target never appears early, and --resume finishes with the bytes of an uninterrupted run."""
     model, c, reference = kill_setup
     target = tmp_path / "kb.m3bank"
-    args = [sys.executable, "-m", "m3cli", "encode", "--index", "none", str(c), "-m", str(model),
-            "--batch-size", "2", "-q", "-o", str(target)]
+    args = [
+        sys.executable,
+        "-m",
+        "m3cli",
+        "encode",
+        "--index",
+        "none",
+        str(c),
+        "-m",
+        str(model),
+        "--batch-size",
+        "2",
+        "-q",
+        "-o",
+        str(target),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "M3_CHECKPOINT_SECONDS": "0.02"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
     state = tmp_path / ".kb.m3bank.partial" / "state.json"

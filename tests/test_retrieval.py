@@ -34,7 +34,7 @@ def test_query_equal_to_a_reference_returns_it_first(bank):
     path, _ = bank
     for i, doc in enumerate(DOCS):
         assert top(path, doc["text"])[0] == i
-    human = m3("search", path, "where is paris", "-k", "2")
+    human = m3("search", path, "where is paris", "--memories", "2")
     assert human.exit_code == 0 and "France" in human.stdout.splitlines()[0]
 
 
@@ -43,7 +43,7 @@ def test_rebuild_keeps_ids_and_leaves_the_kv_payload_alone(bank):
     with Bank(path) as b:
         kv_before, n_sections = b.sections["kv.data"], len(b.sections)
         emb_before = b.sections["emb.data"]
-    before = [top(path, d["text"], "-k", "4") for d in DOCS]
+    before = [top(path, d["text"], "--memories", "4") for d in DOCS]
     result = m3("index", path, "--factory", "HNSW32", "-q")
     assert result.exit_code == 0 and "reused" in result.stdout, result.output
     with Bank(path) as b:
@@ -52,7 +52,7 @@ def test_rebuild_keeps_ids_and_leaves_the_kv_payload_alone(bank):
             assert (b.sections[name].length, b.sections[name].sha256) == (before_section.length, before_section.sha256)
         assert len(b.sections) == n_sections and b.header["m3.index.factory"] == "HNSW32"
         assert b.verify() == []
-    assert [top(path, d["text"], "-k", "4") for d in DOCS] == before
+    assert [top(path, d["text"], "--memories", "4") for d in DOCS] == before
 
 
 def test_pca_hnsw_with_a_deeper_graph_keeps_ids_and_answers(bank):
@@ -64,8 +64,19 @@ def test_pca_hnsw_with_a_deeper_graph_keeps_ids_and_answers(bank):
     from m3cli.retrieval import hnsw_of, load_index, refine_of
 
     path, _ = bank
-    result = m3("index", path, "--factory", "PCA4,HNSW8,RFlat", "--ef-construction", "77", "--ef-search", "33",
-                "--k-factor", "3", "-q")
+    result = m3(
+        "index",
+        path,
+        "--factory",
+        "PCA4,HNSW8,RFlat",
+        "--ef-construction",
+        "77",
+        "--ef-search",
+        "33",
+        "--k-factor",
+        "3",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     with Bank(path) as b:
         index = load_index(b)
@@ -80,30 +91,31 @@ def test_pca_hnsw_with_a_deeper_graph_keeps_ids_and_answers(bank):
 
 def test_max_overlap_drops_references_that_contain_the_query(bank):
     path, _ = bank
-    assert top(path, DOCS[0]["text"], "-k", "2")[0] == 0
-    assert 0 not in top(path, DOCS[0]["text"], "-k", "2", "--max-overlap", "0.67")
+    assert top(path, DOCS[0]["text"], "--memories", "2")[0] == 0
+    assert 0 not in top(path, DOCS[0]["text"], "--memories", "2", "--max-overlap", "0.67")
 
 
 def test_max_score_gap_keeps_the_hits_near_the_best(bank):
     path, _ = bank
-    result = m3("search", path, "the capital of italy", "--json", "-k", "4")
+    result = m3("search", path, "the capital of italy", "--json", "--memories", "4")
     hits = json.loads(result.stdout)["results"]
     scores = [h["score"] for h in hits]
     assert len(hits) == 4 and scores == sorted(scores, reverse=True) and scores[0] - scores[-1] > 0.02
     gap = (scores[0] - scores[1]) / 2 if scores[0] > scores[1] else (scores[0] - scores[-1]) / 2
     kept = [h["ref"] for h in hits if h["score"] >= scores[0] - gap]
     assert 0 < len(kept) < 4
-    assert top(path, "the capital of italy", "-k", "4", "--max-score-gap", str(gap)) == kept
-    assert top(path, "the capital of italy", "-k", "4", "--max-score-gap", "0") == [h["ref"] for h in hits
-                                                                                 if h["score"] == scores[0]]
-    assert top(path, "the capital of italy", "-k", "4", "--max-score-gap", "10") == [h["ref"] for h in hits]
+    assert top(path, "the capital of italy", "--memories", "4", "--max-score-gap", str(gap)) == kept
+    assert top(path, "the capital of italy", "--memories", "4", "--max-score-gap", "0") == [
+        h["ref"] for h in hits if h["score"] == scores[0]
+    ]
+    assert top(path, "the capital of italy", "--memories", "4", "--max-score-gap", "10") == [h["ref"] for h in hits]
     assert_user_error(m3("search", path, "paris", "--max-score-gap", "-0.1"), "--max-score-gap")
     assert_user_error(m3("search", path, "paris", "--max-score-gap", "nan"), "--max-score-gap")
 
 
 def test_queries_from_stdin_give_json_lines(bank):
     path, _ = bank
-    result = m3("search", path, "-", "--json", "-k", "1", input="paris\nrome\n\nhello\n")
+    result = m3("search", path, "-", "--json", "--memories", "1", input="paris\nrome\n\nhello\n")
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["query"] for line in lines] == ["paris", "rome", "hello"]
     assert all(len(line["results"]) == 1 and {"ref", "score", "text"} <= set(line["results"][0]) for line in lines)
@@ -144,8 +156,10 @@ def test_errors_leave_the_bank_untouched(bank, tmp_path):
     bare = tmp_path / "bare.m3bank"
     assert m3("encode", corpus, "-o", bare, "-m", model, "-q", "--index", "none").exit_code == 0
     assert_user_error(m3("search", bare, "paris"), "no retrieval index")
-    assert_user_error(m3("encode", corpus, "-o", tmp_path / "x.m3bank", "-m", model, "--index", "Bogus"),
-                      "invalid FAISS index factory")
+    assert_user_error(
+        m3("encode", corpus, "-o", tmp_path / "x.m3bank", "-m", model, "--index", "Bogus"),
+        "invalid FAISS index factory",
+    )
 
 
 def test_embedder_mismatch_names_both(bank, tmp_path):
@@ -213,7 +227,9 @@ def test_interrupted_embedding_resumes(bank, monkeypatch):
     assert result.exit_code != 0
     spool = path.parent / f".{path.name}.emb.partial"
     assert json.loads((path.parent / (spool.name + ".json")).read_text())["done"] == 2
-    monkeypatch.setattr(embed_mod.HFEncoder, "embed", lambda self, texts: (seen.append(len(texts)), real(self, texts))[1])
+    monkeypatch.setattr(
+        embed_mod.HFEncoder, "embed", lambda self, texts: (seen.append(len(texts)), real(self, texts))[1]
+    )
     seen.clear()
     assert m3("index", path, "--batch-size", "1", "--embedder", encoder, "-q").exit_code == 0
     assert sum(seen) == len(DOCS) - 2  # only the missing references were embedded

@@ -35,7 +35,7 @@ def test_sample_model_is_a_small_model_dir_with_its_recorded_evaluation():
 @pytest.mark.slow
 def test_sample_model_answers_unseen_people_from_memory(tmp_path):
     synth = tmp_path / "synth"
-    assert m3("synth", synth, "--people", "2000", "--seed", "0").exit_code == 0
+    assert m3("synth", "-o", synth, "--people", "2000", "--seed", "0").exit_code == 0
     bank = tmp_path / "kb.m3bank"
     result = m3("encode", synth / "kb.parquet", "-o", bank, "-m", SAMPLES / "model", "-q")
     assert result.exit_code == 0, result.output
@@ -49,15 +49,42 @@ def test_sample_model_answers_unseen_people_from_memory(tmp_path):
     assert r["memory"]["right_retrieved"] >= 0.95 and r["memory"]["right_first"] >= 0.9
     assert r["memory"]["right_attention"] >= 0.4  # the asked person's memory gets the most attention (0.2 if even)
     # the retriever's scores hidden, the model reads its 5 memories by content alone: far worse
-    result = m3("eval", "-m", SAMPLES / "model", "-b", bank, "--qa", qa, "--limit", "200", "--json",
-                "--modes", "memory", "--no-score-prior")
+    result = m3(
+        "eval",
+        "-m",
+        SAMPLES / "model",
+        "-b",
+        bank,
+        "--qa",
+        qa,
+        "--limit",
+        "200",
+        "--json",
+        "--modes",
+        "memory",
+        "--no-score-prior",
+    )
     assert result.exit_code == 0, result.output
     content = json.loads(result.stdout)["memory"]
     assert content["accuracy"] >= r["none"]["accuracy"] + 0.15  # it still reads...
     assert content["accuracy"] <= r["memory"]["accuracy"] - 0.3  # ...but hardly tells namesakes apart
     assert content["right_attention"] <= 0.3
     # with only the retriever's top reference the model reads the right answer most of the time
-    result = m3("eval", "-m", SAMPLES / "model", "-b", bank, "--qa", qa, "--limit", "200", "--json",
-                "--modes", "memory", "--memories", "1")
+    result = m3(
+        "eval",
+        "-m",
+        SAMPLES / "model",
+        "-b",
+        bank,
+        "--qa",
+        qa,
+        "--limit",
+        "200",
+        "--json",
+        "--modes",
+        "memory",
+        "--memories",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["memory"]["accuracy"] >= 0.85

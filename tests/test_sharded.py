@@ -23,9 +23,31 @@ def test_two_process_encode_equals_one_process(llama_dir, tmp_path):
             f.write(json.dumps({"id": f"d{i}", "title": f"t{i}", "text": text}) + "\n")
     single, sharded = tmp_path / "single.m3bank", tmp_path / "sharded.m3bank"
     assert m3("encode", "--index", "none", corpus, "-o", single, "-m", model, "-q").exit_code == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "m3cli", "encode", "--index", "none", str(corpus), "-o", str(sharded), "-m", str(model), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "m3cli",
+        "encode",
+        "--index",
+        "none",
+        str(corpus),
+        "-o",
+        str(sharded),
+        "-m",
+        str(model),
+        "-q",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -24,8 +24,9 @@ def teacher(tmp_path):
 
     path = tmp_path / "tiny-bert"
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).eval().save_pretrained(path)
+    BertModel(
+        BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).eval().save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_dir() / name, path / name)
     return path
@@ -34,7 +35,7 @@ def teacher(tmp_path):
 @pytest.fixture
 def static_dir(teacher, tmp_path):
     out = tmp_path / "static"
-    result = m3("distill-embedder", out, "--from", teacher, "--dims", "16", "-q")
+    result = m3("distill-embedder", "-o", out, "--from", teacher, "--dims", "16", "-q")
     assert result.exit_code == 0, result.output
     assert "30522 token vectors of dim 16" in result.stdout
     return out
@@ -66,15 +67,16 @@ def test_index_search_and_generate_with_a_static_embedder(static_dir, llama_dir,
     with Bank(path) as b:
         assert b.header["m3.embed.name"] == "static:static" and b.header["m3.embed.dim"] == 16
         assert b.header["m3.embed.hint"] == str(Path(static_dir).resolve())
-    result = m3("search", path, DOCS[0]["text"], "--json", "-k", "1")  # the bank names its embedder dir
+    result = m3("search", path, DOCS[0]["text"], "--json", "--memories", "1")  # the bank names its embedder dir
     assert result.exit_code == 0 and json.loads(result.stdout)["results"][0]["ref"] == 0, result.output
     for i, doc in enumerate(DOCS):  # a reference's own text finds it first, with cosine 1
-        result = m3("search", path, doc["text"], "--embedder", static_dir, "--json", "-k", "1")
+        result = m3("search", path, doc["text"], "--embedder", static_dir, "--json", "--memories", "1")
         assert result.exit_code == 0, result.output
         hit = json.loads(result.stdout)["results"][0]
         assert hit["ref"] == i and hit["score"] == pytest.approx(1.0, abs=1e-3)
-    result = m3("generate", "--model", model, "--bank", path, "--embedder", static_dir, "-n", "3", "--json",
-                DOCS[1]["text"])
+    result = m3(
+        "generate", "--model", model, "--bank", path, "--embedder", static_dir, "-n", "3", "--json", DOCS[1]["text"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["chunks"][0]["references"][0]["ref"] == 1
 
@@ -83,7 +85,7 @@ def test_idf_weights_from_a_corpus(teacher, tmp_path):
     corpus = tmp_path / "kb.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     out = tmp_path / "kb-static"
-    result = m3("distill-embedder", out, "--from", teacher, "--dims", "32", "--idf-corpus", corpus, "-q")
+    result = m3("distill-embedder", "-o", out, "--from", teacher, "--dims", "32", "--idf-corpus", corpus, "-q")
     assert result.exit_code == 0, result.output
     assert "IDF weights from 4 documents" in result.stdout
     emb = load_embedder(str(out))
@@ -92,12 +94,14 @@ def test_idf_weights_from_a_corpus(teacher, tmp_path):
     # with dims = the teacher's width PCA only rotates, so a token's norm is its weight times a
     # norm that does not depend on the corpus: compare against the SIF-weighted distillation
     plain = tmp_path / "plain"
-    assert m3("distill-embedder", plain, "--from", teacher, "--dims", "32", "-q").exit_code == 0
+    assert m3("distill-embedder", "-o", plain, "--from", teacher, "--dims", "32", "-q").exit_code == 0
     ref = load_embedder(str(plain))
     inv_rank = 1.0 / np.arange(2, len(ref.vectors) + 2)
     sif = 1e-4 / (1e-4 + inv_rank / inv_rank.sum())
+
     def norm(e, w, scale=1.0):
         return float(np.linalg.norm(e.vectors[ids[w]]) / scale)
+
     for word, df in (("the", 3), ("capital", 2), ("paris", 1)):
         unweighted = norm(ref, word, sif[ids[word]])
         assert norm(emb, word) == pytest.approx(np.log(5 / (df + 1)) * unweighted, rel=1e-3)
@@ -105,10 +109,24 @@ def test_idf_weights_from_a_corpus(teacher, tmp_path):
     assert not emb.embed(["zebra"]).any()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", teacher, "--dims", "16", "--idf-corpus",
-                         empty), "no documents")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", teacher, "--dims", "16", "--idf-corpus",
-                         tmp_path / "missing.jsonl"), "does not exist")
+    assert_user_error(
+        m3("distill-embedder", "-o", tmp_path / "x", "--from", teacher, "--dims", "16", "--idf-corpus", empty),
+        "no documents",
+    )
+    assert_user_error(
+        m3(
+            "distill-embedder",
+            "-o",
+            tmp_path / "x",
+            "--from",
+            teacher,
+            "--dims",
+            "16",
+            "--idf-corpus",
+            tmp_path / "missing.jsonl",
+        ),
+        "does not exist",
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -124,20 +142,24 @@ def test_changed_vectors_change_the_fingerprint(static_dir, tmp_path):
 
 def test_errors(teacher, static_dir, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", teacher, "--dims", "33"), "--dims must be")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", teacher, "--dims", "16", "--sif", "0"), "--sif")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", "self"), "teacher must be")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", static_dir), "teacher must be")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", tmp_path / "nope"), "unknown embedder")
+    assert_user_error(m3("distill-embedder", "-o", tmp_path / "x", "--from", teacher, "--dims", "33"), "--dims must be")
+    assert_user_error(
+        m3("distill-embedder", "-o", tmp_path / "x", "--from", teacher, "--dims", "16", "--sif", "0"), "--sif"
+    )
+    assert_user_error(m3("distill-embedder", "-o", tmp_path / "x", "--from", "self"), "teacher must be")
+    assert_user_error(m3("distill-embedder", "-o", tmp_path / "x", "--from", static_dir), "teacher must be")
+    assert_user_error(m3("distill-embedder", "-o", tmp_path / "x", "--from", tmp_path / "nope"), "unknown embedder")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
-    assert_user_error(m3("distill-embedder", static_dir, "--from", teacher), "already exists")
-    assert_user_error(m3("distill-embedder", teacher, "--from", teacher, "--force"), "not a static embedder dir")
+    assert_user_error(m3("distill-embedder", "-o", static_dir, "--from", teacher), "already exists")
+    assert_user_error(m3("distill-embedder", "-o", teacher, "--from", teacher, "--force"), "not a static embedder dir")
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(DOCS[0]) + "\n")
-    assert_user_error(m3("distill-embedder", tmp_path / "x", "--from", teacher, "--dims", "16", "--idf-corpus", one),
-                      "every weight would be 0")
+    assert_user_error(
+        m3("distill-embedder", "-o", tmp_path / "x", "--from", teacher, "--dims", "16", "--idf-corpus", one),
+        "every weight would be 0",
+    )
     assert not (tmp_path / "x").exists()
-    assert_user_error(m3("distill-embedder", static_dir, "--from", teacher, "--dims", "40", "--force"), "--dims")
+    assert_user_error(m3("distill-embedder", "-o", static_dir, "--from", teacher, "--dims", "40", "--force"), "--dims")
 
 
 def test_a_damaged_directory_is_refused_with_one_line(static_dir, llama_dir, tmp_path):
@@ -184,7 +206,7 @@ def test_token_ids_beyond_the_vocabulary_size_and_typed_special_tokens(tmp_path)
     save_file({"vectors": vectors}, str(d / STATIC_VECTORS))
     emb = StaticEmbedder(d)
     got = emb.embed(["a b", "a b [SEP]", "[UNK]", "[SEP]"])
-    np.testing.assert_allclose(got[0], [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
+    np.testing.assert_allclose(got[0], [2**-0.5, 2**-0.5], rtol=1e-6)
     np.testing.assert_allclose(got[1], got[0])  # [SEP] left out
     assert not got[2].any() and not got[3].any()
 
@@ -193,20 +215,42 @@ def test_a_query_without_known_tokens_retrieves_nothing(teacher, llama_dir, tmp_
     corpus = tmp_path / "kb.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     out = tmp_path / "kb-static"
-    assert m3("distill-embedder", out, "--from", teacher, "--dims", "16", "--idf-corpus", corpus, "-q").exit_code == 0
+    assert (
+        m3("distill-embedder", "-o", out, "--from", teacher, "--dims", "16", "--idf-corpus", corpus, "-q").exit_code
+        == 0
+    )
     path, _ = encoded_bank(llama_dir[0], tmp_path, DOCS)
     assert m3("index", path, "--embedder", out, "-q").exit_code == 0
     result = m3("search", path, "zebra giraffe", "--embedder", out, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"] == []  # tokens no reference has: weight 0, no hits
-    result = m3("search", path, "zebra capital of italy", "--embedder", out, "--json", "-k", "1")
+    result = m3("search", path, "zebra capital of italy", "--embedder", out, "--json", "--memories", "1")
     assert json.loads(result.stdout)["results"][0]["ref"] == 1
 
 
 def test_bench_accepts_a_static_embedder_for_a_synthetic_bank(static_dir, tmp_path):
-    result = m3("bench", "--model", "tiny", "--synthetic-refs", "40", "--embedder", static_dir, "--batch", "1",
-                "--prompt-len", "16", "--new-tokens", "4", "--memories", "2", "--repeats", "1", "--json",
-                "--workdir", tmp_path / "w")
+    result = m3(
+        "bench",
+        "--model",
+        "tiny",
+        "--synthetic-refs",
+        "40",
+        "--embedder",
+        static_dir,
+        "--batch-size",
+        "1",
+        "--prompt-len",
+        "16",
+        "--max-new-tokens",
+        "4",
+        "--memories",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        "--workdir",
+        tmp_path / "w",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]
     assert {r["mode"] for r in rows} == {"none", "memory", "rag"}

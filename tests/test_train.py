@@ -1,9 +1,6 @@
 """`m3 synth`, `m3 pretrain` and `m3 eval`: schedules, data order, gradient paths, resume, errors."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +20,16 @@ def test_lr_schedules():
     lrs = [lr_at(s, wsd) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(x == 1.0 for x in lrs[10:80]) and lrs[99] == pytest.approx(0.1, abs=0.01)
-    cos = TrainArgs(stage="warmup", corpus="x", output="y", config="tiny", steps=100, warmup_steps=0,
-                    schedule="cosine", min_lr_ratio=0.0)
+    cos = TrainArgs(
+        stage="warmup",
+        corpus="x",
+        output="y",
+        config="tiny",
+        steps=100,
+        warmup_steps=0,
+        schedule="cosine",
+        min_lr_ratio=0.0,
+    )
     assert lr_at(0, cos) == pytest.approx(1.0) and lr_at(100, cos) == pytest.approx(0.0, abs=1e-9)
 
 
@@ -137,7 +142,7 @@ def test_each_chunk_can_read_its_own_top_k_references():
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    result = m3("synth", d / "s", "--people", "40", "--seed", "1")
+    result = m3("synth", "-o", d / "s", "--people", "40", "--seed", "1")
     assert result.exit_code == 0, result.output
     return d / "s"
 
@@ -146,13 +151,16 @@ def test_synth_is_deterministic_and_keeps_unseen_facts_out_of_training(task, tmp
     import pyarrow.parquet as pq
 
     again = tmp_path / "again"
-    assert m3("synth", again, "--people", "40", "--seed", "1").exit_code == 0
+    assert m3("synth", "-o", again, "--people", "40", "--seed", "1").exit_code == 0
     for name in ("train.parquet", "kb.parquet", "qa_seen.jsonl", "qa_unseen.jsonl"):
         assert (task / name).read_bytes() == (again / name).read_bytes(), name
     train = " ".join(pq.read_table(task / "train.parquet").column("text").to_pylist())
     kb = pq.read_table(task / "kb.parquet").to_pylist()
-    unseen = {json.loads(x)["question"].split(" was ")[-1].split(" born")[0]
-              for x in (task / "qa_unseen.jsonl").read_text().splitlines() if "Where was" in x}
+    unseen = {
+        json.loads(x)["question"].split(" was ")[-1].split(" born")[0]
+        for x in (task / "qa_unseen.jsonl").read_text().splitlines()
+        if "Where was" in x
+    }
     assert len(unseen) == 4 and not any(name in train for name in unseen)  # 10% of 40
     assert all(any(r["title"] == name for r in kb) for name in unseen) and len(kb) == 40
     assert len(read_qa(task / "qa_unseen.jsonl")) == 20 and len(read_qa(task / "qa_seen.jsonl")) == 180
@@ -171,13 +179,15 @@ def test_synth_namesake_pairs_add_training_text_only(task, tmp_path):
     import pyarrow.parquet as pq
 
     pairs = tmp_path / "pairs"
-    assert m3("synth", pairs, "--people", "40", "--seed", "1", "--namesake-pairs", "10").exit_code == 0
+    assert m3("synth", "-o", pairs, "--people", "40", "--seed", "1", "--namesake-pairs", "10").exit_code == 0
     for name in ("kb.parquet", "qa_seen.jsonl", "qa_unseen.jsonl"):
         assert (task / name).read_bytes() == (pairs / name).read_bytes(), name
     base, rows = pq.read_table(task / "train.parquet").to_pylist(), pq.read_table(pairs / "train.parquet").to_pylist()
-    assert rows[:len(base)] == base and len(rows) == len(base) + 10
-    seen = {json.loads(x)["question"]: json.loads(x)["answer"] for x in (task / "qa_seen.jsonl").read_text().splitlines()}
-    for r in rows[len(base):]:
+    assert rows[: len(base)] == base and len(rows) == len(base) + 10
+    seen = {
+        json.loads(x)["question"]: json.loads(x)["answer"] for x in (task / "qa_seen.jsonl").read_text().splitlines()
+    }
+    for r in rows[len(base) :]:
         a, b = r["id"].split("#")[0].split("|")
         assert a != b and (a.split()[0] == b.split()[0] or a.split()[1] == b.split()[1])
         lines = [x for x in r["text"].split("Question: ")[1:]]
@@ -185,7 +195,9 @@ def test_synth_namesake_pairs_add_training_text_only(task, tmp_path):
         for line in lines:  # true facts of seen people
             q, ans = line.split(" Answer: ")
             assert seen[q] == ans.strip().rstrip(".")
-    assert_user_error(m3("synth", tmp_path / "bad", "--people", "40", "--namesake-pairs", "-1"), "--namesake-pairs")
+    assert_user_error(
+        m3("synth", "-o", tmp_path / "bad", "--people", "40", "--namesake-pairs", "-1"), "--namesake-pairs"
+    )
 
 
 def test_synth_qa_only_leaves_the_biographies_out(task, tmp_path):
@@ -194,7 +206,7 @@ def test_synth_qa_only_leaves_the_biographies_out(task, tmp_path):
     import pyarrow.parquet as pq
 
     out = tmp_path / "qa"
-    assert m3("synth", out, "--people", "40", "--seed", "1", "--qa-only").exit_code == 0
+    assert m3("synth", "-o", out, "--people", "40", "--seed", "1", "--qa-only").exit_code == 0
     for name in ("kb.parquet", "qa_seen.jsonl", "qa_unseen.jsonl"):
         assert (task / name).read_bytes() == (out / name).read_bytes(), name
     full = pq.read_table(task / "train.parquet").to_pylist()
@@ -209,9 +221,29 @@ def _weights(model_dir):
 
 
 def test_warmup_loss_falls_and_a_killed_run_resumes_to_the_same_weights(task, tmp_path):
-    base = ["pretrain", task / "train.parquet", "--config", "mini", "--stage", "warmup", "--steps", "24",
-            "--batch-size", "4", "--seq-len", "64", "--save-every", "4", "--log-every", "4", "--lr", "3e-3",
-            "--warmup-steps", "4", "-q"]
+    base = [
+        "pretrain",
+        task / "train.parquet",
+        "--preset",
+        "mini",
+        "--stage",
+        "warmup",
+        "--steps",
+        "24",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--save-every",
+        "4",
+        "--log-every",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "4",
+        "-q",
+    ]
     result = m3(*base, "-o", tmp_path / "a")
     assert result.exit_code == 0, result.output
     losses = [json.loads(x)["loss"] for x in (tmp_path / "a.train" / "metrics.jsonl").read_text().splitlines()]
@@ -227,12 +259,27 @@ def test_warmup_loss_falls_and_a_killed_run_resumes_to_the_same_weights(task, tm
 def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_path):
     warm = tmp_path / "warm"
     common = ["--batch-size", "4", "--seq-len", "128", "--log-every", "2", "-q"]
-    assert m3("pretrain", task / "train.parquet", "-o", warm, "--config", "mini", "--steps", "4", *common).exit_code == 0
+    assert (
+        m3("pretrain", task / "train.parquet", "-o", warm, "--preset", "mini", "--steps", "4", *common).exit_code == 0
+    )
     bank = tmp_path / "kb.m3bank"
     assert m3("encode", task / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
     model = tmp_path / "model"
-    result = m3("pretrain", task / "train.parquet", "-o", model, "--init-from", warm, "--stage", "continual",
-                "--bank", bank, "--steps", "4", *common)
+    result = m3(
+        "pretrain",
+        task / "train.parquet",
+        "-o",
+        model,
+        "--init-from",
+        warm,
+        "--stage",
+        "continual",
+        "--bank",
+        bank,
+        "--steps",
+        "4",
+        *common,
+    )
     assert result.exit_code == 0, result.output
     assert "must be re-encoded" in result.stdout
     refs = np.load(tmp_path / "model.train" / "retrieval.npy")
@@ -243,8 +290,20 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
     assert_user_error(m3("eval", "-m", model, "-b", bank, "--qa", task / "qa_unseen.jsonl"), "re-encode")
     bank2 = tmp_path / "kb2.m3bank"
     assert m3("encode", task / "kb.parquet", "-o", bank2, "-m", model, "-q").exit_code == 0
-    result = m3("eval", "-m", model, "-b", bank2, "--qa", task / "qa_unseen.jsonl", "--limit", "6", "--json",
-                "--text", task / "kb.parquet")
+    result = m3(
+        "eval",
+        "-m",
+        model,
+        "-b",
+        bank2,
+        "--qa",
+        task / "qa_unseen.jsonl",
+        "--limit",
+        "6",
+        "--json",
+        "--text",
+        task / "kb.parquet",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert set(out) == {"none", "memory", "rag"}
@@ -260,49 +319,21 @@ def test_continual_training_reads_retrieved_memories_and_eval_runs(task, tmp_pat
     qa = read_qa(task / "qa_unseen.jsonl")[:6]
     found = first = 0
     for q in qa:
-        hits = json.loads(m3("search", bank2, f"Question: {q['question']} Answer:", "-k", "5", "--max-overlap",
-                             "0.67", "--json").stdout)["results"]
+        hits = json.loads(
+            m3(
+                "search",
+                bank2,
+                f"Question: {q['question']} Answer:",
+                "--memories",
+                "5",
+                "--max-overlap",
+                "0.67",
+                "--json",
+            ).stdout
+        )["results"]
         titles = [h["title"] for h in hits]
         found, first = found + (q["title"] in titles), first + (titles[:1] == [q["title"]])
     assert mem["right_retrieved"] == round(found / 6, 4) and mem["right_first"] == round(first / 6, 4)
-    # bench/memory_reading.py (README's experiments) runs on this run's rows and retrievals
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "rows",
-                           "--model", str(model), "--corpus", str(task / "train.parquet"), "--bank", str(bank2),
-                           "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"), "--seq-len", "128",
-                           "--seed", "0", "--rows", "4"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    row = json.loads(proc.stdout.splitlines()[-1])
-    assert row["answers"] > 0 and all(0 <= v <= 1 for k, v in row.items() if k not in ("model", "answers"))
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "rows",
-                           "--model", str(model), "--corpus", str(task / "train.parquet"), "--bank", str(bank2),
-                           "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"), "--seq-len", "128",
-                           "--seed", "1", "--rows", "4"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "belongs to" in proc.stderr  # another seed packs other rows
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "train",
-                           "-o", str(tmp_path / "ml"), "--init-from", str(model), "--corpus", str(task / "train.parquet"),
-                           "--bank", str(bank2), "--retrievals", str(tmp_path / "model.train" / "retrieval.npy"),
-                           "--seq-len", "128", "--seed", "0", "--steps", "2", "--memory-match-loss", "0.5",
-                           "--match-layers", "1"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "'steps': 2" in proc.stdout and (tmp_path / "ml" / "config.json").is_file()
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "probe",
-                           "--model", str(model), "--bank", str(bank2), "--train-qa", str(task / "qa_seen.jsonl"),
-                           "--test-qa", str(task / "qa_unseen.jsonl"), "--train-n", "8", "--test-n", "6", "--steps",
-                           "3"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    probe = json.loads(proc.stdout.splitlines()[-1])
-    model_cfg = json.loads((model / "config.json").read_text())
-    n_mem = len(model_cfg["memory_layers"] or range(model_cfg["n_layers"] // 2))  # None: the first half
-    assert probe["test_questions"] > 0 and len(probe["heads"]) == n_mem * model_cfg["n_heads"]
-    assert all(0 <= v <= 1 for h in probe["heads"].values() for v in h.values())
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "names",
-                           "--model", str(model), "--train-qa", str(task / "qa_seen.jsonl"), "--test-qa",
-                           str(task / "qa_unseen.jsonl"), "--train-n", "8", "--test-n", "6", "--steps", "3"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    names = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(names) == model_cfg["n_layers"] + 1 and names[0]["residual"] == "embedding"
-    assert all(0 <= r[k] <= 1 and r["test"] == 6 for r in names for k in ("first_name", "last_name"))
     # without titles: no such fields
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in q.items() if k != "title"}) + "\n" for q in qa))
@@ -323,7 +354,9 @@ def test_memory_read_diagnostic_of_one_completion():
 
     hits = [hit("B"), hit("A"), hit("C"), hit("A")]
     early = ChunkRecord(0, "prompt", (0, 64), "q", [hit("Z")], attention=[0.5], last_attention=[0.5])
-    last = ChunkRecord(1, "prompt", (64, 70), "q", hits, attention=[0.9, 0, 0, 0], last_attention=[0.1, 0.2, 0.05, 0.05])
+    last = ChunkRecord(
+        1, "prompt", (64, 70), "q", hits, attention=[0.9, 0, 0, 0], last_attention=[0.1, 0.2, 0.05, 0.05]
+    )
     decoded = ChunkRecord(2, "inherited", (0, 3), None, hits, attention=[0.9, 0.0, 0.0, 0.0])
     c = Completion("q", "x", [1, 2, 3], 70, "length", [early, last, decoded])
     retrieved, first, share, even = _memory_read(c, "A")
@@ -346,38 +379,70 @@ def test_aligned_training_loss_ignores_exactly_the_padding(task, tmp_path, monke
 
     monkeypatch.setattr(train_module.F, "cross_entropy", spy)
     out = tmp_path / "w"
-    assert m3("pretrain", task / "train.parquet", "-o", out, "--config", "mini", "--steps", "2", "--batch-size", "2",
-              "--seq-len", "128", "--align-docs", "-q").exit_code == 0
+    assert (
+        m3(
+            "pretrain",
+            task / "train.parquet",
+            "-o",
+            out,
+            "--preset",
+            "mini",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "128",
+            "--align-docs",
+            "-q",
+        ).exit_code
+        == 0
+    )
     eos = load_tokenizer(out).eos_token_id
     assert seen and all(ignore == -100 for _, ignore in seen)
     targets = torch.cat([t.flatten() for t, _ in seen])
     assert (targets == -100).any() and (targets == eos).any() and (targets >= -100).all()
 
 
-def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
-    """The proof's settings: documents aligned to chunks, each chunk reading its own top-3
-    (after --single-ref-steps with only the top-1), memory in every layer, top-k overridden."""
+def test_continual_training_reads_the_top_k_of_aligned_chunks(task, tmp_path):
+    """The proof's settings: documents aligned to chunks, each chunk reading its own top-3,
+    memory in every layer, top-k overridden."""
     warm = tmp_path / "warm"
     common = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--align-docs", "-q"]
-    assert m3("pretrain", task / "train.parquet", "-o", warm, "--config", "mini", "--steps", "2", *common).exit_code == 0
+    assert (
+        m3("pretrain", task / "train.parquet", "-o", warm, "--preset", "mini", "--steps", "2", *common).exit_code == 0
+    )
     bank = tmp_path / "kb.m3bank"
     assert m3("encode", task / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
-    cont = ["pretrain", task / "train.parquet", "--init-from", warm, "--stage", "continual", "--bank", bank,
-            "--steps", "3", "--prev-chunks", "0", "--memory-layers", "all", "--memory-top-k", "4", *common]
-    assert m3(*cont, "-o", tmp_path / "k3", "--refs-per-chunk", "3", "--single-ref-steps", "1").exit_code == 0
+    cont = [
+        "pretrain",
+        task / "train.parquet",
+        "--init-from",
+        warm,
+        "--stage",
+        "continual",
+        "--bank",
+        bank,
+        "--steps",
+        "3",
+        "--prev-chunks",
+        "0",
+        "--memory-layers",
+        "all",
+        "--memory-top-k",
+        "4",
+        *common,
+    ]
+    assert m3(*cont, "-o", tmp_path / "k3", "--memories", "3").exit_code == 0
     refs = np.load(tmp_path / "k3.train" / "retrieval.npy")
     assert refs.shape[1:] == (2, 3) and (refs[:, :, 1] >= 0).mean() > 0.9
     cfg = json.loads((tmp_path / "k3" / "config.json").read_text())
     assert cfg["memory_layers"] == [0, 1, 2, 3] and cfg["memory_top_k"] == 4 and cfg["train_prev_chunks"] == 0
-    # while --single-ref-steps lasts, reading the top-1 of 3 is reading the only one retrieved
-    assert m3(*cont, "-o", tmp_path / "a", "--refs-per-chunk", "3", "--single-ref-steps", "3").exit_code == 0
-    assert m3(*cont, "-o", tmp_path / "b", "--refs-per-chunk", "1").exit_code == 0
-    a, b, k3 = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "k3")
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert not all(torch.equal(a[n], k3[n]) for n in a)  # reading 3 from step 1 on trains differently
+    assert m3(*cont, "-o", tmp_path / "b", "--memories", "1").exit_code == 0
+    b, k3 = _weights(tmp_path / "b"), _weights(tmp_path / "k3")
+    assert not all(torch.equal(b[n], k3[n]) for n in b)  # reading 3 trains differently from reading 1
     # --distractors title: rank 0 is the chunk's own top-1, ranks 1..2 what its title retrieves
-    assert m3(*cont, "-o", tmp_path / "t", "--refs-per-chunk", "3", "--distractors", "title",
-              "--memory-match-loss", "1").exit_code == 0
+    assert m3(*cont, "-o", tmp_path / "t", "--memories", "3", "--distractors", "title").exit_code == 0
     titled = np.load(tmp_path / "t.train" / "retrieval.npy")
     assert (titled[:, :, 0] == refs[:, :, 0]).all() and (titled[:, :, 1:] != refs[:, :, 1:]).any()
     from m3cli.bank import Bank
@@ -389,15 +454,22 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
             title = b.document(b.reference(first).doc_index).title
             near = [h.ref for h in retriever.search([title], k=3)[0] if h.ref != first][:2]
             assert list(rest) == near
-    # the memory-match loss was computed and logged, apart from the LM loss
-    rows = [json.loads(x) for x in (tmp_path / "t.train" / "metrics.jsonl").read_text().splitlines()]
-    assert all("memory_match" in r and r["memory_match"] > 0 for r in rows[1:])
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--distractors", "nearest"), "--distractors")
-    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "c", "--init-from", warm,
-                         "--memory-score-prior", *common), "--stage continual")
-    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-match-loss", "-1"), "--memory-match-loss")
+    assert_user_error(
+        m3(
+            "pretrain",
+            task / "train.parquet",
+            "-o",
+            tmp_path / "c",
+            "--init-from",
+            warm,
+            "--memory-score-prior",
+            *common,
+        ),
+        "--stage continual",
+    )
     assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memory-layers", "0,9"), "layers 0..3")
-    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "0"), "--refs-per-chunk")
+    assert_user_error(m3(*cont, "-o", tmp_path / "c", "--memories", "0"), "--memories")
     # a bank indexed with an encoder dir (here a copy of MiniLM): the bank names it, --embedder
     # names it once it moved, and the retrievals are those of the same weights under the default name
     import shutil
@@ -407,11 +479,11 @@ def test_continual_curriculum_reads_the_top_k_of_aligned_chunks(task, tmp_path):
     enc = tmp_path / "encoder"
     shutil.copytree(minilm_dir(), enc)
     assert m3("index", bank, "--embedder", enc, "-q").exit_code == 0
-    assert m3(*cont, "-o", tmp_path / "c", "--refs-per-chunk", "3").exit_code == 0
+    assert m3(*cont, "-o", tmp_path / "c", "--memories", "3").exit_code == 0
     assert (np.load(tmp_path / "c.train" / "retrieval.npy") == refs).all()
     shutil.move(enc, tmp_path / "moved")
-    assert_user_error(m3(*cont, "-o", tmp_path / "d", "--refs-per-chunk", "3"), "pass its directory with --embedder")
-    assert m3(*cont, "-o", tmp_path / "e", "--refs-per-chunk", "3", "--embedder", tmp_path / "moved").exit_code == 0
+    assert_user_error(m3(*cont, "-o", tmp_path / "d", "--memories", "3"), "pass its directory with --embedder")
+    assert m3(*cont, "-o", tmp_path / "e", "--memories", "3", "--embedder", tmp_path / "moved").exit_code == 0
     assert (np.load(tmp_path / "e.train" / "retrieval.npy") == refs).all()
 
 
@@ -420,8 +492,9 @@ def test_score_gaps_compare_each_slot_with_its_chunks_best():
 
     refs = np.array([[[4, 7, -1], [-1, -1, -1]], [[2, 3, 5], [9, -1, 1]]])
     scores = np.array([[[0.9, 0.7, 0.0], [0.0, 0.0, 0.0]], [[0.5, 0.6, 0.1], [0.3, 0.0, 0.8]]], dtype=np.float32)
-    np.testing.assert_allclose(score_gaps(refs, scores), [[0.0, -0.2, 0.0, 0.0, 0.0, 0.0],
-                                                          [-0.1, 0.0, -0.5, -0.5, 0.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(
+        score_gaps(refs, scores), [[0.0, -0.2, 0.0, 0.0, 0.0, 0.0], [-0.1, 0.0, -0.5, -0.5, 0.0, 0.0]], atol=1e-6
+    )
 
 
 def test_continual_training_learns_the_retriever_score_prior(task, tmp_path):
@@ -434,25 +507,43 @@ def test_continual_training_learns_the_retriever_score_prior(task, tmp_path):
 
     warm = tmp_path / "warm"
     common = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--align-docs", "-q"]
-    assert m3("pretrain", task / "train.parquet", "-o", warm, "--config", "mini", "--steps", "2", "--memory-layers",
-              "all", *common).exit_code == 0
+    assert (
+        m3(
+            "pretrain",
+            task / "train.parquet",
+            "-o",
+            warm,
+            "--preset",
+            "mini",
+            "--steps",
+            "2",
+            "--memory-layers",
+            "all",
+            *common,
+        ).exit_code
+        == 0
+    )
     bank = tmp_path / "kb.m3bank"
     assert m3("encode", task / "kb.parquet", "-o", bank, "-m", warm, "-q").exit_code == 0
-    # README's emulation of a fixed prior (bench/memory_reading.py score-prior) on the model without one:
-    # beta 0 reads as m3 eval does, a huge beta as the retriever's top-1 alone
-    qa = task / "qa_unseen.jsonl"
-    bench = [sys.executable, str(Path(__file__).parent.parent / "bench" / "memory_reading.py"), "score-prior",
-             "--bank", str(bank), "--qa", str(qa), "--limit", "8", "--betas", "0,1000"]
-    proc = subprocess.run([*bench, "--model", str(warm)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    by_beta = {r["beta"]: r["accuracy"] for r in map(json.loads, proc.stdout.splitlines())}
-    answers = {}
-    for extra in ([], ["--memories", "1"]):
-        result = m3("eval", "-m", warm, "-b", bank, "--qa", qa, "--limit", "8", "--modes", "memory", "--json", *extra)
-        answers[len(extra)] = json.loads(result.stdout)["memory"]["accuracy"]
-    assert by_beta[0.0] == answers[0] and by_beta[1000.0] == answers[2]
-    cont = ["pretrain", task / "train.parquet", "--init-from", warm, "--stage", "continual", "--bank", bank,
-            "--steps", "3", "--prev-chunks", "0", "--refs-per-chunk", "3", "--distractors", "title", *common]
+    cont = [
+        "pretrain",
+        task / "train.parquet",
+        "--init-from",
+        warm,
+        "--stage",
+        "continual",
+        "--bank",
+        bank,
+        "--steps",
+        "3",
+        "--prev-chunks",
+        "0",
+        "--memories",
+        "3",
+        "--distractors",
+        "title",
+        *common,
+    ]
     result = m3(*cont, "-o", tmp_path / "p", "--memory-score-prior", "--lr", "1e-2")
     assert result.exit_code == 0, result.output
     assert "added the retriever-score prior" in result.stderr
@@ -479,31 +570,68 @@ def test_continual_training_learns_the_retriever_score_prior(task, tmp_path):
     # a second continual stage from the prior's model keeps its gains as its starting point
     kb2 = tmp_path / "kb2.m3bank"
     assert m3("encode", task / "kb.parquet", "-o", kb2, "-m", tmp_path / "p", "-q").exit_code == 0
-    second = ["pretrain", task / "train.parquet", "--init-from", tmp_path / "p", "--stage", "continual", "--bank", kb2,
-              "--steps", "1", "--prev-chunks", "0", "--refs-per-chunk", "3", *common]
+    second = [
+        "pretrain",
+        task / "train.parquet",
+        "--init-from",
+        tmp_path / "p",
+        "--stage",
+        "continual",
+        "--bank",
+        kb2,
+        "--steps",
+        "1",
+        "--prev-chunks",
+        "0",
+        "--memories",
+        "3",
+        *common,
+    ]
     result = m3(*second, "-o", tmp_path / "p2")
     assert result.exit_code == 0, result.output
     assert "retriever-score prior" not in result.stderr
     # its gains are per memory layer: the layers cannot change under it
     assert_user_error(m3(*second, "-o", tmp_path / "p3", "--memory-layers", "0,1"), "--memory-layers")
-    # the resume key of a run without the prior is what it was before the prior existed
+    # a run with the prior does not resume one without it
     plain = TrainArgs(stage="continual", corpus="x", output="y", init_from="m", bank="b")
-    assert "score_prior" not in plain.key()
-    assert TrainArgs(stage="continual", corpus="x", output="y", init_from="m", bank="b",
-                     score_prior=True).key()["score_prior"] is True
+    assert (
+        plain.key()
+        != TrainArgs(stage="continual", corpus="x", output="y", init_from="m", bank="b", score_prior=True).key()
+    )
     assert (tmp_path / "p2.train" / "retrieval-scores.npy").is_file()
-    result = m3("eval", "--model", tmp_path / "p", "--bank", kb2, "--qa", task / "qa_unseen.jsonl", "--limit", "3",
-                "--modes", "memory", "--json")
+    result = m3(
+        "eval",
+        "--model",
+        tmp_path / "p",
+        "--bank",
+        kb2,
+        "--qa",
+        task / "qa_unseen.jsonl",
+        "--limit",
+        "3",
+        "--modes",
+        "memory",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["memory"]["n"] == 3 and json.loads(result.stdout)["memory"]["score_prior"] is True
     # --no-score-prior hides the scores from the prior
-    result = m3("eval", "--model", tmp_path / "p", "--bank", kb2, "--qa", task / "qa_unseen.jsonl", "--limit", "3",
-                "--modes", "memory", "--json", "--no-score-prior")
+    result = m3(
+        "eval",
+        "--model",
+        tmp_path / "p",
+        "--bank",
+        kb2,
+        "--qa",
+        task / "qa_unseen.jsonl",
+        "--limit",
+        "3",
+        "--modes",
+        "memory",
+        "--json",
+        "--no-score-prior",
+    )
     assert result.exit_code == 0 and json.loads(result.stdout)["memory"]["score_prior"] is False
-    # the emulation refuses a model with a learned prior
-    proc = subprocess.run([*bench[:3], "--bank", str(kb2), *bench[5:], "--model", str(tmp_path / "p")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "--no-score-prior" in proc.stderr
 
 
 def test_first_sentence_scoring():
@@ -518,12 +646,15 @@ def test_first_sentence_scoring():
 def test_pretrain_and_eval_errors(task, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert_user_error(m3("pretrain", empty, "-o", tmp_path / "m", "--config", "mini"), "holds no text")
-    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m", "--config", "huge"),
-                      "unknown preset")
-    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m", "--config", "mini",
-                         "--stage", "continual"), "needs --bank")
-    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m"), "--config", "--init-from")
+    assert_user_error(m3("pretrain", empty, "-o", tmp_path / "m", "--preset", "mini"), "holds no text")
+    assert_user_error(
+        m3("pretrain", task / "train.parquet", "-o", tmp_path / "m", "--preset", "huge"), "unknown preset"
+    )
+    assert_user_error(
+        m3("pretrain", task / "train.parquet", "-o", tmp_path / "m", "--preset", "mini", "--stage", "continual"),
+        "needs --bank",
+    )
+    assert_user_error(m3("pretrain", task / "train.parquet", "-o", tmp_path / "m"), "--preset", "--init-from")
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "x"}\n')
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "answer")
@@ -534,73 +665,3 @@ def test_pretrain_and_eval_errors(task, tmp_path):
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", good, "--batch-size", "0"), "--batch-size")
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", good, "--prompt-template", "Q:"), "{question}")
     assert not (tmp_path / "m").exists()
-
-
-class _PieceTokenizer(_WordTokenizer):
-    """Word tokens whose decoded pieces are ' w<id>' (ids 0-2 special)."""
-
-    def decode(self, ids):
-        return "".join(f" w{i}" for i in ids)
-
-
-def test_title_targets_follow_the_last_mention_within_a_document():
-    from m3cli.train import title_targets
-
-    # one row: [BOS] w5 w6 w7 w8 w5 w6 w9 [EOS] [BOS] w7 w8 [PAD]  (+ the target-only last token)
-    row = np.array([[1, 5, 6, 7, 8, 5, 6, 9, 2, 1, 7, 8, 0, 0]])
-    titles = ["w5 w6", "w6", "w7", "w5 w6 w9", "w8 w5"]
-    refs = np.array([[[0, 1, 2, 3, -1]]])  # retrieved: refs 0-3 (ref 4 was not, so never a target)
-    t = title_targets(row, refs, titles, _PieceTokenizer())
-    assert t.shape == (1, 13)
-    assert t[0, 0] == -1 and t[0, 1] == -1  # no title is complete yet
-    assert t[0, 2] == 0 and t[0, 6] == 0  # "w5 w6" and "w6" end together: the longer mention wins
-    assert t[0, 3] == 2 and t[0, 4] == 2  # "w7" mentioned at token 3
-    assert t[0, 7] == 3  # "w5 w6 w9" completes at token 7
-    assert t[0, 8] == -1 and t[0, 9] == -1  # EOS and the next document's BOS end it
-    assert t[0, 10] == 2 and t[0, 11] == 2 and t[0, 12] == -1  # a new document: its own mentions; PAD ends it
-    assert not (t == 4).any()
-
-
-def test_memory_match_loss_steers_attention_to_the_target_memory():
-    """The loss is the cross-entropy of each head's slot preference; a few gradient steps on it
-    alone move a query token's memory attention onto its target reference's slot."""
-    from m3cli.attention import Memory
-    from m3cli.config import preset
-    from m3cli.model import Memory3Model
-    from m3cli.train import memory_match_loss
-
-    torch.manual_seed(0)
-    model = Memory3Model(preset("tiny").replace(reference_prefix_ids=(1, 2), memory_layers=(0, 1),
-                                                train_prev_chunks=0))
-    L = model.config.chunk_length
-    refs = torch.tensor([[[0, 1, 2]]])  # one chunk reading refs 0, 1, 2
-    x = torch.randint(100, 200, (1, L))
-    targets = torch.full((1, L), -1)
-    targets[0, 10:] = 1  # from token 10 on, the text is about reference 1
-    slot_refs = refs.view(1, -1)
-
-    def run():
-        memory = continual_memory(model, refs, _Refs(), L, detach=False)
-        scores, probe = [], []
-        model(x, memory=memory, memory_scores=scores, attention_probe=probe)
-        return memory, scores, probe
-
-    memory, scores, probe = run()
-    assert [layer for layer, _ in scores] == [0, 1] and scores[1][1].shape == (1, model.config.n_heads, L, 3)
-    loss = memory_match_loss(scores, targets, slot_refs, memory.visible)
-    s = scores[1][1][0, :, 10:].detach()  # layer 0 is left out
-    expected = (s.logsumexp(-1) - s[..., 1]).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    share = lambda p: (p[1][0, 10:, 1] / p[1][0, 10:].sum(-1)).mean().item()  # noqa: E731
-    before = share(probe)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(5):
-        memory, scores, _ = run()
-        opt.zero_grad()
-        memory_match_loss(scores, targets, slot_refs, memory.visible).backward()
-        opt.step()
-    with torch.no_grad():
-        after = share(run()[2])
-    assert after > before + 0.1, (before, after)
-    # no token with a readable target: no loss
-    assert memory_match_loss(scores, torch.full((1, L), 7), slot_refs, memory.visible) is None

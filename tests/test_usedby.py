@@ -60,8 +60,13 @@ def test_a_moved_bank_works_with_M3_MODEL_and_a_wrong_model_is_one_line(sample_b
     bank, model = sample_bank
     moved = tmp_path / "elsewhere"
     model.rename(moved)  # the path the bank names is gone, as on another machine
-    assert_user_error(m3("generate", "--bank", bank, "Ilsa Varenkov was born in", "-n", "2"),
-                      str(model.resolve()), "--model", "M3_MODEL", "sha256:")
+    assert_user_error(
+        m3("generate", "--bank", bank, "Ilsa Varenkov was born in", "-n", "2"),
+        str(model.resolve()),
+        "--model",
+        "M3_MODEL",
+        "sha256:",
+    )
     result = m3("generate", "--bank", bank, "Ilsa Varenkov was born in", "-n", "2", "--model", moved)
     assert result.exit_code == 0, result.output
     monkeypatch.setenv("M3_MODEL", str(moved))
@@ -118,12 +123,17 @@ def test_the_inputs_people_have(tmp_path, monkeypatch):
     (docs / ".hidden.txt").write_text("not read")
     (docs / "image.png").write_bytes(b"\x89PNG")
     got = [(d.id, d.title, d.text) for d in read_corpus(docs)]
-    assert got == [("a.md", "a.md", "# Tea\nIlsa likes tea.\n"), ("deep/er/b.txt", "deep/er/b.txt", "Bob was born in Oslo.")]
+    assert got == [
+        ("a.md", "a.md", "# Tea\nIlsa likes tea.\n"),
+        ("deep/er/b.txt", "deep/er/b.txt", "Bob was born in Oslo."),
+    ]
     assert [d.text for d in read_corpus(docs / "a.md")] == ["# Tea\nIlsa likes tea.\n"]
     csv = tmp_path / "c.csv"
     csv.write_text('id,title,text,extra\n7,"A, B","He said ""hi"".\nTwo lines.",x\n8,,Second,\n')
-    assert [(d.id, d.title, d.text) for d in read_corpus(csv)] == [("7", "A, B", 'He said "hi".\nTwo lines.'),
-                                                                  ("8", "", "Second")]
+    assert [(d.id, d.title, d.text) for d in read_corpus(csv)] == [
+        ("7", "A, B", 'He said "hi".\nTwo lines.'),
+        ("8", "", "Second"),
+    ]
     bad = tmp_path / "bad.csv"
     bad.write_text("title,body\nx,y\n")
     with pytest.raises(Exception, match="no 'text' column"):
@@ -134,12 +144,33 @@ def test_the_inputs_people_have(tmp_path, monkeypatch):
     # standard input: plain text is one document, JSONL stays JSONL
     monkeypatch.delenv("M3_MODEL", raising=False)
     out = tmp_path / "s.m3bank"
-    result = m3("encode", "-", "-o", out, "--model", SAMPLE, "--index", "none", "-q",
-                input="Plain text from a pipe. It has two sentences.\n")
+    result = m3(
+        "encode",
+        "-",
+        "-o",
+        out,
+        "--model",
+        SAMPLE,
+        "--index",
+        "none",
+        "-q",
+        input="Plain text from a pipe. It has two sentences.\n",
+    )
     assert result.exit_code == 0, result.output
     assert "1 documents" in result.stdout
-    result = m3("encode", "-", "-o", out, "--model", SAMPLE, "--index", "none", "-q", "--force",
-                input='\n{"id": "j", "text": "A JSON line."}\n{"id": "k", "text": "Another."}\n')
+    result = m3(
+        "encode",
+        "-",
+        "-o",
+        out,
+        "--model",
+        SAMPLE,
+        "--index",
+        "none",
+        "-q",
+        "--force",
+        input='\n{"id": "j", "text": "A JSON line."}\n{"id": "k", "text": "Another."}\n',
+    )
     assert result.exit_code == 0 and "2 documents" in result.stdout, result.output
     result = m3("encode", docs, "-o", tmp_path / "d.m3bank", "--model", SAMPLE, "-q")
     assert result.exit_code == 0 and "2 documents" in result.stdout, result.output
@@ -148,16 +179,16 @@ def test_the_inputs_people_have(tmp_path, monkeypatch):
 def test_a_bank_indexed_with_a_static_embedder_is_searched_with_it(sample_bank, tmp_path):
     bank, _ = sample_bank
     emb = tmp_path / "static"
-    assert m3("distill-embedder", emb, "--dims", "32", "-q", "--idf-corpus", CORPUS).exit_code == 0
+    assert m3("distill-embedder", "-o", emb, "--dims", "32", "-q", "--idf-corpus", CORPUS).exit_code == 0
     assert m3("index", bank, "--embedder", emb, "-q").exit_code == 0
     info = json.loads(m3("inspect", bank, "--json").stdout)
     assert info["embedder"].startswith("static:") and info["embedder_hint"] == str(emb.resolve())
-    result = m3("search", bank, "Ilsa Varenkov", "-k", "1", "--json")  # no --embedder
+    result = m3("search", bank, "Ilsa Varenkov", "--memories", "1", "--json")  # no --embedder
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["title"] == "Ilsa Varenkov"
     emb.rename(tmp_path / "gone")
-    assert_user_error(m3("search", bank, "Ilsa", "-k", "1"), "--embedder", str(emb.resolve()))
-    result = m3("search", bank, "Ilsa Varenkov", "-k", "1", "--embedder", tmp_path / "gone")
+    assert_user_error(m3("search", bank, "Ilsa", "--memories", "1"), "--embedder", str(emb.resolve()))
+    result = m3("search", bank, "Ilsa Varenkov", "--memories", "1", "--embedder", tmp_path / "gone")
     assert result.exit_code == 0, result.output
 
 
@@ -184,8 +215,9 @@ def test_the_weights_hash_is_remembered_and_any_change_is_noticed(home, tmp_path
 
 
 def _run(cmd, cwd, env, timeout=900):
-    return subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {cmd}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_stdout_carries_only_data_and_no_bar_goes_into_a_pipe(sample_bank, tmp_path):
@@ -195,13 +227,17 @@ def test_stdout_carries_only_data_and_no_bar_goes_into_a_pipe(sample_bank, tmp_p
     out = _run(f"'{M3_BIN}' encode '{CORPUS}' -o b2.m3bank --model '{model}' | cat", tmp_path, env)
     assert out.returncode == 0, out.stderr
     assert out.stderr == "" and out.stdout.startswith("wrote b2.m3bank")
-    out = _run(f"'{M3_BIN}' distill-embedder e --dims 16 | cat", tmp_path, env)
+    out = _run(f"'{M3_BIN}' distill-embedder -o e --dims 16 | cat", tmp_path, env)
     assert out.returncode == 0 and "\r" not in out.stderr and "%|" not in out.stderr, out.stderr
-    out = _run(f"'{M3_BIN}' bench --model tiny --synthetic-refs 50 --batch 1 --new-tokens 4 --prompt-len 8 "
-               "--modes none --repeats 1 | cat", tmp_path, env)
+    out = _run(
+        f"'{M3_BIN}' bench --model tiny --synthetic-refs 50 --batch-size 1 --max-new-tokens 4 --prompt-len 8 "
+        "--modes none --repeats 1 | cat",
+        tmp_path,
+        env,
+    )
     assert out.returncode == 0, out.stderr
     assert not any(line.startswith("{") for line in out.stdout.splitlines())  # progress rows went to stderr
-    out = _run(f"'{M3_BIN}' search '{bank}' - -k 1 | head -1", tmp_path, {**env, "PYTHONUNBUFFERED": "1"})
+    out = _run(f"'{M3_BIN}' search '{bank}' - --memories 1 | head -1", tmp_path, {**env, "PYTHONUNBUFFERED": "1"})
     assert "Traceback" not in out.stderr
 
 
@@ -246,9 +282,17 @@ def test_the_used_by_commands_run_verbatim_on_the_default_model(tmp_path):
         path = f"{shim.parent}:{path}"
     env = {k: v for k, v in os.environ.items() if k not in ("M3_MODEL", "M3_BANK")}
     env.update(M3_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PATH=path)
-    procs = [subprocess.Popen([str(M3_BIN), "generate", "--mode", "none", "-n", "3", "The capital of France is"],
-                              cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [str(M3_BIN), "generate", "--mode", "none", "-n", "3", "The capital of France is"],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sum("materialising the default model" in err for _, err in outs) == 1
@@ -266,7 +310,7 @@ def test_the_used_by_commands_run_verbatim_on_the_default_model(tmp_path):
     assert all(ran[line].strip() for line in pipes), ran
 
 
-JQ_SHIM = r'''
+JQ_SHIM = r"""
 import json, sys
 import jq
 args = [a for a in sys.argv[1:]]
@@ -277,4 +321,4 @@ for line in sys.stdin:
     if line.strip():
         for value in compiled.input_value(json.loads(line)).all():
             print(value if raw and isinstance(value, str) else json.dumps(value))
-'''
+"""

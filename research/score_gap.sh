@@ -3,7 +3,7 @@
 # *seen* people, then measured on 500 about unseen people, with how many references a question's
 # prompt chunk keeps. Needs `make demo` first (out/demo/kb.m3bank). About 1.5 minutes on 2 CPU cores.
 #
-#   bash bench/score_gap.sh > bench/results/cpu-max-score-gap.jsonl
+#   bash research/score_gap.sh > bench/results/cpu-max-score-gap.jsonl
 set -euo pipefail
 M3=${M3:-.venv/bin/m3}
 PY=${PY:-.venv/bin/python}

@@ -6,7 +6,7 @@ each). This writes the same files as that command, but its people combine the fi
 names of `m3 synth --seed 0` (the proof's pools), leaving out the proof's 2,000 people, so
 questions about them look exactly like the proof's and their facts exist only in the bank.
 
-    python bench/fresh_people.py /tmp/exp/d 6000 11
+    python research/fresh_people.py /tmp/exp/d 6000 11
 """
 import random
 import sys

@@ -32,15 +32,15 @@
   (rows, probe and names build memories without retriever scores: on a model with the
   learned prior they measure its content-only reading.)
 
-    python bench/memory_reading.py rows --model out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
+    python research/memory_reading.py rows --model out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy
-    python bench/memory_reading.py probe --model out/proof/model --bank out/proof/kb.m3bank \
+    python research/memory_reading.py probe --model out/proof/model --bank out/proof/kb.m3bank \
         --train-qa out/proof/synth/qa_seen.jsonl --test-qa out/proof/qa_unseen.jsonl
-    python bench/memory_reading.py names --model samples/model --train-qa out/demo/synth/qa_seen.jsonl \
+    python research/memory_reading.py names --model samples/model --train-qa out/demo/synth/qa_seen.jsonl \
         --test-qa out/demo/synth/qa_unseen.jsonl
-    python bench/memory_reading.py score-prior --model out/proof/model --bank out/proof/kb.m3bank \
+    python research/memory_reading.py score-prior --model out/proof/model --bank out/proof/kb.m3bank \
         --qa out/proof/qa_unseen.jsonl --limit 500 --betas 0,20,30,50,100,1000
-    python bench/memory_reading.py train -o out/exp/s6 --init-from out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
+    python research/memory_reading.py train -o out/exp/s6 --init-from out/exp/s3c --corpus out/exp/synth-c/train-qa.parquet \\
         --bank out/exp/kb-c-s3c.m3bank --retrievals out/exp/s3c.train/retrieval.npy --random 5 --steps 800 --seed 1
 """
 

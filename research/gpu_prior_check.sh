@@ -7,7 +7,7 @@
 # --idf-corpus out/demo/synth/kb.parquet --dims 128`. DEV=cpu STEPS=2 is a dry run (1 minute).
 # Recorded: bench/results/h100-score-prior-check.txt.
 #
-#   EMB=… bash bench/gpu_prior_check.sh
+#   EMB=… bash research/gpu_prior_check.sh
 set -uo pipefail
 DEV=${DEV:-cuda}; STEPS=${STEPS:-60}; : "${EMB:?EMB=static embedder dir}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

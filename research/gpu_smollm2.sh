@@ -6,7 +6,7 @@
 #
 #   python scripts/country_task.py -o DATA --filler 300 --split
 #   m3 distill-embedder EMB --idf-corpus DATA/corpus.jsonl --dims 128
-#   GGUF=…/SmolLM2-135M-Instruct.Q4_1.gguf DATA=… EMB=… OUT=out/gpu-smollm2 bash bench/gpu_smollm2.sh
+#   GGUF=…/SmolLM2-135M-Instruct.Q4_1.gguf DATA=… EMB=… OUT=out/gpu-smollm2 bash research/gpu_smollm2.sh
 #
 # The static embedder (MiniLM distilled into token vectors, IDF over the knowledge base) stands in
 # for MiniLM because the GPU machine cannot download and takes at most 64 MiB per call.

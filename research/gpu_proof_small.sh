@@ -19,7 +19,7 @@
 # answer token's memory attention (0.2 = no preference).
 #
 #   m3 distill-embedder EMB --idf-corpus SYNTH/kb.parquet --dims 128   # SYNTH: m3 synth --people 2000 --seed 0
-#   EMB=… OUT=out/gpu-proof-small bash bench/gpu_proof_small.sh
+#   EMB=… OUT=out/gpu-proof-small bash research/gpu_proof_small.sh
 #
 # A static embedder stands in for MiniLM (the GPU machine has no network and takes 64 MiB per
 # call): in the evaluations the prompt's chunk finds the asked person first for 0.81 of the

@@ -3,7 +3,7 @@
 #
 # Two runs side by side on one GPU, each STEPS steps (8 x 256 tokens, as on the CPU) from the
 # sample model x8 on the question-answer text of fresh people whose names are the proof's own
-# (`python bench/fresh_people.py D 6000 11`), each chunk reading its top-1 and 4 title
+# (`python research/fresh_people.py D 6000 11`), each chunk reading its top-1 and 4 title
 # neighbours (RET: the retrieval.npy of a 1-step `m3 pretrain … --stage continual
 # --refs-per-chunk 5 --distractors title --prev-chunks 0 --align-docs --seed 1`, made with
 # MiniLM on the CPU):
@@ -15,7 +15,7 @@
 # evaluated on the CPU with MiniLM (the GPU machine cannot take MiniLM): encode the proof's KB
 # with each, then `m3 eval` on 500 unseen-people questions with 5 memories and with the top-1.
 #
-#   D=.gpu/d RET=.gpu/rd.train/retrieval.npy EMB=.gpu/p4/synth-static OUT=$OUT bash bench/gpu_name_loss.sh
+#   D=.gpu/d RET=.gpu/rd.train/retrieval.npy EMB=.gpu/p4/synth-static OUT=$OUT bash research/gpu_name_loss.sh
 #
 # STEPS=2 on a CPU is a dry run (1 minute). Recorded: bench/results/h100-name-loss.json, README.
 set -uo pipefail
@@ -33,7 +33,7 @@ $PY -m m3cli encode "$D/kb.parquet" -o "$W/kb-d.m3bank" -m samples/model --embed
 echo "[$(( $(date +%s) - START )) s] bank encoded"
 run() {
   local name=$1; shift
-  $PY bench/memory_reading.py train -o "$W/$name" --init-from samples/model --corpus "$D/train.parquet" \
+  $PY research/memory_reading.py train -o "$W/$name" --init-from samples/model --corpus "$D/train.parquet" \
     --bank "$W/kb-d.m3bank" --retrievals "$RET" --refs-per-chunk 5 --steps "$STEPS" --seed 1 --force "$@" \
     > "$OUT/$name.log" 2>&1
   echo "[$(( $(date +%s) - START )) s] $name exited $?: $(tail -1 "$OUT/$name.log")"
