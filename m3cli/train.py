@@ -32,10 +32,10 @@ from .train_data import PAD as PAD  # the data half of training; PAD is imported
 from .train_data import (
     ReferenceTokens,
     batch_indices,
+    cached_retrievals,
     continual_memory,
     pack_sequences,
     pad_fill,
-    retrieve_for_chunks,
     split_rows,
 )
 
@@ -167,67 +167,19 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, ...] | None:
     return layers
 
 
-# --- the loop -----------------------------------------------------------------------------------
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _set_trainable(model, what: str) -> None:
-    if what == "all":
-        return
-    mem = set(model.config.mem_layers)
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        p.requires_grad = (
-            parts[0] == "layers" and int(parts[1]) in mem and parts[2] == "attn"
-        ) or name == "memory_score_gain"
-
-
-def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_progress: bool = True, log=print) -> dict:
-    """Run one stage; returns a summary. The model dir `args.output` is written at the end;
-    checkpoints, metrics.jsonl and the chunk retrievals live in the state dir."""
-    from accelerate import Accelerator
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from safetensors.torch import load_file, save_file
-
-    from .atomic import atomic_dir, atomic_file
-    from .checkpoint import is_model_dir, load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
+# --- the model -----------------------------------------------------------------------------------
+def build_model(args: TrainArgs, texts: list[str], state_dir: Path, resume: bool, log=print):
+    """The model a stage starts from, on the CPU in float32: --init-from's weights, or a preset's
+    shape with random weights and a BPE tokenizer trained on the corpus (saved in the state dir,
+    so a resumed run tokenizes as before); then the memory options of this run and, with
+    --memory-score-prior, the prior's zero gains. Returns (model, tokenizer, the fingerprint of
+    --init-from or None)."""
+    from .atomic import atomic_dir
+    from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint, new_model
     from .config import preset
-    from .corpus import read_corpus
-    from .device import resolve_device
-    from .checkpoint import new_model
     from .tokenizer import train_bpe
 
-    args.check()
-    if args.train == "reader":
-        from .reader_train import train_reader
-
-        return train_reader(args, resume=resume, force=force, show_progress=show_progress, log=log)
-    out = Path(args.output)
-    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".train")
-    if out.exists() and not force and not resume:
-        raise M3Error(f"{out} already exists; pass --force to replace it (or --resume to continue a run)")
-    if out.exists() and not is_model_dir(out):
-        raise M3Error(f"{out} exists and is not a model dir m3 wrote; refusing to replace it")
-    texts = [d.text for d in read_corpus(args.corpus) if d.text.strip()]
-    if not texts:
-        raise M3Error(f"the corpus {args.corpus} holds no text")
-    device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # accelerate uses the current device
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
-    device = accelerator.device
     old_fingerprint = None
-
-    # model and tokenizer
     if args.init_from is not None:
         tokenizer = load_tokenizer(args.init_from)
         model = load_model_dir(args.init_from, "cpu", torch.float32)
@@ -261,6 +213,134 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         )
     if args.score_prior and model.enable_score_prior():
         log("added the retriever-score prior (zero gains: the model reads as before until trained)")
+    return model, tokenizer, old_fingerprint
+
+
+# --- the run's state on disk ------------------------------------------------------------------------
+class RunState:
+    """A run's checkpoint (weights as safetensors, the optimizer's tensors, the step) and its
+    metrics.jsonl in the state dir. `key` is what must match for --resume to continue."""
+
+    def __init__(self, state_dir: Path, key: dict) -> None:
+        self.dir, self.key = state_dir, key
+        self.ckpt = state_dir / "checkpoint"
+        self.metrics_path = state_dir / "metrics.jsonl"
+
+    def restore(self, model, resume: bool, steps: int, log=print) -> int:
+        """Load the checkpoint into `model` when resuming; returns the step to start from. Metrics
+        logged after the checkpoint are dropped (those steps are redone); a fresh run starts them anew."""
+        from safetensors.torch import load_file
+
+        from .atomic import atomic_file
+
+        if resume and (self.ckpt / "state.json").is_file():
+            saved = json.loads((self.ckpt / "state.json").read_text())
+            if saved.get("key") != self.key:
+                raise M3Error(f"{self.dir} holds a run with other settings; run without --resume (and --force)")
+            model.load_state_dict(load_file(str(self.ckpt / "model.safetensors")))
+            start = int(saved["step"])
+            log(f"resuming at step {start} of {steps}")
+            if self.metrics_path.is_file():
+                kept = [
+                    ln
+                    for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start
+                ]
+                with atomic_file(self.metrics_path) as f:
+                    f.write("".join(k + "\n" for k in kept).encode())
+            return start
+        if not resume:
+            self.metrics_path.unlink(missing_ok=True)
+        return 0
+
+    def restore_optimizer(self, optimizer) -> None:
+        optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
+
+    def save(self, step: int, model, optimizer) -> None:
+        """Weights, optimizer and step, replacing the previous checkpoint whole (atomic dir)."""
+        from safetensors.torch import save_file
+
+        from .atomic import atomic_dir
+
+        with atomic_dir(self.ckpt, overwrite=True, replaceable=lambda d: (d / "state.json").is_file()) as tmp:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                str(tmp / "model.safetensors"),
+            )
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "key": self.key}))
+
+
+# --- the step --------------------------------------------------------------------------------------
+def step_loss(model, raw, x, y, idx, chunk_refs, chunk_scores, ref_tokens, args: TrainArgs, device):
+    """The LM loss of one batch (rows idx: inputs x, targets y); in the continual stage every chunk
+    reads the memories of its retrieved references, encoded now by the model being trained (raw:
+    the model without accelerate's wrapper), with the retriever-score gaps for the prior."""
+    memory = None
+    if chunk_refs is not None:
+        refs = chunk_refs[idx]
+        memory = continual_memory(raw, torch.from_numpy(refs), ref_tokens, args.seq_len, args.detach_memory)
+        if memory is not None and chunk_scores is not None:
+            memory.scores = score_gaps(refs, chunk_scores[idx][:, :, : refs.shape[2]]).to(device)
+    logits = model(x, memory=memory)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_trainable(model, what: str) -> None:
+    if what == "all":
+        return
+    mem = set(model.config.mem_layers)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        p.requires_grad = (
+            parts[0] == "layers" and int(parts[1]) in mem and parts[2] == "attn"
+        ) or name == "memory_score_gain"
+
+
+def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_progress: bool = True, log=print) -> dict:
+    """Run one stage; returns a summary. The model dir `args.output` is written at the end;
+    checkpoints, metrics.jsonl and the chunk retrievals live in the state dir."""
+    from accelerate import Accelerator
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .checkpoint import is_model_dir, model_fingerprint, save_model_dir
+    from .corpus import read_corpus
+    from .device import resolve_device
+
+    args.check()
+    if args.train == "reader":
+        from .reader_train import train_reader
+
+        return train_reader(args, resume=resume, force=force, show_progress=show_progress, log=log)
+    out = Path(args.output)
+    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".train")
+    if out.exists() and not force and not resume:
+        raise M3Error(f"{out} already exists; pass --force to replace it (or --resume to continue a run)")
+    if out.exists() and not is_model_dir(out):
+        raise M3Error(f"{out} exists and is not a model dir m3 wrote; refusing to replace it")
+    texts = [d.text for d in read_corpus(args.corpus) if d.text.strip()]
+    if not texts:
+        raise M3Error(f"the corpus {args.corpus} holds no text")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # accelerate uses the current device
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    device = accelerator.device
+
+    model, tokenizer, old_fingerprint = build_model(args, texts, state_dir, resume, log)
     cfg = model.config
     if args.seq_len > cfg.context_length:
         raise M3Error(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.context_length}")
@@ -269,86 +349,16 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     )
     fill = pad_fill(tokenizer)
 
-    # resume state
     state_dir.mkdir(parents=True, exist_ok=True)
     key = {**args.key(), "corpus_rows": _sha(rows[:, :8].tolist()), "n_rows": int(rows.shape[0])}
-    ckpt = state_dir / "checkpoint"
-    start_step = 0
-    if resume and (ckpt / "state.json").is_file():
-        saved = json.loads((ckpt / "state.json").read_text())
-        if saved.get("key") != key:
-            raise M3Error(f"{state_dir} holds a run with other settings; run without --resume (and --force)")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        start_step = int(saved["step"])
-        log(f"resuming at step {start_step} of {args.steps}")
-        metrics_path = state_dir / "metrics.jsonl"
-        if metrics_path.is_file():  # drop rows logged after the checkpoint: they are redone
-            kept = [
-                ln
-                for ln in metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= start_step
-            ]
-            with atomic_file(metrics_path) as f:
-                f.write("".join(k + "\n" for k in kept).encode())
-    elif not resume:
-        metrics_path = state_dir / "metrics.jsonl"
-        metrics_path.unlink(missing_ok=True)
-
+    run_state = RunState(state_dir, key)
+    start_step = run_state.restore(model, resume, args.steps, log)
     chunk_refs = chunk_scores = ref_tokens = None
     if args.stage == "continual":
-        if not cfg.reference_prefix_ids:
-            raise M3Error("the model has no reference prefix; it cannot read memory")
-        from .bank import Bank, require_same_model
-
-        with Bank(Path(args.bank)) as b:  # only its text and index are used, but it must be this model's
-            if old_fingerprint is not None:
-                require_same_model(b, old_fingerprint)
-        cache = state_dir / "retrieval.npy"
-        score_cache = state_dir / "retrieval-scores.npy"  # only for a model with the retriever-score prior
-        cache_key = state_dir / "retrieval.json"
-        want_scores = cfg.memory_score_prior
-        rkey = {
-            "key": key,
-            "bank": str(Path(args.bank).resolve()),
-            "bank_size": Path(args.bank).stat().st_size,
-            "embedder": args.embedder,
-            **({"scores": True} if want_scores else {}),
-        }
-        if (
-            cache.is_file()
-            and cache_key.is_file()
-            and json.loads(cache_key.read_text()) == rkey
-            and (score_cache.is_file() or not want_scores)
-        ):
-            chunk_refs = np.load(cache, allow_pickle=False)
-            chunk_scores = np.load(score_cache, allow_pickle=False) if want_scores else None
-            if chunk_scores is not None and chunk_scores.shape != chunk_refs.shape:
-                raise M3Error(f"{score_cache} does not match {cache}; delete both to retrieve again")
-        else:
-            found = retrieve_for_chunks(
-                rows,
-                tokenizer,
-                Path(args.bank),
-                cfg.chunk_length,
-                args.max_overlap,
-                device,
-                log,
-                model_dir=args.init_from,
-                k=args.refs_per_chunk,
-                distractors=args.distractors,
-                encoder=args.embedder,
-                with_scores=want_scores,
-            )
-            chunk_refs, chunk_scores = found if want_scores else (found, None)
-            with atomic_file(cache) as tmp:
-                np.save(tmp, chunk_refs, allow_pickle=False)
-            if want_scores:
-                with atomic_file(score_cache) as tmp:
-                    np.save(tmp, chunk_scores, allow_pickle=False)
-            with atomic_file(cache_key) as f:
-                f.write(json.dumps(rkey).encode())
+        chunk_refs, chunk_scores = cached_retrievals(
+            args, rows, tokenizer, cfg, key, state_dir, device, old_fingerprint, log
+        )
         ref_tokens = ReferenceTokens(Path(args.bank), tokenizer, cfg.reference_length)
-
     _set_trainable(model, args.train)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -361,19 +371,13 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         betas=(0.9, 0.95),
     )
     if start_step:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        run_state.restore_optimizer(optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
     def save_checkpoint(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        with atomic_dir(ckpt, overwrite=True, replaceable=lambda d: (d / "state.json").is_file()) as tmp:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors")
-            )
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
+        if accelerator.is_main_process:
+            run_state.save(step, raw, optimizer)
 
     console = Console(stderr=True)
     progress = Progress(
@@ -410,18 +414,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
                 )
                 x, y = split_rows(torch.from_numpy(rows[idx]).to(device), fill)
                 with accelerator.autocast():
-                    memory = None
-                    if chunk_refs is not None:
-                        refs = chunk_refs[idx]
-                        memory = continual_memory(
-                            raw, torch.from_numpy(refs), ref_tokens, args.seq_len, args.detach_memory
-                        )
-                        if memory is not None and chunk_scores is not None:
-                            memory.scores = score_gaps(refs, chunk_scores[idx][:, :, : refs.shape[2]]).to(device)
-                    logits = model(x, memory=memory)
-                    loss = F.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
-                    )
+                    loss = step_loss(model, raw, x, y, idx, chunk_refs, chunk_scores, ref_tokens, args, device)
                 accelerator.backward(loss)
                 if args.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, args.grad_clip)

@@ -6,6 +6,7 @@ same batches.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -211,3 +212,64 @@ def continual_memory(model, chunk_refs: torch.Tensor, ref_tokens: ReferenceToken
         sink=sink if not detach else sink.detach(),
         visible=visible,
     )
+
+
+def cached_retrievals(
+    args, rows: np.ndarray, tokenizer, cfg, key: dict, state_dir: Path, device, old_fingerprint: str | None, log=print
+):
+    """The continual stage's references per (row, chunk, rank) and, for a model with the
+    retriever-score prior, their scores: retrieved once before training (`retrieve_for_chunks`) and
+    kept in the state dir, reused while the run's key, the bank and the embedder are the same."""
+    from .atomic import atomic_file
+    from .bank import Bank, require_same_model
+
+    if not cfg.reference_prefix_ids:
+        raise M3Error("the model has no reference prefix; it cannot read memory")
+    with Bank(Path(args.bank)) as b:  # only its text and index are used, but it must be this model's
+        if old_fingerprint is not None:
+            require_same_model(b, old_fingerprint)
+    cache = state_dir / "retrieval.npy"
+    score_cache = state_dir / "retrieval-scores.npy"  # only for a model with the retriever-score prior
+    cache_key = state_dir / "retrieval.json"
+    want_scores = cfg.memory_score_prior
+    rkey = {
+        "key": key,
+        "bank": str(Path(args.bank).resolve()),
+        "bank_size": Path(args.bank).stat().st_size,
+        "embedder": args.embedder,
+        **({"scores": True} if want_scores else {}),
+    }
+    if (
+        cache.is_file()
+        and cache_key.is_file()
+        and json.loads(cache_key.read_text()) == rkey
+        and (score_cache.is_file() or not want_scores)
+    ):
+        chunk_refs = np.load(cache, allow_pickle=False)
+        chunk_scores = np.load(score_cache, allow_pickle=False) if want_scores else None
+        if chunk_scores is not None and chunk_scores.shape != chunk_refs.shape:
+            raise M3Error(f"{score_cache} does not match {cache}; delete both to retrieve again")
+    else:
+        found = retrieve_for_chunks(
+            rows,
+            tokenizer,
+            Path(args.bank),
+            cfg.chunk_length,
+            args.max_overlap,
+            device,
+            log,
+            model_dir=args.init_from,
+            k=args.refs_per_chunk,
+            distractors=args.distractors,
+            encoder=args.embedder,
+            with_scores=want_scores,
+        )
+        chunk_refs, chunk_scores = found if want_scores else (found, None)
+        with atomic_file(cache) as tmp:
+            np.save(tmp, chunk_refs, allow_pickle=False)
+        if want_scores:
+            with atomic_file(score_cache) as tmp:
+                np.save(tmp, chunk_scores, allow_pickle=False)
+        with atomic_file(cache_key) as f:
+            f.write(json.dumps(rkey).encode())
+    return chunk_refs, chunk_scores
