@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from m3cli.attention import Memory
 from m3cli.bank import Bank
 from m3cli.checkpoint import load_model_dir, load_tokenizer
-from m3cli.encode import encode_corpus
+from m3cli.encoding import encode_corpus
 
 
 def main() -> None:

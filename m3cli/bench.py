@@ -87,7 +87,7 @@ def synthetic_setup(
     from .checkpoint import model_fingerprint, save_model_dir
     from .config import preset as get_preset
     from .corpus import reference_ids
-    from .encode import bank_header
+    from .encoding import bank_header
     from .retrieval import EMB_SECTION, INDEX_SECTION, build_index
     from .checkpoint import new_model
     from .tokenizer import train_bpe

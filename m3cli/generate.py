@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +25,8 @@ import torch
 from .attention import KVCache, Memory, chunk_visibility, score_gaps
 from .errors import M3Error
 from .retrieval import check_max_gap
+from .memory_cache import MemoryCache  # noqa: F401 (imported from here too)
+from .chat import chat_queries, user_token_mask  # noqa: F401 (imported from here too)
 
 MODES = ("memory", "none", "rag")
 
@@ -119,7 +121,7 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos", "length" (max new tokens) or "context" (the context is full)
+    finish_reason: str  # "eos", "length" (max new tokens), "context" (the context is full) or "cancelled"
     chunks: list[ChunkRecord] = field(default_factory=list)
 
     def to_json(self, mode: str) -> dict:
@@ -132,53 +134,6 @@ class Completion:
             "finish_reason": self.finish_reason,
             "chunks": [c.to_json() for c in self.chunks],
         }
-
-
-# --- memories: bank -> LRU cache -> Memory ---------------------------------------------------
-class MemoryCache:
-    """Decoded memories of recently used references, on the model's device, least recently
-    used evicted first. `get` decodes all missing references of a call in one bank read."""
-
-    def __init__(self, bank, device: torch.device, dtype: torch.dtype, capacity: int = 4096) -> None:
-        self.bank, self.device, self.dtype, self.capacity = bank, device, dtype, capacity
-        self._items: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, refs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        missing = sorted({r for r in refs if r not in self._items})
-        self.hits += len(refs) - sum(1 for r in refs if r in missing)
-        self.misses += len(missing)
-        if missing:
-            enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
-            if not torch.isfinite(enc.kv).all():
-                raise M3Error(
-                    f"{self.bank.path}: a retrieved memory holds values that are not finite numbers "
-                    "(the file is damaged; see m3 inspect --verify)"
-                )
-            for j, r in enumerate(missing):  # clones: a view would keep the whole decoded batch alive
-                self._items[r] = (enc.kv[j].clone(), enc.valid[j].clone())
-        out = []
-        for r in refs:
-            self._items.move_to_end(r)
-            out.append(self._items[r])
-        while len(self._items) > max(self.capacity, len(set(refs))):
-            self._items.popitem(last=False)
-        return out
-
-    def stack(self, per_sequence: list[list[int]], n_slots: int, shape) -> tuple:
-        """(kv (B, S, ...), valid (B, S, ...)) with sequence b's references in its first slots."""
-        B = len(per_sequence)
-        L, two, H, K, D = shape
-        kv = torch.zeros((B, n_slots, L, two, H, K, D), dtype=self.dtype, device=self.device)
-        valid = torch.zeros((B, n_slots, L, H, K), dtype=torch.bool, device=self.device)
-        flat = [r for refs in per_sequence for r in refs if r is not None]
-        got = iter(self.get(flat))
-        for b, refs in enumerate(per_sequence):
-            for s, r in enumerate(refs):
-                if r is None:
-                    continue
-                kv[b, s], valid[b, s] = next(got)
-        return kv, valid
 
 
 def _sample(logits: torch.Tensor, opts: Options, gen: torch.Generator | None) -> torch.Tensor:
@@ -196,51 +151,6 @@ def _sample(logits: torch.Tensor, opts: Options, gen: torch.Generator | None) ->
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
-
-
-def user_token_mask(tokenizer, prompt: str, text: str) -> list[bool] | None:
-    """Which tokens of `text` (the prompt in the chat template) hold the user's text: memory
-    mode's prompt chunks retrieve with those alone, not with the template's system prompt and
-    role names, which would otherwise outweigh a short question. None where the user's text
-    cannot be located in the template verbatim (chunks then retrieve with all their text)."""
-    if not prompt:
-        return None
-    marker = "\u2063m3-user-text\u2063"  # where the template puts the content, whatever it repeats
-    marked = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-    )
-    start = marked.find(marker)
-    if (
-        start < 0
-        or marked.count(marker) != 1
-        or text[:start] != marked[:start]
-        or text[start : start + len(prompt)] != prompt
-    ):
-        return None
-    end = start + len(prompt)
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
-        return None
-    return [s < end and e > start for s, e in enc["offset_mapping"]]
-
-
-def chat_queries(
-    tokenizer, ids: list[int], users: list[bool], spans: list[tuple[int, int]], chunk_length: int
-) -> list[str | None]:
-    """Retrieval queries of a chat prompt's chunks: each chunk's user tokens; a chunk after the
-    user's text with none of it (the template's closing tokens) uses the last chunk_length
-    user tokens before it, so the answer still reads memories of the question; a chunk before
-    it (system prompt only) gets None: no retrieval, no memories."""
-    out: list[str | None] = []
-    for s, e in spans:
-        own = [t for t, u in zip(ids[s:e], users[s:e]) if u]
-        if not own:
-            before = [t for t, u in zip(ids[:s], users[:s]) if u][-chunk_length:]
-            out.append(tokenizer.decode(before, skip_special_tokens=True) if before else None)
-        else:
-            out.append(tokenizer.decode(own, skip_special_tokens=True))
-    return out
 
 
 @dataclass
@@ -430,11 +340,16 @@ class Generator:
         on_text=None,
         forced_ids: list[list[int]] | None = None,
         first_number: int = 1,
+        max_new_tokens: list[int] | None = None,
+        stop=None,
     ) -> list[Completion]:
         """Complete each prompt. on_text(b, piece) receives text as it is generated.
 
         forced_ids: token ids to use instead of tokenizing the prompts (benchmarks).
         first_number: how errors number the first prompt of this batch (1-based, for messages).
+        max_new_tokens: per prompt, at most opts.max_new_tokens each (a server's batch of requests).
+        stop(b) -> bool: asked after every token; True ends sequence b there ("cancelled": its
+        client went away), the others go on.
         """
         opts.check()
         if opts.mode != "none" and self.retriever is None:
@@ -497,8 +412,9 @@ class Generator:
         # decoding; each sequence may fill its own context (a short prompt batched with a long one is not cut)
         rows = []
         for b, n in enumerate(lengths):
-            limit = min(opts.max_new_tokens, cfg.context_length - n)
-            rows.append(_Row(limit, "length" if limit == opts.max_new_tokens else "context", chunks[b]))
+            wanted = opts.max_new_tokens if max_new_tokens is None else min(max_new_tokens[b], opts.max_new_tokens)
+            limit = min(wanted, cfg.context_length - n)
+            rows.append(_Row(limit, "length" if limit == wanted else "context", chunks[b]))
         if opts.mode == "memory":  # the first decoded chunk inherits the last prompt chunk's memories
             for row in rows:
                 row.hits = row.chunks[-1].hits
@@ -512,7 +428,7 @@ class Generator:
         for step in range(steps):
             token = _sample(logits, opts, gen)
             out[:, step] = token
-            if opts.stop_at_eos or on_text is not None:
+            if opts.stop_at_eos or on_text is not None or stop is not None:
                 toks = token.tolist()
                 for b, row in enumerate(rows):
                     if row.done:
@@ -522,6 +438,9 @@ class Generator:
                         continue
                     if opts.stop_at_eos and toks[b] in self.eos:
                         row.done, row.finish = True, "eos"
+                        continue
+                    if stop is not None and stop(b):
+                        row.done, row.finish = True, "cancelled"
                         continue
                     row.n_out = step + 1
                     if on_text is not None:

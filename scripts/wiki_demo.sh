@@ -23,7 +23,7 @@ $PY scripts/country_task.py -o out/countries --filler 300
 
 echo; echo "== m3 encode: the corpus -> out/countries.m3bank (memories by SmolLM2, MiniLM index)"
 $M3 encode out/countries/corpus.jsonl -o out/countries.m3bank --model out/smollm2 --force -q
-$M3 search out/countries.m3bank "What is the capital of Peru?" -k 2
+$M3 search --bank out/countries.m3bank "What is the capital of Peru?" --memories 2
 
 echo; echo "== m3 eval: $LIMIT capital-city questions, closed book / memory / RAG (chat template)"
 $M3 eval --model out/smollm2 --bank out/countries.m3bank --qa out/countries/countries.jsonl --chat \

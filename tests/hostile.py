@@ -52,7 +52,7 @@ def build_seeds(workdir: Path) -> list[Path]:
     """Three small banks of the sample model's memories: bf16 with a Flat index, int8 with
     HNSW, vq with IVF; all indexed with the model itself (the `self` embedder)."""
     from m3cli.embed import load_embedder
-    from m3cli.encode import encode_corpus
+    from m3cli.encoding import encode_corpus
     from m3cli.retrieval import index_bank
 
     corpus = workdir / "corpus.jsonl"

@@ -138,7 +138,7 @@ def test_spec_constants_match_the_code():
 
 def test_spec_lists_every_header_key_the_encoder_writes():
     from m3cli.config import preset
-    from m3cli.encode import bank_header
+    from m3cli.encoding import bank_header
 
     written = set(bank_header(preset("tiny").replace(reference_prefix_ids=(1,)), "sha256:x"))
     written |= {

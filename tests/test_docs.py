@@ -115,10 +115,19 @@ def test_files_the_docs_name_exist():
 def test_every_readme_code_block_is_run_somewhere():
     """The README's bash blocks: the set-up block is what CI itself runs (`make test`, after `make
     setup`; `make demo` is the same set-up plus scripts/demo.sh), and the blocks of "Use it on your
-    documents" are run line by line by tests/test_usedby.py. A new block needs a test too."""
+    documents" and "Serve over HTTP" are run line by line by tests/test_usedby.py. A new block
+    needs a test too."""
     blocks = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
-    used_by = README.split("## Use it on your documents", 1)[1].split("\n## ", 1)[0]
+    used_by = "".join(
+        README.split(f"## {h}", 1)[1].split("\n## ", 1)[0] for h in ("Use it on your documents", "Serve over HTTP")
+    )
+    python_example = re.findall(
+        r"```python\n(.*?)```", (Path(__file__).parent.parent / "docs" / "python.md").read_text(), flags=re.S
+    )
     for lang, body in blocks:
+        if lang == "python":  # tests/test_api.py runs docs/python.md's example, which this must be
+            assert [body] == python_example
+            continue
         assert lang == "bash", f"README code block in {lang or 'no language'}: say what runs it"
         lines = [line.split("  # ")[0].strip() for line in body.splitlines() if line.strip()]
         if lines == ["make demo", "make test"]:

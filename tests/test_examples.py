@@ -32,6 +32,7 @@ ORDER = [
     "score",
     "generate",
     "eval",
+    "serve",
     "bench",
     "synth",
     "pretrain",
@@ -120,19 +121,23 @@ def test_every_help_example_runs_as_written(tmp_path):
     env = _sandbox(work)
     examples = help_examples()
     ran = 0
-    for name in ORDER:
-        for line in examples[name]:
-            out = subprocess.run(
-                ["bash", "-c", f"set -o pipefail; {line}"],
-                cwd=work,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert out.returncode == 0, (line, out.stdout[-2000:], out.stderr[-4000:])
-            assert "Traceback" not in out.stderr, (line, out.stderr[-4000:])
-            if "| jq" in line or "--json" in line:
-                assert out.stdout.strip(), line  # a JSON example printed something
-            ran += 1
+    try:
+        for name in ORDER:
+            for line in examples[name]:
+                out = subprocess.run(
+                    ["bash", "-c", f"set -o pipefail; {line}"],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
+                assert out.returncode == 0, (line, out.stdout[-2000:], out.stderr[-4000:])
+                assert "Traceback" not in out.stderr, (line, out.stderr[-4000:])
+                if "| jq" in line or "--json" in line:
+                    assert out.stdout.strip(), line  # a JSON example printed something
+                ran += 1
+    finally:  # a server an example started and a failure left running
+        if (work / "serve.pid").is_file():
+            subprocess.run(["bash", "-c", 'kill "$(cat serve.pid)" 2>/dev/null || true'], cwd=work)
     assert ran == sum(len(v) for v in examples.values()) >= 30

@@ -53,7 +53,7 @@ def test_interrupted_encode_resumes_to_identical_bytes(model_dir, tmp_path, monk
 
     monkeypatch.setattr(BankWriter, "checkpoint", counting)
     monkeypatch.setattr(BankWriter, "end_document", interrupted)
-    monkeypatch.setattr("m3cli.encode.CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr("m3cli.encoding.CHECKPOINT_SECONDS", 0.0)
     result = m3("encode", "--index", "none", c, "-o", target, "-m", model_dir, "--batch-size", "4", "-q")
     assert result.exit_code == 130 and "--resume" in result.stderr
     assert not target.exists() and (tmp_path / ".kb.m3bank.partial").is_dir()

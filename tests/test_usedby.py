@@ -308,6 +308,18 @@ def test_the_used_by_commands_run_verbatim_on_the_default_model(tmp_path):
     assert env_info["default_model_ready"] and env_info["default_model_fingerprint"] == bank["model_fingerprint"]
     pipes = [line for line in ran if "| jq" in line]
     assert all(ran[line].strip() for line in pipes), ran
+    # the README's server block, as written, on the same bank: start, ask with curl, stop
+    served = {}
+    try:
+        for line in _readme_block("Serve over HTTP"):
+            out = _run(line, work, env, timeout=300)
+            assert out.returncode == 0, (line, out.stdout, out.stderr, (work / "serve.log").read_text()[-2000:])
+            served[line] = out.stdout
+    finally:
+        if (work / "serve.pid").is_file():
+            _run('kill "$(cat serve.pid)" 2>/dev/null || true', work, env)
+    answer = next(out for line, out in served.items() if "curl" in line and "chat/completions" in line)
+    assert answer.strip().splitlines()[-1] in {r["title"] for r in rows}  # the first reference read
 
 
 JQ_SHIM = r"""

@@ -14,6 +14,7 @@ from ..default_model import choose_model, model_hint, resolve_bank, resolve_mode
 from ..errors import M3Error
 from ..output import terminal_safe
 from .common import (
+    click,
     DeviceOpt,
     DtypeOpt,
     EmbedderOpt,
@@ -134,7 +135,7 @@ def encode(
 
     single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     with output_lock(output) if single else contextlib.nullcontext():  # one writer: encode and index alike
-        from ..encode import encode_corpus
+        from ..encoding import encode_corpus
 
         try:
             summary = encode_corpus(
@@ -159,15 +160,7 @@ def encode(
             raise typer.Exit(130)
         if summary is None:  # the non-main processes of a sharded encode
             return
-        report = {
-            "output": str(summary.path),
-            "documents": summary.documents,
-            "references": summary.references,
-            "tokens": summary.tokens,
-            "codec": summary.codec,
-            "fingerprint": summary.fingerprint,
-            "index": None,
-        }
+        report = summary.to_json()
         if not as_json:
             typer.echo(
                 f"wrote {summary.path}: {summary.documents} documents, {summary.references} references, "
@@ -436,11 +429,13 @@ def search(
     from ..retrieval import Retriever, query_embedder
 
     if len(words) > 2:
-        raise M3Error("give one query (quote it) and at most one bank: m3 search [BANK] QUERY")
+        raise click.UsageError("give one query (quote it) and at most one bank: m3 search [BANK] QUERY")
     if len(words) == 2:
         if bank is not None:
-            raise M3Error("give the bank once: m3 search --bank BANK QUERY")
+            raise click.UsageError("give the bank once: m3 search --bank BANK QUERY")
         bank = Path(words[0])
+    elif words[0].endswith(".m3bank") and Path(words[0]).is_file():
+        raise click.UsageError(f"no query: m3 search {words[0]} QUERY (or - for queries on standard input)")
     query = words[-1]
     bank = resolve_bank(bank)
     if bank is None:

@@ -26,6 +26,11 @@ try:  # typer >= 0.26 carries its own copy of click, whose classes and exception
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import core as _core, exceptions as _exceptions, globals as _globals  # type: ignore[no-redef]
 
+
+class _NoSuchError(Exception):
+    """Stands in for an exception class an older click does not have (nothing raises it)."""
+
+
 # the parts of click m3 uses, from whichever copy typer runs on
 click = SimpleNamespace(
     Command=_core.Command,
@@ -36,7 +41,7 @@ click = SimpleNamespace(
     UsageError=_exceptions.UsageError,
     BadParameter=_exceptions.BadParameter,
     ClickException=_exceptions.ClickException,
-    NoArgsIsHelpError=_exceptions.NoArgsIsHelpError,
+    NoArgsIsHelpError=getattr(_exceptions, "NoArgsIsHelpError", _NoSuchError),  # click < 8.2 has none
     Abort=typer.Abort,
     get_current_context=_globals.get_current_context,
 )
@@ -101,6 +106,9 @@ class M3Group(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except M3Error as e:  # raised while the command line was read (e.g. a recipe that is not valid)
+            typer.echo(f"m3: error: {_one_line(str(e))}", err=True)
+            sys.exit(EXIT_ERROR)
         except click.NoArgsIsHelpError as e:
             typer.echo(e.ctx.get_help() if e.ctx is not None else str(e))
             sys.exit(EXIT_USAGE)
@@ -225,7 +233,7 @@ def output_path(output: Optional[Path], old_positional: Optional[Path], command:
     """-o/--output, or the positional OUT_DIR of earlier releases (with a note)."""
     if old_positional is not None:
         if output is not None:
-            raise M3Error("give the output once: -o OUT_DIR")
+            raise click.UsageError("give the output once: -o OUT_DIR")
         warn(f"m3 {command} OUT_DIR is deprecated; use m3 {command} -o OUT_DIR (the old form goes in m3 {REMOVED_IN})")
         return old_positional
     if output is None:

@@ -1,6 +1,6 @@
 """docs/cli.md, written from the commands themselves (their options, defaults, help and examples),
 so that the reference cannot drift from the code: `python -m m3cli.cli.reference > docs/cli.md`
-(tests/test_docs.py checks that the file is what this prints)."""
+(tests/test_cli.py checks that the file is what this prints)."""
 
 from __future__ import annotations
 

@@ -82,8 +82,11 @@ def synth(
 # --- recipes ----------------------------------------------------------------------------------
 def read_recipe(path: Path, command: click.Command) -> dict[str, Any]:
     """A recipe: a TOML table of `m3 pretrain` settings, named as the options are (`batch-size` or
-    `batch_size`), plus `corpus`. Flags on the command line override it."""
-    import tomllib
+    `batch_size`, `compile`, `json`), plus `corpus`. Flags on the command line override it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
 
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -92,19 +95,25 @@ def read_recipe(path: Path, command: click.Command) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise M3Error(f"{path} is not valid TOML: {e}") from None
     data.pop("description", None)
-    names = {p.name: p for p in command.params if p.name not in ("config", "help")}
+    names: dict[str, click.Parameter] = {}
+    for p in command.params:
+        if p.name in ("config", "help"):
+            continue
+        names[str(p.name)] = p  # `corpus`, and the option's own name
+        for opt in getattr(p, "opts", []):
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = p
     out: dict[str, Any] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
-        param = names.get(name)
+        param = names.get(str(key).replace("-", "_"))
         if param is None:
-            known = ", ".join(sorted(n.replace("_", "-") for n in names))
+            known = ", ".join(sorted(n.replace("_", "-") for n in names if n != "as_json" and n != "compile_model"))
             raise M3Error(f"{path}: unknown setting {key!r}; a recipe sets m3 pretrain's options: {known}")
         flag = bool(getattr(param, "is_flag", False))
         if isinstance(value, (dict, list)) or isinstance(value, bool) != flag:
             what = "true or false" if flag else "a number or a string"
             raise M3Error(f"{path}: {key} = {value!r}; it takes {what}")
-        out[name] = value
+        out[str(param.name)] = value
     return out
 
 
@@ -119,10 +128,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: Optional[str
         warn(f"--config {value} is deprecated for a preset; use --preset {value} (the old form goes in m3 0.3)")
         ctx.meta["m3.preset"] = value
         return value
-    try:
-        settings = read_recipe(Path(value), ctx.command)
-    except M3Error as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    settings = read_recipe(Path(value), ctx.command)  # a bad recipe is bad input: one line, exit 1
     ctx.default_map = {**(ctx.default_map or {}), **settings}
     return value
 

@@ -40,6 +40,18 @@ class EncodeSummary:
     codec: str
     fingerprint: str
 
+    def to_json(self) -> dict:
+        """What `m3 encode --json` prints (index: filled in by whoever indexes the bank)."""
+        return {
+            "output": str(self.path),
+            "documents": self.documents,
+            "references": self.references,
+            "tokens": self.tokens,
+            "codec": self.codec,
+            "fingerprint": self.fingerprint,
+            "index": None,
+        }
+
 
 def bank_header(cfg, fingerprint: str, model_hint: str | None = None) -> dict:
     """The model-describing part of a bank header (format_spec.md, "Header")."""

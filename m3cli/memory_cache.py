@@ -1,0 +1,57 @@
+"""Decoded memories on the model's device: the bank read through an LRU cache, so a reference
+used again costs nothing (generation re-retrieves every 64 tokens and neighbours repeat)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .errors import M3Error
+
+
+# --- memories: bank -> LRU cache -> Memory ---------------------------------------------------
+class MemoryCache:
+    """Decoded memories of recently used references, on the model's device, least recently
+    used evicted first. `get` decodes all missing references of a call in one bank read."""
+
+    def __init__(self, bank, device: torch.device, dtype: torch.dtype, capacity: int = 4096) -> None:
+        self.bank, self.device, self.dtype, self.capacity = bank, device, dtype, capacity
+        self._items: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, refs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        missing = sorted({r for r in refs if r not in self._items})
+        self.hits += len(refs) - sum(1 for r in refs if r in missing)
+        self.misses += len(missing)
+        if missing:
+            enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
+            if not torch.isfinite(enc.kv).all():
+                raise M3Error(
+                    f"{self.bank.path}: a retrieved memory holds values that are not finite numbers "
+                    "(the file is damaged; see m3 inspect --verify)"
+                )
+            for j, r in enumerate(missing):  # clones: a view would keep the whole decoded batch alive
+                self._items[r] = (enc.kv[j].clone(), enc.valid[j].clone())
+        out = []
+        for r in refs:
+            self._items.move_to_end(r)
+            out.append(self._items[r])
+        while len(self._items) > max(self.capacity, len(set(refs))):
+            self._items.popitem(last=False)
+        return out
+
+    def stack(self, per_sequence: list[list[int]], n_slots: int, shape) -> tuple:
+        """(kv (B, S, ...), valid (B, S, ...)) with sequence b's references in its first slots."""
+        B = len(per_sequence)
+        L, two, H, K, D = shape
+        kv = torch.zeros((B, n_slots, L, two, H, K, D), dtype=self.dtype, device=self.device)
+        valid = torch.zeros((B, n_slots, L, H, K), dtype=torch.bool, device=self.device)
+        flat = [r for refs in per_sequence for r in refs if r is not None]
+        got = iter(self.get(flat))
+        for b, refs in enumerate(per_sequence):
+            for s, r in enumerate(refs):
+                if r is None:
+                    continue
+                kv[b, s], valid[b, s] = next(got)
+        return kv, valid

@@ -1,0 +1,455 @@
+"""`m3 serve`: a model and its bank behind the OpenAI-compatible HTTP API (FastAPI + uvicorn).
+
+Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events, or
+whole), GET /v1/models and GET /health. Every completion carries an `m3` field that standard
+clients ignore: the mode and the references the model read (bank reference ids, document ids and
+titles, retrieval scores, share of the memory attention). A request may set `mode` (memory, rag,
+none) and `memories` beside the standard fields.
+
+Concurrent requests share one decode loop: a worker thread takes every waiting request whose
+sampling settings match the first one's (up to --max-batch-size) and generates them as one batch
+(`Generator.generate` with per-request token limits); a request whose client went away stops at
+its next token. Requests with other settings wait for the next batch.
+"""
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import M3Error
+
+MODES = ("memory", "rag", "none")
+MAX_TOKENS_DEFAULT = 128
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass
+class Job:
+    """One request in the engine: its prompt and settings, and where its output goes."""
+
+    prompt: str
+    chat: bool
+    max_tokens: int
+    mode: str
+    memories: int
+    temperature: float
+    top_p: float
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue  # ("text", piece) ..., then ("done", Completion) or ("error", RequestError)
+    stream: bool = False
+    cancelled: bool = False
+    created: float = field(default_factory=time.time)
+
+    def key(self) -> tuple:
+        """Requests with the same key can share a batch."""
+        return (self.mode, self.memories, self.temperature, self.top_p, self.seed, self.chat)
+
+    def send(self, item: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class Engine:
+    """The model, its bank and the worker thread that batches requests into one decode loop."""
+
+    def __init__(self, model, bank, max_batch: int = 16) -> None:
+        self.model, self.bank, self.max_batch = model, bank, max_batch
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.batches = 0  # decode loops run (a test reads it: concurrent requests share them)
+        self.largest_batch = 0
+        self.cancelled = 0  # requests stopped early because their client went away
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="m3-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _take_batch(self) -> list[Job]:
+        first = self.jobs.get(timeout=0.1)
+        batch, later = [first], []
+        time.sleep(0.005)  # requests that arrive together start together
+        while len(batch) < self.max_batch:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            (batch if job.key() == first.key() else later).append(job)
+        for job in later:  # another batch's settings: back in line
+            self.jobs.put(job)
+        return [j for j in batch if not j.cancelled]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._take_batch()
+            except queue.Empty:
+                continue
+            if batch:
+                self._serve(batch)
+
+    def _serve(self, batch: list[Job]) -> None:
+        """Generate one batch; a request m3 refuses (a prompt longer than the context) fails alone."""
+        from .generate import Options
+
+        first = batch[0]
+        opts = Options(
+            mode=first.mode,
+            max_new_tokens=max(j.max_tokens for j in batch),
+            temperature=first.temperature,
+            top_p=first.top_p,
+            seed=first.seed,
+            memories=first.memories,
+            chat=first.chat,
+            cite=first.mode == "memory",
+        )
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            gen = self.model.generator(self.bank if first.mode != "none" else None)
+            done = gen.generate(
+                [j.prompt for j in batch],
+                opts,
+                on_text=lambda b, piece: batch[b].send(("text", piece)),
+                max_new_tokens=[j.max_tokens for j in batch],
+                stop=lambda b: batch[b].cancelled,
+            )
+        except M3Error as e:
+            if len(batch) > 1:  # whose prompt was it? each on its own
+                for job in batch:
+                    self._serve([job])
+                return
+            first.send(("error", RequestError(400, str(e).replace("prompt 1 ", "the prompt "))))
+            return
+        except Exception as e:  # noqa: BLE001 — a bug: every request of the batch gets a 500
+            for job in batch:
+                job.send(("error", RequestError(500, f"internal error: {e}", kind="server_error")))
+            return
+        for job, completion in zip(batch, done):
+            self.cancelled += completion.finish_reason == "cancelled"
+            job.send(("done", completion))
+
+
+def _references(completion) -> list[dict]:
+    out = []
+    for rec in completion.chunks:
+        for j, h in enumerate(rec.hits):
+            r = {"ref": h.ref, "doc_id": h.doc_id, "title": h.title, "score": round(h.score, 6), "chunk": rec.chunk}
+            if rec.attention is not None and j < len(rec.attention):
+                r["attention"] = round(rec.attention[j], 6)
+            out.append(r)
+    return out
+
+
+FINISH = {"eos": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
+def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3", max_batch: int = 16):
+    """The FastAPI app serving `model` (m3cli.api.Model) with `bank` (m3cli.api.Bank or None)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    import contextlib
+
+    engine = Engine(model, bank, max_batch=max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="m3", version=_version(), lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        return JSONResponse(
+            RequestError(400, f"{where}: {first.get('msg', 'invalid request')}", where or None).body(), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse(RequestError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if given != f"Bearer {api_key}":
+                err = RequestError(
+                    401, "invalid or missing API key (Authorization: Bearer KEY)", kind="authentication_error"
+                )
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": str(model.path),
+            "fingerprint": model.fingerprint,
+            "bank": str(bank.path) if bank is not None else None,
+            "references": bank.references if bank is not None else 0,
+            "batches": engine.batches,
+            "largest_batch": engine.largest_batch,
+            "cancelled": engine.cancelled,
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "m3"}]}
+
+    async def _body(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        return body
+
+    def _job(body: dict, prompt: str, chat: bool) -> Job:
+        def number(name, default, lo, hi, kind=float):
+            v = body.get(name, default)
+            if v is None:
+                v = default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+                raise RequestError(400, f"{name} must be a number", name)
+            if not lo <= v <= hi:
+                raise RequestError(400, f"{name} must be in [{lo}, {hi}]", name)
+            return kind(v)
+
+        if body.get("model") not in (None, model_id):
+            raise RequestError(
+                404,
+                f"model {body.get('model')!r} does not exist; this server has {model_id!r}",
+                "model",
+                kind="invalid_request_error",
+            )
+        if body.get("n", 1) != 1:
+            raise RequestError(400, "n must be 1", "n")
+        mode = body.get("mode") or ("memory" if bank is not None else "none")
+        if mode not in MODES:
+            raise RequestError(400, f"mode must be one of {', '.join(MODES)}", "mode")
+        if mode != "none" and bank is None:
+            raise RequestError(400, f"mode {mode} needs a bank; this server has none (m3 serve --bank)", "mode")
+        from .generate import MAX_MEMORIES
+
+        if not isinstance(body.get("stream", False), bool):
+            raise RequestError(400, "stream must be true or false", "stream")
+        return Job(
+            prompt=prompt,
+            chat=chat,
+            stream=bool(body.get("stream")),
+            max_tokens=number(
+                "max_tokens",
+                body.get("max_completion_tokens") or MAX_TOKENS_DEFAULT,
+                1,
+                model.config.context_length,
+                int,
+            ),
+            mode=mode,
+            memories=number("memories", 5, 1, MAX_MEMORIES, int),
+            temperature=number("temperature", 0.0, 0.0, 2.0),
+            top_p=number("top_p", 1.0, 1e-6, 1.0),
+            seed=number("seed", 0, 0, 2**31 - 1, int),
+            loop=asyncio.get_running_loop(),
+            out=asyncio.Queue(),
+        )
+
+    async def _complete(request: Request, job: Job, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        engine.submit(job)
+
+        def extra(c) -> dict:
+            return {"mode": job.mode, "references": _references(c)}
+
+        def usage(c) -> dict:
+            return {
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": len(c.token_ids),
+                "total_tokens": c.prompt_tokens + len(c.token_ids),
+            }
+
+        if not job.stream:
+            try:
+                while True:
+                    kind, item = await job.out.get()
+                    if kind == "error":
+                        raise item
+                    if kind == "done":
+                        break
+            except asyncio.CancelledError:
+                job.cancelled = True
+                raise
+            c = item
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": FINISH[c.finish_reason],
+                }
+                if chat
+                else {"index": 0, "text": c.text, "logprobs": None, "finish_reason": FINISH[c.finish_reason]}
+            )
+            return {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model_id,
+                "choices": [choice],
+                "usage": usage(c),
+                "m3": extra(c),
+            }
+
+        async def events():
+            if chat:
+                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model_id,
+                        "choices": [first],
+                    }
+                )
+            while True:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    return
+                try:
+                    kind, item = await asyncio.wait_for(job.out.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                if kind == "error":
+                    yield _sse(item.body())
+                    return
+                if kind == "text":
+                    choice = (
+                        {"index": 0, "delta": {"content": item}, "finish_reason": None}
+                        if chat
+                        else {"index": 0, "text": item, "logprobs": None, "finish_reason": None}
+                    )
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": obj + (".chunk" if chat else ""),
+                            "created": created,
+                            "model": model_id,
+                            "choices": [choice],
+                        }
+                    )
+                    continue
+                c = item
+                choice = (
+                    {"index": 0, "delta": {}, "finish_reason": FINISH[c.finish_reason]}
+                    if chat
+                    else {"index": 0, "text": "", "logprobs": None, "finish_reason": FINISH[c.finish_reason]}
+                )
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj + (".chunk" if chat else ""),
+                        "created": created,
+                        "model": model_id,
+                        "choices": [choice],
+                        "usage": usage(c),
+                        "m3": extra(c),
+                    }
+                )
+                yield "data: [DONE]\n\n"
+                return
+
+        async def guarded():
+            try:
+                async for event in events():
+                    yield event
+            except (asyncio.CancelledError, GeneratorExit):
+                job.cancelled = True
+                raise
+
+        return StreamingResponse(guarded(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "prompt must be a non-empty string", "prompt")
+        job = _job(body, prompt, chat=False)
+        return await _complete(request, job, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request)
+        messages = body.get("messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")
+                for m in messages
+            )
+        ):
+            raise RequestError(
+                400,
+                "messages must be a non-empty list of {role, content} objects (roles system, user, assistant)",
+                "messages",
+            )
+        if messages[-1]["role"] != "user":
+            raise RequestError(400, "the last message must be the user's", "messages")
+        tok = model.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise RequestError(400, "this model has no chat template; use /v1/completions", "messages")
+        if len(messages) == 1:  # the question alone: its own tokens retrieve (m3 generate --chat)
+            job = _job(body, messages[0]["content"], chat=True)
+        else:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            job = _job(body, text, chat=False)
+        return await _complete(request, job, chat=True)
+
+    return app
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

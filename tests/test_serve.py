@@ -1,0 +1,174 @@
+"""`m3 serve` (m3cli/serve.py) through the official `openai` client: streamed and whole answers
+with the references read, concurrent requests decoded together, OpenAI-style 4xx errors, the
+API key, and a client that leaves mid-stream freeing its place."""
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import build_hf_checkpoint
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+DOCS = [
+    {"id": "d1", "title": "Paris", "text": "paris is the capital of france . the reference model was born in paris ."},
+    {"id": "d2", "title": "Rome", "text": "rome is the capital of italy . the answer to the question is rome ."},
+    {"id": "d3", "title": "World", "text": "hello world , the memory model is a model of memory ."},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    from m3cli import Bank, Model, encode
+    from m3cli.convert import convert
+    from m3cli.serve import create_app
+
+    d = tmp_path_factory.mktemp("serve")
+    build_hf_checkpoint(d / "hf", "llama")
+    cfg_path = d / "hf" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    cfg_path.write_text(json.dumps(cfg))
+    convert(d / "hf", d / "model")
+    encode(DOCS, d / "kb.m3bank", model=d / "model")
+    bank = Bank.open(d / "kb.m3bank")
+    model = Model.load(d / "model", bank=bank)
+    app = create_app(model, bank, api_key=KEY, max_batch=16)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=10)
+    bank.close()
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def health(url) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_whole_and_streamed_answers_carry_the_references_read(server):
+    url, _ = server
+    c = client(url)
+    ask = [{"role": "user", "content": "what is the capital of france ?"}]
+    whole = c.chat.completions.create(model="m3", messages=ask, max_tokens=8)
+    text = whole.choices[0].message.content
+    assert isinstance(text, str) and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 8
+    refs = whole.model_extra["m3"]["references"]
+    assert refs and {r["title"] for r in refs} <= {"Paris", "Rome", "World"} and all("score" in r for r in refs)
+    assert all(0 <= r["attention"] <= 1 for r in refs) and whole.model_extra["m3"]["mode"] == "memory"
+    pieces, last = [], None
+    for chunk in c.chat.completions.create(model="m3", messages=ask, max_tokens=8, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        last = chunk
+    assert "".join(pieces) == text  # greedy: the same answer, streamed
+    assert last.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.model_extra["m3"]["references"] == refs
+    plain = c.completions.create(model="m3", prompt="the capital of italy is", max_tokens=6, extra_body={"mode": "rag"})
+    assert isinstance(plain.choices[0].text, str) and plain.model_extra["m3"]["mode"] == "rag"
+    assert plain.model_extra["m3"]["references"]
+    closed = c.completions.create(
+        model="m3", prompt="the capital of italy is", max_tokens=6, extra_body={"mode": "none"}
+    )
+    assert closed.model_extra["m3"]["references"] == []
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model="m3", prompt="the capital of italy is", max_tokens=6, stream=True, extra_body={"mode": "none"}
+        )
+    )
+    assert streamed == closed.choices[0].text
+    assert [m.id for m in c.models.list().data] == ["m3"]
+
+
+def test_sixteen_concurrent_clients_share_decode_loops(server):
+    url, _ = server
+    before = health(url)
+    results, errors = [None] * 16, []
+
+    def ask(i):
+        try:
+            r = client(url).chat.completions.create(
+                model="m3", messages=[{"role": "user", "content": f"hello world {i} ?"}], max_tokens=12
+            )
+            results[i] = r.choices[0].message.content
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and all(isinstance(r, str) for r in results)
+    after = health(url)
+    assert after["largest_batch"] > 1  # requests were decoded together
+    assert after["batches"] - before["batches"] < 16
+
+
+def test_bad_requests_get_openai_style_4xx_errors_and_the_key_is_checked(server):
+    url, _ = server
+    c = client(url)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="m3", messages=[], max_tokens=4)
+    assert e.value.status_code == 400 and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="m3", messages=[{"role": "user", "content": "x"}], extra_body={"mode": "x"})
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="m3", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").models.list()
+    req = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=b"{not json",
+        method="POST",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    assert health(url)["status"] == "ok"  # /health needs no key
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_place(server):
+    url, app = server
+    engine = app.state.engine
+    before = engine.cancelled
+    stream = client(url).completions.create(
+        model="m3", prompt="hello world", max_tokens=240, stream=True, extra_body={"mode": "none"}
+    )
+    next(iter(stream))
+    stream.close()  # the client goes away after the first piece
+    deadline = time.time() + 60
+    while engine.cancelled == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.cancelled == before + 1
+    r = client(url).completions.create(model="m3", prompt="hello", max_tokens=3, extra_body={"mode": "none"})
+    assert r.choices[0].finish_reason in ("stop", "length")
