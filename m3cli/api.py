@@ -17,6 +17,7 @@ bank names, else the default model. A bank answers only to the model that encode
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -59,6 +60,7 @@ class Bank:
         self._embedder_dir = embedder
         self._device = device
         self._retriever = None
+        self._closed = False
 
     @classmethod
     def open(cls, path: str | Path, *, embedder: str | None = None, device: str = "auto") -> Bank:
@@ -120,7 +122,12 @@ class Bank:
         found = self.retriever().search(queries, k=k, max_overlap=max_overlap, max_gap=max_gap)
         return found[0] if single else found
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         self._file.close()
 
     def __enter__(self) -> Bank:
@@ -140,7 +147,8 @@ class Model:
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
         self.device = device
-        self._generators: dict[int, object] = {}
+        self._generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Bank -> Generator
+        self._closed_book = None
 
     @classmethod
     def load(
@@ -167,16 +175,21 @@ class Model:
         """The Generator reading `bank` (one per bank, kept: its memory cache persists)."""
         from .generate import Generator
 
-        key = id(bank) if bank is not None else 0
-        if key not in self._generators:
+        if bank is None:
+            if self._closed_book is None:
+                self._closed_book = Generator(self.loaded.model, self.tokenizer, None, cache_capacity=cache_size)
+            return self._closed_book
+        if bank.closed:
+            raise M3Error(f"{bank.path} is closed; open it again (Bank.open)")
+        if bank not in self._generators:
             retriever = None
             if bank is not None:
                 from .bank import require_same_model
 
                 require_same_model(bank._file, self.fingerprint)
                 retriever = bank.retriever(model=self.loaded.model, tokenizer=self.tokenizer, model_dir=self.path)
-            self._generators[key] = Generator(self.loaded.model, self.tokenizer, retriever, cache_capacity=cache_size)
-        return self._generators[key]
+            self._generators[bank] = Generator(self.loaded.model, self.tokenizer, retriever, cache_capacity=cache_size)
+        return self._generators[bank]
 
     def generate(
         self,

@@ -67,6 +67,7 @@ class Options:
     chat: bool = False
     stop_at_eos: bool = True
     cite: bool = False  # measure the attention share of every memory (costs an explicit softmax)
+    templated: bool = False  # prompts already hold the chat template's text: add no special tokens
     score_prior: bool = True  # a model with the retriever-score prior reads the hits' scores (False: content alone)
 
     def check(self) -> None:
@@ -294,7 +295,7 @@ class Generator:
         text = prompt if not context else "\n\n".join(context) + "\n\n" + prompt
         if opts.chat:
             return [int(i) for i in self.tokenizer(self._chat(text), add_special_tokens=False)["input_ids"]]
-        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=not opts.templated)["input_ids"]]
 
     def user_tokens(self, prompt: str, opts: Options) -> list[bool] | None:
         """With --chat, which of encode_prompt's tokens hold the user's text (`user_token_mask`);
@@ -357,6 +358,8 @@ class Generator:
         if self.retriever is not None and opts.memories > self.retriever.bank.n_refs:
             opts = dataclasses.replace(opts, memories=self.retriever.bank.n_refs)  # all the bank has
         B = len(prompts)
+        if max_new_tokens is not None and len(max_new_tokens) != B:
+            raise ValueError("max_new_tokens needs one limit per prompt")
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.temperature > 0 else None
         ids, chunks = self._prompt_ids(prompts, opts, forced_ids, first_number)

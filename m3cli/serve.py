@@ -7,13 +7,16 @@ titles, retrieval scores, share of the memory attention). A request may set `mod
 none) and `memories` beside the standard fields.
 
 Concurrent requests share one decode loop: a worker thread takes every waiting request whose
-sampling settings match the first one's (up to --max-batch-size) and generates them as one batch
+sampling settings match the oldest one's (up to --batch-size) and generates them as one batch
 (`Generator.generate` with per-request token limits); a request whose client went away stops at
-its next token. Requests with other settings wait for the next batch.
+its next token. Requests with other settings wait for a later batch, keeping their place in line.
 """
 
 import asyncio
+import hmac
+import math
 import json
+import os
 import queue
 import threading
 import time
@@ -49,19 +52,27 @@ class Job:
     memories: int
     temperature: float
     top_p: float
-    seed: int
+    seed: int | None  # None: a fresh seed (a seeded request is reproducible when it runs alone)
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue  # ("text", piece) ..., then ("done", Completion) or ("error", RequestError)
     stream: bool = False
+    templated: bool = False  # the prompt is a conversation already in the chat template
+    sent: str = ""  # the text generated so far
     cancelled: bool = False
     created: float = field(default_factory=time.time)
 
     def key(self) -> tuple:
         """Requests with the same key can share a batch."""
-        return (self.mode, self.memories, self.temperature, self.top_p, self.seed, self.chat)
+        return (self.mode, self.memories, self.temperature, self.top_p, self.seed, self.chat, self.templated)
 
     def send(self, item: tuple) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def piece(self, text: str) -> None:
+        """A piece of generated text: passed on to a streaming client, remembered either way."""
+        self.sent += text
+        if self.stream:
+            self.send(("text", text))
 
 
 class Engine:
@@ -70,6 +81,7 @@ class Engine:
     def __init__(self, model, bank, max_batch: int = 16) -> None:
         self.model, self.bank, self.max_batch = model, bank, max_batch
         self.jobs: queue.Queue[Job] = queue.Queue()
+        self.pending: list[Job] = []  # taken from the queue, waiting for a batch with their settings
         self.batches = 0  # decode loops run (a test reads it: concurrent requests share them)
         self.largest_batch = 0
         self.cancelled = 0  # requests stopped early because their client went away
@@ -85,17 +97,20 @@ class Engine:
         self._thread.join(timeout=5)
 
     def _take_batch(self) -> list[Job]:
-        first = self.jobs.get(timeout=0.1)
-        batch, later = [first], []
-        time.sleep(0.005)  # requests that arrive together start together
-        while len(batch) < self.max_batch:
+        """The oldest waiting request and, up to max_batch, the next ones with its settings;
+        the others keep their places (arrival order), so none waits behind later arrivals."""
+        if not self.pending:
+            self.pending.append(self.jobs.get(timeout=0.1))
+            time.sleep(0.005)  # requests that arrive together start together
+        while True:
             try:
-                job = self.jobs.get_nowait()
+                self.pending.append(self.jobs.get_nowait())
             except queue.Empty:
                 break
-            (batch if job.key() == first.key() else later).append(job)
-        for job in later:  # another batch's settings: back in line
-            self.jobs.put(job)
+        key = self.pending[0].key()
+        batch = [j for j in self.pending if j.key() == key][: self.max_batch]
+        taken = {id(j) for j in batch}
+        self.pending = [j for j in self.pending if id(j) not in taken]
         return [j for j in batch if not j.cancelled]
 
     def _run(self) -> None:
@@ -117,9 +132,10 @@ class Engine:
             max_new_tokens=max(j.max_tokens for j in batch),
             temperature=first.temperature,
             top_p=first.top_p,
-            seed=first.seed,
+            seed=first.seed if first.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1,
             memories=first.memories,
             chat=first.chat,
+            templated=first.templated,
             cite=first.mode == "memory",
         )
         self.batches += 1
@@ -129,14 +145,17 @@ class Engine:
             done = gen.generate(
                 [j.prompt for j in batch],
                 opts,
-                on_text=lambda b, piece: batch[b].send(("text", piece)),
+                on_text=lambda b, piece: batch[b].piece(piece),
                 max_new_tokens=[j.max_tokens for j in batch],
                 stop=lambda b: batch[b].cancelled,
             )
         except M3Error as e:
-            if len(batch) > 1:  # whose prompt was it? each on its own
+            if len(batch) > 1:  # whose was it? those that have no text yet run again, each alone
                 for job in batch:
-                    self._serve([job])
+                    if job.sent or job.cancelled:
+                        job.send(("error", RequestError(500, str(e), kind="server_error")))
+                    else:
+                        self._serve([job])
                 return
             first.send(("error", RequestError(400, str(e).replace("prompt 1 ", "the prompt "))))
             return
@@ -202,7 +221,7 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
     async def _auth(request: Request, call_next):
         if api_key and request.url.path != "/health":
             given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 err = RequestError(
                     401, "invalid or missing API key (Authorization: Bearer KEY)", kind="authentication_error"
                 )
@@ -229,7 +248,7 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
     async def _body(request: Request) -> dict:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError, or an integer of thousands of digits
             raise RequestError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
@@ -240,8 +259,13 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             v = body.get(name, default)
             if v is None:
                 v = default
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-                raise RequestError(400, f"{name} must be a number", name)
+            try:
+                bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                bad = bad or (kind is int and not float(v).is_integer())
+            except OverflowError:  # an integer too large for a float
+                bad = True
+            if bad:
+                raise RequestError(400, f"{name} must be a number in range", name)
             if not lo <= v <= hi:
                 raise RequestError(400, f"{name} must be in [{lo}, {hi}]", name)
             return kind(v)
@@ -253,8 +277,10 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
                 "model",
                 kind="invalid_request_error",
             )
-        if body.get("n", 1) != 1:
+        if body.get("n", 1) not in (1, None):
             raise RequestError(400, "n must be 1", "n")
+        if body.get("stop"):
+            raise RequestError(400, "stop sequences are not supported yet; end on max_tokens", "stop")
         mode = body.get("mode") or ("memory" if bank is not None else "none")
         if mode not in MODES:
             raise RequestError(400, f"mode must be one of {', '.join(MODES)}", "mode")
@@ -262,15 +288,17 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             raise RequestError(400, f"mode {mode} needs a bank; this server has none (m3 serve --bank)", "mode")
         from .generate import MAX_MEMORIES
 
-        if not isinstance(body.get("stream", False), bool):
+        if not isinstance(body.get("stream", False), (bool, type(None))):
             raise RequestError(400, "stream must be true or false", "stream")
         return Job(
             prompt=prompt,
             chat=chat,
             stream=bool(body.get("stream")),
             max_tokens=number(
-                "max_tokens",
-                body.get("max_completion_tokens") or MAX_TOKENS_DEFAULT,
+                "max_tokens"
+                if body.get("max_tokens") is not None or body.get("max_completion_tokens") is None
+                else "max_completion_tokens",
+                MAX_TOKENS_DEFAULT,
                 1,
                 model.config.context_length,
                 int,
@@ -279,7 +307,7 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             memories=number("memories", 5, 1, MAX_MEMORIES, int),
             temperature=number("temperature", 0.0, 0.0, 2.0),
             top_p=number("top_p", 1.0, 1e-6, 1.0),
-            seed=number("seed", 0, 0, 2**31 - 1, int),
+            seed=None if body.get("seed") is None else number("seed", 0, 0, 2**63 - 1, int) % (2**31),
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
         )
@@ -303,7 +331,13 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
         if not job.stream:
             try:
                 while True:
-                    kind, item = await job.out.get()
+                    try:
+                        kind, item = await asyncio.wait_for(job.out.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():  # the client left: free its place
+                            job.cancelled = True
+                            raise RequestError(499, "the client closed the request") from None
+                        continue
                     if kind == "error":
                         raise item
                     if kind == "done":
@@ -371,10 +405,11 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
                     )
                     continue
                 c = item
+                tail = c.text[len(job.sent) :] if c.text.startswith(job.sent) else ""  # held back while decoding
                 choice = (
-                    {"index": 0, "delta": {}, "finish_reason": FINISH[c.finish_reason]}
+                    {"index": 0, "delta": {"content": tail} if tail else {}, "finish_reason": FINISH[c.finish_reason]}
                     if chat
-                    else {"index": 0, "text": "", "logprobs": None, "finish_reason": FINISH[c.finish_reason]}
+                    else {"index": 0, "text": tail, "logprobs": None, "finish_reason": FINISH[c.finish_reason]}
                 )
                 yield _sse(
                     {
@@ -409,6 +444,7 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "prompt must be a non-empty string", "prompt")
         job = _job(body, prompt, chat=False)
+        _check_length(job, len(model.tokenizer(prompt)["input_ids"]))
         return await _complete(request, job, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -420,8 +456,8 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             or not messages
             or not all(
                 isinstance(m, dict)
-                and isinstance(m.get("content"), str)
-                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(_content(m.get("content")), str)
+                and m.get("role") in ("system", "developer", "user", "assistant")
                 for m in messages
             )
         ):
@@ -435,14 +471,45 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
         tok = model.tokenizer
         if not getattr(tok, "chat_template", None):
             raise RequestError(400, "this model has no chat template; use /v1/completions", "messages")
+        messages = [
+            {"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m["content"])}
+            for m in messages
+        ]
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 — the template refuses the conversation (roles, order)
+            raise RequestError(400, f"the model's chat template refuses these messages: {e}", "messages") from None
         if len(messages) == 1:  # the question alone: its own tokens retrieve (m3 generate --chat)
             job = _job(body, messages[0]["content"], chat=True)
-        else:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a conversation, already in the template: its chunks retrieve with their own text
             job = _job(body, text, chat=False)
+            job.templated = True
+            if job.mode == "rag":
+                raise RequestError(400, "mode rag takes one user message (the references go in front of it)", "mode")
+        _check_length(job, len(tok(text, add_special_tokens=False)["input_ids"]))
         return await _complete(request, job, chat=True)
 
+    def _check_length(job: Job, n: int) -> None:
+        """A prompt that leaves no room in the context is refused here, before it waits for a batch."""
+        if n >= model.config.context_length:
+            raise RequestError(
+                400,
+                f"the prompt has {n} tokens; the model's context is {model.config.context_length}",
+                "messages" if job.chat else "prompt",
+            )
+
     return app
+
+
+def _content(content) -> str | None:
+    """A message's content: a string, or OpenAI's list of parts whose text parts are joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 def _sse(obj: Any) -> str:

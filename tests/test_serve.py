@@ -172,3 +172,36 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(server):
     assert engine.cancelled == before + 1
     r = client(url).completions.create(model="m3", prompt="hello", max_tokens=3, extra_body={"mode": "none"})
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_conversations_parts_and_prompts_too_long(server):
+    url, app = server
+    c = client(url)
+    convo = [
+        {"role": "system", "content": "answer briefly ."},
+        {"role": "user", "content": "what is the capital of italy ?"},
+        {"role": "assistant", "content": "rome ."},
+        {"role": "user", "content": [{"type": "text", "text": "and of france ?"}]},
+    ]
+    r = c.chat.completions.create(model="m3", messages=convo, max_tokens=6)
+    assert isinstance(r.choices[0].message.content, str) and r.model_extra["m3"]["references"]
+    assert r.usage.prompt_tokens > 10
+    with pytest.raises(openai.BadRequestError) as e:  # the references go in front of one question
+        c.chat.completions.create(model="m3", messages=convo, max_tokens=6, extra_body={"mode": "rag"})
+    assert e.value.body["param"] == "mode"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="m3", prompt="hello " * 400, max_tokens=4)
+    assert "context" in e.value.body["message"] and e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="m3", prompt="hello", max_tokens=4, stop=["."])
+    assert e.value.body["param"] == "stop"
+    batches = app.state.engine.batches
+    sampled = [
+        c.completions.create(
+            model="m3", prompt="hello world", max_tokens=5, temperature=1.0, seed=7, extra_body={"mode": "none"}
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1] and app.state.engine.batches == batches + 2  # a seed alone reproduces

@@ -50,7 +50,7 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print {url, model, bank, references} as JSON once listening.")
+        bool, typer.Option("--json", help="Print {url, model, bank, references} as JSON when it starts.")
     ] = False,
 ) -> None:
     """Serve the model with its bank over the OpenAI-compatible HTTP API.
@@ -90,7 +90,10 @@ def serve(
             )
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
         server = uvicorn.Server(config)
-        server.run()
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            server.started = False
         if not server.started:
             raise M3Error(f"could not listen on {host}:{port} (in use, or not an address of this machine?)")
     finally:
