@@ -18,6 +18,7 @@ import math
 import json
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -80,6 +81,8 @@ class Engine:
 
     def __init__(self, model, bank, max_batch: int = 16) -> None:
         self.model, self.bank, self.max_batch = model, bank, max_batch
+        self.reloads = 0  # times a changed bank file was opened again
+        self._bank_stat = self._stat()
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.pending: list[Job] = []  # taken from the queue, waiting for a batch with their settings
         self.batches = 0  # decode loops run (a test reads it: concurrent requests share them)
@@ -120,7 +123,45 @@ class Engine:
             except queue.Empty:
                 continue
             if batch:
+                self.reload_if_changed()
                 self._serve(batch)
+
+    def _stat(self):
+        if self.bank is None:
+            return None
+        try:
+            st = os.stat(self.bank.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def reload_if_changed(self) -> None:
+        """Between batches: a bank file that changed (re-encoded and renamed, re-indexed in place) is
+        opened again and used from the next batch on; in-flight requests finish on the old one. A
+        file m3 cannot read, or one another model encoded, leaves the old bank in use."""
+        now = self._stat()
+        if self.bank is None or now is None or now == self._bank_stat:
+            return
+        from .api import Bank
+
+        old = self.bank
+        try:
+            new = Bank.open(old.path, embedder=old._embedder_dir, device=old._device)
+            try:
+                self.model.generator(new)  # checks the model and loads the retriever now
+            except Exception:
+                new.close()
+                raise
+        except Exception as e:  # noqa: BLE001 — keep serving the bank that works
+            print(
+                f"m3: warning: {old.path} changed but cannot be used ({e}); still serving the old one", file=sys.stderr
+            )
+            self._bank_stat = now
+            return
+        self.bank, self._bank_stat = new, now
+        self.reloads += 1
+        self.model._generators.pop(old, None)  # its retriever and memory cache go with it
+        old.close()
 
     def _serve(self, batch: list[Job]) -> None:
         """Generate one batch; a request m3 refuses (a prompt longer than the context) fails alone."""
@@ -234,8 +275,9 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             "status": "ok",
             "model": str(model.path),
             "fingerprint": model.fingerprint,
-            "bank": str(bank.path) if bank is not None else None,
-            "references": bank.references if bank is not None else 0,
+            "bank": str(engine.bank.path) if engine.bank is not None else None,
+            "references": engine.bank.references if engine.bank is not None else 0,
+            "reloads": engine.reloads,
             "batches": engine.batches,
             "largest_batch": engine.largest_batch,
             "cancelled": engine.cancelled,

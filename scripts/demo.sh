@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo run by `make demo`: the shipped sample model (samples/model, trained by `m3 pretrain`;
 # see samples/README.md) answers questions about people whose facts exist only in the bank.
-# Offline; about 3-4 minutes on a 2-core CPU, set-up included.
+# Offline; about a minute on a 2-core CPU after set-up (54 s measured).
 set -euo pipefail
 M3=${M3:-.venv/bin/m3}
 PY=${PY:-.venv/bin/python}

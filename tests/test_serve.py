@@ -55,6 +55,7 @@ def server(tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
+    app.state.paths = (d / "kb.m3bank", d / "model")
     yield f"http://127.0.0.1:{port}", app
     srv.should_exit = True
     thread.join(timeout=10)
@@ -205,3 +206,31 @@ def test_conversations_parts_and_prompts_too_long(server):
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1] and app.state.engine.batches == batches + 2  # a seed alone reproduces
+
+
+def test_a_changed_bank_is_served_without_a_restart(server):
+    """Re-encoding the bank (written whole, renamed over the old file) is picked up at the next
+    batch: the new document is retrieved; a file that cannot be used leaves the old bank served."""
+    import os
+
+    from m3cli import encode
+
+    url, app = server
+    path, model_dir = app.state.paths
+    c = client(url)
+    ask = [{"role": "user", "content": "who was born in rome ?"}]
+    before = c.chat.completions.create(model="m3", messages=ask, max_tokens=2)
+    assert "Born" not in {r["title"] for r in before.model_extra["m3"]["references"]}
+    new = path.with_name("new.m3bank")
+    doc = {"id": "d4", "title": "Born", "text": "the reference model was born in rome , the capital of italy ."}
+    encode([*DOCS, doc], new, model=model_dir)
+    os.replace(new, path)
+    after = c.chat.completions.create(model="m3", messages=ask, max_tokens=2)
+    assert "Born" in {r["title"] for r in after.model_extra["m3"]["references"]}
+    h = health(url)
+    assert h["reloads"] == 1 and h["references"] == len(DOCS) + 1
+    broken = path.with_name("broken.m3bank")
+    broken.write_bytes(b"not a bank")
+    os.replace(broken, path)  # a file m3 cannot read: the bank in use stays in use
+    again = c.chat.completions.create(model="m3", messages=ask, max_tokens=2)
+    assert "Born" in {r["title"] for r in again.model_extra["m3"]["references"]} and health(url)["reloads"] == 1
