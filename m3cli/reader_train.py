@@ -151,15 +151,6 @@ def reader_params(model) -> list[torch.nn.Parameter]:
 def train_reader(args, resume: bool = False, force: bool = False, show_progress: bool = True, log=print) -> dict:
     """Run `m3 pretrain --train reader` (see the module docstring); returns a summary."""
     from accelerate import Accelerator
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from safetensors.torch import load_file, save_file
 
     from .atomic import atomic_dir, atomic_file
@@ -168,7 +159,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     from .checkpoint import is_model_dir, load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
     from .device import resolve_device
     from .reader import save_reader
-    from .train import _sha, batch_indices, lr_at, memory_overrides, pad_fill
+    from .train import _sha, batch_indices, lr_at, memory_overrides, pad_fill, step_progress
 
     if args.stage != "continual" or args.init_from is None or args.bank is None:
         raise M3Error("--train reader needs --stage continual, --init-from MODEL_DIR and --bank BANK")
@@ -369,19 +360,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         memory.prepared["readable"] = True  # every row reads something; asking would stall the GPU
         return (t_ids[idx], t_targets[idx], t_segment[idx], t_position[idx] + cfg.context_offset, memory)
 
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("reader"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show_progress or not console.is_terminal or not accelerator.is_main_process,
-    )
+    progress = step_progress("reader", show_progress and accelerator.is_main_process)
     metrics = open(metrics_path, "a")
     keys_per_token = (
         args.seq_len / 2 + k * cfg.memory_top_k + cfg.prefix_length

@@ -286,6 +286,33 @@ def step_loss(model, raw, x, y, idx, chunk_refs, chunk_scores, ref_tokens, args:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
 
 
+def step_progress(label: str, show: bool):
+    """The training bar on stderr (terminals only): steps, loss, tokens/s, time left."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show or not console.is_terminal,
+    )
+
+
 # --- the loop -----------------------------------------------------------------------------------
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
@@ -306,15 +333,6 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
     """Run one stage; returns a summary. The model dir `args.output` is written at the end;
     checkpoints, metrics.jsonl and the chunk retrievals live in the state dir."""
     from accelerate import Accelerator
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from .checkpoint import is_model_dir, model_fingerprint, save_model_dir
     from .corpus import read_corpus
@@ -379,19 +397,7 @@ def pretrain(args: TrainArgs, resume: bool = False, force: bool = False, show_pr
         if accelerator.is_main_process:
             run_state.save(step, raw, optimizer)
 
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn(f"{args.stage}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show_progress or not console.is_terminal or not accelerator.is_main_process,
-    )
+    progress = step_progress(args.stage, show_progress and accelerator.is_main_process)
     metrics = open(state_dir / "metrics.jsonl", "a")
     t_start = time.perf_counter()
     tokens_done, window_loss, window_n, step_times = 0, 0.0, 0, []

@@ -297,30 +297,13 @@ def open_generator(
     model: Path, bank: Optional[Path], device: str, dtype: str, embedder: Optional[str], cache_size: int = 4096
 ):
     """Load the model (and the bank with its retriever, checking the bank belongs to the model);
-    yield (Generator, tokenizer)."""
-    from ..checkpoint import open_model
-    from ..device import resolve_device, resolve_dtype
-    from ..generate import Generator
+    yield (Generator, tokenizer). The CLI's way into m3cli.api."""
+    from ..api import Bank, Model
 
-    b = None
+    opened = Bank.open(bank, embedder=embedder, device=device) if bank is not None else None
     try:
-        check = None
-        if bank is not None:
-            from ..bank import Bank, require_same_model
-
-            b = Bank(bank)
-            check = functools.partial(require_same_model, b)
-        dev = resolve_device(device)
-        loaded = open_model(model, dev, resolve_dtype(dev, dtype), check=check)  # the bank is checked first
-        net, tokenizer = loaded.model, loaded.tokenizer
-        retriever = None
-        if b is not None:
-            from ..retrieval import Retriever, query_embedder
-
-            retriever = Retriever(
-                b, query_embedder(b, model_dir=model, encoder=embedder, device=dev, model=net, tokenizer=tokenizer)
-            )
-        yield Generator(net, tokenizer, retriever, cache_capacity=cache_size), tokenizer
+        loaded = Model.load(model, bank=opened, device=device, dtype=dtype)  # the bank is checked first
+        yield loaded.generator(opened, cache_size=cache_size), loaded.tokenizer
     finally:
-        if b is not None:
-            b.close()
+        if opened is not None:
+            opened.close()
