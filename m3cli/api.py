@@ -1,6 +1,6 @@
 """m3 from Python: the same calls the command line makes, as three names.
 
-    from m3cli import Bank, Model, encode
+    from m3cli import Bank, Model, encode            # and add, remove, compact
 
     encode("corpus.parquet", "kb.m3bank")                 # m3 encode corpus.parquet -o kb.m3bank
     with Bank.open("kb.m3bank") as bank:
@@ -71,11 +71,12 @@ class Bank:
     # the bank's facts
     @property
     def references(self) -> int:
-        return self._file.n_refs
+        """References that can be retrieved (removed documents' are not counted)."""
+        return self._file.n_refs - self._file.removed_refs
 
     @property
     def documents(self) -> int:
-        return self._file.n_docs
+        return self._file.live_docs
 
     @property
     def header(self) -> dict:
@@ -263,6 +264,64 @@ def _answer(c, mode: str) -> Answer:
     return Answer(c.text, c.finish_reason, c.prompt_tokens, len(c.token_ids), refs, [rec.to_json() for rec in c.chunks])
 
 
+def _corpus_file(stack: contextlib.ExitStack, corpus: str | Path | Iterable[dict]) -> str:
+    """A corpus path as the commands take it; an iterable of dicts is written to a temp JSONL."""
+    import json
+    import tempfile
+
+    if isinstance(corpus, (str, Path)):
+        return str(corpus)
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="m3-corpus-"))
+    path = Path(tmp) / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in corpus:
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise M3Error('every document must be a dict with a string "text"')
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def add(
+    bank: str | Path,
+    corpus: str | Path | Iterable[dict],
+    *,
+    replace: bool = False,
+    model: str | Path | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """`m3 add BANK CORPUS`: encode the documents with the bank's model and append them (index
+    included), atomically. An id the bank holds is an error unless `replace`."""
+    from .bank_update import add_documents
+    from .default_model import resolve_model
+
+    with contextlib.ExitStack() as stack:
+        return add_documents(
+            Path(bank),
+            _corpus_file(stack, corpus),
+            resolve_model(model, Path(bank)),
+            replace=replace,
+            batch_size=batch_size,
+            device=device,
+            show_progress=progress,
+        )
+
+
+def remove(bank: str | Path, doc_ids: Iterable[str]) -> dict:
+    """`m3 remove BANK --doc ID…`: the documents are never retrieved again."""
+    from .bank_update import remove_documents
+
+    return remove_documents(Path(bank), list(doc_ids))
+
+
+def compact(bank: str | Path) -> dict:
+    """`m3 compact BANK`: rewrite the bank without removed documents, its segments folded into one."""
+    from .bank_update import compact_bank
+
+    return compact_bank(Path(bank))
+
+
 def encode(
     corpus: str | Path | Iterable[dict],
     output: str | Path,
@@ -279,9 +338,6 @@ def encode(
     """`m3 encode CORPUS -o OUTPUT`: cut the corpus into references, encode their memories, write the
     bank and index it. corpus: a file or dir (Parquet, JSONL, CSV, .txt/.md) or an iterable of
     {"text", "id"?, "title"?, "source"?} dicts. Returns what was written."""
-    import json
-    import tempfile
-
     from .atomic import output_lock
     from .default_model import choose_model, model_hint, resolve_model
     from .device import resolve_device
@@ -293,15 +349,7 @@ def encode(
     model_dir = resolve_model(model)
     output = Path(output)
     with contextlib.ExitStack() as stack:
-        if not isinstance(corpus, (str, Path)):
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="m3-encode-"))
-            path = Path(tmp) / "corpus.jsonl"
-            with open(path, "w", encoding="utf-8") as f:
-                for doc in corpus:
-                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                        raise M3Error('every document must be a dict with a string "text"')
-                    f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            corpus = path
+        corpus = _corpus_file(stack, corpus)
         with output_lock(output):
             summary = encode_corpus(
                 str(corpus),

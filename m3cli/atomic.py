@@ -90,6 +90,15 @@ def output_lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def crash_point(name: str) -> None:
+    """Die at once, as from SIGKILL, when $M3_CRASH_AT names this point: how the tests check that
+    an update killed at any step leaves the old bank or the new one, never a mix."""
+    if os.environ.get("M3_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def remove_path(path: Path) -> None:
     """Remove a file, a link (never its target) or a directory tree; absent is fine."""
     path = Path(path)
@@ -193,6 +202,7 @@ def atomic_file(target: Path, mode: str = "wb", validate: Callable[[Path], None]
             os.fsync(f.fileno())
         if validate is not None:
             validate(Path(tmp))
+        crash_point("rename")
         publish(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -27,7 +27,7 @@ from .errors import BankError, M3Error
 
 MAGIC = b"\x89M3BANK\n"
 MAJOR = 1
-MINOR = 1
+MINOR = 2  # the newest minor this m3 reads; a writer writes the lowest one that describes its file
 PREAMBLE_SIZE = 64
 SECTION_ENTRY_SIZE = 128
 MAX_SECTIONS = 256
@@ -41,6 +41,10 @@ SECTION_CODECS = ("raw", "zstd")
 KNOWN_SECTIONS = ("refs.table", "refs.text", "docs.table", "docs.strings", "kv.data", "kv.positions")
 VQ_SECTION = "codec.vq"  # PQ codebooks, present with the vq codec
 ZSTD_SECTIONS = ("docs.strings",)  # the only section that may be compressed (read whole)
+SEGMENT_SECTIONS = KNOWN_SECTIONS + ("emb.data", "index.faiss")  # what an appended segment may hold
+REMOVED_SECTION = "docs.removed"  # 1.2: sorted u32 indices of removed documents
+MAX_SEGMENTS = 24  # appended segments (`m3 add`) before the bank must be compacted
+_SEGMENT_RE = re.compile(r"^s([1-9][0-9]{0,2})\.(.+)$")
 MAX_ZSTD_RATIO = 64
 MAX_RECORD_BYTES = 1 << 26  # one reference's kv.data record (the paper's 2.4B model: 440 KiB in bf16)
 MAX_INDEX_PARAM = 65536  # m3.index.nprobe and m3.index.ef_search
@@ -71,6 +75,28 @@ class Section:
     codec: str
     flags: int
     sha256: bytes
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of references and documents stored in their own sections: the base (number 0, the
+    sections named as in 1.0) or a segment appended by `m3 add` (number k, sections `s<k>.*`)."""
+
+    number: int
+    first_ref: int
+    n_refs: int
+    first_doc: int
+    n_docs: int
+
+    @property
+    def prefix(self) -> str:
+        return f"s{self.number}." if self.number else ""
+
+
+def segment_name(name: str) -> tuple[int, str]:
+    """`s3.kv.data` -> (3, "kv.data"); a base section -> (0, name)."""
+    m = _SEGMENT_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (0, name)
 
 
 @dataclass(frozen=True)
@@ -196,11 +222,17 @@ class Bank:
                 raise BankError(f"section {name} uses unknown codec {codec_s!r}")
             if codec_s == "raw" and decoded != length:
                 raise BankError(f"section {name}: raw section with decoded length {decoded} != {length}")
-            if codec_s == "zstd" and (name not in ZSTD_SECTIONS or decoded > MAX_ZSTD_RATIO * max(length, 1)):
+            number, base_name = segment_name(name)
+            if codec_s == "zstd" and (base_name not in ZSTD_SECTIONS or decoded > MAX_ZSTD_RATIO * max(length, 1)):
                 raise BankError(
                     f"section {name}: zstd is not allowed here or expands implausibly ({length} -> {decoded} bytes)"
                 )
-            if name not in KNOWN_SECTIONS and name != VQ_SECTION and sflags & SECTION_FLAG_REQUIRED:
+            known = (
+                name in KNOWN_SECTIONS
+                or name in (VQ_SECTION, REMOVED_SECTION)
+                or (number and base_name in SEGMENT_SECTIONS)
+            )
+            if not known and sflags & SECTION_FLAG_REQUIRED:
                 raise BankError(f"required section {name!r} is unknown to this m3 (upgrade m3)")
             if length:
                 spans.append((off, off + length, name))
@@ -294,21 +326,100 @@ class Bank:
         ):
             if key in h and not isinstance(h[key], str):
                 raise BankError(f"header key {key} must be a string")
+        self._parse_segments()
         L, _, H, K, _d = self.memory_shape
-        expect = {
-            "refs.table": self.n_refs * REF_RECORD_SIZE,
-            "docs.table": self.n_docs * DOC_RECORD_SIZE,
-            "kv.data": self.n_refs * self.record_bytes,
-            "kv.positions": self.n_refs * L * H * K * 2,
-        }
-        for name, n in expect.items():
-            if self.sections[name].decoded_length != n or self.sections[name].codec != "raw":
-                raise BankError(f"section {name} has {self.sections[name].length} bytes, the header implies {n}")
-        for name in ("refs.text", "docs.strings"):
-            if self.sections[name].decoded_length > 2**40:
-                raise BankError(f"section {name} is implausibly large")
-        self._docs_strings: bytes | None = None
+        for seg in self.segments:
+            expect = {
+                "refs.table": seg.n_refs * REF_RECORD_SIZE,
+                "docs.table": seg.n_docs * DOC_RECORD_SIZE,
+                "kv.data": seg.n_refs * self.record_bytes,
+                "kv.positions": seg.n_refs * L * H * K * 2,
+            }
+            for base_name, n in expect.items():
+                name = seg.prefix + base_name
+                if self.sections[name].decoded_length != n or self.sections[name].codec != "raw":
+                    raise BankError(f"section {name} has {self.sections[name].length} bytes, the header implies {n}")
+            for base_name in ("refs.text", "docs.strings"):
+                if self.sections[seg.prefix + base_name].decoded_length > 2**40:
+                    raise BankError(f"section {seg.prefix + base_name} is implausibly large")
+        self._parse_removed()
+        self._docs_strings: dict[int, bytes] = {}
         self._codebooks: torch.Tensor | None = None
+
+    def _parse_segments(self) -> None:
+        """The base and the segments `m3 add` appended (header `m3.bank.segments`, 1.2): each a run
+        of references and documents numbered after those before it."""
+        listed = self.header.get("m3.bank.segments", [])
+        if not isinstance(listed, list) or len(listed) > MAX_SEGMENTS:
+            raise BankError(f"header key m3.bank.segments must be a list of at most {MAX_SEGMENTS} segments")
+        counts = []
+        for k, entry in enumerate(listed, 1):
+            if not isinstance(entry, dict):
+                raise BankError(f"header key m3.bank.segments: segment {k} is not an object")
+            counts.append((_int(entry, "references", 1, self.n_refs), _int(entry, "documents", 1, self.n_docs)))
+        base_refs = self.n_refs - sum(n for n, _ in counts)
+        base_docs = self.n_docs - sum(d for _, d in counts)
+        if base_refs < 0 or base_docs < 0:
+            raise BankError("header key m3.bank.segments counts more references or documents than the bank has")
+        segments = [Segment(0, 0, base_refs, 0, base_docs)]
+        for k, (n, d) in enumerate(counts, 1):
+            last = segments[-1]
+            segments.append(Segment(k, last.first_ref + last.n_refs, n, last.first_doc + last.n_docs, d))
+        for name in self.sections:
+            number, base_name = segment_name(name)
+            if number > len(counts) and base_name in SEGMENT_SECTIONS:
+                raise BankError(f"section {name} belongs to no segment the header lists")
+        missing = [
+            seg.prefix + n for seg in segments[1:] for n in KNOWN_SECTIONS if seg.prefix + n not in self.sections
+        ]
+        if missing:
+            raise BankError(f"required sections missing: {', '.join(missing[:6])}")
+        self.segments = segments
+        self._ref_starts = np.array([seg.first_ref for seg in segments], dtype=np.int64)
+        self._doc_starts = np.array([seg.first_doc for seg in segments], dtype=np.int64)
+
+    def _parse_removed(self) -> None:
+        """`docs.removed` (1.2): the documents `m3 remove` took out, sorted, each once."""
+        self.removed = np.zeros(0, dtype=np.int64)
+        if REMOVED_SECTION not in self.sections:
+            return
+        s = self.sections[REMOVED_SECTION]
+        if s.codec != "raw" or s.length % 4 or s.length > 4 * self.n_docs:
+            raise BankError(f"section {REMOVED_SECTION} has {s.length} bytes: not a list of document numbers")
+        removed = np.frombuffer(self.raw(REMOVED_SECTION), dtype="<u4").astype(np.int64)
+        if removed.size and (removed[-1] >= self.n_docs or (np.diff(removed) <= 0).any()):
+            raise BankError(f"section {REMOVED_SECTION} must list document numbers < {self.n_docs} in increasing order")
+        self.removed = removed
+
+    def segment_of_ref(self, i: int) -> Segment:
+        return self.segments[int(np.searchsorted(self._ref_starts, i, side="right")) - 1]
+
+    def segment_of_doc(self, j: int) -> Segment:
+        return self.segments[int(np.searchsorted(self._doc_starts, j, side="right")) - 1]
+
+    def is_removed(self, doc: int) -> bool:
+        """Whether `m3 remove` took document `doc` out (it is never retrieved again)."""
+        k = int(np.searchsorted(self.removed, doc))
+        return k < self.removed.size and int(self.removed[k]) == doc
+
+    @property
+    def live_docs(self) -> int:
+        return self.n_docs - int(self.removed.size)
+
+    @property
+    def removed_refs(self) -> int:
+        """References of removed documents (still stored until `m3 compact`)."""
+        return sum(self.document(int(j)).n_refs for j in self.removed)
+
+    def live_references(self):
+        """Indices of the references of documents not removed, in order."""
+        if not self.removed.size:
+            return range(self.n_refs)
+        keep = np.ones(self.n_refs, dtype=bool)
+        for j in self.removed:
+            d = self.document(int(j))
+            keep[d.first_ref : d.first_ref + d.n_refs] = False
+        return np.flatnonzero(keep).tolist()
 
     # access ----------------------------------------------------------------------------------
     def raw(self, name: str) -> memoryview:
@@ -351,11 +462,16 @@ class Bank:
 
     def reference(self, i: int) -> Reference:
         i = self._index(i, self.n_refs, "reference")
+        seg = self.segment_of_ref(i)
         off, length, tokens, doc, idx, _ = _REF.unpack_from(
-            self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE
+            self._mm, self.sections[seg.prefix + "refs.table"].offset + (i - seg.first_ref) * REF_RECORD_SIZE
         )
-        text_sec = self.sections["refs.text"]
-        if off + length > text_sec.length or doc >= self.n_docs or tokens > self.reference_length:
+        text_sec = self.sections[seg.prefix + "refs.text"]
+        if (
+            off + length > text_sec.length
+            or not seg.first_doc <= doc < seg.first_doc + seg.n_docs
+            or tokens > self.reference_length
+        ):
             raise BankError(f"reference {i} has an invalid record (text {off}+{length}, doc {doc}, tokens {tokens})")
         try:
             text = bytes(self._mm[text_sec.offset + off : text_sec.offset + off + length]).decode("utf-8")
@@ -365,13 +481,14 @@ class Bank:
 
     def document(self, j: int) -> Document:
         j = self._index(j, self.n_docs, "document")
-        if self._docs_strings is None:
-            self._docs_strings = self.decoded("docs.strings")
+        seg = self.segment_of_doc(j)
+        if seg.number not in self._docs_strings:
+            self._docs_strings[seg.number] = self.decoded(seg.prefix + "docs.strings")
         off, li, lt, ls, first, n, _ = _DOC.unpack_from(
-            self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE
+            self._mm, self.sections[seg.prefix + "docs.table"].offset + (j - seg.first_doc) * DOC_RECORD_SIZE
         )
-        blob = self._docs_strings
-        if off + li + lt + ls > len(blob) or first + n > self.n_refs:
+        blob = self._docs_strings[seg.number]
+        if off + li + lt + ls > len(blob) or first < seg.first_ref or first + n > seg.first_ref + seg.n_refs:
             raise BankError(f"document {j} has an invalid record")
         try:
             parts = [
@@ -385,12 +502,22 @@ class Bank:
     def positions(self, indices) -> torch.Tensor:
         """(n, L, H, K) int16 positions; -1 = empty slot."""
         L, _, H, K, _ = self.memory_shape
-        idx = self._indices(indices)
-        per = L * H * K
-        arr = np.frombuffer(
-            self._mm, dtype="<i2", count=self.n_refs * per, offset=self.sections["kv.positions"].offset
-        ).reshape(self.n_refs, L, H, K)
-        return torch.from_numpy(arr[idx].astype(np.int16))
+        rows = self._gather("kv.positions", self._indices(indices), L * H * K * 2)
+        return torch.from_numpy(rows.view("<i2").astype(np.int16).reshape(-1, L, H, K))
+
+    def _gather(self, section: str, idx: np.ndarray, per: int) -> np.ndarray:
+        """(len(idx), per) bytes: the fixed-size records of references `idx` in `section`, from
+        whichever segments hold them."""
+        out = np.empty((idx.size, per), dtype=np.uint8)
+        where = np.searchsorted(self._ref_starts, idx, side="right") - 1
+        for k in np.unique(where):
+            seg = self.segments[int(k)]
+            rows = np.frombuffer(
+                self._mm, dtype=np.uint8, count=seg.n_refs * per, offset=self.sections[seg.prefix + section].offset
+            ).reshape(seg.n_refs, per)
+            mask = where == k
+            out[mask] = rows[idx[mask] - seg.first_ref]
+        return out
 
     def _indices(self, indices) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -403,19 +530,17 @@ class Bank:
         from .attention import MemoryEncoding
 
         idx = self._indices(indices)
-        records = np.frombuffer(
-            self._mm, dtype=np.uint8, count=self.n_refs * self.record_bytes, offset=self.sections["kv.data"].offset
-        ).reshape(self.n_refs, self.record_bytes)
+        records = self._gather("kv.data", idx, self.record_bytes)
         pos = self.positions(idx).long()
         if self.codec == "vq":
             from . import vq
 
             L, two, H, K, _ = self.memory_shape
-            codes = torch.from_numpy(np.ascontiguousarray(records[idx])).reshape(len(idx), L, two, H, K, -1)
+            codes = torch.from_numpy(records).reshape(len(idx), L, two, H, K, -1)
             books = self.codebooks().to(device)
             kv = vq.decode(codes.to(device), books)
         else:
-            kv = decode_kv(records[idx], self.codec, self.memory_shape).to(device)
+            kv = decode_kv(records, self.codec, self.memory_shape).to(device)
         valid = (pos >= 0).to(device)
         kv = torch.where(valid[:, :, None, :, :, None], kv, 0)  # empty slots read as zero in every codec
         return MemoryEncoding(kv=kv.to(dtype=dtype), valid=valid, positions=pos.to(device))
@@ -434,11 +559,10 @@ class Bank:
         """Reference i's kv.data and kv.positions records, as stored."""
         i = self._index(i, self.n_refs, "reference")
         L, _, H, K, _ = self.memory_shape
-        kv, pos = self.sections["kv.data"].offset, self.sections["kv.positions"].offset
-        per = L * H * K * 2
+        idx = np.array([i], dtype=np.int64)
         return (
-            bytes(self._mm[kv + i * self.record_bytes : kv + (i + 1) * self.record_bytes]),
-            bytes(self._mm[pos + i * per : pos + (i + 1) * per]),
+            self._gather("kv.data", idx, self.record_bytes).tobytes(),
+            self._gather("kv.positions", idx, L * H * K * 2).tobytes(),
         )
 
     def _release(self, offset: int, length: int) -> None:
@@ -453,12 +577,16 @@ class Bank:
             except (OSError, ValueError, AttributeError):
                 pass
 
-    def verify(self, progress=None, allow_empty: bool = False) -> list[str]:
+    def verify(self, progress=None, allow_empty: bool = False, segments: list[int] | None = None) -> list[str]:
         """Recompute every checksum and check every record; returns the problems found.
         allow_empty: a bank without references is not a problem (the part of a sharded encode
-        whose share of the corpus was empty)."""
+        whose share of the corpus was empty). segments: check only these segments' sections and
+        records (what `m3 add` is about to publish; the rest was verified when it was written)."""
         problems = []
+        chosen = [seg for seg in self.segments if segments is None or seg.number in segments]
         for s in self.sections.values():
+            if segments is not None and segment_name(s.name)[0] not in segments:
+                continue
             h = hashlib.sha256()
             view = memoryview(self._mm)[s.offset : s.offset + s.length]
             for start in range(0, s.length, 1 << 24):
@@ -477,79 +605,17 @@ class Bank:
 
         if self.n_refs == 0 and not allow_empty:
             return ["the bank holds no references"]
-
-        expected_first = 0  # documents must tile the references in order
-        strings_end = 0  # and their strings tile docs.strings
-        for j in range(self.n_docs):
-            try:
-                d = self.document(j)
-            except M3Error as e:
-                if note(str(e)):
-                    return problems
-                continue
-            off, li, lt, ls, *_ = _DOC.unpack_from(self._mm, self.sections["docs.table"].offset + j * DOC_RECORD_SIZE)
-            if off != strings_end and note(
-                f"document {j}: its strings start at byte {off} of docs.strings, expected {strings_end}"
-            ):
-                return problems
-            strings_end = off + li + lt + ls
-            if d.first_ref != expected_first and note(
-                f"document {j} starts at reference {d.first_ref}, expected {expected_first}"
-            ):
-                return problems
-            expected_first = d.first_ref + d.n_refs
-        if expected_first != self.n_refs and note(
-            f"documents cover {expected_first} references, the bank has {self.n_refs}"
-        ):
-            return problems
-        if strings_end != self.sections["docs.strings"].decoded_length and note(
-            f"documents' strings end at byte {strings_end}, docs.strings holds "
-            f"{self.sections['docs.strings'].decoded_length}"
-        ):
-            return problems
-        text_end = 0  # references' texts tile refs.text in order
-        prefix = self.prefix_length
         tokens = 0
-        for start in range(0, self.n_refs, 4096):
-            idx = list(range(start, min(start + 4096, self.n_refs)))
-            pos = self.positions(idx)
-            for k, i in enumerate(idx):
-                try:
-                    ref = self.reference(i)
-                    if ref.doc_index >= self.n_docs:
-                        raise BankError(f"reference {i} names document {ref.doc_index}")
-                    doc = self.document(ref.doc_index)
-                    if not doc.first_ref <= i < doc.first_ref + doc.n_refs or ref.index_in_doc != i - doc.first_ref:
-                        raise BankError(f"reference {i} does not belong to document {ref.doc_index} as the table says")
-                    text_off, text_len, *_rest, reserved = _REF.unpack_from(
-                        self._mm, self.sections["refs.table"].offset + i * REF_RECORD_SIZE
-                    )
-                    if text_off != text_end:
-                        raise BankError(
-                            f"reference {i}: its text starts at byte {text_off} of refs.text, expected {text_end}"
-                        )
-                    if reserved != b"\0" * 8:
-                        raise BankError(f"reference {i}: reserved bytes are not zero")
-                    text_end = text_off + text_len
-                except M3Error as e:
-                    if note(str(e)):
-                        return problems
-                    continue
-                tokens += ref.token_count
-                real = pos[k][pos[k] >= 0]
-                if real.numel() and (int(real.min()) < prefix or int(real.max()) >= prefix + ref.token_count):
-                    if note(f"reference {i}: kept positions outside the reference"):
-                        return problems
-                if (pos[k] < -1).any() and note(f"reference {i}: invalid kept position (below -1)"):
-                    return problems
+        for seg in chosen:
+            if self._verify_documents(seg, note):
+                return problems
+            counted = self._verify_references(seg, note)
+            if counted is None:
+                return problems
+            tokens += counted
         if (
-            text_end != self.sections["refs.text"].length
-            and not problems
-            and note(f"references' texts end at byte {text_end}, refs.text holds {self.sections['refs.text'].length}")
-        ):
-            return problems
-        if (
-            "m3.bank.tokens" in self.header
+            segments is None
+            and "m3.bank.tokens" in self.header
             and self.header["m3.bank.tokens"] != tokens
             and note(f"header says {self.header['m3.bank.tokens']} tokens, the references hold {tokens}")
         ):
@@ -557,20 +623,106 @@ class Bank:
         if self.codec == "vq" and not torch.isfinite(self.codebooks()).all():
             note(f"section {VQ_SECTION}: codebooks hold values that are not finite numbers")
             return problems
+        if self.codec == "vq":
+            return problems  # codes are bytes: any value decodes to a finite codebook entry
         per_chunk = max(1, (1 << 24) // self.record_bytes)
-        for start in range(0, self.n_refs, per_chunk):
-            if self.codec == "vq":
-                break  # codes are bytes: any value decodes to a finite codebook entry
-            end = min(start + per_chunk, self.n_refs)
-            enc = self.memories(range(start, end))
-            self._release(
-                self.sections["kv.data"].offset + start * self.record_bytes, (end - start) * self.record_bytes
-            )
-            bad = (~torch.isfinite(enc.kv)).flatten(1).any(1)
-            if bad.any():
-                note(f"reference {start + int(bad.nonzero()[0, 0])}: memory holds values that are not finite numbers")
-                return problems
+        for seg in chosen:
+            for start in range(seg.first_ref, seg.first_ref + seg.n_refs, per_chunk):
+                end = min(start + per_chunk, seg.first_ref + seg.n_refs)
+                enc = self.memories(range(start, end))
+                self._release(
+                    self.sections[seg.prefix + "kv.data"].offset + (start - seg.first_ref) * self.record_bytes,
+                    (end - start) * self.record_bytes,
+                )
+                bad = (~torch.isfinite(enc.kv)).flatten(1).any(1)
+                if bad.any():
+                    note(
+                        f"reference {start + int(bad.nonzero()[0, 0])}: memory holds values that are not finite numbers"
+                    )
+                    return problems
         return problems
+
+    def _verify_documents(self, seg: Segment, note) -> bool:
+        """A segment's documents tile its references in order and their strings tile its
+        docs.strings; True when verification should stop."""
+        expected_first = seg.first_ref
+        strings_end = 0
+        table = self.sections[seg.prefix + "docs.table"].offset
+        for j in range(seg.first_doc, seg.first_doc + seg.n_docs):
+            try:
+                d = self.document(j)
+            except M3Error as e:
+                if note(str(e)):
+                    return True
+                continue
+            off, li, lt, ls, *_ = _DOC.unpack_from(self._mm, table + (j - seg.first_doc) * DOC_RECORD_SIZE)
+            if off != strings_end and note(
+                f"document {j}: its strings start at byte {off} of {seg.prefix}docs.strings, expected {strings_end}"
+            ):
+                return True
+            strings_end = off + li + lt + ls
+            if d.first_ref != expected_first and note(
+                f"document {j} starts at reference {d.first_ref}, expected {expected_first}"
+            ):
+                return True
+            expected_first = d.first_ref + d.n_refs
+        end = seg.first_ref + seg.n_refs
+        if expected_first != end and note(f"documents cover references up to {expected_first}, expected {end}"):
+            return True
+        held = self.sections[seg.prefix + "docs.strings"].decoded_length
+        return strings_end != held and note(
+            f"documents' strings end at byte {strings_end}, {seg.prefix}docs.strings holds {held}"
+        )
+
+    def _verify_references(self, seg: Segment, note) -> int | None:
+        """A segment's references: texts tile its refs.text in order, each names its document and
+        its place in it, reserved bytes are zero, kept positions lie inside the reference. Returns
+        the tokens counted, or None when verification should stop."""
+        text_end = 0  # references' texts tile refs.text in order
+        prefix = self.prefix_length
+        tokens = 0
+        table = self.sections[seg.prefix + "refs.table"].offset
+        text_length = self.sections[seg.prefix + "refs.text"].length
+        clean = True
+        for start in range(seg.first_ref, seg.first_ref + seg.n_refs, 4096):
+            idx = list(range(start, min(start + 4096, seg.first_ref + seg.n_refs)))
+            pos = self.positions(idx)
+            for k, i in enumerate(idx):
+                try:
+                    ref = self.reference(i)
+                    doc = self.document(ref.doc_index)
+                    if not doc.first_ref <= i < doc.first_ref + doc.n_refs or ref.index_in_doc != i - doc.first_ref:
+                        raise BankError(f"reference {i} does not belong to document {ref.doc_index} as the table says")
+                    text_off, text_len, *_rest, reserved = _REF.unpack_from(
+                        self._mm, table + (i - seg.first_ref) * REF_RECORD_SIZE
+                    )
+                    if text_off != text_end:
+                        raise BankError(
+                            f"reference {i}: its text starts at byte {text_off} of {seg.prefix}refs.text, "
+                            f"expected {text_end}"
+                        )
+                    if reserved != b"\0" * 8:
+                        raise BankError(f"reference {i}: reserved bytes are not zero")
+                    text_end = text_off + text_len
+                except M3Error as e:
+                    clean = False
+                    if note(str(e)):
+                        return None
+                    continue
+                tokens += ref.token_count
+                real = pos[k][pos[k] >= 0]
+                if real.numel() and (int(real.min()) < prefix or int(real.max()) >= prefix + ref.token_count):
+                    clean = False
+                    if note(f"reference {i}: kept positions outside the reference"):
+                        return None
+                if (pos[k] < -1).any():
+                    clean = False
+                    if note(f"reference {i}: invalid kept position (below -1)"):
+                        return None
+        if text_end != text_length and clean:
+            if note(f"references' texts end at byte {text_end}, {seg.prefix}refs.text holds {text_length}"):
+                return None
+        return tokens
 
 
 def geometry_problems(bank: Bank, cfg) -> list[str]:

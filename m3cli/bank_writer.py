@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_file, make_parent, open_existing, output_lock, remove_path
+from .atomic import atomic_file, crash_point, make_parent, open_existing, output_lock, remove_path
 from .bank import (
     _DOC,
     _ENTRY,
@@ -34,6 +34,7 @@ from .bank import (
     MAX_ZSTD_RATIO,
     MINOR,
     PREAMBLE_SIZE,
+    REMOVED_SECTION,
     SECTION_ENTRY_SIZE,
     SECTION_FLAG_REQUIRED,
     VQ_SECTION,
@@ -378,7 +379,8 @@ def write_bank_file(path: Path, header: dict, sections: list[tuple]) -> None:
         out.truncate(max(offset, out.tell()))
         table = b"".join(entries)
         out.seek(0)
-        out.write(_preamble(PREAMBLE_SIZE, table, header_bytes) + table + header_bytes)
+        minor = _minor(header, [entry[0] for entry in sections])
+        out.write(_preamble(PREAMBLE_SIZE, table, header_bytes, minor) + table + header_bytes)
 
 
 def check_written(path: Path) -> None:
@@ -395,12 +397,19 @@ def check_written(path: Path) -> None:
         raise M3Error(f"refusing to write a bank m3 would not read back: {problems[0]}")
 
 
-def _preamble(table_offset: int, table: bytes, header_bytes: bytes) -> bytes:
+def _minor(header: dict, names) -> int:
+    """The lowest minor version that describes a file: 2 once it has appended segments or removed
+    documents, else 1 (so a bank that needs nothing newer still opens in m3 0.2)."""
+    return 2 if "m3.bank.segments" in header or REMOVED_SECTION in names else 1
+
+
+def _preamble(table_offset: int, table: bytes, header_bytes: bytes, minor: int = 1) -> bytes:
+    assert minor <= MINOR
     head = struct.pack(
         "<8sHHIQQIII16s",
         MAGIC,
         MAJOR,
-        MINOR,
+        minor,
         0,
         table_offset,
         len(header_bytes),
@@ -471,7 +480,14 @@ def merge_interleaved(
 COMPACT_FRACTION = 4  # an update rewrites the whole file once dead space would exceed 1/4 of the live bytes
 
 
-def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: int = 0) -> None:
+def update_bank(
+    path: Path,
+    add: dict[str, bytes | Path],
+    header_updates: dict,
+    flags: int | dict[str, int] = 0,
+    drop: tuple[str, ...] = (),
+    check=None,
+) -> None:
     """Add or replace sections and header keys of an existing bank without rewriting the rest.
 
     The new sections, then a new section table and header, are appended at the end of the
@@ -480,16 +496,23 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
     valid bank (trailing bytes are ignored); after it, the new one. Replaced sections become
     dead space; when it would exceed a quarter of the live bytes, the bank is instead rewritten
     whole (a new file renamed into place), so repeated re-indexing does not grow the file.
+
+    add: section name -> its bytes, or a file holding them (streamed). flags: every added
+    section's, or per name. drop: sections to leave out of the new table. check(bank) -> problems:
+    what to read back before the switch (default: the embeddings and index); header keys set to
+    None are removed.
     """
     import fcntl
 
     path = Path(os.path.realpath(path))  # a link to a bank updates the bank, whichever way
+    sizes = {name: data.stat().st_size if isinstance(data, Path) else len(data) for name, data in add.items()}
+    flag_of = flags if isinstance(flags, dict) else dict.fromkeys(add, flags)
     with output_lock(path):
         with Bank(path) as bank:
             header = {**bank.header, **header_updates}
             header = {k: v for k, v in header.items() if v is not None}
-            entries = [e for name, e in bank._entries.items() if name not in add]
-            kept = [s for name, s in bank.sections.items() if name not in add]
+            entries = [e for name, e in bank._entries.items() if name not in add and name not in drop]
+            kept = [s for name, s in bank.sections.items() if name not in add and name not in drop]
             before = bytes(bank._mm[:PREAMBLE_SIZE])
             size = bank.size
         header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -501,16 +524,11 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
             if not _NAME_RE.match(name):
                 raise ValueError(f"invalid section name {name!r}")
         table_bytes = (len(entries) + len(add)) * SECTION_ENTRY_SIZE
-        live = (
-            PREAMBLE_SIZE
-            + sum(_align(s.length) for s in kept)
-            + sum(_align(len(d)) for d in add.values())
-            + table_bytes
-            + len(header_bytes)
-        )
-        grown = _align(size) + sum(_align(len(d)) for d in add.values()) + table_bytes + len(header_bytes)
+        added = sum(_align(n) for n in sizes.values())
+        live = PREAMBLE_SIZE + sum(_align(s.length) for s in kept) + added + table_bytes + len(header_bytes)
+        grown = _align(size) + added + table_bytes + len(header_bytes)
         if (grown - live) * COMPACT_FRACTION > live:
-            _rewrite(path, kept, add, header, flags)
+            _rewrite(path, kept, add, header, flag_of)
             return
         try:
             f = open(path, "r+b")
@@ -524,27 +542,29 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
                 offset = _align(f.seek(0, os.SEEK_END))
                 for name, data in add.items():
                     f.seek(offset)
-                    f.write(data)
+                    digest = _write_section(f, data)
                     entries.append(
                         _ENTRY.pack(
                             name.encode("ascii"),
                             offset,
-                            len(data),
-                            len(data),
+                            sizes[name],
+                            sizes[name],
                             b"raw",
-                            flags,
+                            flag_of[name],
                             b"\0" * 28,
-                            hashlib.sha256(data).digest(),
+                            digest,
                         )
                     )
-                    offset = _align(offset + len(data))
+                    offset = _align(offset + sizes[name])
                 table = b"".join(entries)
                 f.seek(offset)
                 f.write(table + header_bytes)
                 f.flush()
                 os.fsync(f.fileno())
-                preamble = _preamble(offset, table, header_bytes)
-                _check_updated(path, preamble)
+                minor = _minor(header, [*(s.name for s in kept), *add])
+                preamble = _preamble(offset, table, header_bytes, minor)
+                _check_updated(path, preamble, check)
+                crash_point("update:appended")
             except BaseException:
                 f.truncate(size)  # the old bank, exactly: its preamble was never touched
                 raise
@@ -552,21 +572,35 @@ def update_bank(path: Path, add: dict[str, bytes], header_updates: dict, flags: 
             f.write(preamble)
             f.flush()
             os.fsync(f.fileno())
+            crash_point("update:switched")
 
 
-def _check_updated(path: Path, preamble: bytes) -> None:
+def _write_section(f, data: bytes | Path) -> bytes:
+    """Write a section's bytes (or a file's, streamed) at f's position; their SHA-256."""
+    if isinstance(data, bytes):
+        f.write(data)
+        return hashlib.sha256(data).digest()
+    h = hashlib.sha256()
+    with open_existing(data, "rb") as src:
+        while chunk := src.read(1 << 22):
+            h.update(chunk)
+            f.write(chunk)
+    return h.digest()
+
+
+def _check_updated(path: Path, preamble: bytes, check=None) -> None:
     from .retrieval import index_problems
 
     try:  # the new table and header, and what they add; the untouched sections are as they were
         with Bank(path, preamble=preamble) as bank:
-            problems = index_problems(bank)
+            problems = (check or index_problems)(bank)
     except M3Error as e:
         problems = [str(e)]
     if problems:
         raise M3Error(f"refusing to update {path} into a bank m3 would not read back: {problems[0]}")
 
 
-def _rewrite(path: Path, kept: list, add: dict[str, bytes], header: dict, flags: int) -> None:
+def _rewrite(path: Path, kept: list, add: dict[str, bytes | Path], header: dict, flags: dict[str, int]) -> None:
     """Write the kept sections (copied from the old file, as stored) and the added ones into a new
     file; rename it into place."""
     import tempfile
@@ -575,7 +609,10 @@ def _rewrite(path: Path, kept: list, add: dict[str, bytes], header: dict, flags:
     with tempfile.TemporaryDirectory(prefix=f".{Path(path).name}.sections-", dir=Path(path).parent) as tmp:
         sections = [(s.name, (Path(path), s.offset, s.length), s.codec, s.decoded_length, s.flags) for s in kept]
         for name, data in add.items():
-            part = Path(tmp) / name
-            part.write_bytes(data)
-            sections.append((name, part, "raw", len(data), flags))
+            if isinstance(data, bytes):
+                part = Path(tmp) / name
+                part.write_bytes(data)
+            else:
+                part = data
+            sections.append((name, part, "raw", part.stat().st_size, flags[name]))
         write_bank_file(path, header, sections)

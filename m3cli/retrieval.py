@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import open_existing, open_new, output_lock, write_text_atomic
-from .bank import MAX_INDEX_PARAM, Bank, BankError
+from .bank import MAX_INDEX_PARAM, Bank, BankError, segment_name
 from .bank_writer import update_bank
 from .embed import EmbedderSpec
 from .errors import M3Error
@@ -33,15 +33,21 @@ TRAIN_SAMPLE = 262_144  # most vectors used to train IVF/PQ indexes
 CHECKPOINT_SECONDS = 2.0
 
 
-def embeddings_of(bank: Bank) -> np.ndarray | None:
-    """The bank's stored embeddings as float32 (N, dim), or None."""
+def embeddings_of(bank: Bank, segment=None) -> np.ndarray | None:
+    """The bank's stored embeddings as float32 (N, dim) — or one segment's (its n, dim) — or None
+    when they are not all there."""
     spec = EmbedderSpec.from_header(bank.header)
-    if spec is None or EMB_SECTION not in bank.sections:
+    segments = bank.segments if segment is None else [segment]
+    if spec is None or any(seg.prefix + EMB_SECTION not in bank.sections for seg in segments):
         return None
-    s = bank.sections[EMB_SECTION]
-    if s.length != bank.n_refs * spec.dim * 2:
-        raise BankError(f"section {EMB_SECTION} has {s.length} bytes, expected {bank.n_refs * spec.dim * 2}")
-    return np.frombuffer(bank.raw(EMB_SECTION), dtype="<f2").reshape(bank.n_refs, spec.dim).astype(np.float32)
+    parts = []
+    for seg in segments:
+        name = seg.prefix + EMB_SECTION
+        s = bank.sections[name]
+        if s.length != seg.n_refs * spec.dim * 2:
+            raise BankError(f"section {name} has {s.length} bytes, expected {seg.n_refs * spec.dim * 2}")
+        parts.append(np.frombuffer(bank.raw(name), dtype="<f2").reshape(seg.n_refs, spec.dim).astype(np.float32))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
@@ -231,7 +237,21 @@ def index_bank(
     k_factor: int | None = None,
 ) -> dict:
     """Add embeddings (if missing or from another embedder) and a FAISS index to the bank; the
-    bank is locked against other writers meanwhile. factory "auto": `auto_factory`."""
+    bank is locked against other writers meanwhile. factory "auto": `auto_factory`. A bank with
+    appended segments or removed documents is compacted first (one index covers all of it)."""
+    with output_lock(path):
+        with Bank(path) as bank:
+            fold = len(bank.segments) > 1 or bank.removed.size > 0
+        if fold:
+            from .bank_update import compact_bank
+
+            compact_bank(path, keep_index=False)
+        return _index_bank(
+            path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor
+        )
+
+
+def _index_bank(path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor):
     if factory.lower() == "auto":
         with Bank(path) as bank:
             factory = auto_factory(bank.n_refs, embedder.spec.dim)
@@ -313,7 +333,24 @@ class Retriever:
                 f"dim {spec.dim}) but the query embedder is {embedder.spec.name} "
                 f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})"
             )
-        self.bank, self.embedder, self.index = bank, embedder, load_index(bank)
+        self.bank, self.embedder = bank, embedder
+        self.indexes = [(seg.first_ref, load_index(bank, seg)) for seg in bank.segments]
+        self.index = self.indexes[0][1]  # the base's (all of it for a bank without appended segments)
+        self.removed_refs = bank.removed_refs
+
+    def _search(self, vectors: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top `fetch` (score, reference) per query over the base and every appended segment."""
+        if len(self.indexes) == 1:
+            return self.index.search(vectors, fetch)
+        scores, ids = [], []
+        for first, index in self.indexes:
+            s, i = index.search(vectors, min(fetch, index.ntotal))
+            scores.append(s)
+            ids.append(np.where(i >= 0, i + first, -1))
+        all_scores, all_ids = np.concatenate(scores, 1), np.concatenate(ids, 1)
+        all_scores = np.where(all_ids >= 0, all_scores, -np.inf)
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :fetch]
+        return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
 
     def search(
         self,
@@ -331,8 +368,10 @@ class Retriever:
             vectors = self.embedder.embed(queries)
         if max_overlap is not None and max_overlap >= 1.0:
             max_overlap = None  # no reference overlaps a text by more than all of it
-        fetch = min(self.index.ntotal, k if max_overlap is None else 4 * k)
-        scores, ids = self.index.search(vectors, fetch)
+        total = sum(index.ntotal for _, index in self.indexes)
+        # removed documents' references are skipped: fetching that many more still finds k others
+        fetch = min(total, (k if max_overlap is None else 4 * k) + self.removed_refs)
+        scores, ids = self._search(vectors, fetch)
         results = []
         for q, vec, row_scores, row_ids in zip(queries, vectors, scores, ids):
             hits, qwords = [], words(q)
@@ -343,6 +382,8 @@ class Retriever:
                 if i < 0:
                     continue
                 ref = self.bank.reference(int(i))
+                if self.removed_refs and self.bank.is_removed(ref.doc_index):
+                    continue
                 if max_overlap is not None and overlap(words(ref.text), qwords) > max_overlap:
                     continue
                 doc = self.bank.document(ref.doc_index)
@@ -385,29 +426,35 @@ def bounded_address_space(extra: int):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def load_index(bank: Bank):
-    """Deserialize the bank's FAISS index — only after its SHA-256 matches the section table and
-    it starts with the IndexIDMap2 tag, with its allocations bounded — then check its structure
-    against the bank (allowed types, counts, dimensions, ids, graph links, list entries) before
-    any search runs. What is nested inside the ID map is parsed by FAISS's own reader first."""
+def load_index(bank: Bank, segment=None):
+    """Deserialize the bank's FAISS index (or an appended segment's) — only after its SHA-256
+    matches the section table and it starts with the IndexIDMap2 tag, with its allocations
+    bounded — then check its structure against the bank (allowed types, counts, dimensions, ids,
+    graph links, list entries) before any search runs. What is nested inside the ID map is
+    parsed by FAISS's own reader first. A segment's index numbers its references from 0."""
     import faiss
 
-    raw = bank.verified(INDEX_SECTION)
+    seg = segment or bank.segments[0]
+    name = seg.prefix + INDEX_SECTION
+    if name not in bank.sections:
+        raise BankError(f"the bank has an index but no section {name}; rebuild it with `m3 index`")
+    raw = bank.verified(name)
     if raw[:4] != b"IxM2":
-        raise BankError(f"section {INDEX_SECTION} is not an m3 index (an IndexIDMap2); rebuild it with `m3 index`")
+        raise BankError(f"section {name} is not an m3 index (an IndexIDMap2); rebuild it with `m3 index`")
     try:
         with bounded_address_space(4 * len(raw) + (512 << 20)):
             index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8).copy())
     except (RuntimeError, MemoryError, ValueError):
-        raise BankError(f"section {INDEX_SECTION} is not a readable FAISS index; rebuild it with `m3 index`") from None
+        raise BankError(f"section {name} is not a readable FAISS index; rebuild it with `m3 index`") from None
     dim = bank.header.get("m3.embed.dim")
-    if index.ntotal != bank.n_refs or index.d != dim:
+    if index.ntotal != seg.n_refs or index.d != dim:
         raise BankError(
-            f"the index holds {index.ntotal} vectors of dim {index.d}, the bank {bank.n_refs} references of dim {dim}"
+            f"the index {name} holds {index.ntotal} vectors of dim {index.d}, "
+            f"the bank {seg.n_refs} references of dim {dim}"
         )
-    problems = index_structure_problems(index, bank.n_refs, dim)
+    problems = index_structure_problems(index, seg.n_refs, dim)
     if problems:
-        raise BankError(f"section {INDEX_SECTION}: {problems[0]}; rebuild it with `m3 index`")
+        raise BankError(f"section {name}: {problems[0]}; rebuild it with `m3 index`")
     ivf = _find(index, "nprobe")
     nprobe = bank.header.get("m3.index.nprobe")
     if ivf is not None and isinstance(nprobe, int) and nprobe > 0:
@@ -419,27 +466,35 @@ def load_index(bank: Bank):
     return index
 
 
-def index_problems(bank: Bank) -> list[str]:
+def index_problems(bank: Bank, segments: list[int] | None = None) -> list[str]:
     """`m3 inspect --verify`'s retrieval part: the embeddings and the index load and fit the bank,
-    so that a bank that passes never fails a search for a reason inside the file."""
+    so that a bank that passes never fails a search for a reason inside the file. segments: check
+    only these (what `m3 add` appends)."""
     has_index, has_emb = INDEX_SECTION in bank.sections, EMB_SECTION in bank.sections
     if not has_index and not has_emb:
+        if any(segment_name(name)[1] in (INDEX_SECTION, EMB_SECTION) for name in bank.sections):
+            return ["an appended segment has an index or embeddings, the base has none"]
         return []
     try:
         spec = EmbedderSpec.from_header(bank.header)
         if spec is None:
             return ["the bank holds an index or embeddings but no embedder description (m3.embed.*)"]
-        if has_emb:
-            vectors = embeddings_of(bank)
-            if not np.isfinite(vectors).all():
-                return [f"section {EMB_SECTION} holds values that are not finite numbers"]
-        if has_index:
-            load_index(bank)
-            if bank.header.get("m3.index.count", bank.n_refs) != bank.n_refs:
-                return [
-                    f"header says the index holds {bank.header['m3.index.count']} vectors, the bank has "
-                    f"{bank.n_refs} references"
-                ]
+        for seg in bank.segments:
+            if segments is not None and seg.number not in segments:
+                continue
+            if has_emb:
+                vectors = embeddings_of(bank, seg)
+                if vectors is None:
+                    return [f"the bank has embeddings but no section {seg.prefix}{EMB_SECTION}"]
+                if not np.isfinite(vectors).all():
+                    return [f"section {seg.prefix}{EMB_SECTION} holds values that are not finite numbers"]
+            if has_index:
+                load_index(bank, seg)
+        if has_index and bank.header.get("m3.index.count", bank.n_refs) != bank.n_refs:
+            return [
+                f"header says the index holds {bank.header['m3.index.count']} vectors, the bank has "
+                f"{bank.n_refs} references"
+            ]
     except M3Error as e:
         return [str(e)]
     return []

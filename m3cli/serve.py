@@ -58,8 +58,11 @@ class Job:
     out: asyncio.Queue  # ("text", piece) ..., then ("done", Completion) or ("error", RequestError)
     stream: bool = False
     templated: bool = False  # the prompt is a conversation already in the chat template
-    sent: str = ""  # the text generated so far
+    sent: str = ""  # the text passed on so far (a stop sequence's possible start is held back)
     cancelled: bool = False
+    stops: tuple[str, ...] = ()  # stop sequences: the text ends before the first one generated
+    stopped: bool = False  # a stop sequence was generated: the row ends at its next token
+    text: str = ""  # all the text generated so far
     created: float = field(default_factory=time.time)
 
     def key(self) -> tuple:
@@ -70,10 +73,40 @@ class Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
     def piece(self, text: str) -> None:
-        """A piece of generated text: passed on to a streaming client, remembered either way."""
-        self.sent += text
-        if self.stream:
-            self.send(("text", text))
+        """A piece of generated text: passed on to a streaming client, remembered either way. With
+        stop sequences, text that may be the start of one waits until it is known not to be."""
+        if self.stopped:
+            return
+        self.text += text
+        ready = self.text
+        if self.stops:
+            ready = cut_at_stop(self.text, self.stops)
+            self.stopped = len(ready) < len(self.text)
+            if not self.stopped:  # hold back a tail that could still become a stop sequence
+                held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+                ready = self.text[: len(self.text) - held]
+        new = ready[len(self.sent) :]
+        if new:
+            self.sent = ready
+            if self.stream:
+                self.send(("text", new))
+
+    def finish(self, completion):
+        """The completion as the client sees it: cut before a stop sequence ("stop")."""
+        if not self.stops:
+            return completion
+        import dataclasses
+
+        text = cut_at_stop(completion.text, self.stops)
+        if len(text) == len(completion.text):
+            return completion
+        return dataclasses.replace(completion, text=text, finish_reason="stop")
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the first place any stop sequence starts (all of it when none does)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(found)] if found else text
 
 
 class Engine:
@@ -188,7 +221,7 @@ class Engine:
                 opts,
                 on_text=lambda b, piece: batch[b].piece(piece),
                 max_new_tokens=[j.max_tokens for j in batch],
-                stop=lambda b: batch[b].cancelled,
+                stop=lambda b: batch[b].cancelled or batch[b].stopped,
             )
         except M3Error as e:
             if len(batch) > 1:  # whose was it? those that have no text yet run again, each alone
@@ -196,6 +229,7 @@ class Engine:
                     if job.sent or job.cancelled:
                         job.send(("error", RequestError(500, str(e), kind="server_error")))
                     else:
+                        job.text, job.stopped = "", False  # nothing reached the client: start over
                         self._serve([job])
                 return
             first.send(("error", RequestError(400, str(e).replace("prompt 1 ", "the prompt "))))
@@ -205,6 +239,7 @@ class Engine:
                 job.send(("error", RequestError(500, f"internal error: {e}", kind="server_error")))
             return
         for job, completion in zip(batch, done):
+            completion = job.finish(completion)
             self.cancelled += completion.finish_reason == "cancelled"
             job.send(("done", completion))
 
@@ -220,7 +255,9 @@ def _references(completion) -> list[dict]:
     return out
 
 
-FINISH = {"eos": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+MAX_STOPS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
 
 
 def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3", max_batch: int = 16):
@@ -321,8 +358,19 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             )
         if body.get("n", 1) not in (1, None):
             raise RequestError(400, "n must be 1", "n")
-        if body.get("stop"):
-            raise RequestError(400, "stop sequences are not supported yet; end on max_tokens", "stop")
+        stops = body.get("stop") or ()
+        stops = (stops,) if isinstance(stops, str) else stops
+        if (
+            not isinstance(stops, (list, tuple))
+            or len(stops) > MAX_STOPS
+            or not all(isinstance(x, str) and 1 <= len(x) <= MAX_STOP_CHARS for x in stops)
+        ):
+            raise RequestError(
+                400,
+                f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings of up to "
+                f"{MAX_STOP_CHARS} characters",
+                "stop",
+            )
         mode = body.get("mode") or ("memory" if bank is not None else "none")
         if mode not in MODES:
             raise RequestError(400, f"mode must be one of {', '.join(MODES)}", "mode")
@@ -352,6 +400,7 @@ def create_app(model, bank=None, api_key: str | None = None, model_id: str = "m3
             seed=None if body.get("seed") is None else number("seed", 0, 0, 2**63 - 1, int) % (2**31),
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
+            stops=tuple(stops),
         )
 
     async def _complete(request: Request, job: Job, chat: bool):

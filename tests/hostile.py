@@ -24,6 +24,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import struct
 import sys
 import tempfile
@@ -49,8 +50,9 @@ class ContractBroken(AssertionError):
 
 # --- seeds ---------------------------------------------------------------------------------------
 def build_seeds(workdir: Path) -> list[Path]:
-    """Three small banks of the sample model's memories: bf16 with a Flat index, int8 with
-    HNSW, vq with IVF; all indexed with the model itself (the `self` embedder)."""
+    """Four small banks of the sample model's memories: bf16 with a Flat index, int8 with
+    HNSW, vq with IVF, all indexed with the model itself (the `self` embedder); and the bf16
+    one grown by `m3 add` and shrunk by `m3 remove` (format 1.2)."""
     from m3cli.embed import load_embedder
     from m3cli.encoding import encode_corpus
     from m3cli.retrieval import index_bank
@@ -83,6 +85,21 @@ def build_seeds(workdir: Path) -> list[Path]:
         )
         index_bank(path, embedder, factory=factory, show_progress=False)
         seeds.append(path)
+    # format 1.2: the bf16 bank after `m3 add` (an appended segment) and `m3 remove` (docs.removed)
+    from m3cli.bank_update import add_documents, remove_documents
+
+    grown = workdir / "seed-grown.m3bank"
+    shutil.copy(seeds[0], grown)
+    more = workdir / "more.jsonl"
+    more.write_text(
+        "".join(
+            json.dumps({"id": f"y{i}", "title": f"Added {i}", "text": f"Person {i} was born in Port {i}."}) + "\n"
+            for i in range(3)
+        )
+    )
+    add_documents(grown, str(more), SAMPLE, show_progress=False)
+    remove_documents(grown, ["x0", "y1"])
+    seeds.append(grown)
     return seeds
 
 
@@ -237,6 +254,7 @@ def _deep(n: int) -> str:
 
 SHAPE_KEYS = ("m3.memory.layers", "m3.memory.kv_heads", "m3.memory.top_k", "m3.memory.head_dim")
 EXTRA_KEYS = (
+    "m3.bank.segments",
     "m3.index.nprobe",
     "m3.index.ef_search",
     "m3.index.count",

@@ -68,6 +68,45 @@ def test_golden_bytes(tmp_path):
         assert bank.verify() == []
 
 
+def write_golden_updated(path: Path) -> torch.Tensor:
+    """The golden bank after `m3 add` of one document (an appended segment) and `m3 remove` of
+    doc-1 (docs.removed): format 1.2. Returns the added reference's memory."""
+    from m3cli.bank_update import _append, document_ids, remove_documents
+
+    write_golden(path)
+    kv = (torch.arange(48, dtype=torch.float32).reshape(SHAPE) % 13) / 4 - 1
+    pos = torch.tensor([[[2, 3, 4]], [[3, 4, -1]]], dtype=torch.int16)
+    kv = kv * (pos >= 0)[:, None, :, :, None]
+    spool = path.with_name("added.m3bank")
+    with BankWriter(spool, golden_header(), "bf16", SHAPE) as w:
+        w.add_document("doc-3", "Third", "added", [("Epsilon zeta eta.", 3, kv, pos)])
+        w.finish()
+    with Bank(path) as bank:
+        existing = document_ids(bank)
+    _append(path, spool, existing, False, None, False)
+    remove_documents(path, ["doc-1"])
+    return kv
+
+
+def test_golden_updated_bytes(tmp_path):
+    """Format 1.2: an appended segment and a removed document, byte for byte."""
+    path = tmp_path / "g.m3bank"
+    kv = write_golden_updated(path)
+    assert path.read_bytes() == (DATA / "golden-updated.m3bank").read_bytes(), (
+        "the bytes of an updated bank changed: a format change needs a version bump and new golden bytes"
+    )
+    with Bank(DATA / "golden-updated.m3bank") as bank:
+        assert bank.version == (1, 2) and (bank.n_refs, bank.n_docs, len(bank.segments)) == (3, 3, 2)
+        assert bank.header["m3.bank.segments"] == [{"references": 1, "documents": 1}]
+        assert bank.removed.tolist() == [0] and bank.is_removed(0) and not bank.is_removed(2)
+        assert (bank.live_docs, bank.removed_refs, list(bank.live_references())) == (2, 1, [1, 2])
+        assert torch.equal(bank.memories([2]).kv[0], kv)
+        ref, doc = bank.reference(2), bank.document(2)
+        assert (ref.text, ref.token_count, ref.doc_index, ref.index_in_doc) == ("Epsilon zeta eta.", 3, 2, 0)
+        assert (doc.id, doc.title, doc.source, doc.first_ref, doc.n_refs) == ("doc-3", "Third", "added", 2, 1)
+        assert bank.header["m3.bank.tokens"] == 8 and bank.verify() == []
+
+
 def test_a_version_1_0_bank_still_opens(tmp_path):
     """1.1 added header keys only (m3.model.hint, m3.embed.hint): 1.0 banks read as before."""
     kv, pos = write_golden(tmp_path / "g.m3bank")
@@ -130,7 +169,7 @@ def test_spec_constants_match_the_code():
     for name, value in consts.items():
         assert int(value) == getattr(B, name), name
     text = SPEC.read_text()
-    for section in B.KNOWN_SECTIONS + (B.VQ_SECTION,):
+    for section in B.KNOWN_SECTIONS + (B.VQ_SECTION, B.REMOVED_SECTION):
         assert f"**`{section}`**" in text, section
     for codec in B.CODECS:
         assert f"`{codec}`" in text

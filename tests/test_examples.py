@@ -32,6 +32,9 @@ ORDER = [
     "score",
     "generate",
     "eval",
+    "add",
+    "remove",
+    "compact",
     "serve",
     "bench",
     "synth",
@@ -89,6 +92,12 @@ def _sandbox(work: Path) -> dict:
     (work / "notes").mkdir()
     for i in range(3):
         (work / "notes" / f"n{i}.md").write_text(f"# note {i}\n\n{sentences[i]} {sentences[i + 1]}\n")
+    for name, rows in (
+        ("more.jsonl", [{"id": "n1", "title": "new 1", "text": sentences[2]}, {"id": "n2", "text": sentences[4]}]),
+        ("revised.jsonl", [{"id": "d1", "title": "doc 1", "text": sentences[5]}]),
+        ("new.jsonl", [{"id": "n3", "title": "new 3", "text": sentences[0]}]),
+    ):
+        (work / name).write_text("".join(json.dumps(d) + "\n" for d in rows))
     (work / "doc.txt").write_text("paris is the capital of france .\n")
     (work / "questions.txt").write_text("what is the capital of france ?\nwho was born in paris ?\n")
     (work / "qa.jsonl").write_text(

@@ -193,9 +193,10 @@ def test_conversations_parts_and_prompts_too_long(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="m3", prompt="hello " * 400, max_tokens=4)
     assert "context" in e.value.body["message"] and e.value.body["param"] == "prompt"
-    with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model="m3", prompt="hello", max_tokens=4, stop=["."])
-    assert e.value.body["param"] == "stop"
+    for bad in (["a", "b", "c", "d", "e"], [""], [3]):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="m3", prompt="hello", max_tokens=4, stop=bad)
+        assert e.value.body["param"] == "stop"
     batches = app.state.engine.batches
     sampled = [
         c.completions.create(
@@ -210,7 +211,8 @@ def test_conversations_parts_and_prompts_too_long(server):
 
 def test_a_changed_bank_is_served_without_a_restart(server):
     """Re-encoding the bank (written whole, renamed over the old file) is picked up at the next
-    batch: the new document is retrieved; a file that cannot be used leaves the old bank served."""
+    batch: the new document is retrieved; a file that cannot be used leaves the old bank served;
+    documents added and removed in place are picked up as well."""
     import os
 
     from m3cli import encode
@@ -234,3 +236,46 @@ def test_a_changed_bank_is_served_without_a_restart(server):
     os.replace(broken, path)  # a file m3 cannot read: the bank in use stays in use
     again = c.chat.completions.create(model="m3", messages=ask, max_tokens=2)
     assert "Born" in {r["title"] for r in again.model_extra["m3"]["references"]} and health(url)["reloads"] == 1
+    # updated in place (m3 add, m3 remove: the file is appended to, then switched): picked up too
+    from m3cli import add, remove
+
+    encode([*DOCS, doc], path, model=model_dir, force=True)
+    base = health(url)["reloads"]
+    c.chat.completions.create(model="m3", messages=ask, max_tokens=2)  # serves the re-encoded bank
+    tower = {"id": "d5", "title": "Tower", "text": "the old tower was built in rome by the river ."}
+    add(path, [tower], model=model_dir)
+    built = c.chat.completions.create(model="m3", messages=[{"role": "user", "content": "who built the old tower ?"}])
+    assert "Tower" in {r["title"] for r in built.model_extra["m3"]["references"]}
+    remove(path, ["d4"])
+    gone = c.chat.completions.create(model="m3", messages=ask, max_tokens=2, extra_body={"memories": 10})
+    assert "Born" not in {r["title"] for r in gone.model_extra["m3"]["references"]}
+    h = health(url)
+    assert h["reloads"] == base + 3 and h["references"] == len(DOCS) + 1
+
+
+def test_stop_sequences_end_the_text_before_them(server):
+    """The text ends before the first stop sequence generated, streamed or whole, and the row
+    stops decoding there; a stop sequence never generated changes nothing."""
+    url, app = server
+    c = client(url)
+    ask = {"model": "m3", "prompt": "the capital of france", "max_tokens": 24, "extra_body": {"mode": "none"}}
+    first = c.completions.create(**ask)
+    full = first.choices[0].text
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    want = full[: full.find(stop)]
+    whole = c.completions.create(**ask, stop=[stop, "\u2603"])
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (want, "stop")
+    assert whole.usage.completion_tokens < first.usage.completion_tokens  # it stopped decoding there
+    streamed = c.completions.create(**ask, stop=stop, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == want
+    never = c.completions.create(**ask, stop="\u2603")
+    assert never.choices[0].text == full
+    chat = c.chat.completions.create(
+        model="m3",
+        messages=[{"role": "user", "content": "the capital of france"}],
+        max_tokens=24,
+        stop=stop,
+        extra_body={"mode": "none"},
+    )
+    assert stop not in (chat.choices[0].message.content or "")

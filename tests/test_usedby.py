@@ -264,7 +264,8 @@ def test_readme_block_names_the_used_by_commands_and_three_pipelines():
 def test_the_used_by_commands_run_verbatim_on_the_default_model(tmp_path):
     """In an empty directory with a fresh cache: two `m3 generate` at once both succeed (one
     makes the default model, the other waits for it), then the README's block runs line by line
-    exactly as written: encode, generate, inspect, inspect alone and the three pipelines."""
+    exactly as written: encode, generate, inspect, inspect alone, add, remove, compact and the three
+    pipelines."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -297,13 +298,18 @@ def test_the_used_by_commands_run_verbatim_on_the_default_model(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert sum("materialising the default model" in err for _, err in outs) == 1
     shutil.move(tmp_path / "corpus.parquet", work / "corpus.parquet")
+    added = {"id": "doc-0100", "title": "Maren Oakhollow", "text": "Maren Oakhollow was born in Linden Bay in 1988."}
+    (work / "more.jsonl").write_text(json.dumps(added) + "\n")  # for the block's m3 add
     ran = {}
     for line in _readme_block("Use it on your documents"):
         out = _run(line, work, env)
         assert out.returncode == 0, (line, out.stdout, out.stderr)
         ran[line] = out.stdout
     bank = json.loads(_run("m3 inspect kb.m3bank --json", work, env).stdout)
-    assert bank["model_hint"] == "default" and bank["documents"] == len(rows)
+    assert bank["model_hint"] == "default" and bank["documents"] == len(rows)  # one added, one removed
+    assert (bank["appended_segments"], bank["removed_documents"]) == (0, 0)  # compacted
+    found = json.loads(_run('m3 search kb.m3bank "Where was Maren Oakhollow born?" --json', work, env).stdout)
+    assert found["results"][0]["doc_id"] == "doc-0100"
     env_info = json.loads(_run("m3 inspect --json", work, env).stdout)
     assert env_info["default_model_ready"] and env_info["default_model_fingerprint"] == bank["model_fingerprint"]
     pipes = [line for line in ran if "| jq" in line]

@@ -2,7 +2,7 @@
 prints; heavy imports live inside the commands so that `m3 --help` is instant.
 
 Commands live with their group: `models` (convert, inspect, score), `banks` (encode, index,
-search, distill-embedder), `answers` (generate, eval, bench), `serving` (serve), `training` (synth, pretrain);
+search, distill-embedder), `updates` (add, remove, compact), `answers` (generate, eval, bench), `serving` (serve), `training` (synth, pretrain);
 `common` holds the app, the exit codes and the shared option vocabulary.
 """
 
@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from .common import EXIT_ERROR, app, open_generator, os_error_message  # noqa: F401
-from . import models, banks, answers, serving, training  # noqa: F401,E402 — registers the commands, in this order
+from . import models, banks, updates, answers, serving, training  # noqa: F401,E402 — registers the commands, in this order
 
 _open_generator = open_generator  # the name tests and scripts used before the split
 
