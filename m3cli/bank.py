@@ -359,15 +359,16 @@ class Bank:
             counts.append((_int(entry, "references", 1, self.n_refs), _int(entry, "documents", 1, self.n_docs)))
         base_refs = self.n_refs - sum(n for n, _ in counts)
         base_docs = self.n_docs - sum(d for _, d in counts)
-        if base_refs < 0 or base_docs < 0:
-            raise BankError("header key m3.bank.segments counts more references or documents than the bank has")
+        if base_refs < 0 or base_docs < 0 or (counts and (base_refs < 1 or base_docs < 1)):
+            raise BankError(
+                "header key m3.bank.segments counts as many references or documents as the bank has, or more"
+            )
         segments = [Segment(0, 0, base_refs, 0, base_docs)]
         for k, (n, d) in enumerate(counts, 1):
             last = segments[-1]
             segments.append(Segment(k, last.first_ref + last.n_refs, n, last.first_doc + last.n_docs, d))
         for name in self.sections:
-            number, base_name = segment_name(name)
-            if number > len(counts) and base_name in SEGMENT_SECTIONS:
+            if segment_name(name)[0] > len(counts):
                 raise BankError(f"section {name} belongs to no segment the header lists")
         missing = [
             seg.prefix + n for seg in segments[1:] for n in KNOWN_SECTIONS if seg.prefix + n not in self.sections
@@ -512,6 +513,9 @@ class Bank:
         where = np.searchsorted(self._ref_starts, idx, side="right") - 1
         for k in np.unique(where):
             seg = self.segments[int(k)]
+            name = seg.prefix + section
+            if name not in self.sections or self.sections[name].length != seg.n_refs * per:
+                raise BankError(f"section {name} is missing or does not hold {seg.n_refs} records of {per} bytes")
             rows = np.frombuffer(
                 self._mm, dtype=np.uint8, count=seg.n_refs * per, offset=self.sections[seg.prefix + section].offset
             ).reshape(seg.n_refs, per)
@@ -575,6 +579,16 @@ class Bank:
             try:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
             except (OSError, ValueError, AttributeError):
+                pass
+
+    def drop_cache(self) -> None:
+        """Evict the file's pages from this process's mapping and from the OS page cache (Linux,
+        best effort), so the next reads come from the drive: a benchmark's cold cache."""
+        self._release(0, self.size)
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
                 pass
 
     def verify(self, progress=None, allow_empty: bool = False, segments: list[int] | None = None) -> list[str]:

@@ -78,6 +78,7 @@ def add_documents(
         raise M3Error(f"bank {path} does not exist")
     max_doc_bytes = max_doc_bytes or MAX_DOC_BYTES
     with output_lock(path):
+        sweep(path)
         with Bank(path) as bank:
             full = len(bank.segments) - 1 >= MAX_SEGMENTS
         if full:  # the header lists at most MAX_SEGMENTS appended segments: fold them into one first
@@ -93,7 +94,13 @@ def add_documents(
                 embedder = query_embedder(bank, model_dir=model_dir, encoder=encoder)  # fails before encoding
             codec, hint = bank.codec, bank.header.get("m3.model.hint")
         if str(corpus) != "-":  # a file can be read twice: refuse clashing ids before encoding anything
-            _check_ids([d.id for d in read_corpus(corpus, stream=True, max_doc_bytes=max_doc_bytes)], existing, replace)
+            try:
+                _check_ids(
+                    [d.id for d in read_corpus(corpus, stream=True, max_doc_bytes=max_doc_bytes)], existing, replace
+                )
+            except M3Error:
+                _remove_spools(path, keep=None)  # e.g. the spool of an add that was killed once it was done
+                raise
         spool = _spool(path, corpus, batch_size, device, dtype)
         encode_corpus(
             corpus,
@@ -130,6 +137,14 @@ def _spool(path: Path, corpus: str, batch_size: int, device: str, dtype: str) ->
     spool = path.parent / f".{path.name}.add-{hashlib.sha256(key.encode()).hexdigest()[:16]}.m3bank"
     _remove_spools(path, keep=spool)
     return spool
+
+
+def sweep(path: Path) -> None:
+    """Remove what a killed compaction or whole-file rewrite of `path` left beside it (its
+    section spools and temporary file); called holding the bank's lock, so none is in use."""
+    for name in os.listdir(path.parent):
+        if any(name.startswith(f".{path.name}.{kind}-") for kind in ("compact", "tmp", "sections")):
+            remove_path(path.parent / name)
 
 
 def _remove_spools(path: Path, keep: Path | None) -> None:
@@ -179,19 +194,27 @@ def _append(path: Path, spool: Path, existing: dict, replace: bool, embedder, sh
         refs["doc"] += n_docs
         docs = np.frombuffer(new.raw("docs.table"), dtype=_DOC_DTYPE).copy()
         docs["first"] += n_refs
-        add: dict[str, bytes | Path] = {
+
+        def stored(name: str) -> tuple[Path, int, int]:  # streamed from the spool, not held in memory
+            return (spool, new.sections[name].offset, new.sections[name].length)
+
+        add: dict[str, bytes | Path | tuple[Path, int, int]] = {
             prefix + "refs.table": refs.tobytes(),
-            prefix + "refs.text": bytes(new.raw("refs.text")),
+            prefix + "refs.text": stored("refs.text"),
             prefix + "docs.table": docs.tobytes(),
             prefix + "docs.strings": new.decoded("docs.strings"),
-            prefix + "kv.positions": bytes(new.raw("kv.positions")),
+            prefix + "kv.positions": stored("kv.positions"),
         }
-        add[prefix + "kv.data"] = _vq_records(bank, new) if bank.codec == "vq" else bytes(new.raw("kv.data"))
+        add[prefix + "kv.data"] = _vq_records(bank, new) if bank.codec == "vq" else stored("kv.data")
         flags = dict.fromkeys(add, SECTION_FLAG_REQUIRED)
         header = {
             "m3.bank.references": n_refs + new.n_refs,
             "m3.bank.documents": n_docs + new.n_docs,
-            "m3.bank.tokens": int(bank.header.get("m3.bank.tokens", 0)) + int(new.header["m3.bank.tokens"]),
+            "m3.bank.tokens": (  # kept absent where it is (a bank written before m3 counted tokens)
+                bank.header["m3.bank.tokens"] + new.header["m3.bank.tokens"]
+                if "m3.bank.tokens" in bank.header
+                else None
+            ),
             "m3.bank.segments": [
                 *bank.header.get("m3.bank.segments", []),
                 {"references": new.n_refs, "documents": new.n_docs},
@@ -246,6 +269,7 @@ def remove_documents(path: Path, doc_ids: list[str]) -> dict:
     if not doc_ids:
         raise M3Error("name the documents to remove with --doc ID")
     with output_lock(path):
+        sweep(path)
         with Bank(path) as bank:
             existing = document_ids(bank)
             missing = [d for d in doc_ids if d not in existing]
@@ -267,19 +291,19 @@ def remove_documents(path: Path, doc_ids: list[str]) -> dict:
             }
 
 
-def compact_bank(path: Path, keep_index: bool = True, show_progress: bool = False) -> dict:
+def compact_bank(path: Path, show_progress: bool = False) -> dict:
     """Rewrite the bank as one segment without its removed documents: records copied as stored
     (no re-encoding, no re-embedding), references renumbered, the index rebuilt from the stored
-    embeddings with the bank's factory (`keep_index=False`: left out, the embeddings kept, for
-    `m3 index` to build another). Atomic: a new file renamed into place."""
+    embeddings with the bank's factory. Atomic: a new file renamed into place."""
     from .retrieval import EMB_SECTION, INDEX_SECTION
 
     t0 = time.perf_counter()
     path = Path(os.path.realpath(path))
     with output_lock(path):
+        sweep(path)
         before = path.stat().st_size
         with Bank(path) as bank:
-            if len(bank.segments) == 1 and not bank.removed.size and keep_index:
+            if len(bank.segments) == 1 and not bank.removed.size:
                 return {"bank": str(path), "compacted": False, "bytes_before": before, "bytes_after": before}
             live = [j for j in range(bank.n_docs) if not bank.is_removed(j)]
             if not any(bank.document(j).n_refs for j in live):
@@ -287,7 +311,7 @@ def compact_bank(path: Path, keep_index: bool = True, show_progress: bool = Fals
             with_emb = all(seg.prefix + EMB_SECTION in bank.sections for seg in bank.segments)
             with tempfile.TemporaryDirectory(prefix=f".{path.name}.compact-", dir=path.parent) as tmp:
                 header, sections = _write_live(bank, live, Path(tmp), with_emb, show_progress)
-                if with_emb and keep_index and INDEX_SECTION in bank.sections:
+                if with_emb and INDEX_SECTION in bank.sections:
                     sections.append(_rebuild_index(bank, header, Path(tmp)))
                 else:
                     for key in [k for k in header if k.startswith("m3.index.")]:

@@ -482,7 +482,7 @@ COMPACT_FRACTION = 4  # an update rewrites the whole file once dead space would 
 
 def update_bank(
     path: Path,
-    add: dict[str, bytes | Path],
+    add: dict[str, bytes | Path | tuple[Path, int, int]],
     header_updates: dict,
     flags: int | dict[str, int] = 0,
     drop: tuple[str, ...] = (),
@@ -497,7 +497,8 @@ def update_bank(
     dead space; when it would exceed a quarter of the live bytes, the bank is instead rewritten
     whole (a new file renamed into place), so repeated re-indexing does not grow the file.
 
-    add: section name -> its bytes, or a file holding them (streamed). flags: every added
+    add: section name -> its bytes, or a file or (file, offset, length) range holding them
+    (streamed). flags: every added
     section's, or per name. drop: sections to leave out of the new table. check(bank) -> problems:
     what to read back before the switch (default: the embeddings and index); header keys set to
     None are removed.
@@ -505,7 +506,7 @@ def update_bank(
     import fcntl
 
     path = Path(os.path.realpath(path))  # a link to a bank updates the bank, whichever way
-    sizes = {name: data.stat().st_size if isinstance(data, Path) else len(data) for name, data in add.items()}
+    sizes = {name: _size(data) for name, data in add.items()}
     flag_of = flags if isinstance(flags, dict) else dict.fromkeys(add, flags)
     with output_lock(path):
         with Bank(path) as bank:
@@ -575,16 +576,29 @@ def update_bank(
             crash_point("update:switched")
 
 
-def _write_section(f, data: bytes | Path) -> bytes:
-    """Write a section's bytes (or a file's, streamed) at f's position; their SHA-256."""
+def _size(data: bytes | Path | tuple[Path, int, int]) -> int:
+    if isinstance(data, bytes):
+        return len(data)
+    return data[2] if isinstance(data, tuple) else data.stat().st_size
+
+
+def _write_section(f, data: bytes | Path | tuple[Path, int, int]) -> bytes:
+    """Write a section's bytes (or a file's or a file range's, streamed) at f's position; their
+    SHA-256."""
     if isinstance(data, bytes):
         f.write(data)
         return hashlib.sha256(data).digest()
+    source, start, size = data if isinstance(data, tuple) else (data, 0, data.stat().st_size)
     h = hashlib.sha256()
-    with open_existing(data, "rb") as src:
-        while chunk := src.read(1 << 22):
+    done = 0
+    with open_existing(source, "rb") as src:
+        src.seek(start)
+        while done < size and (chunk := src.read(min(1 << 22, size - done))):
             h.update(chunk)
             f.write(chunk)
+            done += len(chunk)
+    if done != size:
+        raise M3Error(f"{source} changed while it was being copied; try again")
     return h.digest()
 
 
@@ -600,7 +614,9 @@ def _check_updated(path: Path, preamble: bytes, check=None) -> None:
         raise M3Error(f"refusing to update {path} into a bank m3 would not read back: {problems[0]}")
 
 
-def _rewrite(path: Path, kept: list, add: dict[str, bytes | Path], header: dict, flags: dict[str, int]) -> None:
+def _rewrite(
+    path: Path, kept: list, add: dict[str, bytes | Path | tuple[Path, int, int]], header: dict, flags: dict[str, int]
+) -> None:
     """Write the kept sections (copied from the old file, as stored) and the added ones into a new
     file; rename it into place."""
     import tempfile
@@ -609,10 +625,11 @@ def _rewrite(path: Path, kept: list, add: dict[str, bytes | Path], header: dict,
     with tempfile.TemporaryDirectory(prefix=f".{Path(path).name}.sections-", dir=Path(path).parent) as tmp:
         sections = [(s.name, (Path(path), s.offset, s.length), s.codec, s.decoded_length, s.flags) for s in kept]
         for name, data in add.items():
+            part: Path | tuple[Path, int, int]
             if isinstance(data, bytes):
                 part = Path(tmp) / name
                 part.write_bytes(data)
             else:
                 part = data
-            sections.append((name, part, "raw", part.stat().st_size, flags[name]))
+            sections.append((name, part, "raw", _size(data), flags[name]))
         write_bank_file(path, header, sections)

@@ -179,9 +179,11 @@ def run_bench(
     repeats: int,
     memories: int = 5,
     log=print,
+    cold: bool = False,
 ) -> list[dict]:
     """Time generate() per (batch, mode), modes interleaved, the median of `repeats` runs each.
-    Every run starts with an empty memory cache (memories are read from the bank)."""
+    Every run starts with an empty memory cache (memories are read from the bank); `cold`: and
+    with the bank file's pages evicted from the OS page cache (memories read from the drive)."""
     from .generate import Options
 
     cfg = gen.cfg
@@ -202,6 +204,8 @@ def run_bench(
         opts = Options(mode=mode, max_new_tokens=n_new, stop_at_eos=False, memories=memories)
         if gen.memory_cache is not None:
             gen.memory_cache._items.clear()
+        if cold and bank is not None:
+            bank.drop_cache()
         gen.timings.clear()
         if gen.device.type == "cuda":
             torch.cuda.synchronize(gen.device)
@@ -226,13 +230,16 @@ def run_bench(
         once(mode, min(batches), 4)
     rows = []
     for B in batches:
-        runs = {m: [] for m in modes}
+        runs: dict[str, list] = {m: [] for m in modes}
+        firsts: dict[str, list] = {m: [] for m in modes}
         for _ in range(repeats):
             for mode in modes:
                 runs[mode].append(once(mode, B, new_tokens))
+                firsts[mode].append(once(mode, B, 1)["total_s"])  # time to first token (s): the same call, 1 token
         for mode in modes:
             best = sorted(runs[mode], key=lambda r: r["total_s"])[len(runs[mode]) // 2]  # the median run
             row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in best.items()}
+            row["ttft"] = round(statistics.median(firsts[mode]), 4)
             rows.append(row)
             log(json.dumps(row))
     return rows
@@ -253,14 +260,19 @@ def _fit_rag(gen, prompts: list[str], opts, room: int) -> list[str]:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """memory/none and memory/rag throughput per batch size."""
+    """Per batch size: throughput ratios memory/none, memory/rag and none/rag (what memory/rag can
+    reach at most: memory does none's work plus retrieval), and time-to-first-token ratios
+    memory/none and rag/none (`ttft_…`; above 1 is slower)."""
     out = []
     for B in sorted({r["batch"] for r in rows}):
         by = {r["mode"]: r["tokens_per_s"] for r in rows if r["batch"] == B}
-        item = {"batch": B}
-        if "memory" in by and "none" in by:
-            item["memory_vs_none"] = round(by["memory"] / by["none"], 3)
-        if "memory" in by and "rag" in by:
-            item["memory_vs_rag"] = round(by["memory"] / by["rag"], 3)
+        first = {r["mode"]: r.get("ttft") for r in rows if r["batch"] == B}
+        item: dict = {"batch": B}
+        for a, b in (("memory", "none"), ("memory", "rag"), ("none", "rag")):
+            if a in by and b in by:
+                item[f"{a}_vs_{b}"] = round(by[a] / by[b], 3)
+        for a in ("memory", "rag"):
+            if first.get(a) and first.get("none"):
+                item[f"ttft_{a}_vs_none"] = round(first[a] / first["none"], 3)
         out.append(item)
     return out

@@ -58,7 +58,16 @@ def compute_embeddings(bank: Bank, embedder, batch_size: int = 64, show_progress
     spec = embedder.spec
     spool = bank.path.parent / f".{bank.path.name}.emb.partial"
     state_path = Path(str(spool) + ".json")
-    key = {"spec": spec.__dict__, "bank": bank.header.get("m3.model.fingerprint"), "n": bank.n_refs}
+    key = {
+        "spec": spec.__dict__,
+        "bank": bank.header.get("m3.model.fingerprint"),
+        "n": bank.n_refs,
+        "texts": [  # the references themselves: an add, remove or compact may keep N and change them
+            bank.sections[seg.prefix + name].sha256.hex()
+            for seg in bank.segments
+            for name in ("refs.table", "refs.text")
+        ],
+    }
     done = 0
     if (
         os.path.lexists(spool)
@@ -239,13 +248,19 @@ def index_bank(
     """Add embeddings (if missing or from another embedder) and a FAISS index to the bank; the
     bank is locked against other writers meanwhile. factory "auto": `auto_factory`. A bank with
     appended segments or removed documents is compacted first (one index covers all of it)."""
+    path = Path(os.path.realpath(path))  # the bank's own lock, whichever way it is named
+    if factory.lower() != "auto":
+        empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any change
+    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
+        if not 1 <= value <= MAX_INDEX_PARAM:
+            raise M3Error(f"{name} must be in 1..{MAX_INDEX_PARAM}")
     with output_lock(path):
         with Bank(path) as bank:
             fold = len(bank.segments) > 1 or bank.removed.size > 0
-        if fold:
+        if fold:  # one index over all of it; the bank stays searchable if what follows fails
             from .bank_update import compact_bank
 
-            compact_bank(path, keep_index=False)
+            compact_bank(path)
         return _index_bank(
             path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor
         )
@@ -344,6 +359,8 @@ class Retriever:
             return self.index.search(vectors, fetch)
         scores, ids = [], []
         for first, index in self.indexes:
+            if index.ntotal == 0:
+                continue
             s, i = index.search(vectors, min(fetch, index.ntotal))
             scores.append(s)
             ids.append(np.where(i >= 0, i + first, -1))
@@ -458,7 +475,10 @@ def load_index(bank: Bank, segment=None):
     ivf = _find(index, "nprobe")
     nprobe = bank.header.get("m3.index.nprobe")
     if ivf is not None and isinstance(nprobe, int) and nprobe > 0:
-        faiss.downcast_index(ivf).nprobe = min(nprobe, int(faiss.downcast_index(ivf).nlist))
+        nlist = int(faiss.downcast_index(ivf).nlist)
+        if seg.number:  # a segment's own index (`auto` for its size): probe at least 1/64 of its lists
+            nprobe = max(nprobe, nlist // 64)
+        faiss.downcast_index(ivf).nprobe = min(nprobe, nlist)
     hnsw = hnsw_of(index)
     ef = bank.header.get("m3.index.ef_search")
     if hnsw is not None and isinstance(ef, int) and ef > 0:

@@ -164,9 +164,11 @@ class Engine:
             return None
         try:
             st = os.stat(self.bank.path)
+            with open(self.bank.path, "rb") as f:  # an in-place update's last step rewrites these 64 bytes
+                preamble = f.read(64)
         except OSError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, preamble)
 
     def reload_if_changed(self) -> None:
         """Between batches: a bank file that changed (re-encoded and renamed, re-indexed in place) is

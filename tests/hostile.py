@@ -321,7 +321,10 @@ def mutate_entry(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     if field == "codec":
         e["codec"] = rng.choice([b"zstd\0\0\0\0", b"raw\0\0\0\0\0", b"gzip\0\0\0\0", b"\xff" * 8])
     elif field == "name":
-        e["name"] = rng.choice(["kv.data", "refs.text", "index.faiss", "x" * 32, "Bad Name", "codec.vq"])
+        e["name"] = rng.choice(
+            ["kv.data", "refs.text", "index.faiss", "x" * 32, "Bad Name", "codec.vq", "s1.kv.data", "s9.kv.data"]
+            + ["docs.removed", "s1.index.faiss", "s0.refs.table"]
+        )
     else:
         e[field] = rng.choice(
             [
@@ -363,37 +366,46 @@ def _kv_nan(rng: random.Random, data: bytes, header: dict) -> bytes:
     return bytes(buf)
 
 
+from m3cli.bank import segment_name  # noqa: E402
+
+
 def mutate_section(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     entries, header = parse(blob)
     e = rng.choice(entries)
     name = e["name"]
     data = bytearray(section(blob, entries, name))
     how = rng.randrange(6)
-    if name in ("kv.data",) and how < 3:
+    kind = segment_name(name)[1]  # an appended segment's s<k>.kv.data is mutated as kv.data is
+    if kind in ("kv.data",) and how < 3:
         new = _kv_nan(rng, bytes(data), header)
-    elif name == "codec.vq" and how < 3:
+    elif kind == "codec.vq" and how < 3:
         arr = np.frombuffer(bytes(data), dtype="<f4").copy()
         arr[rng.randrange(arr.size)] = rng.choice([np.nan, np.inf, 1e38])
         new = arr.tobytes()
-    elif name == "emb.data" and how < 3:
+    elif kind == "emb.data" and how < 3:
         arr = np.frombuffer(bytes(data), dtype="<f2").copy()
         arr[rng.randrange(arr.size)] = rng.choice([np.nan, np.inf, 0, 65504])
         new = arr.tobytes()
-    elif name == "kv.positions" and how < 4:
+    elif kind == "kv.positions" and how < 4:
         arr = np.frombuffer(bytes(data), dtype="<i2").copy()
         arr[rng.randrange(arr.size)] = rng.choice([-32768, -2, -1, 0, 1, 127, 128, 32767])
         new = arr.tobytes()
-    elif name in ("refs.table", "docs.table") and how < 4 and data:
+    elif kind in ("refs.table", "docs.table") and how < 4 and data:
         rec = rng.randrange(len(data) // 32)
-        fmt = "<QIIII8s" if name == "refs.table" else "<QIIIIII"
+        fmt = "<QIIII8s" if kind == "refs.table" else "<QIIIIII"
         fields = list(struct.unpack_from(fmt, data, rec * 32))
-        i = rng.randrange(5 if name == "refs.table" else 6)
+        i = rng.randrange(5 if kind == "refs.table" else 6)
         width = 2**64 if i == 0 else 2**32
         fields[i] = rng.choice([0, 1, 2**31, width - 1, fields[i] + 1, max(0, fields[i] - 1), rng.randrange(width)])
         struct.pack_into(fmt, data, rec * 32, *fields)
         new = bytes(data)
-    elif name == "index.faiss" and how < 4:
-        return mutate_index(rng, blob)
+    elif kind == "index.faiss" and how < 4:
+        return mutate_index(rng, blob, name)
+    elif name == "docs.removed" and how < 4:
+        arr = np.frombuffer(bytes(data), dtype="<u4").copy()
+        if arr.size:
+            arr[rng.randrange(arr.size)] = rng.choice([0, 1, 2**31, 2**32 - 1, int(arr[-1]) + 1, int(arr[0])])
+        new = arr.tobytes() if rng.random() < 0.8 else arr[::-1].tobytes()
     elif how == 4 and data:  # truncated or grown
         new = (
             bytes(data[: rng.randrange(len(data))]) if rng.random() < 0.5 else bytes(data) + b"\0" * rng.choice([1, 64])
@@ -406,12 +418,15 @@ def mutate_section(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
     return f"section:{name}", assemble(blob, entries, header, {name: new})
 
 
-def mutate_index(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
-    """Change a FAISS index's internals (ids, graph links, list entries, type, size), re-serialize it."""
+def mutate_index(rng: random.Random, blob: bytes, name: str | None = None) -> tuple[str, bytes]:
+    """Change a FAISS index's internals (ids, graph links, list entries, type, size), re-serialize
+    it: the base's index or an appended segment's."""
     import faiss
 
     entries, header = parse(blob)
-    raw = section(blob, entries, "index.faiss")
+    if name is None:
+        name = rng.choice([e["name"] for e in entries if segment_name(e["name"])[1] == "index.faiss"])
+    raw = section(blob, entries, name)
     from m3cli.retrieval import bounded_address_space
 
     with bounded_address_space(4 * len(raw) + (512 << 20)):  # the generator's own reading of a mutated index
@@ -474,9 +489,9 @@ def mutate_index(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
         buf = bytearray(raw)
         for _ in range(rng.randint(1, 4)):
             buf[rng.randrange(len(buf))] = rng.randrange(256)
-        return "index:bytes", assemble(blob, entries, header, {"index.faiss": bytes(buf)})
+        return f"{name}:bytes", assemble(blob, entries, header, {name: bytes(buf)})
     new = faiss.serialize_index(index).tobytes()
-    return f"index:{what}", assemble(blob, entries, header, {"index.faiss": new})
+    return f"{name}:{what}", assemble(blob, entries, header, {name: new})
 
 
 def mutate_truncate(rng: random.Random, blob: bytes) -> tuple[str, bytes]:
@@ -700,7 +715,35 @@ class Harness:
                 if not problems and not any(text in str(e) for text in environment):
                     raise ContractBroken(f"passed --verify, then failed: {e}") from None
                 return "refused by verify and by use" if problems else "unindexed"
+            if not problems and (len(bank.segments) > 1 or bank.removed.size):
+                self._compacts(path)
             return "accepted" if not problems else "refused by verify, usable"
+
+    def _compacts(self, path: Path) -> None:
+        """A changed bank that passes --verify compacts into one that passes it too (or m3 refuses
+        with one line: e.g. a factory in the header that cannot be rebuilt)."""
+        import shutil
+
+        from m3cli.bank import Bank
+        from m3cli.bank_update import compact_bank
+        from m3cli.errors import M3Error
+        from m3cli.inspect_bank import verify_problems
+
+        copy = path.with_name(path.name + ".compacted.m3bank")
+        shutil.copy(path, copy)
+        try:
+            compact_bank(copy)
+        except M3Error as e:
+            one_line(e)
+            return
+        finally:
+            for leftover in copy.parent.glob(f".{copy.name}*"):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        with Bank(copy) as compacted:
+            problems = verify_problems(compacted, SAMPLE)
+        copy.unlink()
+        if problems:
+            raise ContractBroken(f"passed --verify, compacted into a bank that fails it: {problems[0]}")
 
 
 def run(cases: int, seed: int, workdir: Path, log=None, every: int = 1000) -> dict:

@@ -53,6 +53,7 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
     )
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["new_tokens"] == 6
+        assert 0 < r["ttft"] < r["total_s"]  # one token costs less than six
         # each figure is rounded to 4 decimals on its own, so the parts may exceed the total by 1e-4
         assert r["total_s"] >= r.get("decode_s", 0) + r.get("prefill_s", 0) - 1.5e-4
     mem = [r for r in rows if r["mode"] == "memory"][0]
@@ -89,11 +90,20 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
 
 def test_ratios():
     rows = [
-        {"mode": "none", "batch": 1, "tokens_per_s": 10.0},
-        {"mode": "memory", "batch": 1, "tokens_per_s": 9.5},
-        {"mode": "rag", "batch": 1, "tokens_per_s": 4.0},
+        {"mode": "none", "batch": 1, "tokens_per_s": 10.0, "ttft": 0.4},
+        {"mode": "memory", "batch": 1, "tokens_per_s": 9.5, "ttft": 0.44},
+        {"mode": "rag", "batch": 1, "tokens_per_s": 4.0, "ttft": 1.2},
     ]
-    assert ratios(rows) == [{"batch": 1, "memory_vs_none": 0.95, "memory_vs_rag": 2.375}]
+    assert ratios(rows) == [
+        {
+            "batch": 1,
+            "memory_vs_none": 0.95,
+            "memory_vs_rag": 2.375,
+            "none_vs_rag": 2.5,
+            "ttft_memory_vs_none": 1.1,
+            "ttft_rag_vs_none": 3.0,
+        }
+    ]
 
 
 def test_bench_errors(tmp_path):

@@ -271,11 +271,11 @@ def test_stop_sequences_end_the_text_before_them(server):
     assert "".join(chunk.choices[0].text for chunk in streamed) == want
     never = c.completions.create(**ask, stop="\u2603")
     assert never.choices[0].text == full
-    chat = c.chat.completions.create(
-        model="m3",
-        messages=[{"role": "user", "content": "the capital of france"}],
-        max_tokens=24,
-        stop=stop,
-        extra_body={"mode": "none"},
-    )
-    assert stop not in (chat.choices[0].message.content or "")
+    almost = full[-1] + "\u2603"  # its start is generated last: held back, then sent when decoding ends
+    held = c.completions.create(**ask, stop=almost, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in held) == full
+    talk = {"model": "m3", "messages": [{"role": "user", "content": "the capital of france"}], "max_tokens": 24}
+    said = c.chat.completions.create(**talk, extra_body={"mode": "none"}).choices[0].message.content
+    cut = said[2:4]
+    chat = c.chat.completions.create(**talk, stop=cut, extra_body={"mode": "none"})
+    assert chat.choices[0].message.content == said[: said.find(cut)]

@@ -55,12 +55,12 @@ def add(
         ),
     ] = False,
 ) -> None:
-    """Add documents to a bank without re-encoding it: encoded by the bank's model, embedded by
-    its embedder and indexed, then appended in one atomic switch.
+    """Add documents to a bank without re-encoding it: encoded by the bank's model (and, in an
+    indexed bank, embedded by its embedder and indexed), then appended in one atomic switch.
 
     Costs time for the new documents only. Document ids must be unique: an id the bank holds is
-    an error unless --replace. A killed run leaves the bank as it was and continues its encoding
-    when run again. After 24 additions the bank is compacted first (see m3 compact).
+    an error unless --replace. A killed run leaves the bank as it was; run again on a corpus
+    file, it continues its encoding. After 24 additions the bank is compacted first (m3 compact).
     """
     from ..bank_update import add_documents
 
