@@ -87,10 +87,15 @@ class Segment:
     n_refs: int
     first_doc: int
     n_docs: int
+    part: int = 0  # the file holding it: 0 for a bank, the shard's place in a bank set
+    local: int = -1  # its number inside that file (-1: `number`)
+    ref_base: int = 0  # added to the reference and document numbers its records store (a
+    doc_base: int = 0  # shard's records count from its own start; a bank's from the bank's)
 
     @property
     def prefix(self) -> str:
-        return f"s{self.number}." if self.number else ""
+        k = self.number if self.local < 0 else self.local
+        return f"s{k}." if k else ""
 
 
 def segment_name(name: str) -> tuple[int, str]:
@@ -135,6 +140,15 @@ class Bank:
     """A read-only, memory-mapped .m3bank. Opening validates the structure (see format_spec.md
     "Reading rules"); `verify()` also recomputes checksums and checks every record."""
 
+    is_set = False  # a bank set (bankset.py): shards and a manifest, read as one bank
+
+    def __new__(cls, path: Path, preamble: bytes | None = None):
+        if cls is Bank and os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json")):
+            from .bankset import BankSet
+
+            return super().__new__(BankSet)
+        return super().__new__(cls)
+
     def __init__(self, path: Path, preamble: bytes | None = None) -> None:
         """`preamble`: read the file as if its first 64 bytes were these (a writer checking a new
         section table before it switches the file over to it)."""
@@ -150,6 +164,7 @@ class Bank:
             if self.size < PREAMBLE_SIZE:
                 raise BankError(f"{self.path} is too short to be an .m3bank ({self.size} bytes)")
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._parts: list[Bank] = [self]  # the files the segments live in (a bank set: its shards)
             self._parse()
         except BaseException:
             self.close()
@@ -392,6 +407,11 @@ class Bank:
             raise BankError(f"section {REMOVED_SECTION} must list document numbers < {self.n_docs} in increasing order")
         self.removed = removed
 
+    @property
+    def has_index(self) -> bool:
+        """Whether the bank holds a retrieval index (`m3 index`)."""
+        return "index.faiss" in self.sections
+
     def segment_of_ref(self, i: int) -> Segment:
         return self.segments[int(np.searchsorted(self._ref_starts, i, side="right")) - 1]
 
@@ -464,10 +484,12 @@ class Bank:
     def reference(self, i: int) -> Reference:
         i = self._index(i, self.n_refs, "reference")
         seg = self.segment_of_ref(i)
+        f = self._parts[seg.part]
         off, length, tokens, doc, idx, _ = _REF.unpack_from(
-            self._mm, self.sections[seg.prefix + "refs.table"].offset + (i - seg.first_ref) * REF_RECORD_SIZE
+            f._mm, f.sections[seg.prefix + "refs.table"].offset + (i - seg.first_ref) * REF_RECORD_SIZE
         )
-        text_sec = self.sections[seg.prefix + "refs.text"]
+        text_sec = f.sections[seg.prefix + "refs.text"]
+        doc += seg.doc_base
         if (
             off + length > text_sec.length
             or not seg.first_doc <= doc < seg.first_doc + seg.n_docs
@@ -475,7 +497,7 @@ class Bank:
         ):
             raise BankError(f"reference {i} has an invalid record (text {off}+{length}, doc {doc}, tokens {tokens})")
         try:
-            text = bytes(self._mm[text_sec.offset + off : text_sec.offset + off + length]).decode("utf-8")
+            text = bytes(f._mm[text_sec.offset + off : text_sec.offset + off + length]).decode("utf-8")
         except UnicodeDecodeError:
             raise BankError(f"reference {i}: text is not valid UTF-8") from None
         return Reference(i, text, tokens, doc, idx)
@@ -483,12 +505,14 @@ class Bank:
     def document(self, j: int) -> Document:
         j = self._index(j, self.n_docs, "document")
         seg = self.segment_of_doc(j)
+        f = self._parts[seg.part]
         if seg.number not in self._docs_strings:
-            self._docs_strings[seg.number] = self.decoded(seg.prefix + "docs.strings")
+            self._docs_strings[seg.number] = f.decoded(seg.prefix + "docs.strings")
         off, li, lt, ls, first, n, _ = _DOC.unpack_from(
-            self._mm, self.sections[seg.prefix + "docs.table"].offset + (j - seg.first_doc) * DOC_RECORD_SIZE
+            f._mm, f.sections[seg.prefix + "docs.table"].offset + (j - seg.first_doc) * DOC_RECORD_SIZE
         )
         blob = self._docs_strings[seg.number]
+        first += seg.ref_base
         if off + li + lt + ls > len(blob) or first < seg.first_ref or first + n > seg.first_ref + seg.n_refs:
             raise BankError(f"document {j} has an invalid record")
         try:
@@ -513,12 +537,13 @@ class Bank:
         where = np.searchsorted(self._ref_starts, idx, side="right") - 1
         for k in np.unique(where):
             seg = self.segments[int(k)]
+            f = self._parts[seg.part]
             name = seg.prefix + section
-            if name not in self.sections or self.sections[name].length != seg.n_refs * per:
+            if name not in f.sections or f.sections[name].length != seg.n_refs * per:
                 raise BankError(f"section {name} is missing or does not hold {seg.n_refs} records of {per} bytes")
-            rows = np.frombuffer(
-                self._mm, dtype=np.uint8, count=seg.n_refs * per, offset=self.sections[seg.prefix + section].offset
-            ).reshape(seg.n_refs, per)
+            rows = np.frombuffer(f._mm, dtype=np.uint8, count=seg.n_refs * per, offset=f.sections[name].offset).reshape(
+                seg.n_refs, per
+            )
             mask = where == k
             out[mask] = rows[idx[mask] - seg.first_ref]
         return out
@@ -539,10 +564,16 @@ class Bank:
         if self.codec == "vq":
             from . import vq
 
-            L, two, H, K, _ = self.memory_shape
-            codes = torch.from_numpy(records).reshape(len(idx), L, two, H, K, -1)
-            books = self.codebooks().to(device)
-            kv = vq.decode(codes.to(device), books)
+            L, two, H, K, d = self.memory_shape
+            codes = torch.from_numpy(records).reshape(len(idx), L, two, H, K, -1).to(device)
+            part = np.array([self.segment_of_ref(int(i)).part for i in idx], dtype=np.int64)
+            if len(self._parts) == 1 or (part == part[0]).all():
+                kv = vq.decode(codes, self._parts[int(part[0]) if part.size else 0].codebooks().to(device))
+            else:  # a bank set: each shard's codes name its own codebooks
+                kv = torch.empty((len(idx), L, two, H, K, d), device=device)
+                for j in np.unique(part):
+                    rows = torch.from_numpy(np.flatnonzero(part == j)).to(device)
+                    kv[rows] = vq.decode(codes[rows], self._parts[int(j)].codebooks().to(device))
         else:
             kv = decode_kv(records, self.codec, self.memory_shape).to(device)
         valid = (pos >= 0).to(device)
@@ -598,18 +629,20 @@ class Bank:
         records (what `m3 add` is about to publish; the rest was verified when it was written)."""
         problems = []
         chosen = [seg for seg in self.segments if segments is None or seg.number in segments]
-        for s in self.sections.values():
-            if segments is not None and segment_name(s.name)[0] not in segments:
-                continue
-            h = hashlib.sha256()
-            view = memoryview(self._mm)[s.offset : s.offset + s.length]
-            for start in range(0, s.length, 1 << 24):
-                h.update(view[start : start + (1 << 24)])
-                self._release(s.offset + start, min(1 << 24, s.length - start))
-            if h.digest() != s.sha256:
-                problems.append(f"section {s.name}: SHA-256 mismatch")
-            if progress:
-                progress(s.name)
+        for f in self._parts:
+            where = "" if f is self else f"{f.path.name}: "
+            for s in f.sections.values():
+                if segments is not None and segment_name(s.name)[0] not in segments:
+                    continue
+                h = hashlib.sha256()
+                view = memoryview(f._mm)[s.offset : s.offset + s.length]
+                for start in range(0, s.length, 1 << 24):
+                    h.update(view[start : start + (1 << 24)])
+                    f._release(s.offset + start, min(1 << 24, s.length - start))
+                if h.digest() != s.sha256:
+                    problems.append(f"{where}section {s.name}: SHA-256 mismatch")
+                if progress:
+                    progress(where + s.name)
         if problems:
             return problems
 
@@ -634,7 +667,7 @@ class Bank:
             and note(f"header says {self.header['m3.bank.tokens']} tokens, the references hold {tokens}")
         ):
             return problems
-        if self.codec == "vq" and not torch.isfinite(self.codebooks()).all():
+        if self.codec == "vq" and not all(torch.isfinite(f.codebooks()).all() for f in self._parts):
             note(f"section {VQ_SECTION}: codebooks hold values that are not finite numbers")
             return problems
         if self.codec == "vq":
@@ -644,8 +677,9 @@ class Bank:
             for start in range(seg.first_ref, seg.first_ref + seg.n_refs, per_chunk):
                 end = min(start + per_chunk, seg.first_ref + seg.n_refs)
                 enc = self.memories(range(start, end))
-                self._release(
-                    self.sections[seg.prefix + "kv.data"].offset + (start - seg.first_ref) * self.record_bytes,
+                f = self._parts[seg.part]
+                f._release(
+                    f.sections[seg.prefix + "kv.data"].offset + (start - seg.first_ref) * self.record_bytes,
                     (end - start) * self.record_bytes,
                 )
                 bad = (~torch.isfinite(enc.kv)).flatten(1).any(1)
@@ -661,7 +695,8 @@ class Bank:
         docs.strings; True when verification should stop."""
         expected_first = seg.first_ref
         strings_end = 0
-        table = self.sections[seg.prefix + "docs.table"].offset
+        f = self._parts[seg.part]
+        table = f.sections[seg.prefix + "docs.table"].offset
         for j in range(seg.first_doc, seg.first_doc + seg.n_docs):
             try:
                 d = self.document(j)
@@ -669,7 +704,7 @@ class Bank:
                 if note(str(e)):
                     return True
                 continue
-            off, li, lt, ls, *_ = _DOC.unpack_from(self._mm, table + (j - seg.first_doc) * DOC_RECORD_SIZE)
+            off, li, lt, ls, *_ = _DOC.unpack_from(f._mm, table + (j - seg.first_doc) * DOC_RECORD_SIZE)
             if off != strings_end and note(
                 f"document {j}: its strings start at byte {off} of {seg.prefix}docs.strings, expected {strings_end}"
             ):
@@ -683,7 +718,7 @@ class Bank:
         end = seg.first_ref + seg.n_refs
         if expected_first != end and note(f"documents cover references up to {expected_first}, expected {end}"):
             return True
-        held = self.sections[seg.prefix + "docs.strings"].decoded_length
+        held = f.sections[seg.prefix + "docs.strings"].decoded_length
         return strings_end != held and note(
             f"documents' strings end at byte {strings_end}, {seg.prefix}docs.strings holds {held}"
         )
@@ -695,8 +730,9 @@ class Bank:
         text_end = 0  # references' texts tile refs.text in order
         prefix = self.prefix_length
         tokens = 0
-        table = self.sections[seg.prefix + "refs.table"].offset
-        text_length = self.sections[seg.prefix + "refs.text"].length
+        f = self._parts[seg.part]
+        table = f.sections[seg.prefix + "refs.table"].offset
+        text_length = f.sections[seg.prefix + "refs.text"].length
         clean = True
         for start in range(seg.first_ref, seg.first_ref + seg.n_refs, 4096):
             idx = list(range(start, min(start + 4096, seg.first_ref + seg.n_refs)))
@@ -708,7 +744,7 @@ class Bank:
                     if not doc.first_ref <= i < doc.first_ref + doc.n_refs or ref.index_in_doc != i - doc.first_ref:
                         raise BankError(f"reference {i} does not belong to document {ref.doc_index} as the table says")
                     text_off, text_len, *_rest, reserved = _REF.unpack_from(
-                        self._mm, table + (i - seg.first_ref) * REF_RECORD_SIZE
+                        f._mm, table + (i - seg.first_ref) * REF_RECORD_SIZE
                     )
                     if text_off != text_end:
                         raise BankError(

@@ -38,6 +38,17 @@ _DOC_DTYPE = np.dtype(
 assert _REF_DTYPE.itemsize == _REF.size and _DOC_DTYPE.itemsize == _DOC.size
 
 
+def _single(path: Path) -> Path:
+    """The real path of a single bank file; a bank set is refused (its shards are written by
+    `m3 encode`; add, remove and compact change one file)."""
+    path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise M3Error(f"{path} is a bank set: add, remove and compact change a single .m3bank (re-encode the set)")
+    if not path.is_file():
+        raise M3Error(f"bank {path} does not exist")
+    return path
+
+
 def document_ids(bank: Bank) -> dict[str, list[int]]:
     """Each document id of the bank's documents that are not removed -> their indices."""
     ids: dict[str, list[int]] = {}
@@ -70,12 +81,9 @@ def add_documents(
     A killed run continues its encoding when run again."""
     from .corpus import MAX_DOC_BYTES, read_corpus
     from .encoding import encode_corpus
-    from .retrieval import INDEX_SECTION
 
     t0 = time.perf_counter()
-    path = Path(os.path.realpath(path))
-    if not path.is_file():
-        raise M3Error(f"bank {path} does not exist")
+    path = _single(path)
     max_doc_bytes = max_doc_bytes or MAX_DOC_BYTES
     with output_lock(path):
         sweep(path)
@@ -86,7 +94,7 @@ def add_documents(
         with Bank(path) as bank:
             _check_model(bank, model_dir)
             existing = document_ids(bank)
-            indexed = INDEX_SECTION in bank.sections
+            indexed = bank.has_index
             embedder = None
             if indexed:
                 from .retrieval import query_embedder
@@ -265,7 +273,7 @@ def _vq_records(bank: Bank, new: Bank) -> bytes:
 def remove_documents(path: Path, doc_ids: list[str]) -> dict:
     """Mark the documents with these ids removed (never retrieved again); their bytes stay until
     `compact_bank`. An id the bank does not hold is an error, and nothing changes."""
-    path = Path(os.path.realpath(path))
+    path = _single(path)
     if not doc_ids:
         raise M3Error("name the documents to remove with --doc ID")
     with output_lock(path):
@@ -298,7 +306,7 @@ def compact_bank(path: Path, show_progress: bool = False) -> dict:
     from .retrieval import EMB_SECTION, INDEX_SECTION
 
     t0 = time.perf_counter()
-    path = Path(os.path.realpath(path))
+    path = _single(path)
     with output_lock(path):
         sweep(path)
         before = path.stat().st_size

@@ -109,7 +109,7 @@ def choose_model(value: Path | str | None, bank: Path | None = None) -> tuple[st
         return str(value), "--model"
     if os.environ.get(MODEL_ENV):
         return os.environ[MODEL_ENV], MODEL_ENV
-    if bank is not None and Path(bank).is_file():
+    if bank is not None and Path(bank).exists():  # a bank file, or a bank set's directory
         from .bank import Bank
 
         with Bank(bank) as b:

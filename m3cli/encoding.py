@@ -22,6 +22,7 @@ from .bank_writer import BankWriter, merge_interleaved
 from .checkpoint import has_tokenizer, load_model_dir, load_tokenizer, model_fingerprint, read_config
 from .corpus import MAX_DOC_BYTES, corpus_files, corpus_kind, iter_references, read_corpus
 from .device import resolve_device, resolve_dtype
+from .bankset import is_set_path
 from .errors import MAX_BATCH, M3Error
 
 
@@ -167,8 +168,8 @@ def encode_corpus(
         raise M3Error(f"{model_dir} has no reference prefix ids in its config; re-create it with `m3 convert`")
     if str(corpus) != "-" and not Path(corpus).exists():
         raise M3Error(f"corpus {corpus} does not exist")
-    if out.exists() and not overwrite:
-        raise M3Error(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not overwrite and not (out.is_dir() and not (out / "manifest.json").exists()):
+        raise M3Error(f"{out} already exists; pass --force to replace it")  # (a set's dir alone is resumed)
     state = distributed_state()
     world, rank = (state.num_processes, state.process_index) if state else (1, 0)
     if world > 1 and str(corpus) == "-":
@@ -191,6 +192,25 @@ def encode_corpus(
         vq_subquantizers = vq_subquantizers or default_subquantizers(cfg.head_dim)
         record_bytes("vq", cfg.memory_shape, vq_subquantizers)  # a bad --vq-subquantizers fails before encoding
     codec_args = {"vq_subquantizers": vq_subquantizers, "device": dev}
+    if is_set_path(out):  # a bank set: every process writes its own shard, the main one the manifest
+        return _encode_set(
+            documents,
+            corpus,
+            out,
+            model,
+            tokenizer,
+            cfg,
+            header,
+            codec,
+            batch_size,
+            overwrite,
+            resume,
+            {"batch_size": batch_size, "device": dev.type, "dtype": str(torch_dtype)},
+            show_progress,
+            state,
+            codec_args,
+            fingerprint,
+        )
     if world == 1:
         n_docs, n_refs, n_tokens = _write_bank(
             documents,
@@ -266,6 +286,72 @@ def encode_corpus(
     if state.is_main_process and summary is None:
         raise M3Error(f"corpus {corpus} holds no text to encode")
     return summary
+
+
+def _encode_set(
+    documents,
+    corpus,
+    out,
+    model,
+    tokenizer,
+    cfg,
+    header,
+    codec,
+    batch_size,
+    overwrite,
+    resume,
+    settings,
+    show_progress,
+    state,
+    codec_args,
+    fingerprint,
+) -> EncodeSummary | None:
+    """Encode into the bank set `out` (a directory): rank r of W writes the documents r, r+W, …
+    into `shard-r-of-W.m3bank` (resumable, like any bank), then the main process writes the
+    manifest. Nothing is merged: each shard keeps its own memories (and, for vq, codebooks)."""
+    from .bankset import MANIFEST, clear_set, shard_name, write_manifest
+
+    world, rank = (state.num_processes, state.process_index) if state else (1, 0)
+    main = state is None or state.is_main_process
+    if out.exists() and not out.is_dir():
+        raise M3Error(f"{out} exists and is not a bank-set directory")
+    if (out / MANIFEST).exists() and not overwrite:
+        raise M3Error(f"{out} already exists; pass --force to replace it")
+    if main:
+        if (out / MANIFEST).exists():
+            clear_set(out)  # --force: the old set's manifest, shards and index go; nothing else in the dir
+        out.mkdir(parents=True, exist_ok=True)
+    if state is not None:
+        state.wait_for_everyone()
+    shard = out / shard_name(rank, world)
+    total = _count_documents(str(corpus))
+    share = None if total is None else len(range(rank, total, world))
+    _write_bank(
+        (d for i, d in enumerate(documents) if i % world == rank),
+        shard,
+        model,
+        tokenizer,
+        cfg,
+        header,
+        codec,
+        batch_size,
+        share,
+        True,
+        resume,
+        {**_corpus_identity(str(corpus)), **settings, "rank": rank, "world": world},
+        show_progress and main,
+        codec_args=codec_args,
+    )
+    if state is not None:
+        state.wait_for_everyone()
+    if not main:
+        return None
+    shards = [out / shard_name(r, world) for r in range(world)]
+    write_manifest(out, shards)  # a shard whose share held no text is left out
+    from .bank import Bank
+
+    with Bank(out) as bset:
+        return EncodeSummary(out, bset.n_docs, bset.n_refs, bset.header["m3.bank.tokens"], codec, fingerprint)
 
 
 def _write_bank(

@@ -18,8 +18,8 @@ from .errors import M3Error
 def bank_summary(bank: Bank) -> dict:
     h = bank.header
     bf16 = record_bytes("bf16", bank.memory_shape)
-    return {
-        "kind": "bank",
+    out = {
+        "kind": "bank set" if bank.is_set else "bank",
         "path": str(bank.path),
         "format_version": f"{bank.version[0]}.{bank.version[1]}",
         "model_fingerprint": h.get("m3.model.fingerprint"),
@@ -27,7 +27,7 @@ def bank_summary(bank: Bank) -> dict:
         "model_hint": h.get("m3.model.hint"),
         "documents": bank.live_docs,
         "references": bank.n_refs - bank.removed_refs,
-        "appended_segments": len(bank.segments) - 1,
+        "appended_segments": 0 if bank.is_set else len(bank.segments) - 1,
         "removed_documents": int(bank.removed.size),
         "removed_references": bank.removed_refs,
         "tokens": h.get("m3.bank.tokens"),
@@ -53,6 +53,13 @@ def bank_summary(bank: Bank) -> dict:
             for s in bank.sections.values()
         ],
     }
+    if bank.is_set:
+        out["shards"] = [
+            {"file": f.path.name, "documents": f.n_docs, "references": f.n_refs, "bytes": f.size} for f in bank._parts
+        ]
+        index = bank.manifest.get("index")
+        out["index_file"] = index["file"] if index else None
+    return out
 
 
 def reference_detail(bank: Bank, i: int, tokenizer=None) -> dict:
@@ -91,7 +98,6 @@ def model_problems(bank: Bank, model_dir: Path) -> list[str]:
     from .bank import geometry_problems
     from .checkpoint import model_fingerprint, read_config
     from .embed import EmbedderSpec, expected_spec
-    from .retrieval import INDEX_SECTION
 
     cfg, fingerprint = read_config(model_dir), model_fingerprint(model_dir)
     problems = []
@@ -101,7 +107,7 @@ def model_problems(bank: Bank, model_dir: Path) -> list[str]:
         )
     problems += geometry_problems(bank, cfg)
     spec = EmbedderSpec.from_header(bank.header)
-    if spec is not None and INDEX_SECTION in bank.sections:
+    if spec is not None and bank.has_index:
         want = expected_spec(spec, model_dir, fingerprint, cfg.hidden_size)
         if want is not None and not spec.same_as(want):
             problems.append(
@@ -164,7 +170,9 @@ def inspect_bank(
                 if checked_model is not None:
                     against = f", fits the model {model_dir}" if model_dir is not None else ", fits its model"
                 echo(
-                    f"ok: {bank.n_refs} references, {len(bank.sections)} sections, all checksums and records valid, "
+                    f"ok: {bank.n_refs} references, "
+                    + (f"{len(bank._parts)} shards" if bank.is_set else f"{len(bank.sections)} sections")
+                    + ", all checksums and records valid, "
                     f"index loads{against}"
                 )
             return
@@ -197,7 +205,13 @@ def inspect_bank(
             echo(json.dumps(summary))
             return
         sections = summary.pop("sections")
+        shards = summary.pop("shards", None)
         print_fields(summary)
+        if shards is not None:
+            echo("shards:")
+            for sh in shards:
+                echo(f"  {sh['file']}  {sh['documents']:>10,} documents  {sh['references']:>12,} references")
+            return
         echo("sections:")
         for s in sections:
             echo(f"  {s['name']:<14} {s['bytes']:>14,} B  {s['codec']:<5} sha256:{s['sha256'][:16]}…")

@@ -38,15 +38,15 @@ def embeddings_of(bank: Bank, segment=None) -> np.ndarray | None:
     when they are not all there."""
     spec = EmbedderSpec.from_header(bank.header)
     segments = bank.segments if segment is None else [segment]
-    if spec is None or any(seg.prefix + EMB_SECTION not in bank.sections for seg in segments):
+    if spec is None or any(seg.prefix + EMB_SECTION not in bank._parts[seg.part].sections for seg in segments):
         return None
     parts = []
     for seg in segments:
-        name = seg.prefix + EMB_SECTION
-        s = bank.sections[name]
+        f, name = bank._parts[seg.part], seg.prefix + EMB_SECTION
+        s = f.sections[name]
         if s.length != seg.n_refs * spec.dim * 2:
             raise BankError(f"section {name} has {s.length} bytes, expected {seg.n_refs * spec.dim * 2}")
-        parts.append(np.frombuffer(bank.raw(name), dtype="<f2").reshape(seg.n_refs, spec.dim).astype(np.float32))
+        parts.append(np.frombuffer(f.raw(name), dtype="<f2").reshape(seg.n_refs, spec.dim).astype(np.float32))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -249,6 +249,12 @@ def index_bank(
     bank is locked against other writers meanwhile. factory "auto": `auto_factory`. A bank with
     appended segments or removed documents is compacted first (one index covers all of it)."""
     path = Path(os.path.realpath(path))  # the bank's own lock, whichever way it is named
+    if path.is_dir():  # a bank set: one index over its shards
+        from .bankset import index_set
+
+        return index_set(
+            path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor
+        )
     if factory.lower() != "auto":
         empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any change
     for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
@@ -338,7 +344,7 @@ class Retriever:
 
     def __init__(self, bank: Bank, embedder) -> None:
         spec = EmbedderSpec.from_header(bank.header)
-        if INDEX_SECTION not in bank.sections or spec is None:
+        if not bank.has_index or spec is None:
             raise M3Error(f"{bank.path} has no retrieval index; build one with `m3 index {bank.path}`")
         if bank.n_refs == 0:
             raise M3Error(f"{bank.path} holds no references to retrieve")
@@ -349,7 +355,10 @@ class Retriever:
                 f"({embedder.spec.fingerprint[:19]}…, dim {embedder.spec.dim})"
             )
         self.bank, self.embedder = bank, embedder
-        self.indexes = [(seg.first_ref, load_index(bank, seg)) for seg in bank.segments]
+        if bank.is_set:  # one index over every shard, ids across the set
+            self.indexes = [(0, load_index(bank))]
+        else:
+            self.indexes = [(seg.first_ref, load_index(bank, seg)) for seg in bank.segments]
         self.index = self.indexes[0][1]  # the base's (all of it for a bank without appended segments)
         self.removed_refs = bank.removed_refs
 
@@ -452,10 +461,17 @@ def load_index(bank: Bank, segment=None):
     import faiss
 
     seg = segment or bank.segments[0]
-    name = seg.prefix + INDEX_SECTION
-    if name not in bank.sections:
-        raise BankError(f"the bank has an index but no section {name}; rebuild it with `m3 index`")
-    raw = bank.verified(name)
+    if bank.is_set:
+        from .bankset import Segment as _Segment
+
+        seg = _Segment(0, 0, bank.n_refs, 0, bank.n_docs)
+        name = bank.manifest["index"]["file"]
+        raw = bank.index_bytes()
+    else:
+        name = seg.prefix + INDEX_SECTION
+        if name not in bank.sections:
+            raise BankError(f"the bank has an index but no section {name}; rebuild it with `m3 index`")
+        raw = bank.verified(name)
     if raw[:4] != b"IxM2":
         raise BankError(f"section {name} is not an m3 index (an IndexIDMap2); rebuild it with `m3 index`")
     try:
@@ -490,7 +506,8 @@ def index_problems(bank: Bank, segments: list[int] | None = None) -> list[str]:
     """`m3 inspect --verify`'s retrieval part: the embeddings and the index load and fit the bank,
     so that a bank that passes never fails a search for a reason inside the file. segments: check
     only these (what `m3 add` appends)."""
-    has_index, has_emb = INDEX_SECTION in bank.sections, EMB_SECTION in bank.sections
+    has_index = bank.has_index
+    has_emb = any(EMB_SECTION in f.sections for f in bank._parts) if bank.is_set else EMB_SECTION in bank.sections
     if not has_index and not has_emb:
         if any(segment_name(name)[1] in (INDEX_SECTION, EMB_SECTION) for name in bank.sections):
             return ["an appended segment has an index or embeddings, the base has none"]
@@ -508,8 +525,10 @@ def index_problems(bank: Bank, segments: list[int] | None = None) -> list[str]:
                     return [f"the bank has embeddings but no section {seg.prefix}{EMB_SECTION}"]
                 if not np.isfinite(vectors).all():
                     return [f"section {seg.prefix}{EMB_SECTION} holds values that are not finite numbers"]
-            if has_index:
+            if has_index and not bank.is_set:
                 load_index(bank, seg)
+        if has_index and bank.is_set:
+            load_index(bank)
         if has_index and bank.header.get("m3.index.count", bank.n_refs) != bank.n_refs:
             return [
                 f"header says the index holds {bank.header['m3.index.count']} vectors, the bank has "
@@ -526,7 +545,7 @@ def query_embedder(bank: Bank, model_dir=None, encoder: str | None = None, devic
     from .embed import SelfEmbedder, load_embedder
 
     spec = EmbedderSpec.from_header(bank.header)
-    if spec is None or INDEX_SECTION not in bank.sections:
+    if spec is None or not bank.has_index:
         raise M3Error(f"{bank.path} has no retrieval index; build one with `m3 index {bank.path}`")
     if spec.name == "minilm":
         return load_embedder("minilm", device=device)

@@ -164,8 +164,12 @@ class Engine:
             return None
         try:
             st = os.stat(self.bank.path)
-            with open(self.bank.path, "rb") as f:  # an in-place update's last step rewrites these 64 bytes
-                preamble = f.read(64)
+            if os.path.isdir(self.bank.path):  # a bank set: its manifest names what it holds
+                with open(os.path.join(self.bank.path, "manifest.json"), "rb") as f:
+                    preamble = f.read()
+            else:
+                with open(self.bank.path, "rb") as f:  # an in-place update's last step rewrites these 64 bytes
+                    preamble = f.read(64)
         except OSError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns, preamble)

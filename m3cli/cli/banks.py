@@ -46,6 +46,7 @@ FACTORY_HELP = (
         "m3 encode corpus.parquet -o kb.m3bank --model models/smollm2",
         "cat docs.jsonl | m3 encode - -o kb-int8.m3bank --codec int8",
         "m3 encode notes/ -o notes.m3bank --json | jq .references",
+        "m3 encode corpus.parquet -o kb.m3set && m3 search kb.m3set 'capital of France'",
     ],
 )
 @user_errors
@@ -57,7 +58,14 @@ def encode(
             "same fields, or - for JSONL on standard input."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .m3bank file to write.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The .m3bank file to write, or a DIR.m3set bank set (one shard per process, and a manifest).",
+        ),
+    ],
     model: Annotated[
         Optional[Path],
         typer.Option(

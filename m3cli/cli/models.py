@@ -158,13 +158,13 @@ def inspect(
         print_fields({**info, "versions": " ".join(f"{k} {v}" for k, v in versions.items())})
         return
     path = Path(target)
-    if path.is_file():
+    if path.is_file() or (path / "manifest.json").is_file():  # a bank, or a bank set's directory
         from ..inspect_bank import inspect_bank
 
         inspect_bank(path, as_json=as_json, ref=ref, model_dir=model, verify=verify, echo=typer.echo)
         return
     if ref is not None or verify:
-        raise M3Error("--ref and --verify apply to .m3bank files")
+        raise M3Error("--ref and --verify apply to banks (.m3bank files and .m3set bank sets)")
     if path.is_dir():
         cfg, kind = read_config(path), "model_dir"
     elif target in PRESETS:
