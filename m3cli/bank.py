@@ -158,13 +158,18 @@ class Bank:
             raise M3Error(f"bank {self.path} does not exist")
         if not self.path.is_file():
             raise M3Error(f"{self.path} is not a file")
-        self._fh = open(self.path, "rb")
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as e:  # unreadable, or out of file descriptors
+            raise M3Error(f"cannot open {self.path}: {e.strerror}") from None
         try:
             self.size = os.fstat(self._fh.fileno()).st_size
             if self.size < PREAMBLE_SIZE:
                 raise BankError(f"{self.path} is too short to be an .m3bank ({self.size} bytes)")
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._parts: list[Bank] = [self]  # the files the segments live in (a bank set: its shards)
+            try:
+                self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise M3Error(f"cannot map {self.path}: {e.strerror}") from None
             self._parse()
         except BaseException:
             self.close()
@@ -312,21 +317,7 @@ class Bank:
         theta = h.get("m3.model.rope_theta", 10000.0)
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
             raise BankError(f"header key m3.model.rope_theta must be a finite positive number, got {theta!r}")
-        for key in ("m3.index.nprobe", "m3.index.ef_search"):
-            _int(h, key, 0, MAX_INDEX_PARAM, optional=True)  # 0: FAISS's default
-        _int(h, "m3.embed.dim", 1, MAX_EMBED_DIM, optional=True)
-        name = h.get("m3.embed.name")
-        if name is not None and not (isinstance(name, str) and _EMBEDDER_RE.match(name)):
-            raise BankError(
-                f"header key m3.embed.name must be minilm, self, hf:<dir> or static:<dir>, got {str(name)[:40]!r}"
-            )
-        if h.get("m3.embed.pooling", "mean") not in ("mean", "cls"):
-            raise BankError(f"header key m3.embed.pooling must be mean or cls, got {str(h['m3.embed.pooling'])[:40]!r}")
-        for key in ("m3.model.fingerprint", "m3.embed.fingerprint"):
-            if key in h and not (isinstance(h[key], str) and _FINGERPRINT_RE.match(h[key])):
-                raise BankError(f"header key {key} must be sha256:<64 hex digits>, got {str(h[key])[:40]!r}")
-        if h.get("m3.index.metric", "inner_product") != "inner_product":
-            raise BankError(f"header key m3.index.metric must be inner_product, got {str(h['m3.index.metric'])[:40]!r}")
+        check_retrieval_keys(h)
         _int(h, "m3.index.count", 0, 2**40, optional=True)
         _int(h, "m3.bank.tokens", 0, 2**63, optional=True)
         for key in (
@@ -406,6 +397,11 @@ class Bank:
         if removed.size and (removed[-1] >= self.n_docs or (np.diff(removed) <= 0).any()):
             raise BankError(f"section {REMOVED_SECTION} must list document numbers < {self.n_docs} in increasing order")
         self.removed = removed
+
+    @property
+    def _parts(self) -> "tuple[Bank, ...] | list[Bank]":
+        """The files the segments live in: this one (a bank set: its shards)."""
+        return (self,)
 
     @property
     def has_index(self) -> bool:
@@ -565,9 +561,11 @@ class Bank:
             from . import vq
 
             L, two, H, K, d = self.memory_shape
-            codes = torch.from_numpy(records).reshape(len(idx), L, two, H, K, -1).to(device)
-            part = np.array([self.segment_of_ref(int(i)).part for i in idx], dtype=np.int64)
-            if len(self._parts) == 1 or (part == part[0]).all():
+            codes = torch.from_numpy(records).reshape(len(idx), L, two, H, K, self.record_bytes // (L * two * H * K))
+            codes = codes.to(device)
+            starts = np.searchsorted(self._ref_starts, idx, side="right") - 1
+            part = np.array([s.part for s in self.segments], dtype=np.int64)[starts]
+            if len(self._parts) == 1 or not part.size or (part == part[0]).all():
                 kv = vq.decode(codes, self._parts[int(part[0]) if part.size else 0].codebooks().to(device))
             else:  # a bank set: each shard's codes name its own codebooks
                 kv = torch.empty((len(idx), L, two, H, K, d), device=device)
@@ -773,6 +771,30 @@ class Bank:
             if note(f"references' texts end at byte {text_end}, {seg.prefix}refs.text holds {text_length}"):
                 return None
         return tokens
+
+
+def check_retrieval_keys(h: dict) -> None:
+    """The m3.embed.* and m3.index.* header keys' types and ranges (a bank's header, or a bank
+    set's index entry)."""
+    for key in ("m3.index.nprobe", "m3.index.ef_search"):
+        _int(h, key, 0, MAX_INDEX_PARAM, optional=True)  # 0: FAISS's default
+    _int(h, "m3.embed.dim", 1, MAX_EMBED_DIM, optional=True)
+    name = h.get("m3.embed.name")
+    if name is not None and not (isinstance(name, str) and _EMBEDDER_RE.match(name)):
+        raise BankError(
+            f"header key m3.embed.name must be minilm, self, hf:<dir> or static:<dir>, got {str(name)[:40]!r}"
+        )
+    if h.get("m3.embed.pooling", "mean") not in ("mean", "cls"):
+        raise BankError(f"header key m3.embed.pooling must be mean or cls, got {str(h['m3.embed.pooling'])[:40]!r}")
+    for key in ("m3.model.fingerprint", "m3.embed.fingerprint"):
+        if key in h and not (isinstance(h[key], str) and _FINGERPRINT_RE.match(h[key])):
+            raise BankError(f"header key {key} must be sha256:<64 hex digits>, got {str(h[key])[:40]!r}")
+    if h.get("m3.index.metric", "inner_product") != "inner_product":
+        raise BankError(f"header key m3.index.metric must be inner_product, got {str(h['m3.index.metric'])[:40]!r}")
+    _int(h, "m3.index.count", 0, 2**40, optional=True)
+    for key in ("m3.embed.hint", "m3.embed.name", "m3.embed.pooling", "m3.embed.fingerprint", "m3.index.factory"):
+        if key in h and not isinstance(h[key], str):
+            raise BankError(f"header key {key} must be a string")
 
 
 def geometry_problems(bank: Bank, cfg) -> list[str]:

@@ -46,6 +46,15 @@ def _single(path: Path) -> Path:
         raise M3Error(f"{path} is a bank set: add, remove and compact change a single .m3bank (re-encode the set)")
     if not path.is_file():
         raise M3Error(f"bank {path} does not exist")
+    if (path.parent / "manifest.json").is_file():
+        from .bankset import read_manifest
+
+        try:
+            listed = {e["file"] for e in read_manifest(path.parent)["shards"]}
+        except M3Error:
+            listed = set()
+        if path.name in listed:
+            raise M3Error(f"{path} is a shard of the bank set {path.parent}: changing it would break the set")
     return path
 
 

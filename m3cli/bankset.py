@@ -11,11 +11,12 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from .bank import MAJOR, MINOR, Bank, BankError, Segment
+from .bank import Bank, BankError, Segment
 from .errors import M3Error
 
 MANIFEST = "manifest.json"
@@ -23,14 +24,17 @@ SET_FORMAT = "m3bankset"
 SET_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 24
 MAX_SHARDS = 4096
-_SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.m3bank$")
-_INDEX_RE = re.compile(r"^index-[0-9a-f]{16}\.faiss$")
+MAX_INDEX_BYTES = 1 << 40
+_SHARD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.m3bank")  # used with fullmatch
+_INDEX_RE = re.compile(r"index-[0-9a-f]{16}\.faiss")
 # header keys that may differ between shards (counts, and each shard's own embeddings' description)
 _PER_SHARD = ("m3.bank.", "m3.embed.", "m3.index.", "m3.encode.")
 
 
-def shard_name(rank: int, world: int) -> str:
-    return f"shard-{rank:05d}-of-{world:05d}.m3bank"
+def shard_name(rank: int, world: int, generation: int = 1) -> str:
+    """Shard r of W of the set's g-th encode (a re-encode writes new names, so the old set stays
+    whole until the new manifest replaces it)."""
+    return f"shard-g{generation:04d}-{rank:05d}-of-{world:05d}.m3bank"
 
 
 def is_set_path(path: Path | str) -> bool:
@@ -61,7 +65,7 @@ def read_manifest(path: Path) -> dict:
         raise BankError(f"{mpath}: shards must be a list of 1..{MAX_SHARDS} entries")
     names = set()
     for entry in shards:
-        ok = isinstance(entry, dict) and isinstance(entry.get("file"), str) and _SHARD_RE.match(entry["file"])
+        ok = isinstance(entry, dict) and isinstance(entry.get("file"), str) and _SHARD_RE.fullmatch(entry["file"])
         for key in ("references", "documents"):
             v = entry.get(key) if isinstance(entry, dict) else None
             ok = ok and isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**32
@@ -70,12 +74,20 @@ def read_manifest(path: Path) -> dict:
         names.add(entry["file"])
     index = m.get("index")
     if index is not None:
-        ok = isinstance(index, dict) and isinstance(index.get("file"), str) and _INDEX_RE.match(index["file"])
+        ok = isinstance(index, dict) and isinstance(index.get("file"), str) and _INDEX_RE.fullmatch(index["file"])
         ok = ok and isinstance(index.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", index["sha256"])
+        size = index.get("bytes") if isinstance(index, dict) else None
+        ok = ok and isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_INDEX_BYTES
         ok = ok and isinstance(index.get("header"), dict)
         ok = ok and all(isinstance(k, str) and k.startswith(("m3.embed.", "m3.index.")) for k in index["header"])
         if not ok:
-            raise BankError(f"{mpath}: the index entry is not {{file: index-<16 hex>.faiss, sha256, header}}")
+            raise BankError(f"{mpath}: the index entry is not {{file: index-<16 hex>.faiss, sha256, bytes, header}}")
+        from .bank import check_retrieval_keys
+
+        check_retrieval_keys(index["header"])
+    generation = m.get("generation", 1)
+    if not isinstance(generation, int) or isinstance(generation, bool) or not 1 <= generation < 10**4:
+        raise BankError(f"{mpath}: generation must be an integer in 1..9999")
     return m
 
 
@@ -89,19 +101,48 @@ class BankSet(Bank):
     def __init__(self, path: Path, preamble: bytes | None = None) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._parts = []
+        self._shards: list[Bank] = []
+        self._index_fh = None
         self._mm = None
+        _enough_descriptors(2 * len(self.manifest["shards"]) + 16)
         try:
             for entry in self.manifest["shards"]:
-                self._parts.append(Bank(self.path / entry["file"]))
+                shard = self.path / entry["file"]
+                if not _regular(shard):  # no link, directory or device: a file of this directory
+                    raise BankError(
+                        f"shard {entry['file']} of {self.path} is not a regular file in the set's directory"
+                    )
+                self._shards.append(Bank(shard))
+            if self.manifest.get("index") is not None:
+                self._index_fh = self._open_index()  # held open: a later re-index cannot take it away
             self._join()
         except BaseException:
             self.close()
             raise
 
+    @property
+    def _parts(self) -> list[Bank]:
+        return self._shards
+
     def close(self) -> None:
-        for shard in getattr(self, "_parts", []):
+        for shard in getattr(self, "_shards", []):
             shard.close()
+        if getattr(self, "_index_fh", None) is not None:
+            self._index_fh.close()
+
+    def _open_index(self):
+        entry = self.manifest["index"]
+        path = self.path / entry["file"]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:
+            raise BankError(f"the index {path} named by the manifest cannot be opened: {e.strerror}") from None
+        fh = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+            fh.close()
+            raise BankError(f"the index {path} is not a regular file of the {entry['bytes']} bytes the manifest says")
+        return fh
 
     def _join(self) -> None:
         first = self._parts[0]
@@ -153,7 +194,7 @@ class BankSet(Bank):
             **(index["header"] if index else {}),
         }
         self.n_refs, self.n_docs = refs, docs
-        self.version = (MAJOR, MINOR)
+        self.version = max(s.version for s in self._parts)
         self.codec, self.memory_shape, self.record_bytes = first.codec, first.memory_shape, first.record_bytes
         self.subquantizers, self.reference_length = first.subquantizers, first.reference_length
         self.prefix_length = first.prefix_length
@@ -176,16 +217,15 @@ class BankSet(Bank):
         return [s.path for s in self._parts]
 
     def index_bytes(self) -> bytes:
-        """The set's index file, after checking its SHA-256 against the manifest."""
+        """The set's index file (opened with the set), after checking its size and SHA-256 against
+        the manifest."""
         entry = self.manifest["index"]
-        path = self.path / entry["file"]
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise BankError(f"the index {path} named by the manifest cannot be read: {e.strerror}") from None
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise BankError(f"{path}: SHA-256 mismatch (file damaged or replaced)")
+        if self._index_fh is None:
+            raise BankError(f"{self.path} has no index")
+        self._index_fh.seek(0)
+        data = self._index_fh.read(entry["bytes"] + 1)
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise BankError(f"{self.path / entry['file']}: size or SHA-256 mismatch (file damaged or replaced)")
         return data
 
     def codebooks(self):
@@ -196,9 +236,51 @@ class BankSet(Bank):
             shard.drop_cache()
 
 
-def write_manifest(path: Path, shards: list[Path], index: dict | None = None) -> None:
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _enough_descriptors(need: int) -> None:
+    """A set keeps every shard open (file and mapping): raise the soft limit on open files to what
+    it needs, up to the hard limit (Linux default soft limit: 1024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard)
+            )
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def bank_identity(path: Path) -> object:
+    """What changes when a bank or bank set does (a cache key): a bank's size, a set's manifest
+    (which names every shard and its counts, and the index by its SHA-256) and its shards' sizes."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stat().st_size
+    manifest = (path / MANIFEST).read_bytes()[:MAX_MANIFEST_BYTES]
+    sizes = [(path / e["file"]).stat().st_size for e in read_manifest(path)["shards"]]
+    return [hashlib.sha256(manifest).hexdigest(), sizes]
+
+
+def generation(path: Path) -> int:
+    """The number the next encode of the set at `path` gives its shards (the manifest's + 1)."""
+    try:
+        return read_manifest(path).get("generation", 1) + 1 if (Path(path) / MANIFEST).exists() else 1
+    except M3Error:
+        return 1
+
+
+def write_manifest(path: Path, shards: list[Path], index: dict | None = None, generation: int = 1) -> None:
     """Write (atomically) the manifest of the set at `path` naming `shards` in order, with their
-    counts read from the files; shards without references are left out (and deleted)."""
+    counts read from the files; shards without references are left out (and deleted). Then remove
+    the set's files it no longer names (an earlier encode's shards, an earlier index)."""
     from .atomic import write_text_atomic
 
     entries = []
@@ -211,19 +293,22 @@ def write_manifest(path: Path, shards: list[Path], index: dict | None = None) ->
         entries.append({"file": shard.name, "references": n_refs, "documents": n_docs})
     if not entries:
         raise M3Error(f"the set {path} would hold no references")
-    manifest = {"format": SET_FORMAT, "version": SET_VERSION, "shards": entries}
+    manifest = {"format": SET_FORMAT, "version": SET_VERSION, "generation": generation, "shards": entries}
     if index is not None:
         manifest["index"] = index
     write_text_atomic(Path(path) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    sweep_set(path, manifest)
 
 
-def clear_set(path: Path) -> None:
-    """Remove what a set at `path` holds (manifest, shards, index files), nothing else."""
-    if not path.is_dir():
-        return
+def sweep_set(path: Path, manifest: dict) -> None:
+    """Remove the shard and index files (regular files named as m3 names them) that `manifest`
+    does not name, with their key files: what a replaced or killed encode or index left."""
+    named = {e["file"] for e in manifest["shards"]} | ({manifest["index"]["file"]} if manifest.get("index") else set())
     for name in os.listdir(path):
-        if name == MANIFEST or _SHARD_RE.match(name) or _INDEX_RE.match(name):
-            (path / name).unlink()
+        base = name[: -len(".key.json")] if name.endswith(".key.json") else name
+        ours = _SHARD_RE.fullmatch(base) and base.startswith("shard-") or _INDEX_RE.fullmatch(base)
+        if ours and base not in named and _regular(Path(path) / name):
+            (Path(path) / name).unlink()
 
 
 def index_set(
@@ -257,8 +342,9 @@ def index_set(
     spec = embedder.spec
     with output_lock(path):
         with Bank(path) as bset:
-            shards, n = bset.shard_paths, bset.n_refs
-            old = bset.manifest.get("index")
+            if not bset.is_set:
+                raise M3Error(f"{path} is not a bank set")
+            shards, n, gen = bset.shard_paths, bset.n_refs, bset.manifest.get("generation", 1)
         if factory.lower() == "auto":
             factory = auto_factory(n, spec.dim)
             if factory.startswith("IVF"):
@@ -293,9 +379,9 @@ def index_set(
             "m3.index.nprobe": nprobe,
             "m3.index.ef_search": ef_search,
         }
-        write_manifest(path, shards, {"file": name, "sha256": digest, "bytes": len(blob), "header": header})
-        if old and old["file"] != name:
-            (path / old["file"]).unlink(missing_ok=True)
+        write_manifest(
+            path, shards, {"file": name, "sha256": digest, "bytes": len(blob), "header": header}, generation=gen
+        )
     return {
         "references": n,
         "factory": factory,

@@ -168,7 +168,7 @@ def encode_corpus(
         raise M3Error(f"{model_dir} has no reference prefix ids in its config; re-create it with `m3 convert`")
     if str(corpus) != "-" and not Path(corpus).exists():
         raise M3Error(f"corpus {corpus} does not exist")
-    if out.exists() and not overwrite and not (out.is_dir() and not (out / "manifest.json").exists()):
+    if out.exists() and not overwrite and not (is_set_path(out) and not (out / "manifest.json").exists()):
         raise M3Error(f"{out} already exists; pass --force to replace it")  # (a set's dir alone is resumed)
     state = distributed_state()
     world, rank = (state.num_processes, state.process_index) if state else (1, 0)
@@ -307,9 +307,14 @@ def _encode_set(
     fingerprint,
 ) -> EncodeSummary | None:
     """Encode into the bank set `out` (a directory): rank r of W writes the documents r, r+W, …
-    into `shard-r-of-W.m3bank` (resumable, like any bank), then the main process writes the
-    manifest. Nothing is merged: each shard keeps its own memories (and, for vq, codebooks)."""
-    from .bankset import MANIFEST, clear_set, shard_name, write_manifest
+    into its shard (resumable, like any bank; a finished shard of the same run is kept by
+    --resume), then the main process writes the manifest, holding the set's lock. A re-encode
+    (--force) writes shards under new names and the old set stays whole until the new manifest
+    replaces it. Nothing is merged: each shard keeps its own memories (and, for vq, codebooks)."""
+    import contextlib
+
+    from .atomic import output_lock
+    from .bankset import MANIFEST, generation, shard_name, write_manifest
 
     world, rank = (state.num_processes, state.process_index) if state else (1, 0)
     main = state is None or state.is_main_process
@@ -317,37 +322,44 @@ def _encode_set(
         raise M3Error(f"{out} exists and is not a bank-set directory")
     if (out / MANIFEST).exists() and not overwrite:
         raise M3Error(f"{out} already exists; pass --force to replace it")
-    if main:
-        if (out / MANIFEST).exists():
-            clear_set(out)  # --force: the old set's manifest, shards and index go; nothing else in the dir
+    gen = generation(out)  # every process reads the same manifest: nothing is written before the barrier
+    if state is not None:
+        state.wait_for_everyone()
+    with output_lock(out) if main else contextlib.nullcontext():
         out.mkdir(parents=True, exist_ok=True)
-    if state is not None:
-        state.wait_for_everyone()
-    shard = out / shard_name(rank, world)
-    total = _count_documents(str(corpus))
-    share = None if total is None else len(range(rank, total, world))
-    _write_bank(
-        (d for i, d in enumerate(documents) if i % world == rank),
-        shard,
-        model,
-        tokenizer,
-        cfg,
-        header,
-        codec,
-        batch_size,
-        share,
-        True,
-        resume,
-        {**_corpus_identity(str(corpus)), **settings, "rank": rank, "world": world},
-        show_progress and main,
-        codec_args=codec_args,
-    )
-    if state is not None:
-        state.wait_for_everyone()
-    if not main:
-        return None
-    shards = [out / shard_name(r, world) for r in range(world)]
-    write_manifest(out, shards)  # a shard whose share held no text is left out
+        if state is not None:
+            state.wait_for_everyone()
+        shard = out / shard_name(rank, world, gen)
+        key = {**_corpus_identity(str(corpus)), **settings, "rank": rank, "world": world, "header": header}
+        key_file = shard.with_name(shard.name + ".key.json")
+        finished = resume and shard.exists() and key_file.exists() and json.loads(key_file.read_text()) == key
+        if not finished:
+            key_file.unlink(missing_ok=True)
+            total = _count_documents(str(corpus))
+            share = None if total is None else len(range(rank, total, world))
+            _write_bank(
+                (d for i, d in enumerate(documents) if i % world == rank),
+                shard,
+                model,
+                tokenizer,
+                cfg,
+                header,
+                codec,
+                batch_size,
+                share,
+                overwrite,
+                resume,
+                key,
+                show_progress and main,
+                codec_args=codec_args,
+            )
+            key_file.write_text(json.dumps(key))
+        if state is not None:
+            state.wait_for_everyone()
+        if not main:
+            return None
+        shards = [out / shard_name(r, world, gen) for r in range(world)]
+        write_manifest(out, shards, generation=gen)  # a shard whose share held no text is left out
     from .bank import Bank
 
     with Bank(out) as bset:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bankset import bank_identity
 from .errors import M3Error
 from .reader_data import IGNORE, Packed, Segment, chat_prompt, pack, read_examples, segments  # noqa: F401
 
@@ -260,7 +261,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     needed = sorted({q for r in used.tolist() for q in packed.row_queries[r]})
     log(f"{args.steps:,} steps of {args.batch_size} rows use {len(used):,} rows, {len(needed):,} chunk queries")
     cache = state_dir / "retrieval.npz"
-    rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": Path(args.bank).stat().st_size}
+    rkey = {"key": key, "bank": str(Path(args.bank).resolve()), "bank_size": bank_identity(Path(args.bank))}
     cache_key = state_dir / "retrieval.json"
     if cache.is_file() and cache_key.is_file() and json.loads(cache_key.read_text()) == rkey:
         with np.load(cache, allow_pickle=False) as z:

@@ -40,6 +40,8 @@ def embeddings_of(bank: Bank, segment=None) -> np.ndarray | None:
     segments = bank.segments if segment is None else [segment]
     if spec is None or any(seg.prefix + EMB_SECTION not in bank._parts[seg.part].sections for seg in segments):
         return None
+    if bank.is_set and not all(spec.same_as(EmbedderSpec.from_header(f.header)) for f in bank._parts):
+        return None  # a shard embedded by another embedder than the set's index (a killed re-index)
     parts = []
     for seg in segments:
         f, name = bank._parts[seg.part], seg.prefix + EMB_SECTION
@@ -205,8 +207,10 @@ def build_index(
     n, dim = vectors.shape
     base = empty_index(dim, factory, ef_construction, k_factor)
     if not base.is_trained:
-        step = max(1, n // TRAIN_SAMPLE)
-        sample = np.ascontiguousarray(vectors[::step][:TRAIN_SAMPLE])
+        ivf = _find(base, "nlist")
+        want = max(TRAIN_SAMPLE, 40 * int(faiss.downcast_index(ivf).nlist)) if ivf is not None else TRAIN_SAMPLE
+        step = max(1, n // want)  # FAISS's k-means wants about 40 points per list
+        sample = np.ascontiguousarray(vectors[::step][:want])
         try:
             base.train(sample)
         except RuntimeError as e:
@@ -249,17 +253,17 @@ def index_bank(
     bank is locked against other writers meanwhile. factory "auto": `auto_factory`. A bank with
     appended segments or removed documents is compacted first (one index covers all of it)."""
     path = Path(os.path.realpath(path))  # the bank's own lock, whichever way it is named
+    if factory.lower() != "auto":
+        empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any change
+    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
+        if not 1 <= value <= MAX_INDEX_PARAM:
+            raise M3Error(f"{name} must be in 1..{MAX_INDEX_PARAM}")
     if path.is_dir():  # a bank set: one index over its shards
         from .bankset import index_set
 
         return index_set(
             path, embedder, factory, batch_size, show_progress, nprobe, ef_search, ef_construction, k_factor
         )
-    if factory.lower() != "auto":
-        empty_index(embedder.spec.dim, factory, ef_construction, k_factor)  # bad settings fail before any change
-    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
-        if not 1 <= value <= MAX_INDEX_PARAM:
-            raise M3Error(f"{name} must be in 1..{MAX_INDEX_PARAM}")
     with output_lock(path):
         with Bank(path) as bank:
             fold = len(bank.segments) > 1 or bank.removed.size > 0

@@ -166,7 +166,7 @@ class Engine:
             st = os.stat(self.bank.path)
             if os.path.isdir(self.bank.path):  # a bank set: its manifest names what it holds
                 with open(os.path.join(self.bank.path, "manifest.json"), "rb") as f:
-                    preamble = f.read()
+                    return (f.read(1 << 24),)  # (the directory's own times change with any spool in it)
             else:
                 with open(self.bank.path, "rb") as f:  # an in-place update's last step rewrites these 64 bytes
                     preamble = f.read(64)

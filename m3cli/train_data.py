@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bankset import bank_identity
 from .errors import M3Error
 
 
@@ -235,7 +236,7 @@ def cached_retrievals(
     rkey = {
         "key": key,
         "bank": str(Path(args.bank).resolve()),
-        "bank_size": Path(args.bank).stat().st_size,
+        "bank_size": bank_identity(Path(args.bank)),
         "embedder": args.embedder,
         **({"scores": True} if want_scores else {}),
     }

@@ -64,10 +64,10 @@ def test_two_processes_write_a_set_that_reads_like_one_bank(model, tmp_path):
     assert m3("encode", docs, "-o", single, "-m", model, "-q").exit_code == 0
     result = launch("encode", docs, "-o", kbset, "-m", model, "-q", "--index", "none")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in kbset.iterdir()) == [
+    assert sorted(p.name for p in kbset.iterdir() if not p.name.endswith(".key.json")) == [
         MANIFEST,
-        "shard-00000-of-00002.m3bank",
-        "shard-00001-of-00002.m3bank",
+        "shard-g0001-00000-of-00002.m3bank",
+        "shard-g0001-00001-of-00002.m3bank",
     ]
     indexed = m3("index", kbset, "-q", "--json")  # one index over both shards
     assert indexed.exit_code == 0, indexed.output
@@ -101,20 +101,37 @@ def test_two_processes_write_a_set_that_reads_like_one_bank(model, tmp_path):
     # a set is re-encoded, not edited; a damaged manifest or shard is one line
     assert_user_error(m3("add", kbset, docs, "-m", model, "-q"), "bank set")
     manifest = json.loads((kbset / MANIFEST).read_text())
-    for bad in (
-        {**manifest, "shards": [{**manifest["shards"][0], "file": "../single.m3bank"}]},
-        {**manifest, "shards": [{**manifest["shards"][0], "references": 99}]},
-        {**manifest, "version": 7},
-        {**manifest, "index": {**manifest["index"], "sha256": "0" * 64}},
+    shard0 = manifest["shards"][0]
+    (kbset / "link.m3bank").symlink_to(kbset / shard0["file"])  # the same counts: only the link is wrong
+    index = manifest["index"]
+    for bad, fragment in (
+        ({**manifest, "shards": [{**shard0, "file": "../single.m3bank"}]}, "shard entry"),
+        ({**manifest, "shards": [{**shard0, "file": "link.m3bank"}]}, "not a regular file"),
+        ({**manifest, "shards": [{**shard0, "file": shard0["file"] + "\n"}]}, "shard entry"),
+        ({**manifest, "shards": [{**shard0, "references": 99}]}, "the manifest says"),
+        ({**manifest, "version": 7}, "version"),
+        ({**manifest, "index": {**index, "sha256": "0" * 64}}, "SHA-256"),
+        ({**manifest, "index": {**index, "bytes": index["bytes"] + 1}}, "bytes the manifest says"),
+        ({**manifest, "index": {**index, "header": {**index["header"], "m3.index.ef_search": 2**40}}}, "ef_search"),
     ):
         (kbset / MANIFEST).write_text(json.dumps(bad))
-        with pytest.raises(BankError):
+        with pytest.raises(BankError, match=fragment):
             with Bank(kbset) as b:
                 from m3cli.retrieval import load_index
 
                 load_index(b)
     (kbset / MANIFEST).write_text(json.dumps(manifest))
+    (kbset / "link.m3bank").unlink()
     assert m3("inspect", kbset, "--verify").exit_code == 0
+    assert_user_error(m3("compact", kbset / shard0["file"]), "shard of the bank set")
+
+    # a re-encode writes new shards beside the old ones: one that fails leaves the old set whole
+    before = (kbset / MANIFEST).read_bytes()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"id": "x", "text": ""}) + "\n")
+    assert m3("encode", empty, "-o", kbset, "-m", model, "-q", "--force").exit_code != 0
+    assert (kbset / MANIFEST).read_bytes() == before and m3("inspect", kbset, "--verify").exit_code == 0
+    assert hits(single, "item 7") == hits(kbset, "item 7")
 
 
 def test_one_process_writes_a_one_shard_set_and_force_replaces_it(model, tmp_path):
@@ -127,4 +144,22 @@ def test_one_process_writes_a_one_shard_set_and_force_replaces_it(model, tmp_pat
     (kbset / "notes.txt").write_text("mine")
     assert m3("encode", docs, "-o", kbset, "-m", model, "-q", "--force").exit_code == 0
     assert (kbset / "notes.txt").read_text() == "mine"  # --force replaces the set, nothing else in the dir
+    assert m3("inspect", kbset, "--verify").exit_code == 0
+
+
+def test_a_vq_set_decodes_each_shard_with_its_own_codebooks(model, tmp_path):
+    """Memories read across shards: each shard's codes through its own codebooks, the same as
+    each shard read alone."""
+    docs = corpus(tmp_path / "c.jsonl", n=12)
+    kbset = tmp_path / "kb.m3set"
+    result = launch("encode", docs, "-o", kbset, "-m", model, "-q", "--codec", "vq", "--vq-subquantizers", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Bank(kbset) as many:
+        a, b = many._parts
+        assert a.verified("codec.vq") != b.verified("codec.vq")  # each trained on its own share
+        both = many.memories([a.n_refs - 1, a.n_refs, 0, many.n_refs - 1])
+        alone = [a.memories([a.n_refs - 1]), b.memories([0]), a.memories([0]), b.memories([b.n_refs - 1])]
+        for j, one in enumerate(alone):
+            assert (both.kv[j] == one.kv[0]).all() and (both.positions[j] == one.positions[0]).all()
+        assert many.memories([]).kv.shape[0] == 0
     assert m3("inspect", kbset, "--verify").exit_code == 0

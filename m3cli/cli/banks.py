@@ -442,7 +442,7 @@ def search(
         if bank is not None:
             raise click.UsageError("give the bank once: m3 search --bank BANK QUERY")
         bank = Path(words[0])
-    elif words[0].endswith(".m3bank") and Path(words[0]).is_file():
+    elif (words[0].endswith(".m3bank") and Path(words[0]).is_file()) or (Path(words[0]) / "manifest.json").is_file():
         raise click.UsageError(f"no query: m3 search {words[0]} QUERY (or - for queries on standard input)")
     query = words[-1]
     bank = resolve_bank(bank)
