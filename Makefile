@@ -24,7 +24,7 @@ test: setup
 
 # Lint, format and types (CI runs it before the tests): ruff over the code that ships and tests it,
 # mypy over the core (the model, the bank and its codecs, retrieval's arithmetic).
-CORE := m3cli/config.py m3cli/attention.py m3cli/model.py m3cli/bank.py m3cli/codecs.py m3cli/vq.py m3cli/overlap.py m3cli/errors.py m3cli/atomic.py m3cli/bank_update.py
+CORE := m3cli/config.py m3cli/attention.py m3cli/model.py m3cli/bank.py m3cli/codecs.py m3cli/vq.py m3cli/overlap.py m3cli/errors.py m3cli/atomic.py m3cli/bank_update.py m3cli/bank_verify.py
 lint: setup
 	$(BIN)/ruff check m3cli tests scripts bench
 	$(BIN)/ruff format --check m3cli tests scripts bench
