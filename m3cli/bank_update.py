@@ -28,7 +28,7 @@ from .bank import (
     Bank,
     BankError,
 )
-from .bank_writer import update_bank, write_bank_file
+from .bank_writer import packed_docs_strings, update_bank, write_bank_file
 from .errors import M3Error
 
 _REF_DTYPE = np.dtype([("off", "<u8"), ("len", "<u4"), ("tokens", "<u4"), ("doc", "<u4"), ("idx", "<u4"), ("r", "V8")])
@@ -347,22 +347,10 @@ def compact_bank(path: Path, show_progress: bool = False) -> dict:
 
 def _write_live(bank: Bank, live: list[int], tmp: Path, with_emb: bool, show_progress: bool) -> tuple[dict, list]:
     """Spool the live documents' sections into `tmp`; (header, sections for write_bank_file)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from .output import stderr_progress
     from .retrieval import EMB_SECTION
 
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("compacting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("documents"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show_progress or not console.is_terminal,
-    )
-
+    progress = stderr_progress("compacting", show_progress)
     names = ["refs.table", "refs.text", "docs.table", "docs.strings", "kv.data", "kv.positions"]
     if with_emb:
         names.append(EMB_SECTION)
@@ -372,7 +360,7 @@ def _write_live(bank: Bank, live: list[int], tmp: Path, with_emb: bool, show_pro
     n_refs = text_off = strings_off = tokens = 0
     try:
         progress.start()
-        task = progress.add_task("compact", total=len(live))
+        task = progress.add_task("documents", total=len(live))
         for new_doc, j in enumerate(live):
             progress.update(task, completed=new_doc)
             d = bank.document(j)
@@ -407,7 +395,7 @@ def _write_live(bank: Bank, live: list[int], tmp: Path, with_emb: bool, show_pro
     for name in names[:6]:
         spool, codec, size = tmp / name, "raw", (tmp / name).stat().st_size
         if name == "docs.strings":
-            spool, codec = _maybe_zstd(spool)
+            spool, codec = packed_docs_strings(spool)
         sections.append((name, spool, codec, size))
     if VQ_SECTION in bank.sections:
         s = bank.sections[VQ_SECTION]
@@ -415,21 +403,6 @@ def _write_live(bank: Bank, live: list[int], tmp: Path, with_emb: bool, show_pro
     if with_emb:
         sections.append((EMB_SECTION, tmp / EMB_SECTION, "raw", (tmp / EMB_SECTION).stat().st_size, 0))
     return header, sections
-
-
-def _maybe_zstd(spool: Path) -> tuple[Path, str]:
-    """docs.strings compressed as a fresh bank stores it (raw when that would not pay)."""
-    import zstandard
-
-    from .bank import MAX_ZSTD_RATIO
-
-    raw = spool.read_bytes()
-    packed = zstandard.ZstdCompressor(level=10).compress(raw)
-    if len(packed) < len(raw) and len(raw) <= MAX_ZSTD_RATIO * len(packed):
-        out = spool.with_name(spool.name + ".zst")
-        out.write_bytes(packed)
-        return out, "zstd"
-    return spool, "raw"
 
 
 def _rebuild_index(bank: Bank, header: dict, tmp: Path) -> tuple:

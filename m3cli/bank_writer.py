@@ -314,16 +314,9 @@ class BankWriter:
             spool = self.spool / name
             codec = "raw"
             if name == "docs.strings":  # small, read whole: compress
-                import zstandard
-
-                raw = spool.read_bytes()
-                packed = zstandard.ZstdCompressor(level=10).compress(raw)
-                # readers refuse frames that expand more than MAX_ZSTD_RATIO: store those raw
-                if len(packed) < len(raw) and len(raw) <= MAX_ZSTD_RATIO * len(packed):
-                    spool = self.spool / (name + ".zst")  # the spool itself stays resumable
-                    spool.write_bytes(packed)
-                    codec = "zstd"
-                sections.append((name, spool, codec, len(raw)))
+                size = spool.stat().st_size
+                spool, codec = packed_docs_strings(spool)  # the spool itself stays resumable
+                sections.append((name, spool, codec, size))
             elif name == "kv.data" and self.codec == "vq":
                 sections.append((name, self.spool / "kv.data.vq", codec, (self.spool / "kv.data.vq").stat().st_size))
             else:
@@ -334,6 +327,21 @@ class BankWriter:
         finally:
             self._release()
         return self.path
+
+
+def packed_docs_strings(spool: Path) -> tuple[Path, str]:
+    """The `docs.strings` section to store from the spool file holding it: a zstd frame beside it
+    (`<spool>.zst`, codec "zstd"), or the spool itself (codec "raw") when compressing does not pay
+    or would expand more than readers accept (MAX_ZSTD_RATIO)."""
+    import zstandard
+
+    raw = spool.read_bytes()
+    packed = zstandard.ZstdCompressor(level=10).compress(raw)
+    if len(packed) < len(raw) and len(raw) <= MAX_ZSTD_RATIO * len(packed):
+        out = spool.with_name(spool.name + ".zst")
+        out.write_bytes(packed)
+        return out, "zstd"
+    return spool, "raw"
 
 
 def write_bank_file(path: Path, header: dict, sections: list[tuple]) -> None:

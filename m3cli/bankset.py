@@ -353,9 +353,10 @@ def index_set(
         for shard in shards:
             with Bank(shard) as b:
                 v = embeddings_of(b) if spec.same_as(EmbedderSpec.from_header(b.header)) else None
-                if v is None:
+                fresh = v is None
+                if fresh:
                     v = compute_embeddings(b, embedder, batch_size, show_progress)
-            if not spec.same_as(EmbedderSpec.from_header(_header(shard))):
+            if fresh:  # stored in the shard, described by its header: reused by the next index
                 embedded = True
                 update_bank(shard, {EMB_SECTION: v.astype("<f2").tobytes()}, {**spec.header(), "m3.index.count": None})
             vectors.append(v)
@@ -391,8 +392,3 @@ def index_set(
         "index_bytes": len(blob),
         "shards": len(shards),
     }
-
-
-def _header(shard: Path) -> dict:
-    with Bank(shard) as b:
-        return dict(b.header)

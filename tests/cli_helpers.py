@@ -63,3 +63,26 @@ def kill_after_checkpoint(args, output: Path, step: int, timeout: float = 300) -
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not output.exists()
+
+
+def accelerate_m3(*args, processes: int = 2, timeout: float = 600):
+    """Run `m3 ARGS…` as `processes` CPU processes through `accelerate launch`."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "m3cli",
+        *[str(a) for a in args],
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,16 +1,13 @@
 """Bank sets: shards written in parallel, one manifest, one index, read like one bank."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from m3cli.bank import Bank, BankError
 from m3cli.bankset import MANIFEST
 
-from cli_helpers import assert_user_error, m3
+from cli_helpers import accelerate_m3, assert_user_error, m3
 
 WORDS = "the capital of france is paris rome italy city country born hello world memory model".split()
 
@@ -30,28 +27,6 @@ def model(llama_dir, tmp_path):
     return out
 
 
-def launch(*args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "m3cli",
-        *[str(a) for a in args],
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def hits(bank, query, k=5):
     result = m3("search", bank, query, "--json", "--memories", k)
     assert result.exit_code == 0, result.output
@@ -62,7 +37,7 @@ def test_two_processes_write_a_set_that_reads_like_one_bank(model, tmp_path):
     docs = corpus(tmp_path / "c.jsonl")
     single, kbset = tmp_path / "single.m3bank", tmp_path / "kb.m3set"
     assert m3("encode", docs, "-o", single, "-m", model, "-q").exit_code == 0
-    result = launch("encode", docs, "-o", kbset, "-m", model, "-q", "--index", "none")
+    result = accelerate_m3("encode", docs, "-o", kbset, "-m", model, "-q", "--index", "none")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in kbset.iterdir() if not p.name.endswith(".key.json")) == [
         MANIFEST,
@@ -152,7 +127,7 @@ def test_a_vq_set_decodes_each_shard_with_its_own_codebooks(model, tmp_path):
     each shard read alone."""
     docs = corpus(tmp_path / "c.jsonl", n=12)
     kbset = tmp_path / "kb.m3set"
-    result = launch("encode", docs, "-o", kbset, "-m", model, "-q", "--codec", "vq", "--vq-subquantizers", "2")
+    result = accelerate_m3("encode", docs, "-o", kbset, "-m", model, "-q", "--codec", "vq", "--vq-subquantizers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     with Bank(kbset) as many:
         a, b = many._parts

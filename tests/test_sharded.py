@@ -1,14 +1,11 @@
 """Sharded encoding: two CPU processes through `accelerate launch` give the bank one process gives."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
 from m3cli.bank import Bank
-from cli_helpers import m3
+from cli_helpers import accelerate_m3, m3
 
 
 def test_two_process_encode_equals_one_process(llama_dir, tmp_path):
@@ -23,33 +20,7 @@ def test_two_process_encode_equals_one_process(llama_dir, tmp_path):
             f.write(json.dumps({"id": f"d{i}", "title": f"t{i}", "text": text}) + "\n")
     single, sharded = tmp_path / "single.m3bank", tmp_path / "sharded.m3bank"
     assert m3("encode", "--index", "none", corpus, "-o", single, "-m", model, "-q").exit_code == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "m3cli",
-        "encode",
-        "--index",
-        "none",
-        str(corpus),
-        "-o",
-        str(sharded),
-        "-m",
-        str(model),
-        "-q",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = accelerate_m3("encode", "--index", "none", corpus, "-o", sharded, "-m", model, "-q", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1  # only the main process reports
     assert sorted(p.name for p in tmp_path.iterdir() if "part-" in p.name or p.name.startswith(".")) == []
