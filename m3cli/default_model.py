@@ -59,7 +59,8 @@ def default_model(log=None) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    # not atomic.lock_path: the writer below takes that one, and fails rather than waits
+    with open(target.parent / f".{target.name}.materialise.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process materialising it: wait, then reuse
         if (target / "config.json").is_file():
             return target
@@ -77,7 +78,7 @@ def materialise(target: Path, reader: Path | None = SHIPPED_READER) -> None:
 
     import torch
 
-    from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
+    from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint, save_model_dir, weights_fingerprint
     from .convert import convert
     from .reader import apply_reader
 
@@ -87,7 +88,9 @@ def materialise(target: Path, reader: Path | None = SHIPPED_READER) -> None:
         if reader is None or not Path(reader).is_file():
             os.replace(base, target)
             return
-        model = apply_reader(load_model_dir(base, "cpu", torch.float32), Path(reader), model_fingerprint(base))
+        model = apply_reader(
+            load_model_dir(base, "cpu", torch.float32), Path(reader), model_fingerprint(base), weights_fingerprint(base)
+        )
         save_model_dir(model, load_tokenizer(base), target)
 
 

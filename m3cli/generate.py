@@ -189,6 +189,9 @@ class Generator:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
         self.pad_id = eos if isinstance(eos, int) else 0
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if isinstance(bos, int) and self.eos:  # a model that starts a new text or turn (SmolLM2's
+            self.eos.add(bos)  # <|im_start|>) has ended this one
 
     # -- helpers ------------------------------------------------------------------------------
     def _sync(self) -> None:

@@ -6,6 +6,7 @@ model has the retriever-score prior), float32, and one metadata key, `m3.reader`
 
   {"format": "m3-reader", "version": 1,
    "base_fingerprint": "sha256:…",      the model dir it was trained on (`model_fingerprint`)
+   "base_weights": "sha256:…",          its config and weights alone (`weights_fingerprint`)
    "config": {"memory_layers": [...], "memory_top_k": 16, "memory_selection": "...",
               "memory_reader_rank": 16, "memory_score_prior": false, "train_prev_chunks": 0}}
 
@@ -40,8 +41,9 @@ def reader_tensors(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().contiguous().cpu() for n, p in model.named_parameters() if n in names}
 
 
-def save_reader(model, path: Path, base_fingerprint: str) -> Path:
-    """Write the model's memory reader to `path` (atomically)."""
+def save_reader(model, path: Path, base_fingerprint: str, base_weights: str | None = None) -> Path:
+    """Write the model's memory reader to `path` (atomically). base_fingerprint and base_weights:
+    `model_fingerprint` and `weights_fingerprint` of the model dir it was trained on."""
     from safetensors.torch import save
 
     from .atomic import atomic_file
@@ -52,6 +54,8 @@ def save_reader(model, path: Path, base_fingerprint: str) -> Path:
     conf = {k: getattr(cfg, k) for k in READER_CONFIG_KEYS}
     conf["memory_layers"] = list(cfg.mem_layers)
     meta = {"format": READER_FORMAT, "version": READER_VERSION, "base_fingerprint": base_fingerprint, "config": conf}
+    if base_weights is not None:
+        meta["base_weights"] = base_weights
     path = Path(path)
     with atomic_file(path) as f:
         f.write(save(reader_tensors(model), metadata={"m3.reader": json.dumps(meta, sort_keys=True)}))
@@ -86,21 +90,26 @@ def read_reader(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         not isinstance(conf, dict)
         or set(conf) != set(READER_CONFIG_KEYS)
         or not isinstance(meta.get("base_fingerprint"), str)
+        or not isinstance(meta.get("base_weights", ""), str)
     ):
         raise M3Error(f"{path}: the reader's metadata is incomplete")
     return meta, tensors
 
 
-def apply_reader(model, path: Path, base_fingerprint: str | None = None):
+def apply_reader(model, path: Path, base_fingerprint: str | None = None, base_weights: str | None = None):
     """Give `model` (the base it was trained on) the reader in `path`; returns the model.
-    base_fingerprint, when given, must be the one the reader was trained on."""
+    The base is checked when the caller gives its identity: against the reader's `base_weights`
+    when both have one (the tokenizer files may be written differently by another transformers
+    version), else against its `base_fingerprint`."""
     from .config import ConfigError
 
     meta, tensors = read_reader(path)
-    if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
-        raise M3Error(
-            f"{path} was trained on the model {meta['base_fingerprint'][:19]}…, not on {base_fingerprint[:19]}…"
-        )
+    if base_weights is not None and "base_weights" in meta:
+        want, have = meta["base_weights"], base_weights
+    else:
+        want, have = meta["base_fingerprint"], base_fingerprint
+    if have is not None and want != have:
+        raise M3Error(f"{path} was trained on the model {want[:19]}…, not on {have[:19]}…")
     if model.config.memory_reader_rank:
         raise M3Error("the model already has a memory reader")
     conf = dict(meta["config"])

@@ -4,7 +4,7 @@ segments and packed into rows where each token sees only its own example (reader
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,13 @@ class Segment:
     loss: list[bool]  # loss[i]: token i+1 is a target (predicted at position i)
     queries: list[str | None]  # retrieval query of each of its chunks (None: no memory)
     token_query: list[int]  # index into queries per token (-1: reads no memory)
+    exclude: str | None = None  # a document whose references its chunks never read
 
 
 def read_examples(path: str) -> list[dict]:
-    """{"prompt", "answer"} and {"text"} records from JSONL or Parquet."""
+    """{"prompt", "answer"} and {"text"} records from JSONL or Parquet; either may name
+    "exclude_document", a knowledge-base document id its chunks must not read (a text that is
+    itself in the bank would otherwise learn to copy its own continuation)."""
     p = Path(path)
     if not p.is_file():
         raise M3Error(f"training data {path} does not exist")
@@ -50,6 +53,8 @@ def read_examples(path: str) -> list[dict]:
         chat = isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
         if not chat and not isinstance(r.get("text"), str):
             raise M3Error(f'{path} record {n} needs "prompt" and "answer", or "text"')
+        if not isinstance(r.get("exclude_document", ""), str):
+            raise M3Error(f'{path} record {n}: "exclude_document" must be a document id (a string)')
         if (chat and r["prompt"].strip() and r["answer"].strip()) or (not chat and r["text"].strip()):
             out.append(r)
     if not out:
@@ -94,7 +99,7 @@ def segments(examples: list[dict], tokenizer, seq_len: int, chunk: int) -> list[
             last = len(queries) - 1
             token_query += [last if queries[last] is not None else -1] * (len(ids) - n_prompt)
             loss = [n_prompt - 1 <= i < len(ids) - 1 for i in range(len(ids))]
-            out.append(Segment(ids, loss, queries, token_query))
+            out.append(Segment(ids, loss, queries, token_query, ex.get("exclude_document") or None))
         else:
             body = (
                 ([bos] if bos is not None else [])
@@ -109,7 +114,8 @@ def segments(examples: list[dict], tokenizer, seq_len: int, chunk: int) -> list[
                     tokenizer.decode(ids[c : c + chunk], skip_special_tokens=True) for c in range(0, len(ids), chunk)
                 ]
                 token_query = [i // chunk for i in range(len(ids))]
-                out.append(Segment(ids, [i < len(ids) - 1 for i in range(len(ids))], queries, token_query))
+                scored = [i < len(ids) - 1 for i in range(len(ids))]
+                out.append(Segment(ids, scored, queries, token_query, ex.get("exclude_document") or None))
     if not out:
         raise M3Error("no training example fits --seq-len")
     return out
@@ -125,6 +131,7 @@ class Packed:
     position: np.ndarray  # (N, T) int32, position within the segment
     query: np.ndarray  # (N, T) int32, global chunk-query id, -1 = reads no memory
     row_queries: list[list[int]]  # the chunk-query ids each row uses (its memory slots, in order)
+    query_exclude: list[str | None] = field(default_factory=list)  # per chunk query: a document it never reads
 
 
 def pack(segs: list[Segment], seq_len: int, seed: int, fill: int) -> tuple[Packed, list[str]]:
@@ -156,6 +163,7 @@ def pack(segs: list[Segment], seq_len: int, seed: int, fill: int) -> tuple[Packe
     position = np.zeros((N, seq_len), dtype=np.int32)
     query = np.full((N, seq_len), -1, dtype=np.int32)
     queries: list[str] = []
+    exclude: list[str | None] = []
     row_queries: list[list[int]] = []
     for r, members in enumerate(rows):
         at, mine = 0, []
@@ -175,7 +183,8 @@ def pack(segs: list[Segment], seq_len: int, seed: int, fill: int) -> tuple[Packe
                     local.append(len(queries))
                     mine.append(len(queries))
                     queries.append(q)
+                    exclude.append(s.exclude)
             query[r, at : at + n] = [local[t] if t >= 0 else -1 for t in s.token_query]
             at += n
         row_queries.append(mine)
-    return Packed(ids, targets, segment, position, query, row_queries), queries
+    return Packed(ids, targets, segment, position, query, row_queries, exclude), queries

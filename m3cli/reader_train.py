@@ -50,25 +50,44 @@ PEAK_TFLOPS = {
 
 
 # --- retrieval and frozen memories -------------------------------------------------------------
-def retrieve(queries: list[str], bank_path: Path, k: int, max_overlap: float, embedder, model_dir, device, log):
-    """(len(queries), k) reference ids (-1 where fewer qualify) and their scores, once."""
+EXCLUDE_EXTRA = 8  # hits fetched beyond k when a query excludes a document (its own references)
+
+
+def retrieve(
+    queries: list[str],
+    bank_path: Path,
+    k: int,
+    max_overlap: float,
+    embedder,
+    model_dir,
+    device,
+    log,
+    exclude: list[str | None] | None = None,
+):
+    """(len(queries), k) reference ids (-1 where fewer qualify) and their scores, once.
+    exclude[i]: a document whose references query i never gets (up to EXCLUDE_EXTRA of them)."""
     from .bank import Bank
     from .retrieval import Retriever, query_embedder
 
     refs = np.full((len(queries), k), -1, dtype=np.int64)
     scores = np.zeros((len(queries), k), dtype=np.float32)
-    unique = sorted(set(queries))
+    keyed = list(zip(queries, exclude or [None] * len(queries)))
+    unique = sorted(set(keyed), key=lambda x: (x[0], x[1] or ""))
     where = {q: j for j, q in enumerate(unique)}
+    extra = EXCLUDE_EXTRA if any(e for _, e in unique) else 0
     t0 = time.perf_counter()
     u_refs = np.full((len(unique), k), -1, dtype=np.int64)
     u_scores = np.zeros((len(unique), k), dtype=np.float32)
     with Bank(bank_path) as bank:
         retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=embedder, device=device))
         for s in range(0, len(unique), 256):
-            for j, hits in enumerate(retriever.search(unique[s : s + 256], k=k, max_overlap=max_overlap)):
+            part = unique[s : s + 256]
+            found = retriever.search([q for q, _ in part], k=k + extra, max_overlap=max_overlap)
+            for j, hits in enumerate(found):
+                hits = [h for h in hits if h.doc_id != part[j][1]][:k]
                 for rank, h in enumerate(hits):
                     u_refs[s + j, rank], u_scores[s + j, rank] = h.ref, h.score
-    idx = np.array([where[q] for q in queries], dtype=np.int64)
+    idx = np.array([where[q] for q in keyed], dtype=np.int64)
     refs[:], scores[:] = u_refs[idx], u_scores[idx]
     log(
         f"retrieved {k} references for {len(unique):,} distinct chunk queries in {time.perf_counter() - t0:.0f} s "
@@ -157,7 +176,14 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     from .atomic import atomic_dir, atomic_file
     from .attention import Memory, score_gaps
     from .bank import Bank, require_same_model
-    from .checkpoint import is_model_dir, load_model_dir, load_tokenizer, model_fingerprint, save_model_dir
+    from .checkpoint import (
+        is_model_dir,
+        load_model_dir,
+        load_tokenizer,
+        model_fingerprint,
+        save_model_dir,
+        weights_fingerprint,
+    )
     from .device import resolve_device
     from .reader import save_reader
     from .train import _sha, batch_indices, lr_at, memory_overrides, pad_fill, step_progress
@@ -211,6 +237,8 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     packed, queries = pack(segs, args.seq_len, args.seed, pad_fill(tokenizer))
     n_rows = packed.ids.shape[0]
     key = {**args.key(), "rows": _sha(packed.ids[:, :16].tolist()), "n_rows": n_rows, "base": base_fingerprint}
+    if any(packed.query_exclude):  # which documents each chunk may not read changes what it retrieves
+        key["exclude"] = _sha(packed.query_exclude)
     log(
         f"{len(segs):,} examples in {n_rows:,} rows of {args.seq_len} tokens "
         f"({(packed.segment >= 0).mean():.0%} filled, {(packed.targets != IGNORE).mean():.0%} scored)"
@@ -281,6 +309,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                 args.init_from,
                 device,
                 log,
+                [packed.query_exclude[q] for q in needed],
             )
         with atomic_file(cache) as tmp:
             np.savez(tmp, refs=q_refs, scores=q_scores)
@@ -464,7 +493,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     if accelerator.is_main_process:
         raw.eval()
         save_model_dir(raw.to(torch.float32), tokenizer, out, overwrite=True)
-        save_reader(raw, state_dir / "reader.safetensors", base_fingerprint)
+        save_reader(raw, state_dir / "reader.safetensors", base_fingerprint, weights_fingerprint(args.init_from))
         summary["fingerprint"] = model_fingerprint(out)
         summary["previous_fingerprint"] = base_fingerprint
         summary["reader"] = str(state_dir / "reader.safetensors")

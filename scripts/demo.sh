@@ -41,3 +41,28 @@ $M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jso
 echo; echo "== m3 eval --max-score-gap 0.03: each chunk keeps only the references within 0.03 of its best (most keep one)"
 $M3 eval --model "$MODEL" --bank "$OUT/kb.m3bank" --qa "$OUT/synth/qa_unseen.jsonl" --limit 200 --modes memory,rag \
   --max-score-gap 0.03 --show 0
+
+echo; echo "== The default model: SmolLM2-135M-Instruct with m3's memory reader, on documents it never saw"
+echo "   (20 invented entities held out of its training, 20 countries' real facts, 40 other documents)"
+$PY scripts/reader_task.py -o "$OUT/reader" --entities 300 --heldout 40 --wiki-train 100 --wiki-heldout 20 \
+  --distractors 40 > /dev/null
+$PY - "$OUT/reader" <<'PY'
+import json, sys
+d = sys.argv[1]
+load = lambda name: [json.loads(x) for x in open(f"{d}/{name}", encoding="utf-8")]
+kb, qa = load("eval-kb.jsonl"), load("entities.jsonl")[:20] + load("countries.jsonl")[:20]
+asked = {q["title"] for q in qa} | {q["title"].removesuffix(" (facts)") for q in qa}
+docs = [x for x in kb if x["title"] in asked]
+docs += [x for x in kb if x["title"] not in asked and x["id"].split(":")[0] in ("person", "town", "book")][:40]
+with open(f"{d}/demo-kb.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(x) + "\n" for x in docs)
+with open(f"{d}/demo-qa.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(x) + "\n" for x in qa)
+PY
+$M3 encode "$OUT/reader/demo-kb.jsonl" -o "$OUT/real.m3bank" --force -q
+QUESTION=$($PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["question"])' "$OUT/reader/demo-qa.jsonl")
+echo; echo "== m3 generate --chat: \"$QUESTION\", closed book, then with the bank"
+$M3 generate --chat -n 24 "$QUESTION"
+$M3 generate --chat -n 24 --bank "$OUT/real.m3bank" "$QUESTION"
+echo; echo "== m3 eval --chat: those 40 questions, closed book / with memory / with RAG (the full evaluation: make reader-eval)"
+$M3 eval --bank "$OUT/real.m3bank" --qa "$OUT/reader/demo-qa.jsonl" --chat --memories 5 --show 3

@@ -567,8 +567,16 @@ def build(
     train_wiki = other[n_wiki_heldout : n_wiki_heldout + n_wiki_train]
     for j, w in enumerate(train_wiki):
         kb.append({"id": f"wiki:{w['key']}", "title": w["title"], "source": "wikipedia (CC BY-SA)", "text": w["text"]})
-        if j % 2 == 0:  # read with its neighbours: the bank holds it, the overlap filter keeps it out of its own chunks
-            train.append({"id": f"text:{w['key']}", "text": w["text"], "title": w["title"]})
+        if j % 2 == 0:  # read with its neighbours only: the bank holds it, and a chunk that read its own
+            # next sentences would learn to copy, which text outside the bank never allows
+            train.append(
+                {
+                    "id": f"text:{w['key']}",
+                    "text": w["text"],
+                    "title": w["title"],
+                    "exclude_document": f"wiki:{w['key']}",
+                }
+            )
         else:  # asked about: the answer is its first sentence, read from its memory
             train.append(
                 {

@@ -195,6 +195,14 @@ def test_smollm2_converts_and_scores_like_transformers(tmp_path):
     nll = -sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)) / (len(ids) - 1)
     assert abs(data["perplexity"] / math.exp(nll) - 1) < 0.01
     assert data["perplexity"] < 50  # a real language model, not noise
+    # the special tokens are the GGUF's own, whatever transformers chose (some versions end at <|im_start|>)
+    from m3cli.checkpoint import load_tokenizer
+
+    converted = load_tokenizer(out)
+    names = {i: converted.convert_ids_to_tokens(i) for i in (0, 1, 2)}
+    assert names == {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"}
+    assert (converted.bos_token_id, converted.eos_token_id, converted.pad_token_id) == (1, 2, 2)
+    assert converted.unk_token_id == 0
 
 
 def test_mistral_with_sliding_window_is_capped_to_the_window(tmp_path):

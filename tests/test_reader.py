@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_user_error, kill_after_checkpoint, m3
 from m3cli.attention import Memory
-from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint
+from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint, save_model_dir, weights_fingerprint
 from m3cli.errors import M3Error
 from m3cli.reader import apply_reader, read_reader
-from m3cli.reader_train import IGNORE, pack, segments
+from m3cli.reader_train import IGNORE, pack, read_examples, segments
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_roun
 
     # the reader file applied to the base model is the trained model: same weights, same fingerprint
     meta, tensors = read_reader(tmp_path / "a.train" / "reader.safetensors")
-    assert meta["base_fingerprint"] == model_fingerprint(warm)
+    assert meta["base_fingerprint"] == model_fingerprint(warm) and meta["base_weights"] == weights_fingerprint(warm)
     assert meta["config"]["memory_reader_rank"] == 8 and meta["config"]["memory_layers"] == list(
         range(load_model_dir(warm).config.n_layers)
     )
@@ -230,6 +231,29 @@ def test_reader_files_are_checked(base, tmp_path):
     good = save_reader(model, tmp_path / "r.safetensors", "sha256:" + "0" * 64)
     with pytest.raises(M3Error, match="trained on the model"):
         apply_reader(load_model_dir(warm), good, model_fingerprint(warm))
+    # bound to the base's config and weights: tokenizer files written another way do not matter
+    # (transformers versions differ), other weights do
+    bound = save_reader(model, tmp_path / "w.safetensors", "sha256:" + "0" * 64, weights_fingerprint(warm))
+    retok = tmp_path / "retok"
+    shutil.copytree(warm, retok)
+    cfg_file = retok / "tokenizer_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "model_max_length": 123}))
+    assert model_fingerprint(retok) != model_fingerprint(warm) and weights_fingerprint(retok) == weights_fingerprint(
+        warm
+    )
+    applied = apply_reader(load_model_dir(retok), bound, model_fingerprint(retok), weights_fingerprint(retok))
+    assert applied.config.memory_reader_rank == 2
+    other = load_model_dir(warm)
+    with torch.no_grad():
+        other.output_weight().mul_(2)
+    save_model_dir(other, load_tokenizer(warm), tmp_path / "other")
+    with pytest.raises(M3Error, match="trained on the model"):
+        apply_reader(
+            load_model_dir(tmp_path / "other"),
+            bound,
+            model_fingerprint(tmp_path / "other"),
+            weights_fingerprint(tmp_path / "other"),
+        )
     meta, tensors = read_reader(good)
     tensors["layers.0.attn.mem_q_a"] = torch.zeros(3, 3)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"m3.reader": json.dumps(meta)})
@@ -302,3 +326,29 @@ def test_max_time_stops_at_a_checkpoint_that_resume_continues(base, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "config.json").is_file()
     assert json.loads((tmp_path / "m.train" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_text_never_reads_the_document_it_excludes(base, tmp_path):
+    """`exclude_document`: a training text that is itself in the bank reads its neighbours, not its
+    own references (it would learn to copy its continuation, which held-out text never allows)."""
+    from m3cli.bank import Bank
+    from m3cli.reader_train import retrieve
+
+    d, warm, bank = base
+    with Bank(bank) as b:
+        ref = b.reference(0)
+        doc, text = b.document(ref.doc_index).id, ref.text
+    tok = load_tokenizer(warm)
+    ex = [{"text": text, "exclude_document": doc}, {"text": text}]
+    packed, queries = pack(segments(ex, tok, seq_len=64, chunk=16), 64, seed=0, fill=0)
+    assert set(packed.query_exclude) == {doc, None} and len(packed.query_exclude) == len(queries)
+    refs, _ = retrieve(queries, bank, 3, 0.99, None, warm, "cpu", lambda *_: None, packed.query_exclude)
+    with Bank(bank) as b:
+        docs = [[b.document(b.reference(int(r)).doc_index).id for r in row if r >= 0] for row in refs]
+    excluding = [i for i, e in enumerate(packed.query_exclude) if e]
+    assert excluding and all(doc not in docs[i] and len(docs[i]) == 3 for i in excluding)
+    assert any(doc in docs[i] for i, e in enumerate(packed.query_exclude) if not e)  # found without it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "exclude_document": 3}) + "\n")
+    with pytest.raises(M3Error, match="exclude_document"):
+        read_examples(str(bad))
