@@ -104,11 +104,20 @@ run)
     | tee "$OUT/device.txt"
   [ -f $W/smollm2/config.json ] || $M3 convert /tmp/m3-smollm2.gguf -o $W/smollm2
   echo "converted at $((SECONDS - T0)) s"
-  if [ -d "$CARRY/resume" ] && [ -f "$CARRY/resume/state.json" ]; then  # continue the run an earlier session returned
-    mkdir -p $W/run/model.train/checkpoint
-    cp "$CARRY"/resume/reader.safetensors "$CARRY"/resume/optimizer.pt "$CARRY"/resume/state.json $W/run/model.train/checkpoint/
-    cp "$CARRY"/resume/metrics.jsonl $W/run/model.train/ 2>/dev/null || true
-    STEPS=$(cat "$CARRY/resume/steps.txt")
+  ck=$W/run/model.train/checkpoint
+  step_of() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null || echo -1; }
+  if [ -f "$CARRY/resume/state.json" ]; then  # continue the run an earlier session returned
+    [ -f "$CARRY/resume/steps.txt" ] || { echo "$CARRY/resume has no steps.txt (the run's STEPS)"; exit 1; }
+    if [ "$(step_of "$CARRY/resume/state.json")" -gt "$(step_of $ck/state.json)" ]; then  # newer than this machine's
+      mkdir -p $ck
+      cp "$CARRY"/resume/reader.safetensors "$CARRY"/resume/optimizer.pt "$CARRY"/resume/state.json $ck/
+      cp "$CARRY"/resume/metrics.jsonl $W/run/model.train/ 2>/dev/null || true
+      cp "$CARRY/resume/steps.txt" $W/run/steps.txt
+    fi
+    rm -rf "$CARRY/resume"
+  fi
+  if [ -f $ck/state.json ] && [ -f $W/run/steps.txt ]; then
+    STEPS=$(cat $W/run/steps.txt)  # a resumed run keeps its length (part of what --resume checks)
   fi
   if [ ! -f "$W/data/kb.m3bank" ]; then
     $M3 encode "$W/data/kb.jsonl" -o "$W/data/kb.m3bank" --model $W/smollm2 --embedder "$CARRY/emb" --device "$DEVICE" \
@@ -128,28 +137,39 @@ run)
   if [ -z "$STEPS" ]; then  # the reader step costs about RATIO warmup steps
     STEPS=$($PY -c "print(min($MAX_STEPS, max(50, int($train_s / (${RATIO:-2.0} * $warm_s)))))")
   fi
-  echo "$STEPS" > "$OUT/steps.txt"
+  mkdir -p $W/run
+  echo "$STEPS" > $W/run/steps.txt
+  cp $W/run/steps.txt "$OUT/steps.txt"
   echo "training $STEPS steps of $BATCH rows, at most $train_s s"
-  ( while sleep 15; do  # the newest checkpoint, whole, under $OUT: a killed call still returns it
-      c=$W/run/model.train/checkpoint
-      [ -f $c/state.json ] || continue
-      a=$(cat $c/state.json 2>/dev/null) || continue
+  rm -f $W/stop
+  ( set +e  # the newest checkpoint, whole, under $OUT every 15 s: a killed call still returns it
+    while [ ! -e $W/stop ]; do
+      sleep 15
+      [ -f $ck/state.json ] || continue
+      a=$(cat $ck/state.json 2>/dev/null) || continue
       rm -rf "$OUT/.ck"; mkdir -p "$OUT/.ck"
-      cp $c/reader.safetensors $c/optimizer.pt $c/state.json "$OUT/.ck/" 2>/dev/null || continue
-      [ "$a" = "$(cat $c/state.json 2>/dev/null)" ] || continue
-      cp $W/run/model.train/metrics.jsonl "$OUT/.ck/" 2>/dev/null || true
-      rm -rf "$OUT/ckpt"; mv "$OUT/.ck" "$OUT/ckpt"
+      cp $ck/reader.safetensors $ck/optimizer.pt $ck/state.json "$OUT/.ck/" 2>/dev/null || continue
+      [ "$a" = "$(cat $ck/state.json 2>/dev/null)" ] || continue
+      cp $W/run/model.train/metrics.jsonl "$OUT/.ck/" 2>/dev/null
+      [ -e $W/stop ] || { rm -rf "$OUT/ckpt"; mv "$OUT/.ck" "$OUT/ckpt"; }
     done ) &
   copier=$!
+  limit=$(( $(left) - 15 ))
+  [ "$limit" -ge 1 ] || { echo "no time left to train"; limit=1; }
+  set +e
   M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE=$W/smollm2 DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
-    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" timeout $(( $(left) - 15 )) bash scripts/train_reader.sh 2>&1 \
-    | tee "$OUT/train.log" || true
-  kill $copier 2>/dev/null || true
+    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" timeout "$limit" bash scripts/train_reader.sh 2>&1 | tee "$OUT/train.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  touch $W/stop
+  wait $copier || true
   for f in checkpoint/reader.safetensors checkpoint/optimizer.pt checkpoint/state.json metrics.jsonl summary.json reader.safetensors; do
     [ -f $W/run/model.train/$f ] && cp $W/run/model.train/$f "$OUT/$(echo $f | tr / -)"
   done
   rm -rf "$OUT/ckpt" "$OUT/.ck"
+  echo "training exited $rc (124: stopped at the call's time limit; the checkpoint came back)"
   echo "done at $((SECONDS - T0)) s"
-  ls -la "$OUT" ;;
+  ls -la "$OUT"
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || exit "$rc" ;;
 *) echo "usage: bash bench/gpu_reader.sh prep|stage|run"; exit 2 ;;
 esac

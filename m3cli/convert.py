@@ -159,20 +159,42 @@ def _load_tokenizer(src: Path, gguf_file: str | None = None):
 
 def _gguf_special_tokens(tokenizer, path: Path) -> None:
     """Give the tokenizer the start, end, unknown and padding tokens the GGUF file names: some
-    transformers versions take another one (SmolLM2's `<|im_start|>` as its end token)."""
+    transformers versions take another one (SmolLM2's `<|im_start|>` as its end token). A start
+    token is only changed, never added, unless the file asks for one (`add_bos_token`)."""
     import gguf
 
     fields = gguf.GGUFReader(str(path)).fields
+    ints = {
+        gguf.GGUFValueType.UINT8,
+        gguf.GGUFValueType.INT8,
+        gguf.GGUFValueType.UINT16,
+        gguf.GGUFValueType.INT16,
+        gguf.GGUFValueType.UINT32,
+        gguf.GGUFValueType.INT32,
+        gguf.GGUFValueType.UINT64,
+        gguf.GGUFValueType.INT64,
+    }
+
+    def scalar(key: str):
+        field = fields.get(key)
+        if field is None or len(field.types) != 1 or len(field.data) != 1:
+            return None
+        value = field.parts[field.data[0]]
+        return value[0] if len(value) == 1 else None
+
+    add_bos = scalar("tokenizer.ggml.add_bos_token")
     for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
         field = fields.get(f"tokenizer.ggml.{key}_token_id")
-        if field is None or len(field.data) != 1:
+        if field is None or len(field.types) != 1 or field.types[0] not in ints:
             continue
-        value = field.parts[field.data[0]]
-        if len(value) != 1 or not 0 <= int(value[0]) < len(tokenizer):
+        tid = scalar(f"tokenizer.ggml.{key}_token_id")
+        if tid is None or not 0 <= int(tid) < len(tokenizer):
             continue  # not a token id of this vocabulary: keep what transformers chose
-        tid = int(value[0])
-        if getattr(tokenizer, f"{attr}_id", None) != tid:
-            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(tid))
+        have = getattr(tokenizer, f"{attr}_id", None)
+        if key == "bos" and have is None and not bool(add_bos):
+            continue
+        if have != int(tid):
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(tid)))
 
 
 def _load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

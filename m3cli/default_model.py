@@ -60,7 +60,12 @@ def default_model(log=None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # not atomic.lock_path: the writer below takes that one, and fails rather than waits
-    with open(target.parent / f".{target.name}.materialise.lock", "w") as lock:
+    lock_file = target.parent / f".{target.name}.materialise.lock"
+    try:
+        fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise M3Error(f"cannot open the lock {lock_file}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process materialising it: wait, then reuse
         if (target / "config.json").is_file():
             return target

@@ -17,6 +17,7 @@ No pickle; every name and shape is checked before use. Knows nothing about train
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -90,10 +91,14 @@ def read_reader(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         not isinstance(conf, dict)
         or set(conf) != set(READER_CONFIG_KEYS)
         or not isinstance(meta.get("base_fingerprint"), str)
-        or not isinstance(meta.get("base_weights", ""), str)
+        or not _is_sha(meta.get("base_weights", "sha256:" + "0" * 64))
     ):
         raise M3Error(f"{path}: the reader's metadata is incomplete")
     return meta, tensors
+
+
+def _is_sha(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
 
 
 def apply_reader(model, path: Path, base_fingerprint: str | None = None, base_weights: str | None = None):
@@ -108,6 +113,8 @@ def apply_reader(model, path: Path, base_fingerprint: str | None = None, base_we
         want, have = meta["base_weights"], base_weights
     else:
         want, have = meta["base_fingerprint"], base_fingerprint
+    if have is None and (base_fingerprint is not None or base_weights is not None):
+        raise M3Error(f"{path} records no base this model's identity can be checked against")
     if have is not None and want != have:
         raise M3Error(f"{path} was trained on the model {want[:19]}…, not on {have[:19]}…")
     if model.config.memory_reader_rank:

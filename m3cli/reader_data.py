@@ -53,7 +53,7 @@ def read_examples(path: str) -> list[dict]:
         chat = isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
         if not chat and not isinstance(r.get("text"), str):
             raise M3Error(f'{path} record {n} needs "prompt" and "answer", or "text"')
-        if not isinstance(r.get("exclude_document", ""), str):
+        if r.get("exclude_document") is not None and not isinstance(r["exclude_document"], str):
             raise M3Error(f'{path} record {n}: "exclude_document" must be a document id (a string)')
         if (chat and r["prompt"].strip() and r["answer"].strip()) or (not chat and r["text"].strip()):
             out.append(r)

@@ -72,21 +72,25 @@ def retrieve(
     refs = np.full((len(queries), k), -1, dtype=np.int64)
     scores = np.zeros((len(queries), k), dtype=np.float32)
     keyed = list(zip(queries, exclude or [None] * len(queries)))
-    unique = sorted(set(keyed), key=lambda x: (x[0], x[1] or ""))
+    # those that exclude a document last: only they fetch EXCLUDE_EXTRA more hits
+    unique = sorted(set(keyed), key=lambda x: (x[1] is not None, x[0], x[1] or ""))
     where = {q: j for j, q in enumerate(unique)}
-    extra = EXCLUDE_EXTRA if any(e for _, e in unique) else 0
     t0 = time.perf_counter()
     u_refs = np.full((len(unique), k), -1, dtype=np.int64)
     u_scores = np.zeros((len(unique), k), dtype=np.float32)
     with Bank(bank_path) as bank:
         retriever = Retriever(bank, query_embedder(bank, model_dir=model_dir, encoder=embedder, device=device))
-        for s in range(0, len(unique), 256):
-            part = unique[s : s + 256]
+        s = 0
+        while s < len(unique):
+            excluding = unique[s][1] is not None
+            part = [x for x in unique[s : s + 256] if (x[1] is not None) == excluding]
+            extra = EXCLUDE_EXTRA if excluding else 0
             found = retriever.search([q for q, _ in part], k=k + extra, max_overlap=max_overlap)
             for j, hits in enumerate(found):
                 hits = [h for h in hits if h.doc_id != part[j][1]][:k]
                 for rank, h in enumerate(hits):
                     u_refs[s + j, rank], u_scores[s + j, rank] = h.ref, h.score
+            s += len(part)
     idx = np.array([where[q] for q in keyed], dtype=np.int64)
     refs[:], scores[:] = u_refs[idx], u_scores[idx]
     log(
@@ -206,6 +210,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
 
     tokenizer = load_tokenizer(args.init_from)
     base_fingerprint = model_fingerprint(args.init_from)
+    base_weights = weights_fingerprint(args.init_from)
     model = load_model_dir(args.init_from, "cpu", torch.float32)
     with Bank(Path(args.bank)) as b:
         require_same_model(b, base_fingerprint)
@@ -493,7 +498,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     if accelerator.is_main_process:
         raw.eval()
         save_model_dir(raw.to(torch.float32), tokenizer, out, overwrite=True)
-        save_reader(raw, state_dir / "reader.safetensors", base_fingerprint, weights_fingerprint(args.init_from))
+        save_reader(raw, state_dir / "reader.safetensors", base_fingerprint, base_weights)
         summary["fingerprint"] = model_fingerprint(out)
         summary["previous_fingerprint"] = base_fingerprint
         summary["reader"] = str(state_dir / "reader.safetensors")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo run by `make demo`: the shipped sample model (samples/model, trained by `m3 pretrain`;
-# see samples/README.md) answers questions about people whose facts exist only in the bank.
-# Offline; about a minute on a 2-core CPU after set-up (54 s measured).
+# see samples/README.md) answers questions about people whose facts exist only in the bank; then
+# the default model (SmolLM2 + m3's memory reader) answers from documents it never saw.
+# Offline; about three minutes on a 2-core CPU after set-up.
 set -euo pipefail
 M3=${M3:-.venv/bin/m3}
 PY=${PY:-.venv/bin/python}
@@ -59,10 +60,10 @@ with open(f"{d}/demo-kb.jsonl", "w", encoding="utf-8") as f:
 with open(f"{d}/demo-qa.jsonl", "w", encoding="utf-8") as f:
     f.writelines(json.dumps(x) + "\n" for x in qa)
 PY
-$M3 encode "$OUT/reader/demo-kb.jsonl" -o "$OUT/real.m3bank" --force -q
+$M3 encode "$OUT/reader/demo-kb.jsonl" -o "$OUT/real.m3bank" --model default --force -q
 QUESTION=$($PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["question"])' "$OUT/reader/demo-qa.jsonl")
 echo; echo "== m3 generate --chat: \"$QUESTION\", closed book, then with the bank"
-$M3 generate --chat -n 24 "$QUESTION"
-$M3 generate --chat -n 24 --bank "$OUT/real.m3bank" "$QUESTION"
+env -u M3_BANK $M3 generate --model default --chat -n 24 "$QUESTION"
+$M3 generate --model default --chat -n 24 --bank "$OUT/real.m3bank" "$QUESTION"
 echo; echo "== m3 eval --chat: those 40 questions, closed book / with memory / with RAG (the full evaluation: make reader-eval)"
-$M3 eval --bank "$OUT/real.m3bank" --qa "$OUT/reader/demo-qa.jsonl" --chat --memories 5 --show 3
+$M3 eval --model default --bank "$OUT/real.m3bank" --qa "$OUT/reader/demo-qa.jsonl" --chat --memories 5 --show 3

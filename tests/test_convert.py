@@ -277,3 +277,44 @@ def test_one_layer_model_and_symlinked_cache_layout(tmp_path):
     result = m3("convert", snap, "-o", out)
     assert result.exit_code == 0, result.output
     assert read_config(out).mem_layers == (0,)
+
+
+def test_gguf_special_tokens_follow_the_file_checked(monkeypatch):
+    """`m3 convert` of a GGUF gives the tokenizer the file's start/end/unknown/padding tokens when
+    transformers chose others; fields of another type or out of range are ignored, and a start
+    token is added only when the file asks for one."""
+    import types
+
+    import gguf
+    import numpy as np
+
+    from m3cli.checkpoint import load_tokenizer
+    from m3cli.convert import _gguf_special_tokens
+
+    def field(value, vtype):
+        return types.SimpleNamespace(types=[vtype], data=[0], parts=[np.array([value])])
+
+    U32, STR, BOOL = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING, gguf.GGUFValueType.BOOL
+
+    def convert_with(fields, tok):
+        monkeypatch.setattr(gguf, "GGUFReader", lambda path: types.SimpleNamespace(fields=fields))
+        _gguf_special_tokens(tok, Path("x.gguf"))
+        return tok
+
+    tok = load_tokenizer("samples/model")
+    before = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert before == (0, 1, 2)
+    tok = convert_with(
+        {
+            "tokenizer.ggml.eos_token_id": field(2, U32),  # differs: taken
+            "tokenizer.ggml.padding_token_id": field(10**9, U32),  # not in the vocabulary: ignored
+            "tokenizer.ggml.unknown_token_id": field(b"3", STR),  # not an integer: ignored
+        },
+        tok,
+    )
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 2, 2)
+    tok = load_tokenizer("samples/model")
+    tok.bos_token = None
+    assert convert_with({"tokenizer.ggml.bos_token_id": field(0, U32)}, tok).bos_token_id is None
+    fields = {"tokenizer.ggml.bos_token_id": field(0, U32), "tokenizer.ggml.add_bos_token": field(True, BOOL)}
+    assert convert_with(fields, tok).bos_token_id == 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -243,6 +244,16 @@ def test_reader_files_are_checked(base, tmp_path):
     )
     applied = apply_reader(load_model_dir(retok), bound, model_fingerprint(retok), weights_fingerprint(retok))
     assert applied.config.memory_reader_rank == 2
+    with pytest.raises(M3Error, match="records no base"):  # nothing to check the weights against
+        apply_reader(load_model_dir(warm), good, None, weights_fingerprint(warm))
+    meta_w, tensors_w = read_reader(bound)
+    save_file(
+        tensors_w,
+        str(tmp_path / "badw.safetensors"),
+        metadata={"m3.reader": json.dumps({**meta_w, "base_weights": "x"})},
+    )
+    with pytest.raises(M3Error, match="incomplete"):
+        read_reader(tmp_path / "badw.safetensors")
     other = load_model_dir(warm)
     with torch.no_grad():
         other.output_weight().mul_(2)
@@ -348,6 +359,16 @@ def test_a_text_never_reads_the_document_it_excludes(base, tmp_path):
     excluding = [i for i, e in enumerate(packed.query_exclude) if e]
     assert excluding and all(doc not in docs[i] and len(docs[i]) == 3 for i in excluding)
     assert any(doc in docs[i] for i, e in enumerate(packed.query_exclude) if not e)  # found without it
+    # through `m3 pretrain --train reader`: what it retrieved once for the run never names the document
+    corpus = tmp_path / "texts.jsonl"
+    corpus.write_text(json.dumps({"text": text * 3, "exclude_document": doc}) + "\n")
+    args = reader_args(d, bank, warm, steps=2)
+    args[1] = corpus
+    assert m3(*args, "-o", tmp_path / "r").exit_code == 0
+    with np.load(tmp_path / "r.train" / "retrieval.npz") as z, Bank(bank) as b:
+        got = [b.document(b.reference(int(r)).doc_index).id for r in z["refs"].reshape(-1) if r >= 0]
+    assert got and doc not in got
+    assert "exclude" in json.loads((tmp_path / "r.train" / "retrieval.json").read_text())["key"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x", "exclude_document": 3}) + "\n")
     with pytest.raises(M3Error, match="exclude_document"):
