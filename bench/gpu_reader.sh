@@ -15,7 +15,8 @@
 # (about 48, 47 and 47 MiB beside the 6.5 MiB tree; .gpu/resume only when continuing a run).
 # `run` finishes by DEADLINE seconds after it starts (default 560; the call's limit is 600): it
 # measures a warmup step, sizes STEPS to the time left (unless resuming), trains, and copies the
-# checkpoint under $OUT every 15 s, so a killed call still returns the last one.
+# checkpoint under $OUT every 15 s, so a killed call still returns the last one. PROFILE=N (default
+# 10) profiles N reader steps into profile.txt; COMPILE=1 adds --compile.
 # To continue the run in a later session, put what came back in .gpu/resume/ as reader.safetensors,
 # optimizer.pt, state.json (checkpoint-* or ckpt/*), metrics.jsonl and steps.txt.
 # A dry run on this CPU, on a small task, kept apart from .gpu/:
@@ -158,12 +159,14 @@ run)
   [ "$limit" -ge 1 ] || { echo "no time left to train"; limit=1; }
   set +e
   M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE=$W/smollm2 DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
-    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" timeout "$limit" bash scripts/train_reader.sh 2>&1 | tee "$OUT/train.log"
+    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" PROFILE="${PROFILE:-10}" COMPILE="${COMPILE:-}" \
+    timeout "$limit" bash scripts/train_reader.sh 2>&1 | tee "$OUT/train.log"
   rc=${PIPESTATUS[0]}
   set -e
   touch $W/stop
   wait $copier || true
-  for f in checkpoint/reader.safetensors checkpoint/optimizer.pt checkpoint/state.json metrics.jsonl summary.json reader.safetensors; do
+  for f in checkpoint/reader.safetensors checkpoint/optimizer.pt checkpoint/state.json metrics.jsonl summary.json \
+    reader.safetensors profile.txt; do
     [ -f $W/run/model.train/$f ] && cp $W/run/model.train/$f "$OUT/$(echo $f | tr / -)"
   done
   rm -rf "$OUT/ckpt" "$OUT/.ck"

@@ -167,6 +167,20 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+PROFILE_AFTER = 5  # --profile: steps left out first (allocator and kernel warm-up)
+
+
+def write_profile(profiler, path: Path, device: torch.device, steps: int) -> None:
+    """Stop `profiler` and write its table of operators by total time (`--profile`)."""
+    from .atomic import atomic_file
+
+    profiler.stop()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=key, row_limit=40)
+    with atomic_file(path) as f:
+        f.write(f"m3 pretrain --train reader --profile: {steps} steps on {device}, sorted by {key}\n{table}\n".encode())
+
+
 # --- the loop ------------------------------------------------------------------------------------
 def reader_params(model) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".attn.mem_" in n]
@@ -395,6 +409,16 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         memory.prepared["readable"] = True  # every row reads something; asking would stall the GPU
         return (t_ids[idx], t_targets[idx], t_segment[idx], t_position[idx] + cfg.context_offset, memory)
 
+    profiler = None
+    if args.profile and accelerator.is_main_process:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        first = min(start_step + PROFILE_AFTER, max(start_step, args.steps - args.profile))
+        warm = 1 if first > start_step else 0  # the step before the window warms the profiler up
+        plan = schedule(wait=first - start_step - warm, warmup=warm, active=args.profile)
+        profiler = profile(activities=acts, schedule=plan)
+        profiler.start()
     progress = step_progress("reader", show_progress and accelerator.is_main_process)
     metrics = open(metrics_path, "a")
     keys_per_token = (
@@ -459,6 +483,13 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                     window_loss.zero_()
                     window_scored.zero_()
                     window_n, window_t0, window_tokens, window_targets = 0, time.perf_counter(), 0, 0
+                if profiler is not None:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    profiler.step()
+                    if done >= first + args.profile or done == args.steps:
+                        write_profile(profiler, state_dir / "profile.txt", device, done - first)
+                        profiler = None
                 if done % args.save_every == 0 and done < args.steps:
                     save_checkpoint(done)
                 if args.max_time and time.perf_counter() - t_start >= args.max_time and done < args.steps:
@@ -466,6 +497,8 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                     break
     finally:
         metrics.close()
+        if profiler is not None:
+            profiler.stop()
     accelerator.wait_for_everyone()
     if stopped_at is not None:
         save_checkpoint(stopped_at)

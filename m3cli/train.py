@@ -82,6 +82,7 @@ class TrainArgs:
     reader_rank: int = 16  # --train reader: rank of the memory reader (M3Config.memory_reader_rank)
     compile: bool = False  # --train reader: torch.compile the model
     max_time: float = 0.0  # --train reader: seconds of training before a clean stop (0: none)
+    profile: int = 0  # --train reader: profile this many steps (after PROFILE_AFTER) into profile.txt
     device: str = "auto"
     state_dir: Path | None = None
 
@@ -105,6 +106,8 @@ class TrainArgs:
             raise M3Error(f"unknown --distractors {self.distractors!r}; choose {', '.join(DISTRACTORS)}")
         if self.score_prior and self.stage != "continual":
             raise M3Error("--memory-score-prior needs --stage continual (its gains learn from reading memories)")
+        if self.profile < 0:
+            raise M3Error("--profile must be at least 0")
         if self.memory_top_k is not None and self.memory_top_k < 1:
             raise M3Error("--memory-top-k must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -117,6 +120,7 @@ class TrainArgs:
             d.pop(k)  # may change between a run and its resumption (steps may not: the schedule uses it)
         d.pop("compile")
         d.pop("max_time")
+        d.pop("profile")
         if d["train"] != "reader":
             d.pop("reader_rank")
         return d

@@ -39,4 +39,4 @@ if [ ! -f "$DATA/kb.m3bank" ]; then
 fi
 $M3 pretrain --config recipes/reader-smollm2.toml "$DATA/train.jsonl" -o "$OUT/model" --init-from "$BASE" \
   --bank "$DATA/kb.m3bank" "${emb[@]}" --reader-rank "$RANK" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
-  --device "$DEVICE" ${MAX_TIME:+--max-time "$MAX_TIME"} --resume -q
+  --device "$DEVICE" ${MAX_TIME:+--max-time "$MAX_TIME"} ${PROFILE:+--profile "$PROFILE"} ${COMPILE:+--compile} --resume -q

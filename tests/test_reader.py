@@ -94,8 +94,10 @@ def reader_args(d, bank, warm, *extra, steps=16):
 def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_round_trips(base, tmp_path):
     d, warm, bank = base
     args = reader_args(d, bank, warm)
-    result = m3(*args, "-o", tmp_path / "a")
+    result = m3(*args, "-o", tmp_path / "a", "--profile", "2")
     assert result.exit_code == 0, result.output
+    profile = (tmp_path / "a.train" / "profile.txt").read_text()  # where a step's time goes
+    assert profile.startswith("m3 pretrain --train reader --profile: 2 steps on cpu") and "aten::" in profile
     metrics = [json.loads(x) for x in (tmp_path / "a.train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [4, 8, 12, 16]
     assert all(m["stage"] == "continual-reader" and m["tokens_per_s"] > 0 and "mfu" in m for m in metrics)

@@ -375,6 +375,15 @@ def pretrain(
             rich_help_panel=RUN,
         ),
     ] = 0.0,
+    profile: Annotated[
+        int,
+        typer.Option(
+            "--profile",
+            help="--train reader: profile N steps (after the first 5) with torch.profiler; "
+            "the table of where the time goes is written to OUTPUT.train/profile.txt.",
+            rich_help_panel=RUN,
+        ),
+    ] = 0,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Checkpoint every N steps.", rich_help_panel=RUN)
     ] = 200,
@@ -449,6 +458,7 @@ def pretrain(
         reader_rank=reader_rank,
         compile=compile_model,
         max_time=max_time,
+        profile=profile,
     )
     if not 0.0 <= max_overlap <= 1.0:
         raise M3Error("--max-overlap must be in [0, 1] (1 keeps every reference)")
