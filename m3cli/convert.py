@@ -164,32 +164,22 @@ def _gguf_special_tokens(tokenizer, path: Path) -> None:
     import gguf
 
     fields = gguf.GGUFReader(str(path)).fields
-    ints = {
-        gguf.GGUFValueType.UINT8,
-        gguf.GGUFValueType.INT8,
-        gguf.GGUFValueType.UINT16,
-        gguf.GGUFValueType.INT16,
-        gguf.GGUFValueType.UINT32,
-        gguf.GGUFValueType.INT32,
-        gguf.GGUFValueType.UINT64,
-        gguf.GGUFValueType.INT64,
-    }
+    T = gguf.GGUFValueType
+    ints = {T.UINT8, T.INT8, T.UINT16, T.INT16, T.UINT32, T.INT32, T.UINT64, T.INT64}
 
-    def scalar(key: str):
+    def scalar(key: str, types: set):
+        """The field's one value when it is one value of one of `types`, else None."""
         field = fields.get(key)
-        if field is None or len(field.types) != 1 or len(field.data) != 1:
+        if field is None or len(field.types) != 1 or field.types[0] not in types or len(field.data) != 1:
             return None
         value = field.parts[field.data[0]]
         return value[0] if len(value) == 1 else None
 
-    add_bos = scalar("tokenizer.ggml.add_bos_token")
+    add_bos = scalar("tokenizer.ggml.add_bos_token", {T.BOOL})
     for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
-        field = fields.get(f"tokenizer.ggml.{key}_token_id")
-        if field is None or len(field.types) != 1 or field.types[0] not in ints:
-            continue
-        tid = scalar(f"tokenizer.ggml.{key}_token_id")
+        tid = scalar(f"tokenizer.ggml.{key}_token_id", ints)
         if tid is None or not 0 <= int(tid) < len(tokenizer):
-            continue  # not a token id of this vocabulary: keep what transformers chose
+            continue  # no such integer, or not a token id of this vocabulary: keep what transformers chose
         have = getattr(tokenizer, f"{attr}_id", None)
         if key == "bos" and have is None and not bool(add_bos):
             continue
