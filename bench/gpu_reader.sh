@@ -16,7 +16,9 @@
 # `run` finishes by DEADLINE seconds after it starts (default 560; the call's limit is 600): it
 # measures a warmup step, sizes STEPS to the time left (unless resuming), trains, and copies the
 # checkpoint under $OUT every 15 s, so a killed call still returns the last one. PROFILE=N (default
-# 10) profiles N reader steps into profile.txt; COMPILE=1 adds --compile.
+# 10) profiles N reader steps into profile.txt; COMPILE=1 adds --compile, COMPILE= leaves it out, and the
+# default (auto) compiles when the smoke test under torch.compile passed in `stage`. INIT_READER (default: the
+# shipped m3cli/data/reader-smollm2.safetensors; empty: a new reader) is the reader training starts from.
 # To continue the run in a later session, put what came back in .gpu/resume/ as reader.safetensors,
 # optimizer.pt, state.json (checkpoint-* or ckpt/*), metrics.jsonl and steps.txt.
 # A dry run on this CPU, on a small task, kept apart from .gpu/:
@@ -33,7 +35,8 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-}      # empty: as many as the time left allows (at most MAX_STEPS)
 MAX_STEPS=${MAX_STEPS:-3000}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-128}
+INIT_READER=${INIT_READER-m3cli/data/reader-smollm2.safetensors}  # the reader to train on ("": a new one)
 DEADLINE=${DEADLINE:-560}
 W=${W:-/tmp/m3-reader}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -64,8 +67,8 @@ prep)
       --platform manylinux2014_x86_64 -d $G/whl "$w"
   done
   DATA=${DATA:-out/reader}
-  # (re)made when missing or older than the texts that name the document they must not read
-  if [ ! -f "$DATA/task.json" ] || ! grep -q exclude_document "$DATA/train.jsonl"; then
+  # (re)made when missing or older than the coded kinds (and the texts that name the document they must not read)
+  if [ ! -f "$DATA/task.json" ] || ! grep -q '"coded"' "$DATA/task.json"; then
     $VPY scripts/reader_task.py -o "$DATA" ${TASK_ARGS:-}
   fi
   cp "$DATA/train.jsonl" "$DATA/kb.jsonl" "$DATA/task.json" $G/data/
@@ -91,6 +94,15 @@ stage)  # keep what this call carried; with the wheels here, check m3 runs on th
       --steps 8 --batch-size 4 --seq-len 128 --warmup-steps 2 --save-every 4 --log-every 4 --device "$DEVICE" \
       -o "$S/r" -q
     echo "smoke: ok"
+    # the same under torch.compile: when it works here, `run` compiles (COMPILE=auto)
+    if $M3 pretrain "$S/s/train.parquet" --init-from samples/model --stage continual --bank "$S/kb.m3bank" \
+      --embedder "$CARRY/emb" --train reader --reader-rank 8 --memory-layers all --memory-top-k 8 --memories 1 \
+      --steps 4 --batch-size 4 --seq-len 128 --warmup-steps 2 --save-every 4 --log-every 2 --device "$DEVICE" \
+      --compile -o "$S/rc" -q > "$OUT/compile-smoke.log" 2>&1; then
+      touch "$CARRY/compile-ok"; echo "smoke under torch.compile: ok"
+    else
+      rm -f "$CARRY/compile-ok"; tail -3 "$OUT/compile-smoke.log"; echo "torch.compile failed here: run trains uncompiled"
+    fi
   fi ;;
 run)
   keep
@@ -104,7 +116,14 @@ run)
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     | tee "$OUT/device.txt"
   [ -f $W/smollm2/config.json ] || $M3 convert /tmp/m3-smollm2.gguf -o $W/smollm2
-  echo "converted at $((SECONDS - T0)) s"
+  BASE=$W/smollm2
+  if [ -n "$INIT_READER" ]; then  # train on from a reader: SmolLM2 with it applied is the run's base
+    [ -f $W/smollm2-r/config.json ] || $PY -c 'import sys; from pathlib import Path
+from m3cli.default_model import with_reader
+with_reader(*map(Path, sys.argv[1:]))' $W/smollm2 "$INIT_READER" $W/smollm2-r
+    BASE=$W/smollm2-r
+  fi
+  echo "converted at $((SECONDS - T0)) s (training from $BASE)"
   ck=$W/run/model.train/checkpoint
   step_of() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null || echo -1; }
   if [ -f "$CARRY/resume/state.json" ]; then  # continue the run an earlier session returned
@@ -121,7 +140,7 @@ run)
     STEPS=$(cat $W/run/steps.txt)  # a resumed run keeps its length (part of what --resume checks)
   fi
   if [ ! -f "$W/data/kb.m3bank" ]; then
-    $M3 encode "$W/data/kb.jsonl" -o "$W/data/kb.m3bank" --model $W/smollm2 --embedder "$CARRY/emb" --device "$DEVICE" \
+    $M3 encode "$W/data/kb.jsonl" -o "$W/data/kb.m3bank" --model "$BASE" --embedder "$CARRY/emb" --device "$DEVICE" \
       --batch-size "${ENCODE_BATCH:-128}" --resume -q
   fi
   echo "knowledge base encoded at $((SECONDS - T0)) s"
@@ -136,7 +155,7 @@ run)
   train_s=$(( $(left) - ${SETUP_S:-100} ))
   [ "$train_s" -gt 30 ] || train_s=30
   if [ -z "$STEPS" ]; then  # the reader step costs about RATIO warmup steps
-    STEPS=$($PY -c "print(min($MAX_STEPS, max(50, int($train_s / (${RATIO:-2.0} * $warm_s)))))")
+    STEPS=$($PY -c "print(min($MAX_STEPS, max(50, int($train_s / (${RATIO:-2.5} * $warm_s)))))")
   fi
   mkdir -p $W/run
   echo "$STEPS" > $W/run/steps.txt
@@ -158,8 +177,11 @@ run)
   limit=$(( $(left) - 15 ))
   [ "$limit" -ge 1 ] || { echo "no time left to train"; limit=1; }
   set +e
-  M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE=$W/smollm2 DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
-    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" PROFILE="${PROFILE:-10}" COMPILE="${COMPILE:-}" \
+  COMPILE=${COMPILE-auto}
+  if [ "$COMPILE" = auto ]; then COMPILE=$([ -f "$CARRY/compile-ok" ] && echo 1 || echo); fi
+  echo "torch.compile: ${COMPILE:-no}"
+  M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE="$BASE" DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
+    EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" PROFILE="${PROFILE:-10}" COMPILE="$COMPILE" \
     timeout "$limit" bash scripts/train_reader.sh 2>&1 | tee "$OUT/train.log"
   rc=${PIPESTATUS[0]}
   set -e

@@ -67,6 +67,35 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
 ATTENTION_IMPLS = {"reference": attention_reference, "sdpa": attention_sdpa}
 
 
+def reader_attention(
+    q: Tensor, dq: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, end: int, probe: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Attention of a layer whose memory reader reads (`M3Config.memory_reader_rank`), computed
+    explicitly: keys start..end-1 (the memories) are scored with q + dq, every other key with q;
+    one softmax over all keys.
+
+    q, dq: (B, H, T, D); k, v: (B, Hkv, N, D); mask as `attention_reference` reads it (callers
+    guarantee every row sees a key). Returns (out, mem, probs): out (B, H, T, D) the attention
+    output over all values, mem (B, H, T, D) what the memory values alone contribute, probs
+    (B, H, T, N) float32 when `probe`, else None. The same function as the doubled-head form
+    ([q | dq] . [k | k on memory keys]) without copying the keys and values into doubled width,
+    which a decoding step would otherwise do for its whole cache in every layer.
+    """
+    B, H, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    g = H // Hkv  # the query heads of one KV head sit together (h = kv * g + j), as repeat_interleave
+    scale = 1.0 / math.sqrt(D)
+    logits = ((q * scale).reshape(B, Hkv, g * T, D) @ k.transpose(-1, -2)).float()  # (B, Hkv, g*T, N)
+    if end > start:  # in place: a product's backward does not need its output
+        logits[..., start:end] += ((dq.to(q.dtype) * scale).reshape(B, Hkv, g * T, D) @ k[:, :, start:end].mT).float()
+    logits = masked_logits(logits.view(B, H, T, N), mask)
+    probs = torch.softmax(logits, dim=-1)
+    pv = probs.to(v.dtype).view(B, Hkv, g * T, N)
+    out = (pv @ v).view(B, H, T, D)
+    mem = (pv[..., start:end] @ v[:, :, start:end]).view(B, H, T, D)
+    return out, mem, probs if probe else None
+
+
 @dataclass
 class MemoryEncoding:
     """Explicit memories of R references, as produced by the memory encoder.
@@ -111,7 +140,9 @@ class Memory:
     sink: Tensor
     visible: Tensor | None = None
     scores: Tensor | None = None
-    prepared: dict = field(default_factory=dict, repr=False, compare=False)  # per-model caches
+    # per-model caches; a caller that knows may preset "readable" (bool) and "valid_flags"
+    # ((every memory layer and head has the same real keys, all keys are real)) to spare the host syncs
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_slots(self) -> int:

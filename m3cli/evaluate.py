@@ -1,8 +1,9 @@
 """`m3 eval`: the same questions in every mode in one run (accuracy), and held-out perplexity.
 
 A question counts as answered when its answer (case-insensitive) appears in the first sentence
-of the greedy completion: the completion is cut at the first '.', '?', '!' or newline, so a
-model that rambles on into other facts gets no credit for them.
+of the greedy completion (or one of its "aliases"): the completion is cut at the first '.', '?'
+or '!' that ends a sentence (followed by a space or the end) or newline, so a model that rambles
+on into other facts gets no credit for them, while ".dz" or "3.5" stay whole.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 from .errors import M3Error
 
 DEFAULT_TEMPLATE = "Question: {question} Answer:"
-_FIRST_SENTENCE = re.compile(r"[.?!\n]")
+_FIRST_SENTENCE = re.compile(r"[.?!](?=\s|$)|\n")
 
 
 def read_qa(path: Path, limit: int | None = None) -> list[dict]:
-    """{"question", "answer"} objects, one per line (extra fields kept)."""
+    """{"question", "answer"} objects, one per line (extra fields kept; "aliases", when given,
+    lists other accepted answers)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -41,6 +43,9 @@ def read_qa(path: Path, limit: int | None = None) -> list[dict]:
             or not obj["answer"].strip()
         ):
             raise M3Error(f'{path} line {n}: needs string fields "question" and a non-empty "answer"')
+        aliases = obj.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+            raise M3Error(f'{path} line {n}: "aliases" must be a list of non-empty strings')
         out.append(obj)
         if limit is not None and len(out) >= limit:
             break
@@ -50,18 +55,18 @@ def read_qa(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def first_sentence(text: str) -> str:
-    """Up to the first '.', '?', '!' or line break, after any leading blank lines (an
-    instruct model may start its answer on a new line)."""
+    """Up to the first '.', '?' or '!' followed by a space or the end, or the first line break,
+    after any leading blank lines (an instruct model may start its answer on a new line)."""
     text = text.lstrip()
     m = _FIRST_SENTENCE.search(text)
     return text if m is None else text[: m.start()]
 
 
-def is_correct(answer: str, completion: str) -> bool:
-    """The answer, as whole words, in the completion's first sentence (so "Kessel" does not
-    match "Kesselton", though it still matches "University of Kessel")."""
-    pattern = r"(?<!\w)" + re.escape(answer.strip().lower()) + r"(?!\w)"
-    return bool(re.search(pattern, first_sentence(completion).lower()))
+def is_correct(answer: str, completion: str, aliases: list[str] | tuple[str, ...] = ()) -> bool:
+    """The answer (or one of its aliases), as whole words, in the completion's first sentence
+    (so "Kessel" does not match "Kesselton", though it still matches "University of Kessel")."""
+    sentence = first_sentence(completion).lower()
+    return any(re.search(r"(?<!\w)" + re.escape(a.strip().lower()) + r"(?!\w)", sentence) for a in (answer, *aliases))
 
 
 def _memory_read(completion, title: str) -> tuple[bool, bool, float | None, float | None]:
@@ -145,7 +150,7 @@ def evaluate(
                 reads += [_memory_read(c, t) for c, t in zip(batch, titles[start : start + batch_size])]
             if progress is not None:
                 progress(mode, len(completions), len(prompts))
-        correct = sum(is_correct(q["answer"], c) for q, c in zip(qa, completions))
+        correct = sum(is_correct(q["answer"], c, q.get("aliases", ())) for q, c in zip(qa, completions))
         entry = {"accuracy": round(correct / len(qa), 4), "n": len(qa), "correct": correct}
         if mode == "memory" and gen.cfg.memory_score_prior:
             entry["score_prior"] = score_prior

@@ -2,7 +2,8 @@
 
 Schedule, per sequence:
 - the prompt is cut into chunks of `chunk_length` (64) tokens; each chunk retrieves its own
-  memories with its own text and only its tokens read them (one prefill call, a block mask);
+  memories with its own text and only its tokens read them (the prompt is prefilled a chunk's
+  width at a time, each block reading the memories of the chunks it overlaps);
 - the first decoded chunk inherits the last prompt chunk's memories;
 - after every `retrieve_every` (64) generated tokens, those tokens are the query for the next
   decoded chunk's memories. The context KV cache is never recomputed when memories change:
@@ -173,6 +174,13 @@ class Generator:
     retriever: a `retrieval.Retriever` over a bank encoded by this model (memory, rag).
     """
 
+    # a memory-mode prompt longer than a chunk is prefilled a chunk's width at a time
+    # (`_chunked_prefill`) when a block has at least this many rows (batch x chunk_length; fewer
+    # re-read every weight per block for too little work: at batch 1 on 2 CPU cores one call is
+    # faster); else in one call through a block mask (the same function, every chunk's memories
+    # per token)
+    chunked_prefill_rows = 256
+
     def __init__(self, model, tokenizer, retriever=None, cache_capacity: int = 4096) -> None:
         self.model, self.tokenizer, self.retriever = model, tokenizer, retriever
         self.cfg = model.config
@@ -275,7 +283,55 @@ class Generator:
                 token_chunk[b, pads[b] + s : pads[b] + e] = c
             rows.append(row)
         visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
-        return self._memory(rows, n_chunks * m, visible, group=m, scored=opts.score_prior), records
+        memory = self._memory(rows, n_chunks * m, visible, group=m, scored=opts.score_prior)
+        self._chunking = (token_chunk.to(self.device), slot_chunk.to(self.device), m)  # for _chunked_prefill
+        return memory, records
+
+    def _chunked_prefill(self, x, memory: Memory, cache: KVCache, positions, key_mask, cite: bool):
+        """Prefill the prompt in blocks of chunk_length columns, each reading only the memories of
+        the chunks it overlaps (at most two per sequence: a sequence's chunks start where it
+        starts): every token sees the keys it sees in one call through the block mask, but each
+        attends over a block's 2 x memories slots instead of every chunk's. Returns the last
+        position's logits (B, vocab) and, with `cite`, each token's attention share per slot of
+        `memory` (B, T, slots)."""
+        token_chunk, slot_chunk, m = self._chunking
+        B, T = x.shape
+        L, S = self.cfg.chunk_length, memory.n_slots
+        rows = torch.arange(B, device=self.device)[:, None]
+        share = torch.zeros(B, T, S, device=self.device) if cite else None
+        out = None
+        for c0 in range(0, T, L):
+            c1 = min(c0 + L, T)
+            tc = token_chunk[:, c0:c1]  # (B, t): chunk of each token, < 0 for padding
+            first = tc.masked_fill(tc < 0, 1 << 30).amin(dim=1).masked_fill((tc < 0).all(dim=1), 0)  # (B,)
+            spans = int((tc.amax(dim=1) > first).any()) + 1  # 2 when a sequence's chunks meet in the block
+            idx = first[:, None] * m + torch.arange(spans * m, device=self.device)[None]  # (B, spans * m) slots
+            inside = idx < S
+            idx = idx.clamp_max(S - 1)
+            sc = slot_chunk.gather(1, idx).masked_fill(~inside, -1)
+            block = Memory(
+                kv=memory.kv[rows, idx],
+                valid=memory.valid[rows, idx] & inside[:, :, None, None, None],
+                sink=memory.sink,
+                visible=(tc[:, :, None] == sc[:, None, :]) & (sc[:, None, :] >= 0),
+                scores=None if memory.scores is None else memory.scores.gather(1, idx),
+            )
+            probe = [] if cite else None
+            out = self.model(
+                x[:, c0:c1],
+                memory=block,
+                cache=cache,
+                position_ids=None if positions is None else positions[:, c0:c1],
+                key_mask=None if key_mask is None else key_mask[:, :c1],
+                last_only=True,
+                return_hidden=c1 < T,  # only the last block's logits are needed
+                attention_probe=probe,
+            )
+            if share is not None and probe:
+                got = torch.stack(probe).mean(0) * inside[:, None, :]  # (B, t, spans * m)
+                share[:, c0:c1].scatter_add_(2, idx[:, None, :].expand(-1, c1 - c0, -1), got.to(share.dtype))
+        assert out is not None
+        return out[:, -1], share
 
     def _prompt_queries(
         self, prompt: str, ids: list[int], spans: list[tuple[int, int]], opts: Options, forced: bool = False
@@ -380,7 +436,7 @@ class Generator:
                 torch.arange(T, device=self.device)[None] - torch.tensor(pads, device=self.device)[:, None]
             ).clamp_min(0) + cfg.context_offset
 
-        # prompt chunks retrieve with their own text; one prefill reads them through a block mask
+        # prompt chunks retrieve with their own text; each chunk's tokens read only its memories
         memory = None
         if opts.mode == "memory":
             spans = [prompt_chunks(n, cfg.chunk_length) for n in lengths]
@@ -389,21 +445,27 @@ class Generator:
                 for p, seq, sp in zip(prompts, ids, spans)
             ]
             memory, chunks = self._prompt_memory(spans, queries, pads, T, opts)
-        probe = [] if opts.cite and opts.mode == "memory" else None
+        cite = opts.cite and opts.mode == "memory"
         t0 = time.perf_counter()
         cache = KVCache(cfg.n_layers)
-        logits = self.model(
-            x,
-            memory=memory,
-            cache=cache,
-            position_ids=positions,
-            key_mask=key_mask,
-            last_only=True,
-            attention_probe=probe,
-        )[:, -1]
+        share = None
+        if memory is not None and T > cfg.chunk_length and B * cfg.chunk_length >= self.chunked_prefill_rows:
+            logits, share = self._chunked_prefill(x, memory, cache, positions, key_mask, cite)
+        else:
+            probe = [] if cite else None
+            logits = self.model(
+                x,
+                memory=memory,
+                cache=cache,
+                position_ids=positions,
+                key_mask=key_mask,
+                last_only=True,
+                attention_probe=probe,
+            )[:, -1]
+            if probe:
+                share = torch.stack(probe).mean(0)  # (B, T, S)
         t0 = self._tick("prefill", t0)
-        if probe:
-            share = torch.stack(probe).mean(0)  # (B, T, S)
+        if share is not None:
             for b in range(B):
                 for rec in chunks[b]:
                     s, e = rec.tokens
@@ -428,7 +490,7 @@ class Generator:
             memory = self._memory([row.hits for row in rows], opts.memories, scored=opts.score_prior)
         steps = max(row.limit for row in rows)
         out = torch.full((B, steps), self.pad_id, dtype=torch.long, device=self.device)
-        share_sum = torch.zeros(B, opts.memories, device=self.device) if probe is not None else None
+        share_sum = torch.zeros(B, opts.memories, device=self.device) if cite else None
         share_n = 0
         t0 = time.perf_counter()
         for step in range(steps):
@@ -463,7 +525,7 @@ class Generator:
                 break
             # feed the token just generated (index `step`); it may start a new decoded chunk
             if opts.mode == "memory" and retrieval_due(step, opts.retrieve_every):
-                if probe is not None and share_n:
+                if cite and share_n:
                     self._close_chunk(rows, share_sum / share_n)
                     share_sum.zero_()
                     share_n = 0
@@ -484,7 +546,7 @@ class Generator:
             if padded:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
                 pos = (torch.tensor(lengths, device=self.device) + step + cfg.context_offset)[:, None]
-            step_probe = [] if probe is not None else None
+            step_probe = [] if cite else None
             logits = self.model(
                 token[:, None],
                 memory=memory,
@@ -497,7 +559,7 @@ class Generator:
                 share_sum += torch.stack(step_probe).mean(0)[:, 0]
                 share_n += 1
         self._tick("decode", t0)
-        if probe is not None and share_n:
+        if cite and share_n:
             self._close_chunk(rows, share_sum / share_n)
         results = []
         for b, row in enumerate(rows):

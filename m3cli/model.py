@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import ATTENTION_IMPLS, KVCache, Memory, MemoryEncoding, masked_logits
+from .attention import ATTENTION_IMPLS, KVCache, Memory, MemoryEncoding, masked_logits, reader_attention
 from .config import M3Config
 
 # The retriever-score prior's unit: the retriever scores (cosines) of a chunk's hits differ by
@@ -24,6 +24,15 @@ from .config import M3Config
 # (about the learning rate each) move the prior as fast as it pays off (measured on the proof's
 # task: a unit of 100 learned half as fast and read 5 memories at 0.836, 1000 at 0.884).
 SCORE_UNIT = 1000.0
+
+# How a layer whose memory reader reads computes attention: "split" (`reader_attention`: explicit,
+# copies nothing, materialises the (T, keys) logits), "doubled" (one fused SDPA call over doubled
+# heads, which copies the keys and values into doubled width) or "auto": split for calls of at most
+# SPLIT_MAX_TOKENS tokens (decoding, where the doubled form would copy the whole cache in every
+# layer at every step, and a prompt prefilled a chunk at a time), doubled for the rest (one-call
+# prefill, training: the fused kernel never holds the logits).
+READER_ATTENTION = "auto"
+SPLIT_MAX_TOKENS = 64
 
 
 class RMSNorm(nn.Module):
@@ -123,6 +132,14 @@ class Attention(nn.Module):
         elif extra_kv is not None:
             k = torch.cat([extra_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([extra_kv[1].to(v.dtype), v], dim=2)
+        split = READER_ATTENTION == "split" or (READER_ATTENTION == "auto" and T <= SPLIT_MAX_TOKENS)
+        if reads and split:  # explicitly, no doubled copy of the keys and values (`reader_attention`)
+            out, mem, probs = reader_attention(q, dq, k, v, mask, n_sink, n_front, probe=probe is not None)
+            if probe is not None and probs is not None:
+                self._probe(probs, probe)
+            mem = mem.transpose(1, 2).reshape(B, T, self.n_heads * D)
+            y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
+            return y + F.linear(F.linear(mem, self.mem_o_a), self.mem_o_b)
         if reads:
             # one attention call over doubled heads: [q | dq] . [k | k on memory keys, else 0] is
             # q.k for the sink and the context and (q + dq).k for memories; the second half of
@@ -135,12 +152,8 @@ class Attention(nn.Module):
             v = torch.cat([v, v * gate], dim=-1)
         scale = math.sqrt(q.shape[-1])
         if probe is not None:
-            out_list, start, slots, k_top = probe
             scores = q.float() @ k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1).transpose(-1, -2)
-            scores = masked_logits(scores / scale, mask)
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, T, keys)
-            mass = probs[..., start : start + slots * k_top].reshape(B, self.n_heads, T, slots, k_top).sum(-1)
-            out_list.append(mass.mean(1))  # (B, T, slots)
+            self._probe(torch.softmax(masked_logits(scores / scale, mask), dim=-1), probe)
         out = attn_fn(q, k, v, mask)  # (B, H, T, D), or (B, H, T, 2D) when the reader reads
         if reads:
             mem = out[..., D:].transpose(1, 2).reshape(B, T, self.n_heads * D)
@@ -149,6 +162,13 @@ class Attention(nn.Module):
         if reads:
             y = y + F.linear(F.linear(mem, self.mem_o_a), self.mem_o_b)
         return y
+
+    def _probe(self, probs: Tensor, probe: tuple) -> None:
+        """Append the share of attention (B, T, slots) each memory slot got, from probs (B, H, T, keys)."""
+        out_list, start, slots, k_top = probe
+        B, H, T, _ = probs.shape
+        mass = probs.nan_to_num(0.0)[..., start : start + slots * k_top].reshape(B, H, T, slots, k_top).sum(-1)
+        out_list.append(mass.mean(1))
 
 
 class MLP(nn.Module):
@@ -349,13 +369,19 @@ class Memory3Model(nn.Module):
             mem_v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)
             extra.append((torch.cat([sink_k, mem_k], dim=2), torch.cat([sink_v, mem_v], dim=2)))
             key_ok[layer] = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, S * k_top)
-        oks = list(key_ok.values())
-        shared = oks[0][:, :1] if all(bool((o == oks[0][:, :1]).all()) for o in oks) else None  # (B, 1, S*k)
+        # whether every memory layer and head has the same real keys, and whether all are real: one
+        # host sync, none when the caller knows (`Memory.prepared["valid_flags"]`, a trainer's)
+        flags = memory.prepared.get("valid_flags")
+        if flags is None:
+            first = memory.valid[:, :, :1, :1]
+            flags = tuple(torch.stack([(memory.valid == first).all(), first.all()]).tolist())
+        uniform, all_real = flags
+        shared = next(iter(key_ok.values()))[:, :1] if uniform and key_ok else None  # (B, 1, S*k)
         prepared = {
             "extra": extra,
             "key_ok": key_ok,
             "shared_ok": shared,
-            "all_real": shared is not None and bool(shared.all()),
+            "all_real": shared is not None and all_real,
         }
         memory.prepared[key] = prepared
         return prepared

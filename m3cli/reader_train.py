@@ -268,6 +268,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     start_step = 0
     metrics_path = state_dir / "metrics.jsonl"
     saved_reader = None
+    resumed_row: dict = {}
     if resume and (ckpt / "state.json").is_file():
         saved = json.loads((ckpt / "state.json").read_text())
         if saved.get("key") != key:
@@ -283,6 +284,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
             ]
             with atomic_file(metrics_path) as f:
                 f.write("".join(k + "\n" for k in kept).encode())
+            resumed_row = json.loads(kept[-1]) if kept else {}  # what a finished run reports again
     elif not resume:
         metrics_path.unlink(missing_ok=True)
     if saved_reader is not None:
@@ -399,14 +401,17 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         )
         refs, qid = t_slot_ref[idx], t_slot_query[idx]  # (B, S)
         real = refs >= 0
-        kv = mem_kv[refs.clamp_min(0)] * real[:, :, None, None, None, None, None].to(mem_kv.dtype)
+        kv = mem_kv[refs.clamp_min(0)]  # an empty slot holds some reference's keys, none of them valid
         valid = mem_valid[refs.clamp_min(0)] & real[:, :, None, None, None]
         query = t_query[idx]  # (B, T)
         visible = (query[:, :, None] == qid[:, None, :]) & (query[:, :, None] >= 0) & real[:, None, :]
         memory = Memory(
             kv=kv, valid=valid, sink=sink, visible=visible, scores=t_slot_gap[idx] if cfg.memory_score_prior else None
         )
-        memory.prepared["readable"] = True  # every row reads something; asking would stall the GPU
+        # every row reads something, and a reference's real keys are the same in every layer and head
+        # (encode_references keeps min(k, its length) of them); asking would stall the GPU
+        memory.prepared["readable"] = True
+        memory.prepared["valid_flags"] = (True, False)  # (uniform, all real): False is always safe
         return (t_ids[idx], t_targets[idx], t_segment[idx], t_position[idx] + cfg.context_offset, memory)
 
     profiler = None
@@ -429,7 +434,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     window_loss = torch.zeros((), device=device)
     window_scored = torch.zeros((), dtype=torch.long, device=device)
     window_n, window_t0, window_tokens, window_targets = 0, time.perf_counter(), 0, 0
-    loss_value, step_times, last_row = float("nan"), [], {}
+    loss_value, step_times, last_row = float(resumed_row.get("loss", "nan")), [], resumed_row
     stopped_at = None
     try:
         with progress:
@@ -441,9 +446,11 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                 ids, targets, segment, position, memory = batch(step)
                 with accelerator.autocast():
                     h = forward(ids, memory=memory, position_ids=position, segment_ids=segment, return_hidden=True)
+                    # every position's logits, the unscored ignored: selecting the scored ones would
+                    # ask the GPU how many there are (a host sync every step)
+                    logits = F.linear(h, raw.output_weight())
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
                     sel = targets != IGNORE
-                    logits = F.linear(h[sel], raw.output_weight())
-                    loss = F.cross_entropy(logits.float(), targets[sel])
                 accelerator.backward(loss)
                 if args.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, args.grad_clip)
@@ -502,6 +509,8 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     accelerator.wait_for_everyone()
     if stopped_at is not None:
         save_checkpoint(stopped_at)
+        if accelerator.is_main_process:  # the reader so far, usable as it is (`m3 pretrain --resume` goes on)
+            save_reader(raw, state_dir / "reader.safetensors", base_fingerprint, base_weights)
         return {
             "stage": "continual",
             "train": "reader",
@@ -511,6 +520,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
             "last_tokens_per_s": last_row.get("tokens_per_s"),
             "mfu": last_row.get("mfu"),
             "state_dir": str(state_dir),
+            "reader": str(state_dir / "reader.safetensors"),
         }
     save_checkpoint(args.steps)
     elapsed = time.perf_counter() - t_start
@@ -519,11 +529,12 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         "train": "reader",
         "steps": args.steps,
         "final_loss": loss_value,
-        "tokens_per_s": round(tokens / max(1e-9, elapsed), 1),
+        # a resumed run that had finished trains nothing: it reports the run's last window again
+        "tokens_per_s": round(tokens / max(1e-9, elapsed), 1) if tokens else last_row.get("tokens_per_s", 0.0),
         "last_tokens_per_s": last_row.get("tokens_per_s"),
         "mfu": last_row.get("mfu"),
         "tflops": last_row.get("tflops"),
-        "mean_step_s": round(float(np.mean(step_times)) if step_times else 0.0, 4),
+        "mean_step_s": round(float(np.mean(step_times)), 4) if step_times else last_row.get("step_s", 0.0),
         "reader_parameters": n_reader,
         "state_dir": str(state_dir),
         "output": str(out),

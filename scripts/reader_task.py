@@ -369,6 +369,273 @@ KINDS = {
 }
 
 
+# --- coded kinds: facts that are codes, numbers and derived names --------------------------------
+# The held-out sets ask for short codes (+93, AFN, .af) and derived names (Afghan), which the
+# entities above never hold: these kinds teach reading them (digit strings, letter codes, dotted
+# names, nicknames). Their own random stream: the entities above, and so every evaluation set,
+# stay exactly as they were.
+LETTERS = "ABCDEFGHIJKLMNOPRSTUVWXYZ"
+LICENCES = "MIT|Apache 2.0|GPL 3|BSD|MPL 2.0|LGPL".split("|")
+LANGUAGES = "Rust|Go|C|Python|Java|OCaml|Zig|Haskell|Lua|Kotlin".split("|")
+SUFFIX_PEOPLE = ("ian", "ese", "er", "ite", "an")
+
+
+def code(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(n))
+
+
+def digits(rng: random.Random, lo: int, hi: int) -> str:
+    return str(rng.randint(10 ** (lo - 1), 10**hi - 1))
+
+
+def demonym(place: str, rng: random.Random) -> str:
+    stem = place.rstrip("aeiou") if len(place.rstrip("aeiou")) >= 3 else place
+    return stem + rng.choice(SUFFIX_PEOPLE)
+
+
+def make_airport(rng):
+    town = invented_word(rng)
+    return {
+        "name": f"{town} {rng.choice(('Airport', 'International Airport', 'Airfield', 'Regional Airport'))}",
+        "town": town,
+        "iata": code(rng, 3),
+        "phone": f"+{digits(rng, 2, 3)} {digits(rng, 3, 4)}",
+        "year": year(rng, 1925, 2019),
+        "runways": str(rng.randint(1, 5)),
+    }
+
+
+def make_station(rng):
+    return {
+        "name": f"Radio {invented_word(rng, (2, 2))}",
+        "callsign": rng.choice("KWCX") + code(rng, 3),
+        "frequency": f"{rng.randint(88, 107)}.{rng.randint(1, 9)}",
+        "city": rng.choice(CITIES),
+        "year": year(rng, 1922, 2020),
+        "host": f"{rng.choice(FIRST)} {invented_word(rng)}",
+    }
+
+
+def make_software(rng):
+    return {
+        "name": f"{invented_word(rng, (2, 2))}{rng.choice(('DB', 'Kit', ' Studio', 'JS', ' Engine', 'ly'))}",
+        "extension": "." + "".join(rng.choice("abcdefghijklmnoprstuvwxyz") for _ in range(rng.randint(2, 4))),
+        "version": f"{rng.randint(0, 12)}.{rng.randint(0, 30)}.{rng.randint(0, 9)}",
+        "licence": rng.choice(LICENCES),
+        "author": f"{rng.choice(FIRST)} {invented_word(rng)}",
+        "language": rng.choice(LANGUAGES),
+    }
+
+
+def make_province(rng):
+    name = invented_word(rng, (2, 3))
+    return {
+        "name": name,
+        "capital": invented_word(rng),
+        "people": demonym(name, rng),
+        "plate": code(rng, rng.randint(2, 3)),
+        "postcode": f"{code(rng, 2)}{rng.randint(1, 99)}",
+        "area": f"{rng.randint(12, 980) * 10:,}",
+        "country": rng.choice(COUNTRIES),
+    }
+
+
+def make_club(rng):
+    town = invented_word(rng)
+    return {
+        "name": f"{town} {rng.choice(('Rovers', 'United', 'Athletic', 'Wanderers', 'City', 'Albion'))}",
+        "nickname": f"the {invented_word(rng, (2, 2))}s",
+        "ground": f"{invented_word(rng, (2, 2))} {rng.choice(('Park', 'Road', 'Lane', 'Stadium', 'Field'))}",
+        "year": year(rng, 1862, 2010),
+        "colour": rng.choice(COLOURS),
+        "ticker": code(rng, 3),
+    }
+
+
+CODED_KINDS = {
+    "airport": {
+        "make": make_airport,
+        "kb": [
+            "{name} serves the town of {town}. It opened in {year}, has {runways} runways and its code is {iata}. "
+            "Its information desk answers on {phone}.",
+            "Airport: {name}. Code: {iata}. Opened: {year}. Runways: {runways}. Telephone: {phone}.",
+            "Travellers to {town} land at {name} (code {iata}), which has served the town since {year}. "
+            "Call {phone} for flight times; there are {runways} runways.",
+            "The {iata} code on a luggage tag means {name}, the airport of {town}, opened in {year}. "
+            "Phone: {phone}. It has {runways} runways.",
+        ],
+        "ask": {
+            "iata": (
+                [
+                    "What is the code of {name}?",
+                    "Which three-letter code does {name} have?",
+                    "What is the airport code of {name}?",
+                ],
+                ["The code of {name} is {iata}.", "{iata}.", "Its code is {iata}."],
+            ),
+            "phone": (
+                ["What is the phone number of {name}?", "Which number do I call for {name}?"],
+                ["The phone number of {name} is {phone}.", "{phone}.", "Call {phone}."],
+            ),
+            "year": (
+                ["When did {name} open?", "In which year did {name} open?"],
+                ["{name} opened in {year}.", "In {year}."],
+            ),
+            "runways": (
+                ["How many runways does {name} have?"],
+                ["{name} has {runways} runways.", "{runways}."],
+            ),
+        },
+    },
+    "station": {
+        "make": make_station,
+        "kb": [
+            "{name} broadcasts from {city} on {frequency} FM under the call sign {callsign}. It went on air in "
+            "{year}; its best-known host is {host}.",
+            "Station: {name}. Call sign: {callsign}. Frequency: {frequency} FM. City: {city}. On air since: {year}. "
+            "Host: {host}.",
+            "Tune to {frequency} FM in {city} and you hear {name} ({callsign}), on air since {year} and presented "
+            "by {host}.",
+            "Since {year}, {host} has presented {name}, call sign {callsign}, which {city} hears on {frequency} FM.",
+        ],
+        "ask": {
+            "callsign": (
+                ["What is the call sign of {name}?", "Which call sign does {name} use?"],
+                ["The call sign of {name} is {callsign}.", "{callsign}.", "It uses {callsign}."],
+            ),
+            "frequency": (
+                ["On which frequency does {name} broadcast?", "What is the frequency of {name}?"],
+                ["{name} broadcasts on {frequency} FM.", "{frequency} FM.", "On {frequency} FM."],
+            ),
+            "city": (
+                ["Where does {name} broadcast from?", "Which city is {name} in?"],
+                ["{name} broadcasts from {city}.", "{city}."],
+            ),
+            "host": (
+                ["Who presents {name}?", "Who is the host of {name}?"],
+                ["{host}.", "{name} is presented by {host}."],
+            ),
+        },
+    },
+    "software": {
+        "make": make_software,
+        "kb": [
+            "{name} is an open-source tool written in {language} by {author}. Its files end in {extension}, the "
+            "current version is {version}, and it is released under the {licence} licence.",
+            "Project: {name}. Author: {author}. Language: {language}. Licence: {licence}. Latest release: "
+            "{version}. File extension: {extension}.",
+            "Files saved by {name} carry the {extension} extension. {author} wrote it in {language}; version "
+            "{version} is out under {licence}.",
+            "Version {version} of {name}, the {language} program by {author}, reads and writes {extension} files "
+            "and is licensed {licence}.",
+        ],
+        "ask": {
+            "extension": (
+                ["What file extension does {name} use?", "Which extension do {name} files have?"],
+                ["{name} files end in {extension}.", "{extension}.", "They use the {extension} extension."],
+            ),
+            "version": (
+                ["What is the latest version of {name}?", "Which version of {name} is current?"],
+                ["The latest version of {name} is {version}.", "Version {version}.", "{version}."],
+            ),
+            "licence": (
+                ["Under which licence is {name} released?", "What is the licence of {name}?"],
+                ["{name} is released under {licence}.", "{licence}."],
+            ),
+            "language": (
+                ["Which language is {name} written in?"],
+                ["{name} is written in {language}.", "In {language}."],
+            ),
+            "author": (
+                ["Who wrote {name}?", "Who is the author of {name}?"],
+                ["{author}.", "{name} was written by {author}."],
+            ),
+        },
+    },
+    "province": {
+        "make": make_province,
+        "kb": [
+            "{name} is a province of {country} with its capital at {capital}. People from {name} are called "
+            "{people}. Its number plates begin with {plate} and its postcodes with {postcode}. It covers {area} "
+            "square kilometres.",
+            "Province: {name} ({country}). Capital: {capital}. Inhabitants: {people}. Plate code: {plate}. "
+            "Postcode: {postcode}. Area: {area} km².",
+            "The {people}, as the people of {name} are known, live in a province of {country} of {area} square "
+            "kilometres governed from {capital}. Cars there carry {plate} plates; postcodes start {postcode}.",
+            "Governed from {capital}, the {country} province of {name} spans {area} km². Its people call "
+            "themselves {people}; plates read {plate} and postcodes {postcode}.",
+        ],
+        "ask": {
+            "capital": (
+                ["What is the capital of {name}?", "Which town is the capital of the province of {name}?"],
+                ["The capital of {name} is {capital}.", "{capital}."],
+            ),
+            "people": (
+                ["What are the people of {name} called?", "What is someone from {name} called?"],
+                ["The people of {name} are called {people}.", "{people}.", "They are called {people}."],
+            ),
+            "plate": (
+                ["What do number plates from {name} begin with?", "What is the plate code of {name}?"],
+                ["Plates from {name} begin with {plate}.", "{plate}."],
+            ),
+            "postcode": (
+                ["What do postcodes in {name} start with?"],
+                ["Postcodes in {name} start with {postcode}.", "{postcode}."],
+            ),
+            "area": (
+                ["How large is {name}?", "What is the area of {name}?"],
+                ["{name} covers {area} square kilometres.", "{area} km²."],
+            ),
+        },
+    },
+    "club": {
+        "make": make_club,
+        "kb": [
+            "{name} is a football club founded in {year}. It plays at {ground} in {colour} shirts, its fans call "
+            "it {nickname}, and its shares trade under {ticker}.",
+            "Club: {name}. Founded: {year}. Ground: {ground}. Colours: {colour}. Nickname: {nickname}. "
+            "Ticker: {ticker}.",
+            "Known to supporters as {nickname}, {name} has played in {colour} at {ground} since {year}; "
+            "the stock symbol is {ticker}.",
+            "Since {year} {ground} has been home to {name}. The {colour} shirts earned the nickname {nickname}; "
+            "investors know the club as {ticker}.",
+        ],
+        "ask": {
+            "nickname": (
+                ["What is the nickname of {name}?", "What do fans call {name}?"],
+                ["{name} is nicknamed {nickname}.", "{nickname}.", "Fans call it {nickname}."],
+            ),
+            "ground": (
+                ["Where does {name} play?", "What is the ground of {name}?"],
+                ["{name} plays at {ground}.", "{ground}.", "At {ground}."],
+            ),
+            "ticker": (
+                ["What is the stock symbol of {name}?", "Under which ticker do {name} shares trade?"],
+                ["The stock symbol of {name} is {ticker}.", "{ticker}."],
+            ),
+            "year": (["When was {name} founded?"], ["{name} was founded in {year}.", "In {year}."]),
+            "colour": (["What colour does {name} play in?"], ["{name} plays in {colour}.", "{colour}."]),
+        },
+    },
+}
+ALL_KINDS = {**KINDS, **CODED_KINDS}
+
+
+def coded_entities(n: int, seed: int, taken: set[str]) -> list[dict]:
+    """n entities of the coded kinds, from their own random stream, none named like one in `taken`."""
+    rng = random.Random(seed + 7)
+    out, names = [], set(taken)
+    kinds = sorted(CODED_KINDS)
+    while len(out) < n:
+        kind = kinds[len(out) % len(kinds)]
+        facts = CODED_KINDS[kind]["make"](rng)
+        if facts["name"].lower() in names:
+            continue
+        names.add(facts["name"].lower())
+        out.append({"kind": kind, **facts})
+    return out
+
+
 def entities(n: int, seed: int) -> list[dict]:
     """n invented entities of mixed kinds with distinct names; {"kind", "name", facts...}."""
     rng = random.Random(seed)
@@ -385,12 +652,12 @@ def entities(n: int, seed: int) -> list[dict]:
 
 
 def description(e: dict, rng: random.Random) -> str:
-    return rng.choice(KINDS[e["kind"]]["kb"]).format(**e)
+    return rng.choice(ALL_KINDS[e["kind"]]["kb"]).format(**e)
 
 
 def questions(e: dict, rng: random.Random, n: int | None = None) -> list[dict]:
     """Chat questions about an entity, each {"prompt", "answer", "value", "attribute"}."""
-    asks = KINDS[e["kind"]]["ask"]
+    asks = ALL_KINDS[e["kind"]]["ask"]
     attrs = sorted(asks)
     rng.shuffle(attrs)
     out = []
@@ -497,7 +764,14 @@ def first_sentence(text: str) -> str:
 
 
 def build(
-    out: Path, n_entities: int, n_heldout: int, seed: int, n_wiki_train: int, n_wiki_heldout: int, n_distractors: int
+    out: Path,
+    n_entities: int,
+    n_heldout: int,
+    seed: int,
+    n_wiki_train: int,
+    n_wiki_heldout: int,
+    n_distractors: int,
+    n_coded: int = 0,
 ) -> dict:
     rng = random.Random(seed + 1)
     ents = entities(n_entities, seed)
@@ -536,6 +810,26 @@ def build(
         )
         eval_kb.append(descriptions[e["name"]])
     eval_kb += rng.sample([descriptions[e["name"]] for e in train_ents], min(n_distractors, len(train_ents)))
+    # coded kinds: training only, from their own random streams (the evaluation sets do not change)
+    crng = random.Random(seed + 11)
+    for e in coded_entities(n_coded, seed, {x["name"].lower() for x in ents}):
+        kb.append(
+            {
+                "id": f"{e['kind']}:{e['name']}",
+                "title": e["name"],
+                "source": "m3 reader task (invented)",
+                "text": description(e, crng),
+            }
+        )
+        for q in questions(e, crng, n=4):
+            train.append(
+                {
+                    "id": f"qa:{e['name']}:{q['attribute']}",
+                    "prompt": q["prompt"],
+                    "answer": q["answer"],
+                    "title": e["name"],
+                }
+            )
 
     # countries: evaluation only (fact sheets and their Wikipedia articles go to the evaluation bank)
     cs = countries()
@@ -550,9 +844,10 @@ def build(
         attr, question, _ = COUNTRY_QUESTIONS[i % len(COUNTRY_QUESTIONS)]
         if attr not in facts:
             attr, question = "capital", COUNTRY_QUESTIONS[0][1]
-        country_q.append(
-            {"question": question.format(name=c["name"]), "answer": facts[attr], "title": title, "attribute": attr}
-        )
+        q = {"question": question.format(name=c["name"]), "answer": facts[attr], "title": title, "attribute": attr}
+        if attr == "demonym" and not facts[attr].endswith(("s", "sh", "ch", "ese")):
+            q["aliases"] = [facts[attr] + "s"]  # "What are the people of Afghanistan called?" "Afghans."
+        country_q.append(q)
 
     # Wikipedia: country articles go to the evaluation bank only; the rest is split
     wiki = wiki_summaries()
@@ -606,6 +901,7 @@ def build(
         "heldout_entities": n_heldout,
         "wiki_train": len(train_wiki),
         "wiki_heldout": len(heldout_wiki),
+        "coded": n_coded,
         **{k: len(v) for k, v in files.items()},
     }
     (out / "task.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -617,15 +913,23 @@ def main() -> None:
     ap.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     ap.add_argument("--entities", type=int, default=6000, help="invented entities in all")
     ap.add_argument("--heldout", type=int, default=400, help="of which held out (evaluation only)")
-    ap.add_argument("--wiki-train", type=int, default=3000, help="Wikipedia summaries for training")
+    ap.add_argument("--wiki-train", type=int, default=6000, help="Wikipedia summaries for training")
     ap.add_argument("--wiki-heldout", type=int, default=200, help="Wikipedia summaries for held-out perplexity")
     ap.add_argument("--distractors", type=int, default=600, help="training entities added to the evaluation bank")
+    ap.add_argument("--coded", type=int, default=2000, help="entities of the coded kinds (training only)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not 0 < args.heldout < args.entities:
         sys.exit("--heldout must be between 1 and --entities - 1")
     info = build(
-        args.output, args.entities, args.heldout, args.seed, args.wiki_train, args.wiki_heldout, args.distractors
+        args.output,
+        args.entities,
+        args.heldout,
+        args.seed,
+        args.wiki_train,
+        args.wiki_heldout,
+        args.distractors,
+        args.coded,
     )
     print(json.dumps(info))
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import m3cli.generate as generate_mod
+import m3cli.model as model_mod
 from m3cli.attention import Memory, chunk_visibility
 from m3cli.bank import Bank
 from m3cli.checkpoint import load_model_dir, load_tokenizer
@@ -65,12 +66,22 @@ def _recorded_logits(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("prior", [False, True])
-def test_cached_generation_equals_recomputation(gen, monkeypatch, prior):
+@pytest.mark.parametrize("prior,reader,chunked", [(False, False, False), (True, False, False), (True, True, True)])
+def test_cached_generation_equals_recomputation(gen, monkeypatch, prior, reader, chunked):
     """Every logit of a generation (prompt chunks, inherited chunk, chunks retrieved while decoding,
     cache front rewritten each time) equals one full forward with the same memories per token.
     With the retriever-score prior, each slot is biased by its hit's score minus the best of its
-    chunk's hits, in every chunk."""
+    chunk's hits, in every chunk. With a memory reader (decoding reads through `reader_attention`,
+    the full forward through the doubled-head form) and the prompt prefilled a chunk at a time."""
+    gen.chunked_prefill_rows = 0 if chunked else 1 << 30
+    if reader:
+        gen.model.enable_reader(4)
+        gen.cfg = gen.model.config.replace(chunk_length=4)
+        with torch.no_grad():
+            for layer in gen.model.layers:
+                if layer.attn.reader_rank:
+                    layer.attn.mem_q_b.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+                    layer.attn.mem_o_b.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
     if prior:
         gen.model.enable_score_prior()
         gen.cfg = gen.cfg.replace(memory_score_prior=True)
@@ -104,26 +115,39 @@ def test_cached_generation_equals_recomputation(gen, monkeypatch, prior):
         visible=chunk_visibility(torch.tensor(token_group), torch.tensor([slot_group]), 0),
         scores=torch.tensor([gaps]) if prior else None,
     )
+    monkeypatch.setattr(model_mod, "READER_ATTENTION", "doubled")  # the recomputation: the other form
     with torch.no_grad():
         full = gen.model(torch.tensor([ids]), memory=memory)[0]
     for i, logits in enumerate(seen):
         torch.testing.assert_close(logits[0], full[c.prompt_tokens - 1 + i], atol=1e-4, rtol=1e-4)
 
 
-def test_left_padded_batch_equals_one_by_one(gen, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_left_padded_batch_equals_one_by_one(gen, monkeypatch, chunked):
+    """Also with the prompt prefilled a chunk's width at a time, where a block meets two chunks of
+    a left-padded sequence, and each token's attention per memory (citations) is the same."""
+    gen.chunked_prefill_rows = 0 if chunked else 1 << 30
     prompts = [PROMPT, "hello world", "the capital of italy is"]
-    opts = Options(mode="memory", max_new_tokens=7, retrieve_every=3, memories=2, stop_at_eos=False)
+    opts = Options(mode="memory", max_new_tokens=7, retrieve_every=3, memories=2, stop_at_eos=False, cite=True)
     seen = _recorded_logits(monkeypatch)
     batch = gen.generate(prompts, opts)
     batch_logits = torch.stack(seen)  # (steps, B, V)
     for b, p in enumerate(prompts):
         seen.clear()
+        gen.chunked_prefill_rows = 1 << 30  # alone, in one call
         alone = gen.generate([p], opts)[0]
         assert alone.token_ids == batch[b].token_ids
         assert [(r.source, r.tokens, [h.ref for h in r.hits]) for r in alone.chunks] == [
             (r.source, r.tokens, [h.ref for h in r.hits]) for r in batch[b].chunks
         ]
         torch.testing.assert_close(torch.stack(seen)[:, 0], batch_logits[:, b], atol=1e-4, rtol=1e-4)
+        for ra, rb in zip(alone.chunks, batch[b].chunks):
+            if ra.source == "prompt":
+                assert ra.attention is not None and rb.attention is not None
+                torch.testing.assert_close(torch.tensor(ra.attention), torch.tensor(rb.attention), atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    torch.tensor(ra.last_attention), torch.tensor(rb.last_attention), atol=1e-5, rtol=1e-4
+                )
 
 
 def test_modes_differ_and_none_equals_the_plain_model(gen, monkeypatch):

@@ -104,6 +104,9 @@ def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_roun
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2, metrics  # it learns to read the answers
     summary = json.loads((tmp_path / "a.train" / "summary.json").read_text())
     assert summary["train"] == "reader" and summary["tokens_per_s"] > 0 and summary["reader_parameters"] > 0
+    # resuming a finished run trains nothing and reports the run's last loss and speed again
+    again = m3(*args, "-o", tmp_path / "a", "--resume")
+    assert again.exit_code == 0 and f"final loss {metrics[-1]['loss']:.4f}, " in again.output, again.output
 
     # killed after a checkpoint, resumed: the same reader, bit for bit
     kill_after_checkpoint(args, tmp_path / "b", step=8, timeout=300)
@@ -158,6 +161,93 @@ def test_the_reader_reads_memory_and_starts_as_the_identity(base):
         after = model(ids, memory=memory)
     assert torch.allclose(after[:, :5], before[:, :5], atol=1e-5)
     assert (after[:, 5:] - before[:, 5:]).abs().max() > 1e-3
+
+
+def test_a_trainers_valid_flags_change_nothing(base):
+    """Memory.prepared["valid_flags"] (what a trainer knows of its memories, to spare host syncs)
+    gives exactly what the model works out itself, empty slots included."""
+    _, warm, _ = base
+    model = load_model_dir(warm)
+    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
+    model.enable_reader(3)
+    torch.manual_seed(1)
+    for layer in model.layers:
+        layer.attn.mem_q_b.data.normal_(0, 0.5)
+        layer.attn.mem_o_b.data.normal_(0, 0.5)
+    refs = torch.randint(3, model.config.vocab_size, (3, 12))
+    enc = model.encode_references(refs, torch.tensor([12, 5, 12]))  # a short one: some keys not real
+    valid = enc.valid[None].clone()
+    valid[:, 2] = False  # an empty slot
+    ids = torch.randint(3, model.config.vocab_size, (1, 10))
+    visible = torch.zeros(1, 10, 3, dtype=torch.bool)
+    visible[0, 3:] = True
+
+    def run(flags):
+        memory = Memory(kv=enc.kv[None], valid=valid, sink=model.encode_prefix(), visible=visible)
+        if flags is not None:
+            memory.prepared["valid_flags"] = flags
+        with torch.no_grad():
+            return model(ids, memory=memory)
+
+    assert torch.equal(run(None), run((True, False)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_split_reader_attention_is_the_doubled_head_form(base, impl, monkeypatch):
+    """`reader_attention` (explicit, what generation and CPUs use) computes what the fused
+    doubled-head form computes (training on a GPU): outputs, gradients, a cached prefill and
+    decoding steps, and the attention each memory slot gets (citations)."""
+    import m3cli.model as model_mod
+    from m3cli.attention import KVCache, score_gaps
+
+    _, warm, _ = base
+    model = load_model_dir(warm)
+    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
+    model.attn_impl = impl
+    model.enable_score_prior()
+    model.enable_reader(4)
+    torch.manual_seed(2)
+    for layer in model.layers:
+        layer.attn.mem_q_b.data.normal_(0, 0.5)
+        layer.attn.mem_o_b.data.normal_(0, 0.5)
+    model.memory_score_gain.data.normal_(0, 0.05)
+    refs = torch.randint(3, model.config.vocab_size, (4, 12))
+    with torch.no_grad():
+        enc = model.encode_references(refs, torch.tensor([12, 5, 12, 9]))
+        sink = model.encode_prefix()
+    valid = enc.valid[None].clone()
+    valid[:, 3] = False
+    scores = score_gaps(torch.tensor([[[0, 1], [2, 3]]]), -torch.rand(1, 2, 2))
+    ids = torch.randint(3, model.config.vocab_size, (1, 12))
+    visible = torch.zeros(1, 12, 4, dtype=torch.bool)
+    visible[0, 2:7, :2] = True
+    visible[0, 7:, 2:] = True
+
+    def memory(vis=visible):
+        return Memory(kv=enc.kv[None], valid=valid, sink=sink, visible=vis, scores=scores)
+
+    def run(mode):
+        monkeypatch.setattr(model_mod, "READER_ATTENTION", mode)
+        model.zero_grad(set_to_none=True)
+        probe: list = []
+        out = model(ids, memory=memory(), attention_probe=probe)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():  # generation: a prefill, then decoding steps that read the last chunk's slots
+            cache = KVCache(model.config.n_layers)
+            steps = [model(ids[:, :8], memory=memory(visible[:, :8]), cache=cache)]
+            for t in range(8, 12):
+                steps.append(model(ids[:, t : t + 1], memory=memory(None), cache=cache))
+        return out.detach(), grads, torch.stack([p_.detach() for p_ in probe]), torch.cat(steps, dim=1)
+
+    split, doubled = run("split"), run("doubled")
+    assert torch.allclose(split[0], doubled[0], atol=1e-4), (split[0] - doubled[0]).abs().max()
+    assert split[1].keys() == doubled[1].keys() and split[1]
+    for n in split[1]:
+        assert torch.allclose(split[1][n], doubled[1][n], atol=1e-5, rtol=1e-3), n
+    assert torch.allclose(split[2], doubled[2], atol=1e-5)
+    assert torch.allclose(split[3], doubled[3], atol=1e-4)
+    assert float(split[2].sum()) > 0  # memories were read
 
 
 def test_packed_segments_see_only_themselves():
@@ -335,6 +425,11 @@ def test_max_time_stops_at_a_checkpoint_that_resume_continues(base, tmp_path):
     assert result.exit_code == 0, result.output
     assert "stopped at step 1 of 6" in result.stdout and not (tmp_path / "m").exists()
     assert json.loads((tmp_path / "m.train" / "checkpoint" / "state.json").read_text())["step"] == 1
+    so_far = load_file(str(tmp_path / "m.train" / "checkpoint" / "reader.safetensors"))  # the reader so far, usable
+    meta, tensors = read_reader(tmp_path / "m.train" / "reader.safetensors")
+    assert meta["base_weights"] == weights_fingerprint(warm) and all(
+        torch.equal(so_far[k], tensors[k]) for k in tensors
+    )
     result = m3(*args, "-o", tmp_path / "m", "--resume")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "config.json").is_file()

@@ -641,6 +641,16 @@ def test_first_sentence_scoring():
     assert is_correct("Port Adler", " port adler.")
     assert not is_correct("Windham", " Port Adler. Question: Where was Yara born? Answer: Windham.")
     assert is_correct("Kessel", " the University of Kessel") and not is_correct("Kessel", " Kesselton")
+    # a '.' inside a token does not end the sentence: internet domains, decimals
+    assert (
+        first_sentence("The internet domain of Algeria is .dz. Its capital") == "The internet domain of Algeria is .dz"
+    )
+    assert is_correct(".dz", "The internet domain of Algeria is .dz.") and not is_correct(".dz", "It is DZD.")
+    assert is_correct("3.5", " About 3.5 million.") and not is_correct(".dz", " Algeria. Its domain is .dz")
+    # aliases: other accepted answers, the same whole-word rule
+    assert is_correct("Singaporean", " They are called Singaporeans.", ["Singaporeans"])
+    assert not is_correct("Singaporean", " They are called Singaporeans.")
+    assert not is_correct("Afghan", " Afghanistani.", ["Afghans"])
 
 
 def test_pretrain_and_eval_errors(task, tmp_path):
@@ -658,6 +668,8 @@ def test_pretrain_and_eval_errors(task, tmp_path):
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "x"}\n')
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "answer")
+    bad.write_text('{"question": "x", "answer": "y", "aliases": "z"}\n')
+    assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "aliases")
     bad.write_text('{"question": "x", "answer": " "}\n')
     assert_user_error(m3("eval", "-m", tmp_path, "--qa", bad), "non-empty")
     good = tmp_path / "good.jsonl"

@@ -369,7 +369,9 @@ def eval_cmd(
     qa: Annotated[
         Path,
         typer.Option(
-            "--qa", help='JSONL with {"question", "answer"} per line (optional "title": the document it is about).'
+            "--qa",
+            help='JSONL with {"question", "answer"} per line (optional "aliases": other accepted answers; '
+            '"title": the document it is about).',
         ),
     ],
     model: ModelOpt = None,
@@ -506,5 +508,5 @@ def eval_cmd(
     for j, q in enumerate(questions[: max(0, show)]):
         typer.echo(f"\n{terminal_safe(q['question'])}  (answer: {terminal_safe(q['answer'])})")
         for m in mode_list:
-            mark = "right" if is_correct(q["answer"], answers[m][j]) else "wrong"
+            mark = "right" if is_correct(q["answer"], answers[m][j], q.get("aliases", ())) else "wrong"
             typer.echo(f"  {m:6s} {mark}  {terminal_safe(first_sentence(answers[m][j]).strip())!r}")

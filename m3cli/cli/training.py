@@ -484,6 +484,7 @@ def pretrain(
         typer.echo(
             f"stopped at step {summary['stopped_at']} of {summary['steps']} (--max-time), checkpoint in "
             f"{summary['state_dir']}; run the same command with --resume to continue"
+            + (f" (the memory reader so far: {summary['reader']})" if summary.get("reader") else "")
         )
         return
     if "fingerprint" not in summary:
