@@ -116,14 +116,7 @@ run)
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     | tee "$OUT/device.txt"
   [ -f $W/smollm2/config.json ] || $M3 convert /tmp/m3-smollm2.gguf -o $W/smollm2
-  BASE=$W/smollm2
-  if [ -n "$INIT_READER" ]; then  # train on from a reader: SmolLM2 with it applied is the run's base
-    [ -f $W/smollm2-r/config.json ] || $PY -c 'import sys; from pathlib import Path
-from m3cli.default_model import with_reader
-with_reader(*map(Path, sys.argv[1:]))' $W/smollm2 "$INIT_READER" $W/smollm2-r
-    BASE=$W/smollm2-r
-  fi
-  echo "converted at $((SECONDS - T0)) s (training from $BASE)"
+  echo "converted at $((SECONDS - T0)) s (training ${INIT_READER:-a new reader})"
   ck=$W/run/model.train/checkpoint
   step_of() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null || echo -1; }
   if [ -f "$CARRY/resume/state.json" ]; then  # continue the run an earlier session returned
@@ -140,7 +133,7 @@ with_reader(*map(Path, sys.argv[1:]))' $W/smollm2 "$INIT_READER" $W/smollm2-r
     STEPS=$(cat $W/run/steps.txt)  # a resumed run keeps its length (part of what --resume checks)
   fi
   if [ ! -f "$W/data/kb.m3bank" ]; then
-    $M3 encode "$W/data/kb.jsonl" -o "$W/data/kb.m3bank" --model "$BASE" --embedder "$CARRY/emb" --device "$DEVICE" \
+    $M3 encode "$W/data/kb.jsonl" -o "$W/data/kb.m3bank" --model $W/smollm2 --embedder "$CARRY/emb" --device "$DEVICE" \
       --batch-size "${ENCODE_BATCH:-128}" --resume -q
   fi
   echo "knowledge base encoded at $((SECONDS - T0)) s"
@@ -180,7 +173,8 @@ with_reader(*map(Path, sys.argv[1:]))' $W/smollm2 "$INIT_READER" $W/smollm2-r
   COMPILE=${COMPILE-auto}
   if [ "$COMPILE" = auto ]; then COMPILE=$([ -f "$CARRY/compile-ok" ] && echo 1 || echo); fi
   echo "torch.compile: ${COMPILE:-no}"
-  M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE="$BASE" DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
+  M3="$M3" PY="$PY" OUT=$W/run DATA=$W/data BASE=$W/smollm2 DEVICE="$DEVICE" STEPS="$STEPS" BATCH="$BATCH" \
+    INIT_READER="$INIT_READER" \
     EMBEDDER="$CARRY/emb" MAX_TIME="$train_s" PROFILE="${PROFILE:-10}" COMPILE="$COMPILE" \
     timeout "$limit" bash scripts/train_reader.sh 2>&1 | tee "$OUT/train.log"
   rc=${PIPESTATUS[0]}

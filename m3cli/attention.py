@@ -79,7 +79,9 @@ def reader_attention(
     output over all values, mem (B, H, T, D) what the memory values alone contribute, probs
     (B, H, T, N) float32 when `probe`, else None. The same function as the doubled-head form
     ([q | dq] . [k | k on memory keys]) without copying the keys and values into doubled width,
-    which a decoding step would otherwise do for its whole cache in every layer.
+    which a decoding step would otherwise do for its whole cache in every layer. In bf16 the
+    logits are rounded to bf16 before the float32 softmax, as eager attention does elsewhere
+    (the fused kernel keeps them in float32).
     """
     B, H, T, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]

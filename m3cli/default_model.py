@@ -81,7 +81,11 @@ def materialise(target: Path, reader: Path | None = SHIPPED_READER) -> None:
     """Convert the packaged SmolLM2 and apply `reader` (when it exists) into `target`, atomically."""
     import tempfile
 
+    import torch
+
+    from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint, save_model_dir, weights_fingerprint
     from .convert import convert
+    from .reader import apply_reader
 
     with tempfile.TemporaryDirectory(prefix=".m3-convert-", dir=target.parent) as tmp:
         base = Path(tmp) / "base"
@@ -89,22 +93,10 @@ def materialise(target: Path, reader: Path | None = SHIPPED_READER) -> None:
         if reader is None or not Path(reader).is_file():
             os.replace(base, target)
             return
-        with_reader(base, Path(reader), target)
-
-
-def with_reader(base: Path, reader: Path, target: Path) -> None:
-    """Write the model dir `base` with the reader file `reader` applied to `target` (checked against
-    the base it was trained on; written atomically). bench/gpu_reader.sh continues a shipped reader
-    with it."""
-    import torch
-
-    from .checkpoint import load_model_dir, load_tokenizer, model_fingerprint, save_model_dir, weights_fingerprint
-    from .reader import apply_reader
-
-    model = apply_reader(
-        load_model_dir(base, "cpu", torch.float32), Path(reader), model_fingerprint(base), weights_fingerprint(base)
-    )
-    save_model_dir(model, load_tokenizer(base), target)
+        model = apply_reader(
+            load_model_dir(base, "cpu", torch.float32), Path(reader), model_fingerprint(base), weights_fingerprint(base)
+        )
+        save_model_dir(model, load_tokenizer(base), target)
 
 
 MODEL_ENV = "M3_MODEL"

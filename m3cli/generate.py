@@ -262,10 +262,11 @@ class Generator:
         pads: list[int],
         T: int,
         opts: Options,
-    ) -> tuple[Memory, list[list[ChunkRecord]]]:
+    ) -> tuple[Memory, list[list[ChunkRecord]], tuple]:
         """Each prompt chunk retrieves with its own query; one Memory holds every chunk's hits, and
         a block mask lets only that chunk's tokens read them (left padding reads nothing). Returns
-        it with the chunks' records. Shared by generate and score."""
+        it with the chunks' records and (token_chunk (B, T), slot_chunk (B, slots), slots per
+        chunk) for `_chunked_prefill`. Shared by generate and score."""
         m = opts.memories
         found = iter(self._retrieve([q for qs in queries for q in qs], opts))
         B, n_chunks = len(spans), max(len(s) for s in spans)
@@ -284,17 +285,16 @@ class Generator:
             rows.append(row)
         visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
         memory = self._memory(rows, n_chunks * m, visible, group=m, scored=opts.score_prior)
-        self._chunking = (token_chunk.to(self.device), slot_chunk.to(self.device), m)  # for _chunked_prefill
-        return memory, records
+        return memory, records, (token_chunk.to(self.device), slot_chunk.to(self.device), m)
 
-    def _chunked_prefill(self, x, memory: Memory, cache: KVCache, positions, key_mask, cite: bool):
+    def _chunked_prefill(self, x, memory: Memory, chunking: tuple, cache: KVCache, positions, key_mask, cite: bool):
         """Prefill the prompt in blocks of chunk_length columns, each reading only the memories of
         the chunks it overlaps (at most two per sequence: a sequence's chunks start where it
         starts): every token sees the keys it sees in one call through the block mask, but each
         attends over a block's 2 x memories slots instead of every chunk's. Returns the last
         position's logits (B, vocab) and, with `cite`, each token's attention share per slot of
         `memory` (B, T, slots)."""
-        token_chunk, slot_chunk, m = self._chunking
+        token_chunk, slot_chunk, m = chunking
         B, T = x.shape
         L, S = self.cfg.chunk_length, memory.n_slots
         rows = torch.arange(B, device=self.device)[:, None]
@@ -444,13 +444,13 @@ class Generator:
                 self._prompt_queries(p, seq, sp, opts, forced=forced_ids is not None)
                 for p, seq, sp in zip(prompts, ids, spans)
             ]
-            memory, chunks = self._prompt_memory(spans, queries, pads, T, opts)
+            memory, chunks, chunking = self._prompt_memory(spans, queries, pads, T, opts)
         cite = opts.cite and opts.mode == "memory"
         t0 = time.perf_counter()
         cache = KVCache(cfg.n_layers)
         share = None
         if memory is not None and T > cfg.chunk_length and B * cfg.chunk_length >= self.chunked_prefill_rows:
-            logits, share = self._chunked_prefill(x, memory, cache, positions, key_mask, cite)
+            logits, share = self._chunked_prefill(x, memory, chunking, cache, positions, key_mask, cite)
         else:
             probe = [] if cite else None
             logits = self.model(
@@ -627,7 +627,7 @@ class Generator:
         if opts.mode == "memory":
             spans = prompt_chunks(len(ids), cfg.chunk_length)
             queries = [self.tokenizer.decode(ids[s:e], skip_special_tokens=True) for s, e in spans]
-            memory, (chunks,) = self._prompt_memory([spans], [queries], [0], len(ids), opts)
+            memory, (chunks,), _ = self._prompt_memory([spans], [queries], [0], len(ids), opts)
         x = torch.tensor([seq], device=self.device)
         t0 = time.perf_counter()
         logits = self.model(x, memory=memory).float()[0, first:-1]

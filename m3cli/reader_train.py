@@ -49,6 +49,16 @@ PEAK_TFLOPS = {
 }
 
 
+def _sha_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 # --- retrieval and frozen memories -------------------------------------------------------------
 EXCLUDE_EXTRA = 8  # hits fetched beyond k when a query excludes a document (its own references)
 
@@ -228,6 +238,12 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     model = load_model_dir(args.init_from, "cpu", torch.float32)
     with Bank(Path(args.bank)) as b:
         require_same_model(b, base_fingerprint)
+    init_reader_sha = None
+    if args.init_reader is not None:  # go on training a reader of this base: it sets layers, tokens, rank
+        from .reader import apply_reader
+
+        apply_reader(model, Path(args.init_reader), base_fingerprint, base_weights)
+        init_reader_sha = _sha_file(Path(args.init_reader))
     overrides = memory_overrides(args, model.config)
     overrides["train_prev_chunks"] = 0  # a chunk reads its own memories, as at inference
     overrides = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
@@ -238,7 +254,11 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     if args.score_prior:
         model.enable_score_prior()
     torch.manual_seed(args.seed)  # the reader's initial factors: a function of the seed
-    model.enable_reader(args.reader_rank)
+    if args.init_reader is None:
+        try:
+            model.enable_reader(args.reader_rank)
+        except ValueError as e:  # --init-from a model with a reader of another rank
+            raise M3Error(f"{e}; train it with --reader-rank {model.config.memory_reader_rank}") from None
     cfg = model.config
     if not cfg.reference_prefix_ids:
         raise M3Error("the model has no reference prefix; it cannot read memory")
@@ -256,6 +276,8 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     packed, queries = pack(segs, args.seq_len, args.seed, pad_fill(tokenizer))
     n_rows = packed.ids.shape[0]
     key = {**args.key(), "rows": _sha(packed.ids[:, :16].tolist()), "n_rows": n_rows, "base": base_fingerprint}
+    if init_reader_sha is not None:
+        key["init_reader"] = init_reader_sha
     if any(packed.query_exclude):  # which documents each chunk may not read changes what it retrieves
         key["exclude"] = _sha(packed.query_exclude)
     log(
@@ -392,13 +414,20 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
 
+    pinned = device.type == "cuda"
+
+    def to_device(a: np.ndarray) -> torch.Tensor:  # from pinned memory, without waiting for the GPU
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        return t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
+
     def batch(step: int):
-        idx = torch.as_tensor(
-            batch_indices(
-                step, n_rows, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes
-            ),
-            device=device,
+        rows = batch_indices(
+            step, n_rows, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes
         )
+        idx = to_device(rows)
+        # the scored positions (flat over the batch's rows and tokens), found on the host: finding
+        # them on the GPU would make the host wait for it at every step
+        scored = np.flatnonzero(packed.targets[rows] != IGNORE)
         refs, qid = t_slot_ref[idx], t_slot_query[idx]  # (B, S)
         real = refs >= 0
         kv = mem_kv[refs.clamp_min(0)]  # an empty slot holds some reference's keys, none of them valid
@@ -412,7 +441,8 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         # (encode_references keeps min(k, its length) of them); asking would stall the GPU
         memory.prepared["readable"] = True
         memory.prepared["valid_flags"] = (True, False)  # (uniform, all real): False is always safe
-        return (t_ids[idx], t_targets[idx], t_segment[idx], t_position[idx] + cfg.context_offset, memory)
+        position = t_position[idx] + cfg.context_offset
+        return (t_ids[idx], t_targets[idx], t_segment[idx], position, memory, to_device(scored), len(scored))
 
     profiler = None
     if args.profile and accelerator.is_main_process:
@@ -432,7 +462,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
     t_start = time.perf_counter()
     tokens = 0
     window_loss = torch.zeros((), device=device)
-    window_scored = torch.zeros((), dtype=torch.long, device=device)
+    window_scored = 0
     window_n, window_t0, window_tokens, window_targets = 0, time.perf_counter(), 0, 0
     loss_value, step_times, last_row = float(resumed_row.get("loss", "nan")), [], resumed_row
     stopped_at = None
@@ -443,28 +473,25 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                 lr = args.lr * lr_at(step, args)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                ids, targets, segment, position, memory = batch(step)
+                ids, targets, segment, position, memory, sel, n_scored = batch(step)
                 with accelerator.autocast():
                     h = forward(ids, memory=memory, position_ids=position, segment_ids=segment, return_hidden=True)
-                    # every position's logits, the unscored ignored: selecting the scored ones would
-                    # ask the GPU how many there are (a host sync every step)
-                    logits = F.linear(h, raw.output_weight())
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-                    sel = targets != IGNORE
+                    logits = F.linear(h.flatten(0, 1)[sel], raw.output_weight())  # scored positions only
+                    loss = F.cross_entropy(logits.float(), targets.flatten()[sel])
                 accelerator.backward(loss)
                 if args.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, args.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
-                window_scored += sel.sum()
+                window_scored += n_scored
                 window_n += 1
                 n_tok = int(args.batch_size * args.seq_len * accelerator.num_processes)
                 tokens += n_tok
                 window_tokens += n_tok
                 done = step + 1
                 if done % args.log_every == 0 or done == args.steps:
-                    window_targets = int(window_scored) * accelerator.num_processes  # one sync per log window
+                    window_targets = window_scored * accelerator.num_processes
                     loss_value = float(window_loss) / window_n
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
@@ -488,7 +515,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                         metrics.flush()
                     progress.update(task, completed=done, loss=f"{loss_value:.3f}", tps=f"{row['tokens_per_s']:.0f}")
                     window_loss.zero_()
-                    window_scored.zero_()
+                    window_scored = 0
                     window_n, window_t0, window_tokens, window_targets = 0, time.perf_counter(), 0, 0
                 if profiler is not None:
                     if device.type == "cuda":

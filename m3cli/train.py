@@ -80,6 +80,7 @@ class TrainArgs:
     embedder: str | None = None  # continual: the encoder or static embedder dir the bank was indexed with
     score_prior: bool = False  # give the model the retriever-score prior (M3Config.memory_score_prior)
     reader_rank: int = 16  # --train reader: rank of the memory reader (M3Config.memory_reader_rank)
+    init_reader: Path | None = None  # --train reader: the reader file to go on training (None: a new one)
     compile: bool = False  # --train reader: torch.compile the model
     max_time: float = 0.0  # --train reader: seconds of training before a clean stop (0: none)
     profile: int = 0  # --train reader: profile this many steps (after PROFILE_AFTER) into profile.txt
@@ -106,6 +107,8 @@ class TrainArgs:
             raise M3Error(f"unknown --distractors {self.distractors!r}; choose {', '.join(DISTRACTORS)}")
         if self.score_prior and self.stage != "continual":
             raise M3Error("--memory-score-prior needs --stage continual (its gains learn from reading memories)")
+        if self.init_reader is not None and self.train != "reader":
+            raise M3Error("--init-reader needs --train reader")
         if self.profile < 0:
             raise M3Error("--profile must be at least 0")
         if self.memory_top_k is not None and self.memory_top_k < 1:
@@ -123,6 +126,7 @@ class TrainArgs:
         d.pop("profile")
         if d["train"] != "reader":
             d.pop("reader_rank")
+        d.pop("init_reader")  # where it lies may change; what it holds may not (`reader_train` keys its hash)
         return d
 
 

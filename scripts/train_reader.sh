@@ -8,6 +8,7 @@
 #   bash scripts/train_reader.sh                      # CPU defaults (see README, "Training the reader")
 #   DEVICE=cuda BATCH=64 STEPS=3000 bash scripts/train_reader.sh
 #   STEPS=4 BATCH=2 ENTITIES=300 OUT=out/reader-dry bash scripts/train_reader.sh   # a dry run
+#   INIT_READER=m3cli/data/reader-smollm2.safetensors bash scripts/train_reader.sh   # go on from the shipped reader
 #
 # Writes OUT/model (the trained model dir) and OUT/model.train/reader.safetensors (the reader
 # alone, what m3 ships), metrics.jsonl (loss, tokens/s, MFU) and summary.json beside it.
@@ -24,6 +25,7 @@ LR=${LR:-2e-3}
 RANK=${RANK:-16}
 ENTITIES=${ENTITIES:-6000}
 EMBEDDER=${EMBEDDER:-}  # a static embedder dir where MiniLM is not installed (GPU machines)
+INIT_READER=${INIT_READER:-}  # a reader file of BASE to go on training (empty: a new reader)
 emb=(); [ -n "$EMBEDDER" ] && emb=(--embedder "$EMBEDDER")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -39,4 +41,4 @@ if [ ! -f "$DATA/kb.m3bank" ]; then
 fi
 $M3 pretrain --config recipes/reader-smollm2.toml "$DATA/train.jsonl" -o "$OUT/model" --init-from "$BASE" \
   --bank "$DATA/kb.m3bank" "${emb[@]}" --reader-rank "$RANK" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
-  --device "$DEVICE" ${MAX_TIME:+--max-time "$MAX_TIME"} ${PROFILE:+--profile "$PROFILE"} ${COMPILE:+--compile} --resume -q
+  --device "$DEVICE" ${INIT_READER:+--init-reader "$INIT_READER"} ${MAX_TIME:+--max-time "$MAX_TIME"} ${PROFILE:+--profile "$PROFILE"} ${COMPILE:+--compile} --resume -q

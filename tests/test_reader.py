@@ -108,6 +108,28 @@ def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_roun
     again = m3(*args, "-o", tmp_path / "a", "--resume")
     assert again.exit_code == 0 and f"final loss {metrics[-1]['loss']:.4f}, " in again.output, again.output
 
+    # going on from a trained reader (--init-reader): it starts where that one ended, and its file
+    # still applies to the base it was trained on
+    trained_file = tmp_path / "a.train" / "reader.safetensors"
+    more = m3(*reader_args(d, bank, warm, steps=4), "-o", tmp_path / "c", "--init-reader", trained_file)
+    assert more.exit_code == 0, more.output
+    first = json.loads((tmp_path / "c.train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < metrics[0]["loss"] - 0.2, (first, metrics[0])
+    apply_reader(load_model_dir(warm), tmp_path / "c.train" / "reader.safetensors", None, weights_fingerprint(warm))
+    assert_user_error(  # the reader sets the memory tokens
+        m3(
+            *reader_args(d, bank, warm, steps=4),
+            "-o",
+            tmp_path / "e",
+            "--init-reader",
+            trained_file,
+            "--memory-top-k",
+            "4",
+        ),
+        "cannot change",
+    )
+    assert_user_error(m3(*reader_args(d, bank, warm), "-o", tmp_path / "e", "--init-reader", tmp_path / "nope"), "nope")
+
     # killed after a checkpoint, resumed: the same reader, bit for bit
     kill_after_checkpoint(args, tmp_path / "b", step=8, timeout=300)
     result = m3(*args, "-o", tmp_path / "b", "--resume")
@@ -175,7 +197,9 @@ def test_a_trainers_valid_flags_change_nothing(base):
         layer.attn.mem_q_b.data.normal_(0, 0.5)
         layer.attn.mem_o_b.data.normal_(0, 0.5)
     refs = torch.randint(3, model.config.vocab_size, (3, 12))
-    enc = model.encode_references(refs, torch.tensor([12, 5, 12]))  # a short one: some keys not real
+    enc = model.encode_references(refs, torch.tensor([12, 2, 12]), top_k=4)  # a short one: some keys not real
+    # what the trainer relies on: a reference's real keys are the same in every layer and head
+    assert (enc.valid == enc.valid[:, :1, :1]).all() and not enc.valid[1].all() and enc.valid[0].all()
     valid = enc.valid[None].clone()
     valid[:, 2] = False  # an empty slot
     ids = torch.randint(3, model.config.vocab_size, (1, 10))
@@ -189,7 +213,9 @@ def test_a_trainers_valid_flags_change_nothing(base):
         with torch.no_grad():
             return model(ids, memory=memory)
 
+    # the same as the model works out, and as the path that masks every layer and head apart
     assert torch.equal(run(None), run((True, False)))
+    assert torch.allclose(run((True, False)), run((False, False)), atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["reference", "sdpa"])

@@ -202,6 +202,15 @@ def pretrain(
             rich_help_panel=MODEL,
         ),
     ] = 16,
+    init_reader: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--init-reader",
+            help="--train reader: go on training this reader file (trained on --init-from's weights) "
+            "instead of a new one; it sets the memory layers, tokens and rank.",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     vocab_size: Annotated[
         Optional[int],
         typer.Option(
@@ -456,6 +465,7 @@ def pretrain(
         embedder=embedder,
         score_prior=memory_score_prior,
         reader_rank=reader_rank,
+        init_reader=init_reader,
         compile=compile_model,
         max_time=max_time,
         profile=profile,
