@@ -621,29 +621,22 @@ CODED_KINDS = {
 ALL_KINDS = {**KINDS, **CODED_KINDS}
 
 
-def coded_entities(n: int, seed: int, taken: set[str]) -> list[dict]:
-    """n entities of the coded kinds, from their own random stream, none named like one in `taken`."""
-    rng = random.Random(seed + 7)
-    out, names = [], set(taken)
-    kinds = sorted(CODED_KINDS)
-    while len(out) < n:
-        kind = kinds[len(out) % len(kinds)]
-        facts = CODED_KINDS[kind]["make"](rng)
-        if facts["name"].lower() in names:
-            continue
-        names.add(facts["name"].lower())
-        out.append({"kind": kind, **facts})
-    return out
-
-
 def entities(n: int, seed: int) -> list[dict]:
     """n invented entities of mixed kinds with distinct names; {"kind", "name", facts...}."""
-    rng = random.Random(seed)
-    out, names = [], set()
-    kinds = sorted(KINDS)
+    return _invent(n, KINDS, random.Random(seed), set())
+
+
+def coded_entities(n: int, seed: int, taken: set[str]) -> list[dict]:
+    """n entities of the coded kinds, from their own random stream, none named like one in `taken`."""
+    return _invent(n, CODED_KINDS, random.Random(seed + 7), taken)
+
+
+def _invent(n: int, spec: dict, rng: random.Random, taken: set[str]) -> list[dict]:
+    out, names = [], set(taken)
+    kinds = sorted(spec)
     while len(out) < n:
         kind = kinds[len(out) % len(kinds)]
-        facts = KINDS[kind]["make"](rng)
+        facts = spec[kind]["make"](rng)
         if facts["name"].lower() in names:
             continue
         names.add(facts["name"].lower())
