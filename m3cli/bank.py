@@ -572,10 +572,16 @@ class Bank:
                 for j in np.unique(part):
                     rows = torch.from_numpy(np.flatnonzero(part == j)).to(device)
                     kv[rows] = vq.decode(codes[rows], self._parts[int(j)].codebooks().to(device))
-        else:
-            kv = decode_kv(records, self.codec, self.memory_shape).to(device)
-        valid = (pos >= 0).to(device)
-        kv = torch.where(valid[:, :, None, :, :, None], kv, 0)  # empty slots read as zero in every codec
+        else:  # bf16 records asked for as bfloat16 are not converted
+            kv = decode_kv(
+                records, self.codec, self.memory_shape, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+            )
+            kv = kv.to(device)
+        valid = pos >= 0
+        full = bool(valid.all())
+        valid = valid.to(device)
+        if not full:  # empty slots read as zero in every codec
+            kv = torch.where(valid[:, :, None, :, :, None], kv, 0)
         return MemoryEncoding(kv=kv.to(dtype=dtype), valid=valid, positions=pos.to(device))
 
     def codebooks(self) -> torch.Tensor:

@@ -42,17 +42,18 @@ def encode_kv(kv: torch.Tensor, codec: str) -> bytes:
     raise M3Error(f"unknown KV codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-def decode_kv(buf: np.ndarray, codec: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Records (n, record_bytes) uint8 -> float32 tensor (n, L, 2, H, K, d)."""
+def decode_kv(buf: np.ndarray, codec: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Records (n, record_bytes) uint8 -> tensor (n, L, 2, H, K, d), float32 unless `dtype` says
+    otherwise (bf16 records asked for as bfloat16 come back as stored, without a conversion)."""
     n = buf.shape[0]
     if codec == "bf16":
         raw = np.ascontiguousarray(buf).view("<i2").reshape((n,) + tuple(shape))
-        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).to(dtype)
     if codec == "int8":
         L, two, H, K, d = shape
         nv = L * two * H * K * d
         q = np.ascontiguousarray(buf[:, :nv]).view(np.int8).reshape((n,) + tuple(shape))
         s = np.ascontiguousarray(buf[:, nv:]).view("<f2").reshape((n, L, two, H, K, 1))
         with np.errstate(invalid="ignore", over="ignore"):  # a damaged scale: found by verify, not warned about
-            return torch.from_numpy(q.astype(np.float32) * s.astype(np.float32))
+            return torch.from_numpy(q.astype(np.float32) * s.astype(np.float32)).to(dtype)
     raise BankError(f"unknown KV codec {codec!r} in the bank")

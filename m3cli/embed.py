@@ -31,6 +31,15 @@ from .errors import M3Error
 POOLINGS = ("mean", "cls")
 
 
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX), where
+    an encoder's matrix products run ~2.5x faster in bfloat16 (measured on a 2-core EPYC: 40
+    MiniLM queries 0.50 s -> 0.19 s, cosine to the float32 embedding >= 0.99998, below the
+    float16 precision a bank stores embeddings in). Elsewhere bfloat16 is emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 @dataclass(frozen=True)
 class EmbedderSpec:
     name: str  # "minilm", "self", "hf:<dir name>" or "static:<dir name>"
@@ -129,13 +138,18 @@ class HFEncoder:
         except (OSError, ValueError) as e:
             raise M3Error(f"cannot load the encoder in {path}: {str(e).splitlines()[0]}") from None
         self.device, self.max_length, self.pooling = device, max_length, pooling
+        self.bf16 = cpu_has_bf16()
         self.spec = EmbedderSpec(name, int(self.model.config.hidden_size), pooling, _dir_fingerprint(path))
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state.float()  # (B, T, C)
+        # on a CPU with native bfloat16 the matrix products run in it (`cpu_has_bf16`); norms,
+        # softmax and pooling stay float32
+        fast = torch.device(self.device).type == "cpu" and self.bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            hidden = self.model(**batch).last_hidden_state.float()  # (B, T, C)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:

@@ -309,13 +309,20 @@ class Generator:
             inside = idx < S
             idx = idx.clamp_max(S - 1)
             sc = slot_chunk.gather(1, idx).masked_fill(~inside, -1)
-            block = Memory(
-                kv=memory.kv[rows, idx],
-                valid=memory.valid[rows, idx] & inside[:, :, None, None, None],
-                sink=memory.sink,
-                visible=(tc[:, :, None] == sc[:, None, :]) & (sc[:, None, :] >= 0),
-                scores=None if memory.scores is None else memory.scores.gather(1, idx),
-            )
+            visible = (tc[:, :, None] == sc[:, None, :]) & (sc[:, None, :] >= 0)
+            f0, f1 = int(first.min()), int(first.max())
+            if f0 == f1 and (f0 + spans) * m <= S:  # every sequence at the same slots: views, no gather
+                sl = slice(f0 * m, (f0 + spans) * m)
+                scores = None if memory.scores is None else memory.scores[:, sl]
+                block = Memory(memory.kv[:, sl], memory.valid[:, sl], memory.sink, visible, scores)
+            else:
+                block = Memory(
+                    kv=memory.kv[rows, idx],
+                    valid=memory.valid[rows, idx] & inside[:, :, None, None, None],
+                    sink=memory.sink,
+                    visible=visible,
+                    scores=None if memory.scores is None else memory.scores.gather(1, idx),
+                )
             probe = [] if cite else None
             out = self.model(
                 x[:, c0:c1],

@@ -13,10 +13,15 @@ from .errors import M3Error
 # --- memories: bank -> LRU cache -> Memory ---------------------------------------------------
 class MemoryCache:
     """Decoded memories of recently used references, on the model's device, least recently
-    used evicted first. `get` decodes all missing references of a call in one bank read."""
+    used evicted first. `get` decodes all missing references of a call in one bank read.
+
+    A bf16 bank's memories are kept as stored (bfloat16: exact, half the bytes of float32 and no
+    conversion on load); the model converts them once per layer where it reads them
+    (`Memory3Model.prepare_memory`). Other codecs are kept in the model's dtype."""
 
     def __init__(self, bank, device: torch.device, dtype: torch.dtype, capacity: int = 4096) -> None:
-        self.bank, self.device, self.dtype, self.capacity = bank, device, dtype, capacity
+        self.bank, self.device, self.capacity = bank, device, capacity
+        self.dtype = torch.bfloat16 if getattr(bank, "codec", None) == "bf16" else dtype
         self._items: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -26,7 +31,8 @@ class MemoryCache:
         self.misses += len(missing)
         if missing:
             enc = self.bank.memories(missing, device=self.device, dtype=self.dtype)
-            if not torch.isfinite(enc.kv).all():
+            lo, hi = torch.aminmax(enc.kv)  # NaN and ±inf show in the extremes (one pass, no temporaries)
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise M3Error(
                     f"{self.bank.path}: a retrieved memory holds values that are not finite numbers "
                     "(the file is damaged; see m3 inspect --verify)"
@@ -41,17 +47,33 @@ class MemoryCache:
             self._items.popitem(last=False)
         return out
 
-    def stack(self, per_sequence: list[list[int]], n_slots: int, shape) -> tuple:
-        """(kv (B, S, ...), valid (B, S, ...)) with sequence b's references in its first slots."""
+    def stack(self, per_sequence: list[list[int | None]], n_slots: int, shape) -> tuple:
+        """(kv (B, S, ...), valid (B, S, ...)) with sequence b's references in its first slots
+        (None, and slots past a sequence's references: empty, all zero and invalid)."""
         B = len(per_sequence)
         L, two, H, K, D = shape
-        kv = torch.zeros((B, n_slots, L, two, H, K, D), dtype=self.dtype, device=self.device)
-        valid = torch.zeros((B, n_slots, L, H, K), dtype=torch.bool, device=self.device)
         flat = [r for refs in per_sequence for r in refs if r is not None]
         got = iter(self.get(flat))
-        for b, refs in enumerate(per_sequence):
-            for s, r in enumerate(refs):
+        empty = None
+        kvs, valids = [], []
+        for refs in per_sequence:
+            row = list(refs) + [None] * (n_slots - len(refs))
+            for r in row:
                 if r is None:
-                    continue
-                kv[b, s], valid[b, s] = next(got)
-        return kv, valid
+                    if empty is None:
+                        empty = (
+                            torch.zeros((L, two, H, K, D), dtype=self.dtype, device=self.device),
+                            torch.zeros((L, H, K), dtype=torch.bool, device=self.device),
+                        )
+                    kv, ok = empty
+                else:
+                    kv, ok = next(got)
+                kvs.append(kv)
+                valids.append(ok)
+        if not kvs:
+            return (
+                torch.zeros((B, n_slots, L, two, H, K, D), dtype=self.dtype, device=self.device),
+                torch.zeros((B, n_slots, L, H, K), dtype=torch.bool, device=self.device),
+            )
+        kv = torch.stack(kvs).view(B, n_slots, L, two, H, K, D)
+        return kv, torch.stack(valids).view(B, n_slots, L, H, K)

@@ -16,7 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import ATTENTION_IMPLS, KVCache, Memory, MemoryEncoding, masked_logits, reader_attention
+from .attention import (
+    ATTENTION_IMPLS,
+    Front,
+    KVCache,
+    Memory,
+    MemoryEncoding,
+    attention_sdpa,
+    masked_logits,
+    merged_reader_attention,
+    merged_reader_available,
+    reader_attention,
+)
 from .config import M3Config
 
 # The retriever-score prior's unit: the retriever scores (cosines) of a chunk's hits differ by
@@ -26,11 +37,14 @@ from .config import M3Config
 SCORE_UNIT = 1000.0
 
 # How a layer whose memory reader reads computes attention: "split" (`reader_attention`: explicit,
-# copies nothing, materialises the (T, keys) logits), "doubled" (one fused SDPA call over doubled
-# heads, which copies the keys and values into doubled width) or "auto": split for calls of at most
-# SPLIT_MAX_TOKENS tokens (decoding, where the doubled form would copy the whole cache in every
-# layer at every step, and a prompt prefilled a chunk at a time), doubled for the rest (one-call
-# prefill, training: the fused kernel never holds the logits).
+# copies nothing, materialises the (T, keys) logits), "merged" (`merged_reader_attention`: two
+# calls of the fused CPU kernel merged by their log-sum-exps; CPU inference only), "doubled" (one
+# fused SDPA call over doubled heads, which copies the keys and values into doubled width) or
+# "auto": merged for a call of several tokens where it can run (a prompt's prefill on a CPU: about
+# half the split form's time at a 64-token block of batch 8, a little under the doubled form's at
+# one 256-token call); else split for calls of at most SPLIT_MAX_TOKENS tokens (decoding, where
+# the doubled form would copy the whole cache in every layer at every step; a single token is
+# faster split than merged), doubled for the rest (training: the fused kernel never holds the logits).
 READER_ATTENTION = "auto"
 SPLIT_MAX_TOKENS = 64
 
@@ -96,12 +110,13 @@ class Attention(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         attn_fn,
-        extra_kv: tuple[Tensor, Tensor] | None = None,
+        extra_kv: Front | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
         capture: dict | None = None,
         probe: tuple | None = None,
         n_sink: int = 0,
+        mem_bias: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
 
@@ -111,6 +126,8 @@ class Attention(nn.Module):
         `capture`, when given, receives the pre-RoPE q/k and the post-RoPE k and v of this
         call's tokens. `probe` = (out, start, slots, k): append to `out` the share of attention
         (B, T, slots) that each memory slot's k keys, starting at key `start`, received.
+        mem_bias (B, H, memory keys): added to the logits of the memory keys (the retriever-score
+        prior, `Memory3Model.score_bias`), the same for every query token.
         """
         B, T, _ = x.shape
         D = self.head_dim
@@ -119,27 +136,44 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
         if capture is not None:
             capture["q"], capture["k"] = q, k
-        n_front = 0 if extra_kv is None else extra_kv[0].shape[2]
+        n_front = 0 if extra_kv is None else extra_kv.length
         reads = self.reader_rank > 0 and n_front > n_sink  # this call reads memories
-        if reads:
+        if reads:  # q, the query delta and k rotated by one call (fewer small kernels per decoding step)
             dq = F.linear(F.linear(x, self.mem_q_a), self.mem_q_b).view(B, T, self.n_heads, D).transpose(1, 2)
-            dq = apply_rope(dq, cos, sin)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, dq, k = apply_rope(torch.cat([q, dq, k], dim=1), cos, sin).split(
+                [self.n_heads, self.n_heads, self.n_kv_heads], dim=1
+            )
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if capture is not None:
             capture["k_rope"], capture["v"] = k, v
         if cache is not None:
             k, v = cache.update(layer, k, v, front=extra_kv)
         elif extra_kv is not None:
-            k = torch.cat([extra_kv[0].to(k.dtype), k], dim=2)
-            v = torch.cat([extra_kv[1].to(v.dtype), v], dim=2)
-        split = READER_ATTENTION == "split" or (READER_ATTENTION == "auto" and T <= SPLIT_MAX_TOKENS)
-        if reads and split:  # explicitly, no doubled copy of the keys and values (`reader_attention`)
-            out, mem, probs = reader_attention(q, dq, k, v, mask, n_sink, n_front, probe=probe is not None)
+            fk, fv = extra_kv.tensors()
+            k = torch.cat([fk.to(k.dtype), k], dim=2)
+            v = torch.cat([fv.to(v.dtype), v], dim=2)
+        form = READER_ATTENTION
+        if form == "auto":
+            if T > 1 and probe is None and attn_fn is attention_sdpa and merged_reader_available(q):
+                form = "merged"
+            else:
+                form = "split" if T <= SPLIT_MAX_TOKENS else "doubled"
+        if mem_bias is not None and not (reads and form in ("split", "merged")):  # a float mask carries it
+            mask = with_key_bias(mask, mem_bias.to(q.dtype), n_sink, k.shape[2])
+            mem_bias = None
+        if reads and form == "merged":  # two fused kernel calls, no copies (`merged_reader_attention`)
+            out, mem = merged_reader_attention(q, dq, k, v, mask, n_sink, n_front, bias=mem_bias)
+        elif reads and form == "split":  # explicitly, no doubled copy of the keys and values (`reader_attention`)
+            out, mem, probs = reader_attention(
+                q, dq, k, v, mask, n_sink, n_front, probe=probe is not None, bias=mem_bias
+            )
             if probe is not None and probs is not None:
                 self._probe(probs, probe)
-            mem = mem.transpose(1, 2).reshape(B, T, self.n_heads * D)
-            y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * D))
-            return y + F.linear(F.linear(mem, self.mem_o_a), self.mem_o_b)
+        if reads and form in ("split", "merged"):
+            mem = F.linear(mem.transpose(1, 2).reshape(B * T, self.n_heads * D), self.mem_o_a)  # (B*T, rank)
+            y = self.o_proj(out.transpose(1, 2).reshape(B * T, self.n_heads * D))
+            return torch.addmm(y, mem, self.mem_o_b.T).view(B, T, -1)  # y + mem_o_b @ mem
         if reads:
             # one attention call over doubled heads: [q | dq] . [k | k on memory keys, else 0] is
             # q.k for the sink and the context and (q + dq).k for memories; the second half of
@@ -169,6 +203,17 @@ class Attention(nn.Module):
         B, H, T, _ = probs.shape
         mass = probs.nan_to_num(0.0)[..., start : start + slots * k_top].reshape(B, H, T, slots, k_top).sum(-1)
         out_list.append(mass.mean(1))
+
+
+def with_key_bias(mask: Tensor | None, bias: Tensor, start: int, n_keys: int) -> Tensor:
+    """A float mask: `bias` (B, H, M) added to keys start..start+M-1 for every query token, the
+    bool `mask` (broadcastable to (B, H, T, n_keys); None = all visible) as 0 / -inf elsewhere."""
+    B, H, M = bias.shape
+    row = bias.new_zeros((B, H, 1, n_keys))
+    row[..., start : start + M] = bias[:, :, None, :]
+    if mask is None:
+        return row
+    return torch.where(mask, row, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
 
 
 class MLP(nn.Module):
@@ -318,12 +363,23 @@ class Memory3Model(nn.Module):
                 h = layer(h, cos, sin, ctx, attn_fn, cache=cache, layer=i)
         else:
             extra, masks = self._memory_plan(memory, ctx, B, T, past, h.dtype)
+            bias = self.score_bias(memory)  # (n_mem_layers, B, H, S*k) or None
             S, k_top, p = memory.n_slots, memory.kv.shape[5], memory.sink.shape[3]
             for i, layer in enumerate(self.layers):
-                mem = i in self._mem_index
-                probe = (attention_probe, p, S, k_top) if mem and attention_probe is not None else None
+                m = self._mem_index.get(i)
+                probe = (attention_probe, p, S, k_top) if m is not None and attention_probe is not None else None
                 h = layer(
-                    h, cos, sin, masks(i), attn_fn, extra_kv=extra[i], cache=cache, layer=i, probe=probe, n_sink=p
+                    h,
+                    cos,
+                    sin,
+                    masks(i),
+                    attn_fn,
+                    extra_kv=extra[i],
+                    cache=cache,
+                    layer=i,
+                    probe=probe,
+                    n_sink=p,
+                    mem_bias=None if bias is None or m is None else bias[m],
                 )
         if last_only:
             h = h[:, -1:]
@@ -358,17 +414,11 @@ class Memory3Model(nn.Module):
         k_top = memory.kv.shape[5]
         extra, key_ok = [], {}
         for layer in range(cfg.n_layers):
-            sink_k = memory.sink[layer, 0].to(dtype)[None].expand(B, -1, -1, -1)  # (B, Hkv, p, D)
-            sink_v = memory.sink[layer, 1].to(dtype)[None].expand(B, -1, -1, -1)
             m = self._mem_index.get(layer)
-            if m is None:
-                extra.append((sink_k.contiguous(), sink_v.contiguous()))
-                continue
-            kv = memory.kv[:, :, m].to(dtype)  # (B, S, 2, Hkv, k, D)
-            mem_k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)  # (B, Hkv, S*k, D)
-            mem_v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(B, cfg.n_kv_heads, S * k_top, -1)
-            extra.append((torch.cat([sink_k, mem_k], dim=2), torch.cat([sink_v, mem_v], dim=2)))
-            key_ok[layer] = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, S * k_top)
+            # [sink] or [sink | slot 0's k tokens | …], built where they are read (`Front`)
+            extra.append(Front(memory.sink[layer], None if m is None else memory.kv[:, :, m], B, dtype))
+            if m is not None:
+                key_ok[layer] = memory.valid[:, :, m].permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, S * k_top)
         # whether every memory layer and head has the same real keys, and whether all are real: one
         # host sync, none when the caller knows (`Memory.prepared["valid_flags"]`, a trainer's)
         flags = memory.prepared.get("valid_flags")
@@ -391,29 +441,16 @@ class Memory3Model(nn.Module):
 
         Memory layers attend to [sink | memories | context], the others to [sink | context].
         A row that reads no memory sees no sink. When every key is visible the mask is None.
-        With the retriever-score prior and scores on the memory, a memory layer's mask is float:
-        the bool mask as 0 / -inf plus each slot's bias on its keys (`score_bias`).
+        Masks are bool; the retriever-score prior's bias (`score_bias`) travels beside them
+        (`Attention.forward`'s mem_bias), so a mask is built once per call, not once per layer.
         """
         cfg = self.config
         prep = self.prepare_memory(memory, dtype)
         extra = prep["extra"]
         S, k_top, p = memory.n_slots, memory.kv.shape[5], memory.sink.shape[3]
         device = memory.kv.device
-        bias = self.score_bias(memory)  # (n_mem_layers, B, H, S*k) or None
-
-        def biased(layer: int, m: Tensor | None) -> Tensor | None:
-            if bias is None or layer not in self._mem_index:
-                return m
-            b = bias[self._mem_index[layer]].to(dtype)  # (B, H, S*k)
-            zeros = b.new_zeros(())
-            row = torch.cat([zeros.expand(B, cfg.n_heads, p), b, zeros.expand(B, cfg.n_heads, past + T)], dim=-1)
-            row = row[:, :, None, :]  # (B, H, 1, keys): the same bias for every query token
-            if m is None:
-                return row
-            return torch.where(m, row, torch.tensor(float("-inf"), dtype=dtype, device=device))  # (B, H, T, keys)
-
         if memory.visible is None and prep["all_real"] and ctx is None:
-            return extra, lambda i: biased(i, None)  # one decoding step reading real memories, no padding
+            return extra, lambda i: None  # one decoding step reading real memories, no padding
         group = cfg.n_heads // cfg.n_kv_heads
         slot_has = memory.valid.flatten(2).any(-1).to(device)  # (B, S)
         if memory.visible is None:
@@ -435,12 +472,9 @@ class Memory3Model(nn.Module):
             if layer not in self._mem_index:
                 return plain
             if shared is not None:
-                return biased(layer, shared)
+                return shared
             mem = (vis & prep["key_ok"][layer][:, :, None, :]).repeat_interleave(group, dim=1)  # (B, H, T, S*k)
-            return biased(
-                layer,
-                torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem, ctx.expand(B, cfg.n_heads, T, -1)], dim=-1),
-            )
+            return torch.cat([sink_mask.expand(B, cfg.n_heads, T, p), mem, ctx.expand(B, cfg.n_heads, T, -1)], dim=-1)
 
         return extra, masks
 

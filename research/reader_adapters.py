@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m3cli.attention import Memory  # noqa: E402
 from m3cli.checkpoint import load_model_dir, load_tokenizer  # noqa: E402
 from m3cli.corpus import reference_ids  # noqa: E402
-from m3cli.model import apply_rope, rope_cos_sin  # noqa: E402
+from m3cli.model import apply_rope, rope_cos_sin, with_key_bias  # noqa: E402
 
 
 def read_jsonl(p):
@@ -188,7 +188,7 @@ class MemQ(nn.Module):
 
     def forward(self, x, cos, sin, mask, attn_fn, extra_kv=None, cache=None, layer=0, **kw):
         a = self.attn
-        if extra_kv is None or extra_kv[0].shape[2] <= self.p:
+        if extra_kv is None or extra_kv.length <= self.p:
             return a(x, cos, sin, mask, attn_fn, extra_kv=extra_kv, cache=cache, layer=layer)
         B, T, _ = x.shape
         H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
@@ -197,12 +197,15 @@ class MemQ(nn.Module):
         v = a.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         dq = F.linear(F.linear(x, self.qa), self.qb).view(B, T, H, D).transpose(1, 2)
         q, k, dq = apply_rope(q, cos, sin), apply_rope(k, cos, sin), apply_rope(dq, cos, sin)
-        n_front = extra_kv[0].shape[2]
+        n_front = extra_kv.length
         if cache is not None:
             k, v = cache.update(layer, k, v, front=extra_kv)
         else:
-            k = torch.cat([extra_kv[0].to(k.dtype), k], 2)
-            v = torch.cat([extra_kv[1].to(v.dtype), v], 2)
+            fk, fv = extra_kv.tensors()
+            k = torch.cat([fk.to(k.dtype), k], 2)
+            v = torch.cat([fv.to(v.dtype), v], 2)
+        if kw.get("mem_bias") is not None:  # the retriever-score prior's bias, in the mask
+            mask = with_key_bias(mask, kw["mem_bias"].to(q.dtype), self.p, k.shape[2])
         is_mem = torch.zeros(k.shape[2], 1, dtype=k.dtype)
         is_mem[self.p:n_front] = 1
         k2, v2, q2 = torch.cat([k, k * is_mem], -1), torch.cat([v, v * is_mem], -1), torch.cat([q, dq], -1)

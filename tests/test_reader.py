@@ -496,3 +496,37 @@ def test_a_text_never_reads_the_document_it_excludes(base, tmp_path):
     bad.write_text(json.dumps({"text": "x", "exclude_document": 3}) + "\n")
     with pytest.raises(M3Error, match="exclude_document"):
         read_examples(str(bad))
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("masked", [False, True])
+def test_merged_reader_attention_is_the_explicit_form(T, masked):
+    """`merged_reader_attention` (two fused CPU kernel calls merged by their log-sum-exps: what a
+    prompt's prefill uses on a CPU) computes `reader_attention`'s output and memory contribution,
+    with grouped heads, the score prior's bias, per-head masks, a row that reads no memory (nor
+    the sink) and a row whose memory keys are partly hidden."""
+    from m3cli.attention import merged_reader_attention, merged_reader_available, reader_attention
+
+    g = torch.Generator().manual_seed(T)
+    B, H, Hkv, D, p, M, ctx = 3, 6, 2, 8, 2, 10, 9
+    N = p + M + ctx
+    q, dq = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    bias = -torch.rand(B, H, M, generator=g) * 3
+    mask = None
+    if masked:
+        causal = torch.ones(T, ctx, dtype=torch.bool).tril(ctx - T)
+        mask = torch.cat([torch.ones(T, p + M, dtype=torch.bool), causal], -1)[None, None].repeat(B, H, 1, 1)
+        mask[0, :, :, : p + M] = False  # reads no memory
+        mask[1, 1::2, :, p + 3 : p + 8] = False  # some heads see fewer memory keys
+    with torch.no_grad():
+        assert merged_reader_available(q)
+        want = reader_attention(q, dq, k, v, mask, p, p + M, bias=bias)
+        got = merged_reader_attention(q, dq, k, v, mask, p, p + M, bias=bias)
+        plain = merged_reader_attention(q, dq, k, v, mask, p, p + M)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    if masked:
+        assert torch.all(got[1][0] == 0)  # the row that reads no memory gets nothing from it
+    assert not torch.allclose(plain[0], got[0], atol=1e-3)  # the bias is read
+    assert not merged_reader_available(q.requires_grad_())  # gradients: the explicit form

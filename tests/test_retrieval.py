@@ -3,7 +3,9 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 from m3cli.bank import Bank
 from m3cli.embed import minilm_dir
@@ -238,3 +240,20 @@ def test_interrupted_embedding_resumes(bank, monkeypatch):
 
         np.testing.assert_allclose(retrieval.embeddings_of(b), want, atol=1e-3)
     assert not spool.exists()
+
+
+def test_minilm_in_bfloat16_embeds_as_in_float32():
+    """On a CPU with native bfloat16 (`cpu_has_bf16`) the encoder's matrix products run in it:
+    the embeddings agree with float32's to far below the float16 a bank stores them in, and rank
+    the same texts first."""
+    from m3cli.embed import HFEncoder, minilm_dir
+
+    enc = HFEncoder(minilm_dir(), "mean", "minilm", torch.device("cpu"))
+    texts = [d["text"] for d in DOCS] + ["which city is the capital of italy?", "a greeting to the world"]
+    enc.bf16 = False
+    exact = enc.embed(texts)
+    enc.bf16 = True
+    fast = enc.embed(texts)
+    assert not np.array_equal(exact, fast)  # the bfloat16 path ran
+    assert float((exact * fast).sum(1).min()) > 0.9999
+    assert np.array_equal((exact @ exact.T).argsort(1)[:, -2:], (fast @ fast.T).argsort(1)[:, -2:])
