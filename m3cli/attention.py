@@ -100,7 +100,7 @@ def reader_attention(
     if end > start:  # in place: a product's backward does not need its output
         logits[..., start:end] += ((dq.to(q.dtype) * scale).reshape(B, Hkv, g * T, D) @ k[:, :, start:end].mT).float()
         if bias is not None:  # rows are (head in group, token): the bias broadcasts over tokens
-            logits.view(B, Hkv, g, T, N)[..., start:end] += bias.float().view(B, Hkv, g, 1, end - start)
+            logits.view(B, Hkv, g, T, N)[..., start:end] += bias.float().reshape(B, Hkv, g, 1, end - start)
     logits = masked_logits(logits.view(B, H, T, N), mask)
     probs = torch.softmax(logits, dim=-1)
     pv = probs.to(v.dtype).view(B, Hkv, g * T, N)
@@ -110,14 +110,27 @@ def reader_attention(
 
 
 # torch's fused CPU attention kernel, which also returns each row's log-sum-exp (the public
-# scaled_dot_product_attention does not); None where this build lacks it
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# scaled_dot_product_attention does not); None where this build lacks it or predates 2.9 (before
+# it, the kernel indexed keys by query head: grouped-query attention read past the keys)
+_FLASH_CPU = (
+    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if torch.torch_version.TorchVersion(torch.__version__) >= "2.9"
+    else None
+)
+MERGED_MAX_TOKENS = 512  # longer calls: its float mask over the front keys grows with tokens x memories
 
 
 def merged_reader_available(q: Tensor) -> bool:
-    """Whether `merged_reader_attention` can run for q: on a CPU, with the fused kernel, without
-    gradients (the kernel's log-sum-exp has none)."""
-    return _FLASH_CPU is not None and q.device.type == "cpu" and not torch.is_grad_enabled()
+    """Whether `merged_reader_attention` can run for q (B, H, T, D): float32 on a CPU, with the
+    fused kernel, at most MERGED_MAX_TOKENS tokens, without gradients (the kernel's log-sum-exp
+    has none; in bfloat16 the sink's correction would be rounded)."""
+    return (
+        _FLASH_CPU is not None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and q.shape[2] <= MERGED_MAX_TOKENS
+        and not torch.is_grad_enabled()
+    )
 
 
 def merged_reader_attention(
@@ -150,8 +163,10 @@ def merged_reader_attention(
         front_mask.masked_fill_(~mask[..., :end], ninf)
     qf = q + dq.to(dtype)
     out_f, lse_f = _FLASH_CPU(qf, k[:, :, :end], v[:, :, :end], attn_mask=front_mask)
-    if mask is not None:  # a row that sees no front key: the kernel gives it log-sum-exp 0, make it -inf
-        lse_f = lse_f.masked_fill(~mask[..., :end].any(-1), ninf)
+    if mask is not None:  # a row that sees no front key reads nothing from it, whatever the kernel gives
+        seen = mask[..., :end].any(-1)
+        lse_f = lse_f.masked_fill(~seen, ninf)
+        out_f = torch.where(seen[..., None], out_f, 0)
     lse = torch.logaddexp(lse_c, lse_f)
     out_f = out_f * torch.exp(lse_f - lse)[..., None].to(dtype)  # the front's share of the output
     mem = out_f
@@ -352,7 +367,7 @@ class KVCache:
         self._v: list[Tensor | None] = [None] * n_layers
         self._reserve = [0] * n_layers  # slots kept for the front region
         self._front = [0] * n_layers  # front length currently written
-        self._front_src: list[object] = [None] * n_layers  # the tensor the front was copied from
+        self._front_src: list[object] = [None] * n_layers  # the `Front` last written there
         self._len = [0] * n_layers
 
     @property

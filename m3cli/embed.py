@@ -35,7 +35,9 @@ def cpu_has_bf16() -> bool:
     """True when this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX), where
     an encoder's matrix products run ~2.5x faster in bfloat16 (measured on a 2-core EPYC: 40
     MiniLM queries 0.50 s -> 0.19 s, cosine to the float32 embedding >= 0.99998, below the
-    float16 precision a bank stores embeddings in). Elsewhere bfloat16 is emulated and slower."""
+    float16 precision a bank stores embeddings in). Elsewhere bfloat16 is emulated and slower.
+    Used for MiniLM only; a bank's embeddings then differ between such CPUs and others by that
+    much, which can reorder near-ties."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
@@ -138,7 +140,7 @@ class HFEncoder:
         except (OSError, ValueError) as e:
             raise M3Error(f"cannot load the encoder in {path}: {str(e).splitlines()[0]}") from None
         self.device, self.max_length, self.pooling = device, max_length, pooling
-        self.bf16 = cpu_has_bf16()
+        self.bf16 = name == "minilm" and cpu_has_bf16()  # measured for MiniLM; other encoders as they are
         self.spec = EmbedderSpec(name, int(self.model.config.hidden_size), pooling, _dir_fingerprint(path))
 
     @torch.inference_mode()

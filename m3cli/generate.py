@@ -310,7 +310,7 @@ class Generator:
             idx = idx.clamp_max(S - 1)
             sc = slot_chunk.gather(1, idx).masked_fill(~inside, -1)
             visible = (tc[:, :, None] == sc[:, None, :]) & (sc[:, None, :] >= 0)
-            f0, f1 = int(first.min()), int(first.max())
+            f0, f1 = torch.stack([first.min(), first.max()]).tolist()
             if f0 == f1 and (f0 + spans) * m <= S:  # every sequence at the same slots: views, no gather
                 sl = slice(f0 * m, (f0 + spans) * m)
                 scores = None if memory.scores is None else memory.scores[:, sl]

@@ -16,8 +16,8 @@ class MemoryCache:
     used evicted first. `get` decodes all missing references of a call in one bank read.
 
     A bf16 bank's memories are kept as stored (bfloat16: exact, half the bytes of float32 and no
-    conversion on load); the model converts them once per layer where it reads them
-    (`Memory3Model.prepare_memory`). Other codecs are kept in the model's dtype."""
+    conversion on load); they are converted where a layer reads them (`attention.Front`).
+    Other codecs are kept in the model's dtype."""
 
     def __init__(self, bank, device: torch.device, dtype: torch.dtype, capacity: int = 4096) -> None:
         self.bank, self.device, self.capacity = bank, device, capacity

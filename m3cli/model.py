@@ -154,6 +154,8 @@ class Attention(nn.Module):
             k = torch.cat([fk.to(k.dtype), k], dim=2)
             v = torch.cat([fv.to(v.dtype), v], dim=2)
         form = READER_ATTENTION
+        if form == "merged" and not merged_reader_available(q):
+            raise ValueError("the merged reader attention runs on a CPU in float32, without gradients")
         if form == "auto":
             if T > 1 and probe is None and attn_fn is attention_sdpa and merged_reader_available(q):
                 form = "merged"
@@ -403,9 +405,10 @@ class Memory3Model(nn.Module):
         return ((causal[None] & key_mask.to(device)[:, None, :]) | itself[None])[:, None]
 
     def prepare_memory(self, memory: Memory, dtype: torch.dtype) -> dict:
-        """The per-layer keys/values placed before the context, computed once per `Memory` and
-        kept on it: non-memory layers get [sink], memory layers [sink | slot 0's k tokens | …].
-        Also which memory keys are real, per memory layer: (B, Hkv, S*k) bool."""
+        """The per-layer keys/values placed before the context (`Front`s, built where they are
+        read), made once per `Memory` and kept on it: non-memory layers get [sink], memory layers
+        [sink | slot 0's k tokens | …]. Also which memory keys are real, per memory layer:
+        (B, Hkv, S*k) bool."""
         key = ("prepared", dtype)
         if key in memory.prepared:
             return memory.prepared[key]

@@ -529,4 +529,11 @@ def test_merged_reader_attention_is_the_explicit_form(T, masked):
     if masked:
         assert torch.all(got[1][0] == 0)  # the row that reads no memory gets nothing from it
     assert not torch.allclose(plain[0], got[0], atol=1e-3)  # the bias is read
-    assert not merged_reader_available(q.requires_grad_())  # gradients: the explicit form
+    assert not merged_reader_available(q)  # gradients on: the explicit form
+    with torch.no_grad():
+        assert not merged_reader_available(q.bfloat16())  # bfloat16: the explicit form
+        shared = None if mask is None else mask[:, :1] & mask[:, 1:2]  # one mask for every head (B, 1, T, N)
+        want = reader_attention(q, dq, k, v, shared, p, p + M, bias=bias)
+        got = merged_reader_attention(q, dq, k, v, shared, p, p + M, bias=bias)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)

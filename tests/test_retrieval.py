@@ -256,4 +256,7 @@ def test_minilm_in_bfloat16_embeds_as_in_float32():
     fast = enc.embed(texts)
     assert not np.array_equal(exact, fast)  # the bfloat16 path ran
     assert float((exact * fast).sum(1).min()) > 0.9999
-    assert np.array_equal((exact @ exact.T).argsort(1)[:, -2:], (fast @ fast.T).argsort(1)[:, -2:])
+    sims, fast_sims = exact @ exact.T - 2 * np.eye(len(texts)), fast @ fast.T - 2 * np.eye(len(texts))
+    top2 = np.sort(sims, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3  # the nearest other text, where it is not a near-tie
+    assert clear.any() and np.array_equal(sims.argmax(1)[clear], fast_sims.argmax(1)[clear])
