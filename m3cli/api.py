@@ -204,7 +204,7 @@ class Model:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int = 0,
-        chat: bool = False,
+        chat: bool | None = None,
         max_overlap: float | None = None,
         max_gap: float | None = None,
         retrieve_every: int = 64,
@@ -212,7 +212,9 @@ class Model:
         on_text=None,
     ):
         """Complete a prompt (an Answer) or several (a list, generated as one batch). mode: memory
-        (default with a bank), rag or none. on_text(i, piece) receives text as it is generated."""
+        (default with a bank), rag or none. chat: the prompt in the model's chat template (True),
+        as written (False), or where the model's tokenizer has one (None, as `m3 generate`).
+        on_text(i, piece) receives text as it is generated."""
         from .generate import Options
 
         mode = mode or ("memory" if bank is not None else "none")

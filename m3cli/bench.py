@@ -198,10 +198,10 @@ def run_bench(
     texts, ids = bench_prompts(bank, gen.tokenizer, max(batches), prompt_len)
 
     if "rag" in modes:
-        _fit_rag(gen, texts, Options(mode="rag", memories=memories), cfg.context_length - new_tokens)
+        _fit_rag(gen, texts, Options(mode="rag", memories=memories, chat=False), cfg.context_length - new_tokens)
 
     def once(mode: str, B: int, n_new: int) -> dict:
-        opts = Options(mode=mode, max_new_tokens=n_new, stop_at_eos=False, memories=memories)
+        opts = Options(mode=mode, max_new_tokens=n_new, stop_at_eos=False, memories=memories, chat=False)
         if gen.memory_cache is not None:
             gen.memory_cache._items.clear()
         if cold and bank is not None:

@@ -97,7 +97,7 @@ def evaluate(
     max_overlap: float | None = 0.67,
     memories: int = 5,
     texts: list[str] | None = None,
-    chat: bool = False,
+    chat: bool | None = None,
     progress=None,
     max_gap: float | None = None,
     score_prior: bool = True,

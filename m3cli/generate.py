@@ -65,7 +65,7 @@ class Options:
     retrieve_every: int = 64
     max_overlap: float | None = None
     max_gap: float | None = None  # drop hits scoring more than this below the chunk's best (None = keep top-k)
-    chat: bool = False
+    chat: bool | None = None  # the prompt in the chat template; None: where the model's tokenizer has one
     stop_at_eos: bool = True
     cite: bool = False  # measure the attention share of every memory (costs an explicit softmax)
     templated: bool = False  # prompts already hold the chat template's text: add no special tokens
@@ -349,8 +349,18 @@ class Generator:
             return [self.tokenizer.decode(ids[s:e], skip_special_tokens=True) for s, e in spans]
         return self.chat_queries(ids, users, spans)
 
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def uses_chat(self, opts: Options) -> bool:
+        """Whether prompts go in the chat template: --chat/--no-chat, or by default (None) where the
+        model's tokenizer has one (an instruct model's reader is trained on its chat turns)."""
+        if opts.chat is None:
+            return not opts.templated and self.has_chat_template()
+        return opts.chat
+
     def _chat(self, text: str) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.has_chat_template():
             raise M3Error("--chat: this model's tokenizer has no chat template")
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -359,14 +369,14 @@ class Generator:
     def encode_prompt(self, prompt: str, opts: Options, context: list[str] | None = None) -> list[int]:
         """Token ids of a prompt: with the references' text in front (rag), in the chat template."""
         text = prompt if not context else "\n\n".join(context) + "\n\n" + prompt
-        if opts.chat:
+        if self.uses_chat(opts):
             return [int(i) for i in self.tokenizer(self._chat(text), add_special_tokens=False)["input_ids"]]
         return [int(i) for i in self.tokenizer(text, add_special_tokens=not opts.templated)["input_ids"]]
 
     def user_tokens(self, prompt: str, opts: Options) -> list[bool] | None:
-        """With --chat, which of encode_prompt's tokens hold the user's text (`user_token_mask`);
-        None without --chat."""
-        if not opts.chat or not prompt:
+        """In the chat template, which of encode_prompt's tokens hold the user's text
+        (`user_token_mask`); None for a plain prompt."""
+        if not self.uses_chat(opts) or not prompt:
             return None
         return user_token_mask(self.tokenizer, prompt, self._chat(prompt))
 

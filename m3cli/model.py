@@ -329,6 +329,7 @@ class Memory3Model(nn.Module):
         last_only: bool = False,
         attention_probe: list | None = None,
         segment_ids: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states if return_hidden.
 
@@ -341,6 +342,9 @@ class Memory3Model(nn.Module):
         memory slot got, (B, T, slots) — for citations; costs an explicit softmax.
         segment_ids (B, T): packed training rows; a token attends only to earlier tokens of its
         own segment (no cache, no key_mask).
+        rope: the (cos, sin) tables `rope_cos_sin` gives for these positions in the embeddings'
+        dtype, computed by the caller (a compiled training step takes them as inputs: inside the
+        graph the compiler recomputed them, in float64, in every layer's kernels).
         """
         B, T = input_ids.shape
         cfg = self.config
@@ -349,7 +353,9 @@ class Memory3Model(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device) + cfg.context_offset  # (T,)
         h = self.embed(input_ids)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        if rope is None:
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        cos, sin = rope
         if segment_ids is not None:
             if cache is not None or key_mask is not None:
                 raise ValueError("segment_ids cannot be combined with a cache or a key_mask")

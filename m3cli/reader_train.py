@@ -213,6 +213,7 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         weights_fingerprint,
     )
     from .device import resolve_device
+    from .model import rope_cos_sin
     from .reader import save_reader
     from .train import _sha, batch_indices, lr_at, memory_overrides, pad_fill, step_progress
 
@@ -442,7 +443,8 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
         memory.prepared["readable"] = True
         memory.prepared["valid_flags"] = (True, False)  # (uniform, all real): False is always safe
         position = t_position[idx] + cfg.context_offset
-        return (t_ids[idx], t_targets[idx], t_segment[idx], position, memory, to_device(scored), len(scored))
+        rope = rope_cos_sin(position, cfg.head_dim, cfg.rope_theta, raw.embed.weight.dtype)  # outside the graph
+        return (t_ids[idx], t_targets[idx], t_segment[idx], rope, memory, to_device(scored), len(scored))
 
     profiler = None
     if args.profile and accelerator.is_main_process:
@@ -473,9 +475,9 @@ def train_reader(args, resume: bool = False, force: bool = False, show_progress:
                 lr = args.lr * lr_at(step, args)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                ids, targets, segment, position, memory, sel, n_scored = batch(step)
+                ids, targets, segment, rope, memory, sel, n_scored = batch(step)
                 with accelerator.autocast():
-                    h = forward(ids, memory=memory, position_ids=position, segment_ids=segment, return_hidden=True)
+                    h = forward(ids, memory=memory, rope=rope, segment_ids=segment, return_hidden=True)
                     logits = F.linear(h.flatten(0, 1)[sel], raw.output_weight())  # scored positions only
                     loss = F.cross_entropy(logits.float(), targets.flatten()[sel])
                 accelerator.backward(loss)

