@@ -196,6 +196,69 @@ def merged_reader_attention(
     return torch.addcmul(out_f, out_c, torch.exp(lse_c - lse)[..., None].to(dtype)), mem
 
 
+def aligned_reader_attention(
+    q: Tensor,
+    dq: Tensor | None,
+    k: Tensor,
+    v: Tensor,
+    start: int,
+    end: int,
+    chunk: int,
+    bias: Tensor | None = None,
+    key_ok: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """A prompt's attention from its first token when memory is chunk-aligned: token t's chunk is
+    t // `chunk`, every chunk reads its own equal share of the memory keys (start..end-1, in chunk
+    order), each chunk has a real key in every head (`key_ok` (B, 1 or Hkv, end-start): which are;
+    None: all) and every token reads memory (so sees the sink, 0..start-1). Three
+    calls of the fused CPU kernel, merged by their log-sum-exps, none with a (tokens x keys) mask:
+    the context (from `end` on, exactly these T tokens) causally with q; the sink with q; and the
+    memories with q + dq (q in a layer without a reader: dq None), the chunks batched as rows so
+    each reads only its own keys, `bias` (B, H, end-start) added to their logits. Returns (out,
+    mem): mem is what the memories contribute (None without dq). Same conditions as `merged_reader_available`."""
+    assert _FLASH_CPU is not None
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[2] - end != T:
+        raise ValueError("aligned_reader_attention reads a prompt from its first token (no cached context)")
+    out_c, lse_c = _FLASH_CPU(q, k[:, :, end:], v[:, :, end:], is_causal=True)
+    parts = [(out_c, lse_c)]
+    if start:
+        parts.append(_FLASH_CPU(q, k[:, :, :start], v[:, :, :start]))
+    if end > start:
+        n = -(-T // chunk)  # chunks, the last one possibly short
+        per = (end - start) // n
+        if per * n != end - start:
+            raise ValueError(f"{end - start} memory keys do not split evenly over {n} chunks")
+        qf = q if dq is None else q + dq.to(q.dtype)
+        if n * chunk != T:
+            qf = F.pad(qf, (0, 0, 0, n * chunk - T))
+        qf = qf.view(B, H, n, chunk, D).transpose(1, 2).reshape(B * n, H, chunk, D)
+        kf = k[:, :, start:end].reshape(B, Hkv, n, per, D).transpose(1, 2).reshape(B * n, Hkv, per, D)
+        vf = v[:, :, start:end].reshape(B, Hkv, n, per, D).transpose(1, 2).reshape(B * n, Hkv, per, D)
+        mask = None  # the same for every token of a chunk: broadcast over them
+        if bias is not None or key_ok is not None:
+            heads = H if bias is not None or (key_ok is not None and key_ok.shape[1] > 1) else 1
+            mask = q.new_zeros((B, heads, end - start)) if bias is None else bias.to(q.dtype)
+            if key_ok is not None:
+                ok = key_ok if key_ok.shape[1] == 1 else key_ok.repeat_interleave(H // Hkv, dim=1)
+                mask = mask.masked_fill(~ok, float("-inf"))
+            mask = mask.reshape(B, heads, n, 1, per).transpose(1, 2).reshape(B * n, heads, 1, per)
+        out_f, lse_f = _FLASH_CPU(qf, kf, vf, attn_mask=mask)
+        out_f = out_f.view(B, n, H, chunk, D).transpose(1, 2).reshape(B, H, n * chunk, D)[:, :, :T]
+        lse_f = lse_f.view(B, n, H, chunk).transpose(1, 2).reshape(B, H, n * chunk)[:, :, :T]
+        parts.append((out_f, lse_f))
+    lse = parts[0][1]
+    for _, part_lse in parts[1:]:
+        lse = torch.logaddexp(lse, part_lse)
+    shares = [(o, torch.exp(part_lse - lse)[..., None].to(q.dtype)) for o, part_lse in parts]
+    out = shares[0][0] * shares[0][1]
+    for o, w in shares[1:]:
+        out = torch.addcmul(out, o, w)
+    mem = shares[-1][0] * shares[-1][1] if dq is not None and end > start else None  # the reader's output path
+    return out, mem
+
+
 @dataclass
 class MemoryEncoding:
     """Explicit memories of R references, as produced by the memory encoder.

@@ -285,6 +285,8 @@ class Generator:
             rows.append(row)
         visible = chunk_visibility(token_chunk, slot_chunk, 0).to(self.device)
         memory = self._memory(rows, n_chunks * m, visible, group=m, scored=opts.score_prior)
+        if not any(pads) and all(h is not None for row in rows for h in row):
+            memory.prepared["aligned"] = self.cfg.chunk_length  # chunk c's tokens read slots c*m.. (`reads_aligned`)
         return memory, records, (token_chunk.to(self.device), slot_chunk.to(self.device), m)
 
     def _chunked_prefill(self, x, memory: Memory, chunking: tuple, cache: KVCache, positions, key_mask, cite: bool):
@@ -466,7 +468,12 @@ class Generator:
         t0 = time.perf_counter()
         cache = KVCache(cfg.n_layers)
         share = None
-        if memory is not None and T > cfg.chunk_length and B * cfg.chunk_length >= self.chunked_prefill_rows:
+        if (
+            memory is not None
+            and T > cfg.chunk_length
+            and B * cfg.chunk_length >= self.chunked_prefill_rows
+            and not (not cite and self.model.reads_aligned(memory, T, self.dtype, self.device))
+        ):  # in blocks, unless one call reads chunk-aligned memory (`aligned_reader_attention`)
             logits, share = self._chunked_prefill(x, memory, chunking, cache, positions, key_mask, cite)
         else:
             probe = [] if cite else None

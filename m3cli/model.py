@@ -22,6 +22,7 @@ from .attention import (
     KVCache,
     Memory,
     MemoryEncoding,
+    aligned_reader_attention,
     attention_sdpa,
     masked_logits,
     merged_reader_attention,
@@ -45,6 +46,8 @@ SCORE_UNIT = 1000.0
 # one 256-token call); else split for calls of at most SPLIT_MAX_TOKENS tokens (decoding, where
 # the doubled form would copy the whole cache in every layer at every step; a single token is
 # faster split than merged), doubled for the rest (training: the fused kernel never holds the logits).
+# Under "auto", a prompt read from its first token with chunk-aligned memory (`Memory.prepared
+# ["aligned"]`, set by the generator) goes through `aligned_reader_attention` in every layer.
 READER_ATTENTION = "auto"
 SPLIT_MAX_TOKENS = 64
 
@@ -117,6 +120,8 @@ class Attention(nn.Module):
         probe: tuple | None = None,
         n_sink: int = 0,
         mem_bias: Tensor | None = None,
+        aligned: int = 0,
+        key_ok: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, C). extra_kv: keys/values placed before the context (sink, memories).
 
@@ -128,6 +133,9 @@ class Attention(nn.Module):
         (B, T, slots) that each memory slot's k keys, starting at key `start`, received.
         mem_bias (B, H, memory keys): added to the logits of the memory keys (the retriever-score
         prior, `Memory3Model.score_bias`), the same for every query token.
+        aligned: the chunk length when the call is a prompt from its first token whose chunks each
+        read their own memories (`aligned_reader_attention`; mask is then None, and key_ok
+        (B, 1 or Hkv, memory keys) says which memory keys are real, None: all).
         """
         B, T, _ = x.shape
         D = self.head_dim
@@ -153,6 +161,15 @@ class Attention(nn.Module):
             fk, fv = extra_kv.tensors()
             k = torch.cat([fk.to(k.dtype), k], dim=2)
             v = torch.cat([fv.to(v.dtype), v], dim=2)
+        if aligned:
+            out, mem_out = aligned_reader_attention(
+                q, dq if reads else None, k, v, n_sink, n_front, aligned, mem_bias, key_ok
+            )
+            y = self.o_proj(out.transpose(1, 2).reshape(B * T, self.n_heads * D))
+            if mem_out is None:
+                return y.view(B, T, -1)
+            mem_out = F.linear(mem_out.transpose(1, 2).reshape(B * T, self.n_heads * D), self.mem_o_a)
+            return torch.addmm(y, mem_out, self.mem_o_b.T).view(B, T, -1)
         form = READER_ATTENTION
         if form == "merged" and not merged_reader_available(q):
             raise ValueError("the merged reader attention runs on a CPU in float32, without gradients")
@@ -370,7 +387,19 @@ class Memory3Model(nn.Module):
             for i, layer in enumerate(self.layers):
                 h = layer(h, cos, sin, ctx, attn_fn, cache=cache, layer=i)
         else:
-            extra, masks = self._memory_plan(memory, ctx, B, T, past, h.dtype)
+            plan = self.reads_aligned(memory, T, h.dtype, device, past, key_mask, attention_probe)
+            aligned = memory.prepared["aligned"] if plan else 0
+            if aligned:  # no masks: each attention call sees exactly its keys
+                prep = self.prepare_memory(memory, h.dtype)
+                extra, masks = prep["extra"], (lambda i: None)
+
+                def ok(i: int) -> Tensor | None:  # which memory keys are real: all, the same, or per layer
+                    if prep["all_real"]:
+                        return None
+                    return prep["shared_ok"] if prep["shared_ok"] is not None else prep["key_ok"][i]
+
+            else:
+                extra, masks = self._memory_plan(memory, ctx, B, T, past, h.dtype)
             bias = self.score_bias(memory)  # (n_mem_layers, B, H, S*k) or None
             S, k_top, p = memory.n_slots, memory.kv.shape[5], memory.sink.shape[3]
             for i, layer in enumerate(self.layers):
@@ -388,6 +417,8 @@ class Memory3Model(nn.Module):
                     probe=probe,
                     n_sink=p,
                     mem_bias=None if bias is None or m is None else bias[m],
+                    aligned=aligned,
+                    key_ok=None if not aligned or m is None else ok(i),
                 )
         if last_only:
             h = h[:, -1:]
@@ -395,6 +426,30 @@ class Memory3Model(nn.Module):
         if return_hidden:
             return h
         return F.linear(h, self.output_weight())
+
+    def reads_aligned(
+        self,
+        memory: Memory,
+        T: int,
+        dtype: torch.dtype,
+        device,
+        past: int = 0,
+        key_mask: Tensor | None = None,
+        probe: list | None = None,
+    ) -> bool:
+        """Whether a call can read `memory` through `aligned_reader_attention`: the caller marked
+        it chunk-aligned (`memory.prepared["aligned"]` = chunk length: token t reads only chunk
+        t // length's slots, every chunk the same number), the prompt starts here (no cached
+        context, no padding), every slot has a real key in every layer and head, no attention is
+        probed, and the fused CPU kernel runs (`merged_reader_available`)."""
+        if not memory.prepared.get("aligned") or past or key_mask is not None or probe is not None:
+            return False
+        like = torch.empty((1, 1, T, 0), dtype=dtype, device=device)
+        if READER_ATTENTION != "auto" or self.attn_fn is not attention_sdpa or not merged_reader_available(like):
+            return False
+        if "slots_real" not in memory.prepared:  # one host sync per memory
+            memory.prepared["slots_real"] = bool(memory.valid.any(-1).all())
+        return memory.prepared["slots_real"]
 
     @staticmethod
     def _context_mask(B: int, T: int, past: int, key_mask: Tensor | None, device) -> Tensor | None:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_user_error, kill_after_checkpoint, m3
-from m3cli.attention import Memory
+from m3cli.attention import Memory, attention_reference
 from m3cli.checkpoint import load_model_dir, load_tokenizer, model_fingerprint, save_model_dir, weights_fingerprint
 from m3cli.errors import M3Error
 from m3cli.reader import apply_reader, read_reader
@@ -537,3 +537,58 @@ def test_merged_reader_attention_is_the_explicit_form(T, masked):
         got = merged_reader_attention(q, dq, k, v, shared, p, p + M, bias=bias)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [16, 23])
+@pytest.mark.parametrize("layer", ["reader", "memory", "plain"])
+@pytest.mark.parametrize("hidden", [None, "shared", "per-head"])
+def test_aligned_reader_attention_is_the_explicit_form(T, layer, hidden):
+    """`aligned_reader_attention` (a prompt from its first token, each chunk reading its own
+    memories: three fused calls, no (tokens x keys) mask) computes what the explicit form does
+    under the block mask — context causal, the sink for every token, chunk c's memory keys for
+    chunk c's tokens — with the bias, grouped heads and a last chunk shorter than the others; in
+    a memory layer without a reader, the same with q alone; in a layer without memories, [sink |
+    context]. Memory keys that are not real (a short
+    reference) are hidden, for every head alike or per KV head."""
+    from m3cli.attention import aligned_reader_attention, reader_attention
+
+    g = torch.Generator().manual_seed(T)
+    B, H, Hkv, D, p, chunk, per = 2, 6, 2, 8, 3, 8, 5
+    n = -(-T // chunk)
+    reads = layer == "reader"
+    M = 0 if layer == "plain" else n * per
+    N = p + M + T
+    q, dq = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    bias = -torch.rand(B, H, M, generator=g) * 3 if M else None
+    token_chunk = torch.arange(T) // chunk
+    key_chunk = torch.arange(M) // per
+    mask = torch.cat(
+        [
+            torch.ones(T, p, dtype=torch.bool),
+            token_chunk[:, None] == key_chunk[None, :],
+            torch.ones(T, T, dtype=torch.bool).tril(),
+        ],
+        -1,
+    )[None, None].expand(B, H, T, N)
+    key_ok = None
+    if hidden is not None and M:
+        key_ok = torch.rand(B, 1 if hidden == "shared" else Hkv, M, generator=g) > 0.4
+        key_ok[..., ::per] = True  # every chunk keeps a real key
+        heads = key_ok.expand(B, Hkv, M).repeat_interleave(H // Hkv, dim=1)  # (B, H, M)
+        mask = mask.clone()
+        mask[..., p : p + M] &= heads[:, :, None, :]
+    with torch.no_grad():
+        got = aligned_reader_attention(q, dq if reads else None, k, v, p, p + M, chunk, bias, key_ok)
+        if reads:
+            want = reader_attention(q, dq, k, v, mask, p, p + M, bias=bias)
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+            wrong = aligned_reader_attention(q, dq, k, v, p, p + M, chunk, None, key_ok)
+            assert not torch.allclose(wrong[0], want[0], atol=1e-3)  # the bias is read
+        else:
+            float_mask = torch.zeros(B, H, T, N).masked_fill(~mask, float("-inf"))
+            if bias is not None:
+                float_mask[..., p : p + M] += bias[:, :, None, :]
+            want = (attention_reference(q, k, v, float_mask), None)
+            assert got[1] is None
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
