@@ -26,7 +26,7 @@ import torch
 from .attention import KVCache, Memory, chunk_visibility, score_gaps
 from .errors import M3Error
 from .retrieval import check_max_gap
-from .memory_cache import MemoryCache  # noqa: F401 (imported from here too)
+from .memory_cache import MemoryCache, keep_freed_memory  # noqa: F401 (imported from here too)
 from .chat import chat_queries, user_token_mask  # noqa: F401 (imported from here too)
 
 MODES = ("memory", "none", "rag")
@@ -187,6 +187,8 @@ class Generator:
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         self.timings: dict[str, float] = defaultdict(float)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no fresh page faults for each call's buffers
         self.memory_cache = None
         self._sink = None
         if retriever is not None:

@@ -3,6 +3,9 @@ used again costs nothing (generation re-retrieves every 64 tokens and neighbours
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -77,3 +80,34 @@ class MemoryCache:
             )
         kv = torch.stack(kvs).view(B, n_slots, L, two, H, K, D)
         return kv, torch.stack(valids).view(B, n_slots, L, H, K)
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse (once per process, Linux only).
+
+    By default glibc serves every block over a (dynamic) threshold with its own mmap and returns
+    freed memory to the system, so the tens of MB a batch's memories, masks and activations take
+    are page-faulted anew by every call: a batch-8 memory load took 0.23 s in a call after other
+    work against 0.025 s right after the same call. Blocks up to 32 MB then come from the heap,
+    and up to 1 GB of freed heap is kept. Skipped where the user set MALLOC_* variables or
+    preloads another allocator. Returns whether it was applied."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    if any(a in os.environ.get("LD_PRELOAD", "") for a in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30) and mallopt(M_TOP_PAD, 64 << 20)
+    _MALLOC_TUNED = bool(ok)
+    return _MALLOC_TUNED

@@ -354,3 +354,23 @@ def test_eval_and_score_pass_the_score_gap_and_check_it_first(monkeypatch, tmp_p
     missing = tmp_path / "no-model"
     for args in (["eval", "--model", missing, "--qa", tmp_path / "qa.jsonl"], ["score", "--model", missing, "text"]):
         assert_user_error(m3(*args, "--max-score-gap", "-1"), "--max-score-gap")
+
+
+def test_keep_freed_memory_applies_once_and_leaves_a_users_allocator_settings_alone(monkeypatch):
+    import os
+    import platform
+    import sys
+
+    from m3cli import memory_cache
+
+    monkeypatch.setattr(memory_cache, "_MALLOC_TUNED", False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user tuned glibc's allocator: not touched
+    assert memory_cache.keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")  # another allocator: not touched
+    assert memory_cache.keep_freed_memory() is False
+    monkeypatch.delenv("LD_PRELOAD")
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert memory_cache.keep_freed_memory() is True and memory_cache.keep_freed_memory() is True
