@@ -227,6 +227,7 @@ def aligned_reader_attention(
         parts.append(_FLASH_CPU(q, k[:, :, :start], v[:, :, :start]))
     if end > start:
         n = -(-T // chunk)  # chunks, the last one possibly short
+        chunk = T if n == 1 else chunk  # one short chunk: no padded rows
         per = (end - start) // n
         if per * n != end - start:
             raise ValueError(f"{end - start} memory keys do not split evenly over {n} chunks")

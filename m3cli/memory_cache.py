@@ -92,12 +92,15 @@ def keep_freed_memory() -> bool:
     freed memory to the system, so the tens of MB a batch's memories, masks and activations take
     are page-faulted anew by every call: a batch-8 memory load took 0.23 s in a call after other
     work against 0.025 s right after the same call. Blocks up to 32 MB then come from the heap,
-    and up to 1 GB of freed heap is kept. Skipped where the user set MALLOC_* variables or
-    preloads another allocator. Returns whether it was applied."""
+    and up to 1 GB of freed heap is kept. Skipped where the user set MALLOC_* variables or glibc
+    malloc tunables, preloads another allocator, or sets M3_KEEP_FREED_MEMORY=0. Returns whether
+    it was applied."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return True
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or os.environ.get("M3_KEEP_FREED_MEMORY") == "0":
         return False
     if any(a in os.environ.get("LD_PRELOAD", "") for a in ("jemalloc", "tcmalloc", "mimalloc")):
         return False

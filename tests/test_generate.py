@@ -66,14 +66,19 @@ def _recorded_logits(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("prior,reader,chunked", [(False, False, False), (True, False, False), (True, True, True)])
+@pytest.mark.parametrize(
+    "prior,reader,chunked", [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+)
 def test_cached_generation_equals_recomputation(gen, monkeypatch, prior, reader, chunked):
     """Every logit of a generation (prompt chunks, inherited chunk, chunks retrieved while decoding,
     cache front rewritten each time) equals one full forward with the same memories per token.
     With the retriever-score prior, each slot is biased by its hit's score minus the best of its
     chunk's hits, in every chunk. With a memory reader (decoding reads through `reader_attention`,
-    the full forward through the doubled-head form) and the prompt prefilled a chunk at a time."""
+    the full forward through the doubled-head form); the prompt prefilled in one call (on a CPU
+    chunk-aligned, `aligned_reader_attention`) or a chunk at a time."""
     gen.chunked_prefill_rows = 0 if chunked else 1 << 30
+    if chunked:  # else the chunk-aligned one call is taken
+        monkeypatch.setattr(model_mod.Memory3Model, "reads_aligned", lambda *a, **k: False)
     if reader:
         gen.model.enable_reader(4)
         gen.cfg = gen.model.config.replace(chunk_length=4)
@@ -370,6 +375,10 @@ def test_keep_freed_memory_applies_once_and_leaves_a_users_allocator_settings_al
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")  # another allocator: not touched
     assert memory_cache.keep_freed_memory() is False
     monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("M3_KEEP_FREED_MEMORY", "0")  # asked not to
+    assert memory_cache.keep_freed_memory() is False
+    monkeypatch.delenv("M3_KEEP_FREED_MEMORY")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":

@@ -539,7 +539,7 @@ def test_merged_reader_attention_is_the_explicit_form(T, masked):
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("T", [16, 23])
+@pytest.mark.parametrize("T", [5, 16, 23])
 @pytest.mark.parametrize("layer", ["reader", "memory", "plain"])
 @pytest.mark.parametrize("hidden", [None, "shared", "per-head"])
 def test_aligned_reader_attention_is_the_explicit_form(T, layer, hidden):
