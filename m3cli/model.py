@@ -165,11 +165,7 @@ class Attention(nn.Module):
             out, mem_out = aligned_reader_attention(
                 q, dq if reads else None, k, v, n_sink, n_front, aligned, mem_bias, key_ok
             )
-            y = self.o_proj(out.transpose(1, 2).reshape(B * T, self.n_heads * D))
-            if mem_out is None:
-                return y.view(B, T, -1)
-            mem_out = F.linear(mem_out.transpose(1, 2).reshape(B * T, self.n_heads * D), self.mem_o_a)
-            return torch.addmm(y, mem_out, self.mem_o_b.T).view(B, T, -1)
+            return self._project(out, mem_out)
         form = READER_ATTENTION
         if form == "merged" and not merged_reader_available(q):
             raise ValueError("the merged reader attention runs on a CPU in float32, without gradients")
@@ -190,9 +186,7 @@ class Attention(nn.Module):
             if probe is not None and probs is not None:
                 self._probe(probs, probe)
         if reads and form in ("split", "merged"):
-            mem = F.linear(mem.transpose(1, 2).reshape(B * T, self.n_heads * D), self.mem_o_a)  # (B*T, rank)
-            y = self.o_proj(out.transpose(1, 2).reshape(B * T, self.n_heads * D))
-            return torch.addmm(y, mem, self.mem_o_b.T).view(B, T, -1)  # y + mem_o_b @ mem
+            return self._project(out, mem)
         if reads:
             # one attention call over doubled heads: [q | dq] . [k | k on memory keys, else 0] is
             # q.k for the sink and the context and (q + dq).k for memories; the second half of
@@ -215,6 +209,16 @@ class Attention(nn.Module):
         if reads:
             y = y + F.linear(F.linear(mem, self.mem_o_a), self.mem_o_b)
         return y
+
+    def _project(self, out: Tensor, mem: Tensor | None) -> Tensor:
+        """The output projection of out (B, H, T, D), plus the reader's output path of what the
+        memories contributed, mem (B, H, T, D): o_proj(out) + mem_o_b @ mem_o_a @ mem, in one addmm."""
+        B, H, T, D = out.shape
+        y = self.o_proj(out.transpose(1, 2).reshape(B * T, H * D))
+        if mem is None:
+            return y.view(B, T, -1)
+        mem = F.linear(mem.transpose(1, 2).reshape(B * T, H * D), self.mem_o_a)  # (B*T, rank)
+        return torch.addmm(y, mem, self.mem_o_b.T).view(B, T, -1)
 
     def _probe(self, probs: Tensor, probe: tuple) -> None:
         """Append the share of attention (B, T, slots) each memory slot got, from probs (B, H, T, keys)."""
