@@ -206,7 +206,8 @@ def aligned_reader_attention(
     chunk: int,
     bias: Tensor | None = None,
     key_ok: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    slot_keys: int = 0,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """A prompt's attention from its first token when memory is chunk-aligned: token t's chunk is
     t // `chunk`, every chunk reads its own equal share of the memory keys (start..end-1, in chunk
     order), each chunk has a real key in every head (`key_ok` (B, 1 or Hkv, end-start): which are;
@@ -215,7 +216,12 @@ def aligned_reader_attention(
     the context (from `end` on, exactly these T tokens) causally with q; the sink with q; and the
     memories with q + dq (q in a layer without a reader: dq None), the chunks batched as rows so
     each reads only its own keys, `bias` (B, H, end-start) added to their logits. Returns (out,
-    mem): mem is what the memories contribute (None without dq). Same conditions as `merged_reader_available`."""
+    mem, share): mem is what the memories contribute (None without dq); with `slot_keys` (the keys
+    of one memory slot: a chunk's keys are its slots' in order), share (B, T, slots) is the share of
+    attention each slot got from each token, averaged over the heads (0 for other chunks' slots),
+    as `reader_attention`'s probabilities give it: the memory keys' logits are computed explicitly
+    (a chunk's tokens x its own keys only) against the merged log-sum-exp; else None. Same
+    conditions as `merged_reader_available`."""
     assert _FLASH_CPU is not None
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -225,6 +231,7 @@ def aligned_reader_attention(
     parts = [(out_c, lse_c)]
     if start:
         parts.append(_FLASH_CPU(q, k[:, :, :start], v[:, :, :start]))
+    cite = None
     if end > start:
         n = -(-T // chunk)  # chunks, the last one possibly short
         chunk = T if n == 1 else chunk  # one short chunk: no padded rows
@@ -249,15 +256,43 @@ def aligned_reader_attention(
         out_f = out_f.view(B, n, H, chunk, D).transpose(1, 2).reshape(B, H, n * chunk, D)[:, :, :T]
         lse_f = lse_f.view(B, n, H, chunk).transpose(1, 2).reshape(B, H, n * chunk)[:, :, :T]
         parts.append((out_f, lse_f))
+        if slot_keys:
+            cite = (qf, kf, mask, n, chunk, per)
     lse = parts[0][1]
     for _, part_lse in parts[1:]:
         lse = torch.logaddexp(lse, part_lse)
+    share = None if cite is None else _aligned_slot_share(lse, *cite, slot_keys)
     shares = [(o, torch.exp(part_lse - lse)[..., None].to(q.dtype)) for o, part_lse in parts]
     out = shares[0][0] * shares[0][1]
     for o, w in shares[1:]:
         out = torch.addcmul(out, o, w)
     mem = shares[-1][0] * shares[-1][1] if dq is not None and end > start else None  # the reader's output path
-    return out, mem
+    return out, mem, share
+
+
+def _aligned_slot_share(
+    lse: Tensor, qf: Tensor, kf: Tensor, mask: Tensor | None, n: int, chunk: int, per: int, slot_keys: int
+) -> Tensor:
+    """`aligned_reader_attention`'s share of attention per memory slot (B, T, n * slots per chunk):
+    each chunk's tokens' probabilities over its own memory keys, exp(logit - lse) with lse (B, H, T)
+    the log-sum-exp over every key the token sees, summed per slot and averaged over the heads."""
+    B, H, T = lse.shape
+    Hkv, D = kf.shape[1], kf.shape[3]
+    g, m = H // Hkv, per // slot_keys
+    if n * chunk != T:
+        lse = F.pad(lse, (0, n * chunk - T))
+    lse = lse.view(B, H, n, chunk).transpose(1, 2).reshape(B * n, H, chunk, 1)
+    # exp(q.k / sqrt(D) + mask - lse) in two passes over the (tokens x keys) block: one product
+    # added onto (mask - lse), then exp in place (at batch 8 a third of the time of separate steps)
+    base = (-lse if mask is None else mask - lse).expand(B * n, H, chunk, per).reshape(B * n * Hkv, g * chunk, per)
+    probs = torch.baddbmm(
+        base, qf.reshape(B * n * Hkv, g * chunk, D), kf.reshape(B * n * Hkv, per, D).mT, alpha=1 / math.sqrt(D)
+    ).exp_()
+    mass = probs.view(B * n, H, chunk, m, slot_keys).sum(-1).mean(1).view(B, n, chunk, m)
+    share = lse.new_zeros((B, n, chunk, n, m))
+    for c in range(n):  # chunk c's tokens read only chunk c's slots
+        share[:, c, :, c] = mass[:, c]
+    return share.view(B, n * chunk, n * m)[:, :T]
 
 
 @dataclass

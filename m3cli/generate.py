@@ -474,7 +474,7 @@ class Generator:
             memory is not None
             and T > cfg.chunk_length
             and B * cfg.chunk_length >= self.chunked_prefill_rows
-            and not (not cite and self.model.reads_aligned(memory, T, self.dtype, self.device))
+            and not self.model.reads_aligned(memory, T, self.dtype, self.device)
         ):  # in blocks, unless one call reads chunk-aligned memory (`aligned_reader_attention`)
             logits, share = self._chunked_prefill(x, memory, chunking, cache, positions, key_mask, cite)
         else:

@@ -134,8 +134,9 @@ class Attention(nn.Module):
         mem_bias (B, H, memory keys): added to the logits of the memory keys (the retriever-score
         prior, `Memory3Model.score_bias`), the same for every query token.
         aligned: the chunk length when the call is a prompt from its first token whose chunks each
-        read their own memories (`aligned_reader_attention`; mask is then None, and key_ok
-        (B, 1 or Hkv, memory keys) says which memory keys are real, None: all).
+        read their own memories (`aligned_reader_attention`, which also gives `probe`'s shares;
+        mask is then None, and key_ok (B, 1 or Hkv, memory keys) says which memory keys are real,
+        None: all).
         """
         B, T, _ = x.shape
         D = self.head_dim
@@ -162,9 +163,20 @@ class Attention(nn.Module):
             k = torch.cat([fk.to(k.dtype), k], dim=2)
             v = torch.cat([fv.to(v.dtype), v], dim=2)
         if aligned:
-            out, mem_out = aligned_reader_attention(
-                q, dq if reads else None, k, v, n_sink, n_front, aligned, mem_bias, key_ok
+            out, mem_out, share = aligned_reader_attention(
+                q,
+                dq if reads else None,
+                k,
+                v,
+                n_sink,
+                n_front,
+                aligned,
+                mem_bias,
+                key_ok,
+                0 if probe is None else probe[3],
             )
+            if probe is not None and share is not None:
+                probe[0].append(share)
             return self._project(out, mem_out)
         form = READER_ATTENTION
         if form == "merged" and not merged_reader_available(q):
@@ -391,7 +403,7 @@ class Memory3Model(nn.Module):
             for i, layer in enumerate(self.layers):
                 h = layer(h, cos, sin, ctx, attn_fn, cache=cache, layer=i)
         else:
-            plan = self.reads_aligned(memory, T, h.dtype, device, past, key_mask, attention_probe)
+            plan = self.reads_aligned(memory, T, h.dtype, device, past, key_mask)
             aligned = memory.prepared["aligned"] if plan else 0
             if aligned:  # no masks: each attention call sees exactly its keys
                 prep = self.prepare_memory(memory, h.dtype)
@@ -439,14 +451,13 @@ class Memory3Model(nn.Module):
         device,
         past: int = 0,
         key_mask: Tensor | None = None,
-        probe: list | None = None,
     ) -> bool:
         """Whether a call can read `memory` through `aligned_reader_attention`: the caller marked
         it chunk-aligned (`memory.prepared["aligned"]` = chunk length: token t reads only chunk
         t // length's slots, every chunk the same number), the prompt starts here (no cached
-        context, no padding), every slot has a real key in every layer and head, no attention is
-        probed, and the fused CPU kernel runs (`merged_reader_available`)."""
-        if not memory.prepared.get("aligned") or past or key_mask is not None or probe is not None:
+        context, no padding), every slot has a real key in every layer and head, and the fused CPU
+        kernel runs (`merged_reader_available`). A probe (citations) is answered there too."""
+        if not memory.prepared.get("aligned") or past or key_mask is not None:
             return False
         like = torch.empty((1, 1, T, 0), dtype=dtype, device=device)
         if READER_ATTENTION != "auto" or self.attn_fn is not attention_sdpa or not merged_reader_available(like):

@@ -155,6 +155,49 @@ def test_left_padded_batch_equals_one_by_one(gen, monkeypatch, chunked):
                 )
 
 
+@pytest.mark.parametrize("reader", [False, True])
+def test_citations_read_chunk_aligned_equal_the_masked_form(gen, monkeypatch, reader):
+    """A prompt read chunk-aligned in one call (`aligned_reader_attention`) gives each prompt chunk
+    the attention shares per memory that the masked form gives, with the retriever-score prior
+    and, with a reader, its query delta; the logits are the same."""
+    if reader:
+        gen.model.enable_reader(4)
+        with torch.no_grad():
+            for layer in gen.model.layers:
+                if layer.attn.reader_rank:
+                    layer.attn.mem_q_b.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    gen.model.enable_score_prior()
+    gen.cfg = gen.model.config.replace(chunk_length=4, memory_score_prior=True)
+    with torch.no_grad():
+        gen.model.memory_score_gain.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    gen.chunked_prefill_rows = 1 << 30
+    opts = Options(mode="memory", max_new_tokens=2, memories=2, stop_at_eos=False, cite=True)
+    taken = []
+    aligned = model_mod.Memory3Model.reads_aligned
+    monkeypatch.setattr(
+        model_mod.Memory3Model, "reads_aligned", lambda *a, **k: taken.append(aligned(*a, **k)) or taken[-1]
+    )
+    seen = _recorded_logits(monkeypatch)
+    fast = gen.generate([PROMPT], opts)[0]
+    assert taken and taken[0] is True  # the prompt was read chunk-aligned
+    monkeypatch.setattr(model_mod.Memory3Model, "reads_aligned", lambda *a, **k: False)
+    fast_logits = seen[0].clone()
+    seen.clear()
+    masked = gen.generate([PROMPT], opts)[0]
+    torch.testing.assert_close(fast_logits, seen[0], atol=1e-4, rtol=1e-4)
+    prompt_chunks_seen = 0
+    for ra, rb in zip(fast.chunks, masked.chunks):
+        assert [h.ref for h in ra.hits] == [h.ref for h in rb.hits]
+        if ra.source == "prompt":
+            prompt_chunks_seen += 1
+            assert sum(ra.attention) > 0
+            torch.testing.assert_close(torch.tensor(ra.attention), torch.tensor(rb.attention), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                torch.tensor(ra.last_attention), torch.tensor(rb.last_attention), atol=1e-5, rtol=1e-4
+            )
+    assert prompt_chunks_seen > 1
+
+
 def test_modes_differ_and_none_equals_the_plain_model(gen, monkeypatch):
     seen = _recorded_logits(monkeypatch)
     opts = Options(mode="none", max_new_tokens=3, stop_at_eos=False)

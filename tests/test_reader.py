@@ -549,11 +549,12 @@ def test_aligned_reader_attention_is_the_explicit_form(T, layer, hidden):
     chunk c's tokens — with the bias, grouped heads and a last chunk shorter than the others; in
     a memory layer without a reader, the same with q alone; in a layer without memories, [sink |
     context]. Memory keys that are not real (a short
-    reference) are hidden, for every head alike or per KV head."""
+    reference) are hidden, for every head alike or per KV head. Asked for citations, each token's
+    share of attention per memory slot is what the explicit probabilities give."""
     from m3cli.attention import aligned_reader_attention, reader_attention
 
     g = torch.Generator().manual_seed(T)
-    B, H, Hkv, D, p, chunk, per = 2, 6, 2, 8, 3, 8, 5
+    B, H, Hkv, D, p, chunk, per, slot_keys = 2, 6, 2, 8, 3, 8, 6, 3
     n = -(-T // chunk)
     reads = layer == "reader"
     M = 0 if layer == "plain" else n * per
@@ -579,16 +580,25 @@ def test_aligned_reader_attention_is_the_explicit_form(T, layer, hidden):
         mask = mask.clone()
         mask[..., p : p + M] &= heads[:, :, None, :]
     with torch.no_grad():
-        got = aligned_reader_attention(q, dq if reads else None, k, v, p, p + M, chunk, bias, key_ok)
+        got = aligned_reader_attention(q, dq if reads else None, k, v, p, p + M, chunk, bias, key_ok, slot_keys)
         if reads:
-            want = reader_attention(q, dq, k, v, mask, p, p + M, bias=bias)
+            want = reader_attention(q, dq, k, v, mask, p, p + M, probe=True, bias=bias)
             torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+            probs = want[2]
             wrong = aligned_reader_attention(q, dq, k, v, p, p + M, chunk, None, key_ok)
             assert not torch.allclose(wrong[0], want[0], atol=1e-3)  # the bias is read
+            assert wrong[2] is None  # no citations asked
         else:
             float_mask = torch.zeros(B, H, T, N).masked_fill(~mask, float("-inf"))
             if bias is not None:
                 float_mask[..., p : p + M] += bias[:, :, None, :]
             want = (attention_reference(q, k, v, float_mask), None)
+            probs = torch.softmax(q @ k.repeat_interleave(H // Hkv, dim=1).mT / D**0.5 + float_mask, dim=-1)
             assert got[1] is None
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    if M:  # citations: each slot's share of each token's attention, averaged over the heads
+        share = probs[..., p : p + M].reshape(B, H, T, M // slot_keys, slot_keys).sum(-1).mean(1)
+        assert share.abs().sum() > 0
+        torch.testing.assert_close(got[2], share, atol=1e-5, rtol=1e-5)
+    else:
+        assert got[2] is None
