@@ -8,6 +8,7 @@
 # Prepare here (the GPU machine has no network, no faiss/zstandard/gguf, and takes 64 MiB a call,
 # the working tree included):
 #   bash bench/gpu_reader.sh prep          # fills .gpu/ (git-ignored): wheels, data, embedder, GGUF parts
+#   (`bash bench/gpu_reader.sh wheels` fills only .gpu/whl, which is all bench/gpu.sh needs)
 # then on the device, each call within 30 s of the last (a warm machine keeps /tmp between calls):
 #   carry .gpu/whl .gpu/emb .gpu/data .gpu/gguf.sha256:  bash bench/gpu_reader.sh stage   # + a CUDA smoke test
 #   carry .gpu/gguf.part.aa:                             bash bench/gpu_reader.sh stage
@@ -57,15 +58,23 @@ use_m3() {
   M3="$PY -m m3cli"
 }
 
-case $cmd in
-prep)
-  VPY=${VPY:-.venv/bin/python}
-  mkdir -p $G/whl $G/data
+wheels() {  # what m3 needs that the GPU machine's Python lacks (it has torch, numpy, transformers, …)
+  mkdir -p $G/whl
   for w in faiss-cpu==1.15.1 zstandard==0.25.0 gguf==0.19.0 platformdirs==4.14.9; do
-    $VPY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    ${VPY:-.venv/bin/python} -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d $G/whl "$w"
   done
+}
+
+case $cmd in
+wheels)  # only the wheels (bench/gpu.sh needs no more)
+  wheels
+  du -sh $G/whl ;;
+prep)
+  VPY=${VPY:-.venv/bin/python}
+  mkdir -p $G/data
+  wheels
   DATA=${DATA:-out/reader}
   # (re)made when missing or older than the coded kinds (and the texts that name the document they must not read)
   if [ ! -f "$DATA/task.json" ] || ! grep -q '"coded"' "$DATA/task.json"; then
@@ -190,5 +199,5 @@ run)
   echo "done at $((SECONDS - T0)) s"
   ls -la "$OUT"
   [ "$rc" = 0 ] || [ "$rc" = 124 ] || exit "$rc" ;;
-*) echo "usage: bash bench/gpu_reader.sh prep|stage|run"; exit 2 ;;
+*) echo "usage: bash bench/gpu_reader.sh wheels|prep|stage|run"; exit 2 ;;
 esac
