@@ -67,7 +67,7 @@ class Options:
     max_gap: float | None = None  # drop hits scoring more than this below the chunk's best (None = keep top-k)
     chat: bool | None = None  # the prompt in the chat template; None: where the model's tokenizer has one
     stop_at_eos: bool = True
-    cite: bool = False  # measure the attention share of every memory (costs an explicit softmax)
+    cite: bool = False  # measure the attention share of every memory (explicit logits; cheap read chunk-aligned)
     templated: bool = False  # prompts already hold the chat template's text: add no special tokens
     score_prior: bool = True  # a model with the retriever-score prior reads the hits' scores (False: content alone)
 

@@ -372,7 +372,8 @@ class Memory3Model(nn.Module):
         batches, tests). key_mask (B, past+T) bool: False marks padding in the context, which
         no token attends to. last_only: logits of the last position only (B, 1, vocab).
         attention_probe: a list that receives, per memory layer, the share of attention each
-        memory slot got, (B, T, slots) — for citations; costs an explicit softmax.
+        memory slot got, (B, T, slots) — for citations; costs an explicit softmax (read
+        chunk-aligned: only each chunk's tokens x its own memory keys).
         segment_ids (B, T): packed training rows; a token attends only to earlier tokens of its
         own segment (no cache, no key_mask).
         rope: the (cos, sin) tables `rope_cos_sin` gives for these positions in the embeddings'
