@@ -3,6 +3,7 @@ concurrent clients, against one live server (started here, on a free port).
 
     .venv/bin/python bench/serve.py --bank out/demo/kb.m3bank --model samples/model --clients 16
     .venv/bin/python bench/serve.py --bank kb.m3bank --clients 16 --requests 32 --max-tokens 64
+    .venv/bin/python bench/serve.py --bank kb.m3bank --clients 16 --requests 32 --max-tokens 64 --dtype bf16
 
 Prints one JSON line per phase (requests/s, tokens/s, p50/p99 latency, p50/p99 time to first
 token, failures) and the ratio of concurrent to sequential tokens/s. Requests are streamed chat
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--mode", default="memory")
     ap.add_argument("--qa", default=None, help="JSONL with {question}: the prompts (default: generic ones)")
+    ap.add_argument("--dtype", default=None, help="the server's --dtype (default: its own, auto)")
     a = ap.parse_args()
     n = a.requests or a.clients
     if a.qa:
@@ -123,16 +125,20 @@ def main() -> None:
     prompts = [f"Question: {qs[i % len(qs)]} Answer:" if a.qa else qs[i % len(qs)] for i in range(n)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(Path(sys.executable).parent / "m3"),
-        "serve",
-        "--bank",
-        a.bank,
-        "--port",
-        str(port),
-        "--batch-size",
-        str(a.clients),
-    ] + (["--model", a.model] if a.model else [])
+    cmd = (
+        [
+            str(Path(sys.executable).parent / "m3"),
+            "serve",
+            "--bank",
+            a.bank,
+            "--port",
+            str(port),
+            "--batch-size",
+            str(a.clients),
+        ]
+        + (["--model", a.model] if a.model else [])
+        + (["--dtype", a.dtype] if a.dtype else [])
+    )
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600

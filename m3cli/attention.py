@@ -54,9 +54,12 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
     On CUDA the cuDNN backend is switched off (once, process-wide): it builds a new execution
     plan for every new key length, ~8 ms each on an H100, and decoding meets a new length at
     every step (measured: 49 ms vs 4.8 ms per step, small preset). Flash/efficient kernels remain;
-    with a mask, grouped KV heads are expanded first (`expand_kv_heads`).
+    with a mask, grouped KV heads are expanded first (`expand_kv_heads`). One query token in
+    bfloat16/float16 on a CPU takes `attention_one_query`.
     """
     global _CUDNN_SDPA_OFF
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return attention_one_query(q, k, v, mask)
     if q.is_cuda and not _CUDNN_SDPA_OFF:
         torch.backends.cuda.enable_cudnn_sdp(False)
         _CUDNN_SDPA_OFF = True
@@ -66,6 +69,67 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
         k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def attention_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """`attention_sdpa` for one query token (a decoding step) in bfloat16 or float16 on a CPU:
+    two grouped products and a float32 softmax. torch's fused CPU kernel is slow there (measured,
+    2-core EPYC, 9 query and 3 KV heads of 64, 300 cached keys: 123 us against 54 at batch 1, 829
+    against 118 at batch 8); in float32, or for more than one query token, it is the faster one.
+    The keys are the left operand (keys x queries): a view of the KV cache's buffer multiplied as
+    the transposed right operand is first copied whole in these dtypes. The logits are rounded to
+    the dtype before the softmax, as eager attention does."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    logits = k @ (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, H // Hkv, D).mT  # (B, Hkv, S, g)
+    return _one_query_out(logits, v, mask, H)[1]
+
+
+def _one_query_out(logits: Tensor, v: Tensor, mask: Tensor | None, H: int) -> tuple[Tensor, Tensor]:
+    """(probs, softmax(logits) @ v) for one query token's logits laid out keys x queries
+    (B, Hkv, S, g), mask as `attention_reference` reads it: probs (B, Hkv, g, S) float32, the
+    output (B, H, 1, D) in v's dtype."""
+    B, Hkv, S = logits.shape[:3]
+    g, T = H // Hkv, 1
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    by_key = logits.view(B, Hkv, S, g, T).permute(0, 1, 3, 4, 2)  # (B, Hkv, g, T, S), a view
+    if mask is not None:
+        by_key = masked_logits(by_key, mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (Hkv, g)))
+    probs = torch.softmax(by_key, dim=-1, dtype=torch.float32).reshape(B, Hkv, g * T, S)
+    return probs, (probs.to(v.dtype) @ v).view(B, H, T, v.shape[3])
+
+
+def reader_attention_one_query(
+    q: Tensor,
+    dq: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    start: int,
+    end: int,
+    bias: Tensor | None = None,
+    memory: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`reader_attention`'s (out, mem, probs) for one query token (a decoding step) on a CPU, laid
+    out keys x queries as `attention_one_query`, with the reader's own products in float32 (mem
+    and the probabilities (B, H, 1, keys) come back in float32, out in v's dtype): memory =
+    float32 copies (keys, values) (B, Hkv, end - start, D) of the memory keys (`Front.float_memory`,
+    made once per memory rather than once per step), or None to use k's and v's. In bfloat16 a
+    small product costs ~13-27 us on this CPU however small, in float32 ~3-12 (measured: batch 1,
+    400 keys, 80 of them memories: 88 us against 129 for `reader_attention`; batch 8: 200
+    against 309)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    g, scale = H // Hkv, 1.0 / math.sqrt(D)
+    km, vm = memory if memory is not None else (k[:, :, start:end].float(), v[:, :, start:end].float())
+    logits = (k @ (q * scale).reshape(B, Hkv, g, D).mT).float()  # (B, Hkv, keys, g), a new tensor
+    logits[:, :, start:end] += km @ (dq.float() * scale).reshape(B, Hkv, g, D).mT
+    if bias is not None:  # (B, H, M): the same for the group's query heads' columns
+        logits[:, :, start:end] += bias.float().view(B, Hkv, g, end - start).mT
+    probs, out = _one_query_out(logits, v, mask, H)
+    mem = probs[..., start:end] @ vm  # (B, Hkv, g, D)
+    return out, mem.view(B, H, 1, D), probs.view(B, H, 1, -1)
 
 
 def expand_kv_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -150,6 +214,18 @@ def merged_reader_available(q: Tensor) -> bool:
     )
 
 
+def aligned_reader_available(q: Tensor) -> bool:
+    """Whether `aligned_reader_attention` can run for q (B, H, T, D): as `merged_reader_available`,
+    in bfloat16 too (no sink correction to round: the sink is read with q in a call of its own)."""
+    return (
+        _FLASH_CPU is not None
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.shape[2] <= MERGED_MAX_TOKENS
+        and not torch.is_grad_enabled()
+    )
+
+
 def merged_reader_attention(
     q: Tensor, dq: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, end: int, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -220,8 +296,9 @@ def aligned_reader_attention(
     of one memory slot: a chunk's keys are its slots' in order), share (B, T, slots) is the share of
     attention each slot got from each token, averaged over the heads (0 for other chunks' slots),
     as `reader_attention`'s probabilities give it: the memory keys' logits are computed explicitly
-    (a chunk's tokens x its own keys only) against the merged log-sum-exp; else None. Same
-    conditions as `merged_reader_available`."""
+    (a chunk's tokens x its own keys only) against the merged log-sum-exp; else None. Runs where
+    `aligned_reader_available` says (float32 or bfloat16: the kernel gives float32 log-sum-exps,
+    merged in float32; the shares are computed in float32)."""
     assert _FLASH_CPU is not None
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -285,6 +362,7 @@ def _aligned_slot_share(
     # exp(q.k / sqrt(D) + mask - lse) in two passes over the (tokens x keys) block: one product
     # added onto (mask - lse), then exp in place (at batch 8 a third of the time of separate steps)
     base = (-lse if mask is None else mask - lse).expand(B * n, H, chunk, per).reshape(B * n * Hkv, g * chunk, per)
+    qf, kf = qf.to(base.dtype), kf.to(base.dtype)  # float32 (the kernel's log-sum-exp is)
     probs = torch.baddbmm(
         base, qf.reshape(B * n * Hkv, g * chunk, D), kf.reshape(B * n * Hkv, per, D).mT, alpha=1 / math.sqrt(D)
     ).exp_()
@@ -441,6 +519,7 @@ class Front:
         self.n_sink = sink.shape[2]
         self.length = self.n_sink + (0 if mem is None else mem.shape[1] * mem.shape[4])
         self._built: tuple[Tensor, Tensor] | None = None
+        self._float: tuple[Tensor, Tensor] | None = None
 
     def _mem(self, i: int) -> Tensor:
         """Keys (i=0) or values (i=1) of the memories: (B, Hkv, S*k, D), a view when it can be."""
@@ -457,6 +536,15 @@ class Front:
                 out.append(s if self.mem is None else torch.cat([s, self._mem(i).to(self.dtype)], dim=2))
             self._built = (out[0], out[1])
         return self._built
+
+    def float_memory(self) -> tuple[Tensor, Tensor]:
+        """The memories' keys and values (B, Hkv, S*k, D) as float32 copies, made once: what
+        `reader_attention_one_query` multiplies each decoding step in a reduced-precision model."""
+        assert self.mem is not None
+        if self._float is None:
+            k, v = (self._mem(i).to(torch.float32, memory_format=torch.contiguous_format) for i in (0, 1))
+            self._float = (k, v)
+        return self._float
 
     def write(self, k: Tensor, v: Tensor) -> None:
         """Write the keys and values into k, v (B, Hkv, length, D), converting as they go."""

@@ -23,11 +23,13 @@ from .attention import (
     Memory,
     MemoryEncoding,
     aligned_reader_attention,
+    aligned_reader_available,
     attention_sdpa,
     masked_logits,
     merged_reader_attention,
     merged_reader_available,
     reader_attention,
+    reader_attention_one_query,
 )
 from .config import M3Config
 
@@ -147,8 +149,21 @@ class Attention(nn.Module):
             capture["q"], capture["k"] = q, k
         n_front = 0 if extra_kv is None else extra_kv.length
         reads = self.reader_rank > 0 and n_front > n_sink  # this call reads memories
+        # a decoding step of a bfloat16 model on a CPU: the reader's small products run in float32
+        # (`_reader_float`, `reader_attention_one_query`), where each costs a quarter as much
+        lowp_step = (
+            T == 1
+            and x.device.type == "cpu"
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled()
+        )
         if reads:  # q, the query delta and k rotated by one call (fewer small kernels per decoding step)
-            dq = F.linear(F.linear(x, self.mem_q_a), self.mem_q_b).view(B, T, self.n_heads, D).transpose(1, 2)
+            if lowp_step:
+                qa, qb, _, _ = self._reader_float()
+                dq = F.linear(F.linear(x.float(), qa), qb).to(x.dtype)
+            else:
+                dq = F.linear(F.linear(x, self.mem_q_a), self.mem_q_b)
+            dq = dq.view(B, T, self.n_heads, D).transpose(1, 2)
             q, dq, k = apply_rope(torch.cat([q, dq, k], dim=1), cos, sin).split(
                 [self.n_heads, self.n_heads, self.n_kv_heads], dim=1
             )
@@ -191,6 +206,11 @@ class Attention(nn.Module):
             mem_bias = None
         if reads and form == "merged":  # two fused kernel calls, no copies (`merged_reader_attention`)
             out, mem = merged_reader_attention(q, dq, k, v, mask, n_sink, n_front, bias=mem_bias)
+        elif reads and form == "split" and lowp_step:  # mem comes back in float32
+            memory = extra_kv.float_memory() if extra_kv is not None else None
+            out, mem, one_probs = reader_attention_one_query(q, dq, k, v, mask, n_sink, n_front, mem_bias, memory)
+            if probe is not None:
+                self._probe(one_probs, probe)
         elif reads and form == "split":  # explicitly, no doubled copy of the keys and values (`reader_attention`)
             out, mem, probs = reader_attention(
                 q, dq, k, v, mask, n_sink, n_front, probe=probe is not None, bias=mem_bias
@@ -229,8 +249,26 @@ class Attention(nn.Module):
         y = self.o_proj(out.transpose(1, 2).reshape(B * T, H * D))
         if mem is None:
             return y.view(B, T, -1)
-        mem = F.linear(mem.transpose(1, 2).reshape(B * T, H * D), self.mem_o_a)  # (B*T, rank)
+        mem = mem.transpose(1, 2).reshape(B * T, H * D)
+        if mem.dtype != y.dtype:  # float32 from `reader_attention_one_query`: the path in float32 too
+            _, _, oa, ob = self._reader_float()
+            return (y + F.linear(F.linear(mem, oa), ob).to(y.dtype)).view(B, T, -1)
+        mem = F.linear(mem, self.mem_o_a)  # (B*T, rank)
         return torch.addmm(y, mem, self.mem_o_b.T).view(B, T, -1)
+
+    def _reader_float(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """float32 copies of the reader's factors (mem_q_a, mem_q_b, mem_o_a, mem_o_b), remade when
+        one of them changes in place (its version counter; a write through `.data` is not seen).
+        For a reduced-precision model's decoding steps on a CPU (no gradients), where the query
+        delta's two products cost ~27 us in bfloat16 and ~6 in float32."""
+        params = (self.mem_q_a, self.mem_q_b, self.mem_o_a, self.mem_o_b)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = getattr(self, "_reader_f32", None)
+        if cached is None or cached[0] != key:
+            qa, qb, oa, ob = (p.detach().float() for p in params)
+            cached = (key, (qa, qb, oa, ob))
+            self._reader_f32 = cached
+        return cached[1]
 
     def _probe(self, probs: Tensor, probe: tuple) -> None:
         """Append the share of attention (B, T, slots) each memory slot got, from probs (B, H, T, keys)."""
@@ -457,11 +495,11 @@ class Memory3Model(nn.Module):
         it chunk-aligned (`memory.prepared["aligned"]` = chunk length: token t reads only chunk
         t // length's slots, every chunk the same number), the prompt starts here (no cached
         context, no padding), every slot has a real key in every layer and head, and the fused CPU
-        kernel runs (`merged_reader_available`). A probe (citations) is answered there too."""
+        kernel runs (`aligned_reader_available`). A probe (citations) is answered there too."""
         if not memory.prepared.get("aligned") or past or key_mask is not None:
             return False
         like = torch.empty((1, 1, T, 0), dtype=dtype, device=device)
-        if READER_ATTENTION != "auto" or self.attn_fn is not attention_sdpa or not merged_reader_available(like):
+        if READER_ATTENTION != "auto" or self.attn_fn is not attention_sdpa or not aligned_reader_available(like):
             return False
         if "slots_real" not in memory.prepared:  # one host sync per memory
             memory.prepared["slots_real"] = bool(memory.valid.any(-1).all())

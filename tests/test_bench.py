@@ -61,7 +61,7 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
     rag = [r for r in rows if r["mode"] == "rag"][0]
     assert rag["prompt_tokens"] > 16  # references in front of the prompt
     assert [x["batch"] for x in out["ratios"]] == [1, 2] and "memory_vs_rag" in out["ratios"][0]
-    assert out["setup"]["bank_refs"] == 40
+    assert out["setup"]["bank_refs"] == 40 and out["setup"]["dtype"] == "float32"
     # the synthetic model and bank are kept in --workdir and bound to each other
     bank = next(tmp_path.glob("*.m3bank"))
     check = m3("inspect", bank, "--verify")

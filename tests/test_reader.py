@@ -1,6 +1,7 @@
 """`m3 pretrain --train reader`: the memory reader that teaches a pretrained model to read memory
 (issue #22), on the tiny configuration of the same code path the GPU runs."""
 
+import copy
 import json
 import os
 import shutil
@@ -537,6 +538,155 @@ def test_merged_reader_attention_is_the_explicit_form(T, masked):
         got = merged_reader_attention(q, dq, k, v, shared, p, p + M, bias=bias)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def _rounded(*xs: torch.Tensor) -> list[torch.Tensor]:
+    return [x.bfloat16().float() for x in xs]
+
+
+@pytest.mark.parametrize("masking", [None, "bool", "per-head", "float"])
+def test_one_query_attention_in_bfloat16_on_a_cpu_is_the_explicit_form(masking):
+    """A decoding step in bfloat16 on a CPU (`attention_one_query`, taken by `attention_sdpa`, and
+    `reader_attention_one_query`, the reader's products in float32 from float32 copies of the
+    memories) computes the float32 explicit forms of the same rounded inputs to bfloat16's
+    precision, through a view of a larger buffer (as the KV cache gives) and with grouped heads;
+    in float32, `reader_attention_one_query` is `reader_attention` to float32's."""
+    import m3cli.attention as attention
+    from m3cli.attention import attention_sdpa, reader_attention, reader_attention_one_query
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, D, p, M, S = 3, 6, 2, 16, 2, 10, 40
+    q, dq = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+    buf = torch.randn(2, B, Hkv, S + 9, D, generator=g)
+    k, v = buf[0, :, :, :S], buf[1, :, :, :S]  # views of a larger buffer, as the cache's
+    bias = -torch.rand(B, H, M, generator=g) * 3
+    mask = None
+    if masking == "bool":
+        mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    elif masking == "per-head":
+        mask = torch.rand(B, H, 1, S, generator=g) > 0.3
+    elif masking == "float":
+        mask = torch.randn(B, H, 1, S, generator=g).masked_fill(
+            torch.rand(B, H, 1, S, generator=g) > 0.7, float("-inf")
+        )
+    if mask is not None:
+        mask[..., p] = True if mask.dtype == torch.bool else 0.0  # every row sees a key
+    calls = []
+    original = attention.attention_one_query
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reader_attention_one_query(q, dq, k, v, mask, p, p + M, bias=bias),
+            reader_attention(q, dq, k, v, mask, p, p + M, probe=True, bias=bias),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        qr, dqr, kr, vr = _rounded(q, dq, k, v)
+        want = attention_reference(qr, kr, vr, mask)
+        try:
+            attention.attention_one_query = lambda *a: calls.append(1) or original(*a)
+            got = attention_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        finally:
+            attention.attention_one_query = original
+        assert calls and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+        want = reader_attention(qr, dqr, kr, vr, mask, p, p + M, bias=bias)[:2]
+        kb, vb = k.bfloat16(), v.bfloat16()
+        for memory in (None, (kb[:, :, p : p + M].float(), vb[:, :, p : p + M].float())):
+            out, mem, _ = reader_attention_one_query(q.bfloat16(), dq.bfloat16(), kb, vb, mask, p, p + M, bias, memory)
+            assert out.dtype == torch.bfloat16 and mem.dtype == torch.float32
+            torch.testing.assert_close(out.float(), want[0], atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(mem, want[1], atol=2e-2, rtol=2e-2)
+        assert (want[1] - reader_attention(qr, dqr, kr, vr, mask, p, p + M)[1]).abs().max() > 0.05  # bias read
+
+
+def test_aligned_reader_attention_in_bfloat16_is_the_explicit_form():
+    """The chunk-aligned prefill runs in bfloat16 too (`aligned_reader_available`): output, memory
+    contribution and citations are the float32 explicit form's on the same rounded inputs."""
+    from m3cli.attention import aligned_reader_attention, aligned_reader_available, reader_attention
+
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, D, p, chunk, per, T = 2, 6, 2, 16, 3, 8, 6, 21
+    n = -(-T // chunk)
+    M = n * per
+    N = p + M + T
+    q, dq = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    bias = -torch.rand(B, H, M, generator=g) * 3
+    key_ok = torch.rand(B, Hkv, M, generator=g) > 0.4
+    key_ok[..., ::per] = True
+    mask = torch.cat(
+        [
+            torch.ones(T, p, dtype=torch.bool),
+            (torch.arange(T) // chunk)[:, None] == (torch.arange(M) // per)[None, :],
+            torch.ones(T, T, dtype=torch.bool).tril(),
+        ],
+        -1,
+    )[None, None].repeat(B, H, 1, 1)
+    mask[..., p : p + M] &= key_ok.repeat_interleave(H // Hkv, dim=1)[:, :, None, :]
+    qr, dqr, kr, vr = _rounded(q, dq, k, v)
+    with torch.no_grad():
+        assert aligned_reader_available(q.bfloat16())
+        out, mem, share = aligned_reader_attention(
+            q.bfloat16(), dq.bfloat16(), k.bfloat16(), v.bfloat16(), p, p + M, chunk, bias, key_ok, 3
+        )
+        want = reader_attention(qr, dqr, kr, vr, mask, p, p + M, probe=True, bias=bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want[0], atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(mem.float(), want[1], atol=3e-2, rtol=3e-2)
+    slots = want[2][..., p : p + M].reshape(B, H, T, M // 3, 3).sum(-1).mean(1)
+    torch.testing.assert_close(share, slots, atol=1e-2, rtol=1e-2)
+
+
+def test_a_bfloat16_model_decodes_with_memory_as_float32_does(base, monkeypatch):
+    """A bfloat16 model's decoding steps on a CPU take the one-query forms with the reader's
+    factors in float32 (`Attention._reader_float`), give the float32 model's logits to
+    bfloat16's precision, and see a change to the reader's factors at once."""
+    import m3cli.model as model_mod
+    from m3cli.attention import KVCache
+
+    _, warm, _ = base
+    model = load_model_dir(warm)
+    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
+    model.enable_reader(4)
+    torch.manual_seed(5)
+    for layer in model.layers:
+        layer.attn.mem_q_b.data.normal_(0, 0.5)
+        layer.attn.mem_o_b.data.normal_(0, 0.5)
+    refs = torch.randint(3, model.config.vocab_size, (3, 12))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    calls = []
+    original = model_mod.reader_attention_one_query
+    monkeypatch.setattr(model_mod, "reader_attention_one_query", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def decode(m, probe=None):
+        with torch.no_grad():
+            enc = m.encode_references(refs, torch.tensor([12, 5, 12]))
+            kv = enc.kv[None].expand(2, -1, -1, -1, -1, -1, -1)
+            valid = enc.valid[None].expand(2, -1, -1, -1, -1)
+            cache = KVCache(m.config.n_layers)
+            m(ids[:, :8], cache=cache)
+            memory = Memory(kv=kv, valid=valid, sink=m.encode_prefix())
+            steps = [m(ids[:, t : t + 1], memory=memory, cache=cache, attention_probe=probe) for t in range(8, 12)]
+            return torch.cat(steps, dim=1).float()
+
+    want = decode(model)
+    assert not calls  # float32: the explicit form
+    got = decode(low)
+    assert len(calls) == 4 * model.config.n_layers
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 0.05 * scale, ((got - want).abs().max(), scale)
+    probes: tuple[list, list] = ([], [])  # citations: the same path, each memory's share as float32's
+    assert torch.equal(decode(low, probes[0]), got)
+    decode(model, probes[1])
+    assert len(calls) == 8 * model.config.n_layers and len(probes[0]) == len(probes[1]) == 4 * model.config.n_layers
+    torch.testing.assert_close(torch.stack(probes[0]), torch.stack(probes[1]), atol=2e-2, rtol=5e-2)
+    assert float(torch.stack(probes[1]).sum()) > 0
+    with torch.no_grad():  # a changed factor is read at once
+        for layer in [*low.layers, *model.layers]:
+            layer.attn.mem_o_b.zero_()
+    assert (decode(low) - decode(model)).abs().max() < 0.05 * scale
+    assert (decode(low) - got).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("T", [5, 16, 23])

@@ -279,3 +279,46 @@ def test_stop_sequences_end_the_text_before_them(server):
     cut = said[2:4]
     chat = c.chat.completions.create(**talk, stop=cut, extra_body={"mode": "none"})
     assert chat.choices[0].message.content == said[: said.find(cut)]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_m3_serve_decodes_on_its_main_thread_and_stops_on_a_signal(server, sig):
+    """`m3 serve` runs the decode loop on the main thread (torch's CPU kernels are slower from a
+    second one) and the HTTP server beside it: it answers, and SIGTERM or SIGINT shuts it down."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, app = server
+    bank, model = app.state.paths
+    port = _free_port()
+    m3 = Path(sys.executable).parent / "m3"
+    proc = subprocess.Popen(
+        [str(m3), "serve", "--model", str(model), "--bank", str(bank), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                first = health(url)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+        answer = client(url).completions.create(model="m3", prompt="the capital of france is", max_tokens=4)
+        assert answer.choices[0].text is not None
+        assert health(url)["engine_thread"] == "MainThread" and first["batches"] == 0
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # as uvicorn on its own: SIGTERM's default action once all is closed; SIGINT: click's "Aborted!"
+    assert proc.returncode == {"SIGTERM": -signal.SIGTERM, "SIGINT": 130}[sig], (proc.returncode, proc.stderr.read())
+    assert "Traceback" not in proc.stderr.read()

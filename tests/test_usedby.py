@@ -106,6 +106,9 @@ def test_inspect_alone_describes_the_environment_without_making_the_model(home, 
     assert env["default_model"].startswith(str(home / "models")) and env["default_model_ready"] is False
     assert env["model_from"].startswith("default") and (env["device"] == "cpu" or env["device"].startswith("cuda"))
     assert env["versions"]["torch"] and env["embedder"] == "minilm" and Path(env["embedder_dir"]).is_dir()
+    from m3cli.embed import cpu_has_bf16
+
+    assert env["cpu_bf16"] is cpu_has_bf16()
     assert not (home / "models").exists()
     monkeypatch.setenv("M3_MODEL", str(SAMPLE))
     env = json.loads(m3("inspect", "--json").stdout)

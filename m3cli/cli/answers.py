@@ -337,6 +337,7 @@ def bench(
         info = {
             "model": model,
             "device": str(resolve_device(device)),
+            "dtype": str(gen.dtype).removeprefix("torch."),
             "prompt_len": prompt_len,
             "new_tokens": new_tokens,
             "bank_refs": gen.retriever.bank.n_refs if gen.retriever else 0,

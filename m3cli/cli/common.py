@@ -288,7 +288,14 @@ EmbedderOpt = Annotated[
     Optional[str], typer.Option("--embedder", help="Encoder or static embedder dir, for banks indexed with one.")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16. On a CPU with native bfloat16 "
+        "(`m3 inspect`: cpu_bf16 True) bf16 runs the model 1.6-2.4x as fast, rounded differently.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 

@@ -74,7 +74,9 @@ def serve(
         loaded = Model.load(resolve_model(model, bank), bank=opened, device=device, dtype=dtype)
         if opened is not None:
             loaded.generator(opened)  # the retriever and its embedder load now, not with the first request
-        app = create_app(loaded, opened, api_key=api_key or None, model_id=model_id, max_batch=batch_size)
+        app = create_app(
+            loaded, opened, api_key=api_key or None, model_id=model_id, max_batch=batch_size, engine_thread=False
+        )
         url = f"http://{host}:{port}"
         info = {
             "url": url,
@@ -90,12 +92,49 @@ def serve(
             )
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
         server = uvicorn.Server(config)
-        try:
-            server.run()
-        except SystemExit:  # uvicorn exits when it cannot bind
-            server.started = False
+        _serve_on_two_threads(server, app.state.engine)
         if not server.started:
             raise M3Error(f"could not listen on {host}:{port} (in use, or not an address of this machine?)")
     finally:
         if opened is not None:
             opened.close()
+
+
+def _serve_on_two_threads(server, engine) -> None:
+    """The HTTP server on a thread of its own, the decode loop on this (the main) thread, where
+    torch's CPU kernels run fastest (`m3cli.serve.Engine`). SIGINT and SIGTERM shut the server
+    down gracefully, as uvicorn does on its main thread, and are raised again once it is down."""
+    import signal
+    import threading
+
+    failed: list[BaseException] = []
+    caught: list[int] = []
+
+    def listen() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            server.started = False
+        except BaseException as e:  # noqa: BLE001 — reported on the main thread below
+            failed.append(e)
+        finally:
+            engine.close()  # the decode loop ends with the server
+
+    def on_signal(sig, frame) -> None:
+        caught.append(sig)
+        server.handle_exit(sig, frame)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    listener = threading.Thread(target=listen, name="m3-http", daemon=True)
+    listener.start()
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        listener.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise failed[0]
+    for sig in reversed(caught):  # as uvicorn: the default action of the signal, now that all is closed
+        signal.raise_signal(sig)
