@@ -159,7 +159,7 @@ class Attention(nn.Module):
         )
         if reads:  # q, the query delta and k rotated by one call (fewer small kernels per decoding step)
             if lowp_step:
-                qa, qb, _, _ = self._reader_float()
+                qa, qb = self._reader_float("q")
                 dq = F.linear(F.linear(x.float(), qa), qb).to(x.dtype)
             else:
                 dq = F.linear(F.linear(x, self.mem_q_a), self.mem_q_b)
@@ -251,24 +251,19 @@ class Attention(nn.Module):
             return y.view(B, T, -1)
         mem = mem.transpose(1, 2).reshape(B * T, H * D)
         if mem.dtype != y.dtype:  # float32 from `reader_attention_one_query`: the path in float32 too
-            _, _, oa, ob = self._reader_float()
+            oa, ob = self._reader_float("o")
             return (y + F.linear(F.linear(mem, oa), ob).to(y.dtype)).view(B, T, -1)
         mem = F.linear(mem, self.mem_o_a)  # (B*T, rank)
         return torch.addmm(y, mem, self.mem_o_b.T).view(B, T, -1)
 
-    def _reader_float(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """float32 copies of the reader's factors (mem_q_a, mem_q_b, mem_o_a, mem_o_b), remade when
-        one of them changes in place (its version counter; a write through `.data` is not seen).
-        For a reduced-precision model's decoding steps on a CPU (no gradients), where the query
-        delta's two products cost ~27 us in bfloat16 and ~6 in float32."""
-        params = (self.mem_q_a, self.mem_q_b, self.mem_o_a, self.mem_o_b)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = getattr(self, "_reader_f32", None)
-        if cached is None or cached[0] != key:
-            qa, qb, oa, ob = (p.detach().float() for p in params)
-            cached = (key, (qa, qb, oa, ob))
-            self._reader_f32 = cached
-        return cached[1]
+    def _reader_float(self, which: str) -> tuple[Tensor, Tensor]:
+        """float32 copies of the reader's query factors (`which` "q": mem_q_a, mem_q_b) or output
+        factors ("o": mem_o_a, mem_o_b), made per call (~1 us each at rank 16; a cache would have
+        to notice every way weights change). For a reduced-precision model's decoding steps on a
+        CPU (no gradients), where the query delta's two products cost ~27 us in bfloat16 and ~6 in
+        float32."""
+        a, b = (self.mem_q_a, self.mem_q_b) if which == "q" else (self.mem_o_a, self.mem_o_b)
+        return a.detach().float(), b.detach().float()
 
     def _probe(self, probs: Tensor, probe: tuple) -> None:
         """Append the share of attention (B, T, slots) each memory slot got, from probs (B, H, T, keys)."""

@@ -70,7 +70,12 @@ class Job:
         return (self.mode, self.memories, self.temperature, self.top_p, self.seed, self.chat, self.templated)
 
     def send(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        """Hand an item to the request's event loop; nothing when that loop has closed (the server
+        was forced to quit while this request decoded)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            self.cancelled = True
 
     def piece(self, text: str) -> None:
         """A piece of generated text: passed on to a streaming client, remembered either way. With
@@ -238,7 +243,7 @@ class Engine:
                 opts,
                 on_text=lambda b, piece: batch[b].piece(piece),
                 max_new_tokens=[j.max_tokens for j in batch],
-                stop=lambda b: batch[b].cancelled or batch[b].stopped,
+                stop=lambda b: batch[b].cancelled or batch[b].stopped or self._stop.is_set(),
             )
         except M3Error as e:
             if len(batch) > 1:  # whose was it? those that have no text yet run again, each alone

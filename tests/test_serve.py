@@ -322,3 +322,18 @@ def test_m3_serve_decodes_on_its_main_thread_and_stops_on_a_signal(server, sig):
     # as uvicorn on its own: SIGTERM's default action once all is closed; SIGINT: click's "Aborted!"
     assert proc.returncode == {"SIGTERM": -signal.SIGTERM, "SIGINT": 130}[sig], (proc.returncode, proc.stderr.read())
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_request_whose_server_has_closed_is_dropped_not_raised():
+    """Forced to quit (a second Ctrl-C), uvicorn closes its event loop while the main thread may
+    still be decoding: what that batch sends is dropped, the row ends at its next token, and
+    `m3 serve` exits as uvicorn would rather than with a traceback."""
+    import asyncio
+
+    from m3cli.serve import Job
+
+    loop = asyncio.new_event_loop()
+    job = Job("p", False, 4, "none", 1, 0.0, 1.0, None, loop, asyncio.Queue())
+    loop.close()
+    job.send(("text", "x"))
+    assert job.cancelled

@@ -293,7 +293,7 @@ DtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16. On a CPU with native bfloat16 "
-        "(`m3 inspect`: cpu_bf16 True) bf16 runs the model 1.6-2.4x as fast, rounded differently.",
+        "(`m3 inspect`: cpu_bf16 True) bf16 generates 1.6-2.4x as fast, rounded differently.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
