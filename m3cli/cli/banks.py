@@ -16,7 +16,7 @@ from ..output import terminal_safe
 from .common import (
     click,
     DeviceOpt,
-    DtypeOpt,
+    EncodeDtypeOpt,
     EmbedderOpt,
     MaxGapOpt,
     MaxOverlapOpt,
@@ -91,7 +91,7 @@ def encode(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="References encoded per forward pass.")] = 16,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: EncodeDtypeOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT (and discard an interrupted run).")] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run of the same command from its last checkpoint.")

@@ -292,8 +292,17 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16. On a CPU with native bfloat16 "
-        "(`m3 inspect`: cpu_bf16 True) bf16 generates 1.6-2.4x as fast, rounded differently.",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32 (fp32) or bfloat16 (bf16). On a CPU with native "
+        "bfloat16 (`m3 inspect`: cpu_bf16 True) bf16 generates 1.6-2.4x as fast on long outputs, rounded "
+        "differently.",
+    ),
+]
+EncodeDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32 (fp32) or bfloat16 (bf16): what the model encodes "
+        "in (memories differ slightly between them).",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

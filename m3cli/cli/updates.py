@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..default_model import resolve_model
-from .common import DeviceOpt, DtypeOpt, EmbedderOpt, QuietOpt, check_batch, command, echo_json, user_errors
+from .common import DeviceOpt, EmbedderOpt, EncodeDtypeOpt, QuietOpt, check_batch, command, echo_json, user_errors
 
 PANEL = "Banks"
 
@@ -41,7 +41,7 @@ def add(
     embedder: EmbedderOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="References encoded per forward pass.")] = 16,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: EncodeDtypeOpt = "auto",
     max_doc_bytes: Annotated[
         int, typer.Option("--max-doc-bytes", help="Largest record read whole (as for m3 encode).")
     ] = 64 << 20,
