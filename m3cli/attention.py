@@ -201,29 +201,29 @@ _FLASH_CPU = (
 MERGED_MAX_TOKENS = 512  # longer calls: its float mask over the front keys grows with tokens x memories
 
 
+def _fused_cpu_ready(q: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """q (B, H, T, D) on a CPU with the fused kernel, in one of `dtypes`, at most MERGED_MAX_TOKENS
+    tokens, without gradients (the kernel's log-sum-exp has none)."""
+    return (
+        _FLASH_CPU is not None
+        and q.device.type == "cpu"
+        and q.dtype in dtypes
+        and q.shape[2] <= MERGED_MAX_TOKENS
+        and not torch.is_grad_enabled()
+    )
+
+
 def merged_reader_available(q: Tensor) -> bool:
     """Whether `merged_reader_attention` can run for q (B, H, T, D): float32 on a CPU, with the
     fused kernel, at most MERGED_MAX_TOKENS tokens, without gradients (the kernel's log-sum-exp
     has none; in bfloat16 the sink's correction would be rounded)."""
-    return (
-        _FLASH_CPU is not None
-        and q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and q.shape[2] <= MERGED_MAX_TOKENS
-        and not torch.is_grad_enabled()
-    )
+    return _fused_cpu_ready(q, (torch.float32,))
 
 
 def aligned_reader_available(q: Tensor) -> bool:
     """Whether `aligned_reader_attention` can run for q (B, H, T, D): as `merged_reader_available`,
     in bfloat16 too (no sink correction to round: the sink is read with q in a call of its own)."""
-    return (
-        _FLASH_CPU is not None
-        and q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16)
-        and q.shape[2] <= MERGED_MAX_TOKENS
-        and not torch.is_grad_enabled()
-    )
+    return _fused_cpu_ready(q, (torch.float32, torch.bfloat16))
 
 
 def merged_reader_attention(

@@ -161,6 +161,19 @@ def test_reader_loss_falls_a_killed_run_resumes_exactly_and_the_reader_file_roun
     assert_user_error(m3("eval", "-m", tmp_path / "a", "-b", bank, "--qa", d / "s" / "qa_unseen.jsonl"), "re-encode")
 
 
+def moved_reader(warm, rank: int, seed: int):
+    """The warm model reading memory in every layer through a reader of `rank` whose b factors
+    were moved off zero (seeded), so the reader changes what the model computes."""
+    model = load_model_dir(warm)
+    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
+    model.enable_reader(rank)
+    torch.manual_seed(seed)
+    for layer in model.layers:
+        layer.attn.mem_q_b.data.normal_(0, 0.5)
+        layer.attn.mem_o_b.data.normal_(0, 0.5)
+    return model
+
+
 def test_the_reader_reads_memory_and_starts_as_the_identity(base):
     """A fresh reader (zero b factors) leaves every output unchanged, memory or not; once its
     factors move, only tokens that read memories change."""
@@ -190,13 +203,7 @@ def test_a_trainers_valid_flags_change_nothing(base):
     """Memory.prepared["valid_flags"] (what a trainer knows of its memories, to spare host syncs)
     gives exactly what the model works out itself, empty slots included."""
     _, warm, _ = base
-    model = load_model_dir(warm)
-    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
-    model.enable_reader(3)
-    torch.manual_seed(1)
-    for layer in model.layers:
-        layer.attn.mem_q_b.data.normal_(0, 0.5)
-        layer.attn.mem_o_b.data.normal_(0, 0.5)
+    model = moved_reader(warm, rank=3, seed=1)
     refs = torch.randint(3, model.config.vocab_size, (3, 12))
     enc = model.encode_references(refs, torch.tensor([12, 2, 12]), top_k=4)  # a short one: some keys not real
     # what the trainer relies on: a reference's real keys are the same in every layer and head
@@ -645,13 +652,7 @@ def test_a_bfloat16_model_decodes_with_memory_as_float32_does(base, monkeypatch)
     from m3cli.attention import KVCache
 
     _, warm, _ = base
-    model = load_model_dir(warm)
-    model.config = model.config.replace(memory_layers=tuple(range(model.config.n_layers)))
-    model.enable_reader(4)
-    torch.manual_seed(5)
-    for layer in model.layers:
-        layer.attn.mem_q_b.data.normal_(0, 0.5)
-        layer.attn.mem_o_b.data.normal_(0, 0.5)
+    model = moved_reader(warm, rank=4, seed=5)
     refs = torch.randint(3, model.config.vocab_size, (3, 12))
     ids = torch.randint(3, model.config.vocab_size, (2, 12))
     low = copy.deepcopy(model).to(torch.bfloat16)
