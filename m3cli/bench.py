@@ -216,7 +216,7 @@ def run_bench(
             out = gen.generate(texts[:B], opts, forced_ids=ids[:B])
         total = time.perf_counter() - t0
         produced = sum(len(c.token_ids) for c in out)
-        return {
+        row = {
             "mode": mode,
             "batch": B,
             "tokens_per_s": produced / total,
@@ -225,6 +225,10 @@ def run_bench(
             "prompt_tokens": round(statistics.mean(c.prompt_tokens for c in out), 1),
             **{f"{k}_s": v for k, v in sorted(gen.timings.items())},
         }
+        after_first = total - gen.timings.get("first_token", total)
+        if produced > B and after_first > 0:  # the tokens after each sequence's first, re-retrievals included
+            row["decode_tokens_per_s"] = (produced - B) / after_first
+        return row
 
     for mode in modes:  # warm-up: first calls allocate and compile
         once(mode, min(batches), 4)
@@ -260,17 +264,22 @@ def _fit_rag(gen, prompts: list[str], opts, room: int) -> list[str]:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per batch size: throughput ratios memory/none, memory/rag and none/rag (what memory/rag can
-    reach at most: memory does none's work plus retrieval), and time-to-first-token ratios
-    memory/none and rag/none (`ttft_…`; above 1 is slower)."""
+    """Per batch size: throughput ratios memory/none, memory/rag and none/rag of whole calls (what
+    memory/rag can reach at most: memory does none's work plus retrieval), the same of the tokens
+    after the first (`decode_…`: the prompt's prefill and retrieval left out), and
+    time-to-first-token ratios memory/none and rag/none (`ttft_…`; above 1 is slower)."""
     out = []
     for B in sorted({r["batch"] for r in rows}):
         by = {r["mode"]: r["tokens_per_s"] for r in rows if r["batch"] == B}
+        decode = {r["mode"]: r.get("decode_tokens_per_s") for r in rows if r["batch"] == B}
         first = {r["mode"]: r.get("ttft") for r in rows if r["batch"] == B}
         item: dict = {"batch": B}
         for a, b in (("memory", "none"), ("memory", "rag"), ("none", "rag")):
             if a in by and b in by:
                 item[f"{a}_vs_{b}"] = round(by[a] / by[b], 3)
+        for a, b in (("memory", "none"), ("memory", "rag"), ("none", "rag")):
+            if decode.get(a) and decode.get(b):
+                item[f"decode_{a}_vs_{b}"] = round(decode[a] / decode[b], 3)
         for a in ("memory", "rag"):
             if first.get(a) and first.get("none"):
                 item[f"ttft_{a}_vs_none"] = round(first[a] / first["none"], 3)

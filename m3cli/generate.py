@@ -432,6 +432,7 @@ class Generator:
         stop(b) -> bool: asked after every token; True ends sequence b there ("cancelled": its
         client went away), the others go on.
         """
+        started = time.perf_counter()
         opts.check()
         if opts.mode != "none" and self.retriever is None:
             raise M3Error(f"--mode {opts.mode} needs --bank (a bank encoded by this model, with an index)")
@@ -522,6 +523,9 @@ class Generator:
         for step in range(steps):
             token = _sample(logits, opts, gen)
             out[:, step] = token
+            if step == 0:  # from the call to the first token: what a decoding rate leaves out (`m3 bench`)
+                self._sync()
+                self.timings["first_token"] += time.perf_counter() - started
             if opts.stop_at_eos or on_text is not None or stop is not None:
                 toks = token.tolist()
                 for b, row in enumerate(rows):

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from m3cli.bench import pseudo_texts, ratios
 from m3cli.tokenizer import train_bpe
 
@@ -54,6 +56,10 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["new_tokens"] == 6
         assert r["ttft"] > 0  # a separate one-token call: no timing comparison (tiny runs are noise)
+        # the same call's first token, and the rate of the 5 tokens after it (from times rounded to 1e-4 s)
+        assert 0 < r["first_token_s"] < r["total_s"]
+        after = r["total_s"] - r["first_token_s"]
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 5 / after, rel=2e-4 / after)
         # each figure is rounded to 4 decimals on its own, so the parts may exceed the total by 1e-4
         assert r["total_s"] >= r.get("decode_s", 0) + r.get("prefill_s", 0) - 1.5e-4
     mem = [r for r in rows if r["mode"] == "memory"][0]
@@ -90,9 +96,11 @@ def test_bench_json_has_every_mode_and_batch(tmp_path):
 
 def test_ratios():
     rows = [
-        {"mode": "none", "batch": 1, "tokens_per_s": 10.0, "ttft": 0.4},
-        {"mode": "memory", "batch": 1, "tokens_per_s": 9.5, "ttft": 0.44},
-        {"mode": "rag", "batch": 1, "tokens_per_s": 4.0, "ttft": 1.2},
+        {"mode": "none", "batch": 1, "tokens_per_s": 10.0, "ttft": 0.4, "decode_tokens_per_s": 12.0},
+        {"mode": "memory", "batch": 1, "tokens_per_s": 9.5, "ttft": 0.44, "decode_tokens_per_s": 11.7},
+        {"mode": "rag", "batch": 1, "tokens_per_s": 4.0, "ttft": 1.2, "decode_tokens_per_s": 9.0},
+        {"mode": "none", "batch": 2, "tokens_per_s": 18.0, "ttft": 0.5},  # one new token: no decoding rate
+        {"mode": "memory", "batch": 2, "tokens_per_s": 17.0, "ttft": 0.55},
     ]
     assert ratios(rows) == [
         {
@@ -100,9 +108,13 @@ def test_ratios():
             "memory_vs_none": 0.95,
             "memory_vs_rag": 2.375,
             "none_vs_rag": 2.5,
+            "decode_memory_vs_none": 0.975,
+            "decode_memory_vs_rag": 1.3,
+            "decode_none_vs_rag": 1.333,
             "ttft_memory_vs_none": 1.1,
             "ttft_rag_vs_none": 3.0,
-        }
+        },
+        {"batch": 2, "memory_vs_none": 0.944, "ttft_memory_vs_none": 1.1},
     ]
 
 

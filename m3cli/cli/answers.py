@@ -283,7 +283,9 @@ def bench(
     by side in one run.
 
     Each row is the median of --repeats runs, modes interleaved; each run starts with an empty
-    memory cache. Time is broken down into retrieval, memory load, prefill and decode.
+    memory cache. Time is broken down into retrieval, memory load, prefill and decode. The ratios
+    compare whole calls, the tokens after the first (decode_…: without the prompt's prefill and
+    retrieval) and the time to the first token (ttft_…).
     """
     import tempfile
 
